@@ -1,0 +1,30 @@
+# Two commands: `make demo` runs the main job on its defaults, `make test` runs the test suite.
+# Both create .venv and install on first use (CPU torch, pinned: an unpinned torch pulls a CUDA build).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+RUNS ?= runs
+
+.PHONY: demo test install bench clean
+
+$(BIN)/rl-diffusion: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/rl-diffusion
+
+demo: install
+	$(BIN)/python scripts/demo.py --runs $(RUNS)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python scripts/bench_pretrain.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

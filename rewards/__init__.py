@@ -1,0 +1,218 @@
+"""Reward registry: find a reward factory by name, build it, and validate what it returns.
+
+A reward maps a batch to one score per sample: ``reward(x0: Tensor[B, ...], c: Tensor[B] | None)
+-> Tensor[B]``. A factory takes keyword arguments and returns such a function. Add one with
+``@rewards.register("name")``, as a ``"package.module:factory"`` path, or as an entry point in
+the group ``rl_diffusion.rewards``; this module imports nothing from the RL code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import json
+import re
+from typing import Any, Callable, Optional
+
+import torch
+
+from rl_diffusion.errors import UserError, nearest
+
+RewardFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+Factory = Callable[..., RewardFn]
+
+ENTRY_POINT_GROUP = "rl_diffusion.rewards"
+_REGISTRY: dict[str, Factory] = {}
+
+
+class RewardError(UserError):
+    """A reward raised, returned the wrong shape, or returned non-finite values."""
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Decorator registering a reward factory under ``name``; a duplicate name is a ValueError."""
+
+    def decorate(factory: Factory) -> Factory:
+        if name in _REGISTRY:
+            raise ValueError(f"reward '{name}' is already registered")
+        _REGISTRY[name] = factory
+        return factory
+    return decorate
+
+
+class Reward:
+    """A built reward that checks every result, so a broken reward is reported by name.
+
+    ``__call__`` returns float32 scores of shape (B,). With ``skip_nonfinite=True``, nan/inf
+    scores are returned instead of raising; the caller must mask them with ``torch.isfinite``.
+    """
+
+    def __init__(self, name: str, fn: RewardFn, kwargs: dict[str, Any] | None = None,
+                 skip_nonfinite: bool = False) -> None:
+        self.name = name
+        self.fn = fn
+        self.kwargs = dict(kwargs or {})
+        self.skip_nonfinite = skip_nonfinite
+
+    def __repr__(self) -> str:
+        return f"Reward({self.name!r}, {self.kwargs!r})"
+
+    def __call__(self, x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        try:
+            r = self.fn(x0, c)
+        except Exception as e:
+            raise RewardError(f"reward '{self.name}' raised {_one_line(e)}") from e
+        expected = (x0.shape[0],)
+        if not isinstance(r, torch.Tensor) or tuple(r.shape) != expected:
+            got = tuple(r.shape) if isinstance(r, torch.Tensor) else f"a {type(r).__name__}, not a Tensor"
+            raise RewardError(f"reward '{self.name}' returned shape {got}, expected (B,) = {expected}")
+        r = r.to(torch.float32)
+        bad = int((~torch.isfinite(r)).sum())
+        if bad and not self.skip_nonfinite:
+            raise RewardError(f"reward '{self.name}' returned {bad} non-finite value(s) (nan/inf) in a "
+                              f"batch of {expected[0]}; fix the reward or set skip_nonfinite to mask them")
+        return r
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _import_factory(spec: str) -> Factory:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"reward path '{spec}' must look like 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # a plugin's import can fail in any way; report it, not crash
+        raise UserError(f"reward plugin '{spec}' could not be imported: {_one_line(e)}") from e
+    if not hasattr(module, attr):
+        raise UserError(f"reward plugin '{spec}': module '{module_name}' has no attribute '{attr}'"
+                        f"{nearest(attr, dir(module))}")
+    return getattr(module, attr)
+
+
+def _load_entry_point(ep: importlib.metadata.EntryPoint) -> Factory:
+    try:
+        return ep.load()
+    except Exception as e:
+        raise UserError(f"reward plugin '{ep.name}' (entry point '{ep.value}') could not be "
+                        f"imported: {_one_line(e)}") from e
+
+
+def _find_factory(spec: str) -> Factory:
+    if spec in _REGISTRY:
+        return _REGISTRY[spec]
+    if ":" in spec:
+        return _import_factory(spec)
+    eps = _entry_points()
+    if spec in eps:
+        return _load_entry_point(eps[spec])
+    names = reward_names()
+    raise UserError(f"unknown reward '{spec}'{nearest(spec, names)}; known: {', '.join(names)}; add one "
+                    f"with @rewards.register('name'), a 'package.module:factory' path, or an entry "
+                    f"point in group '{ENTRY_POINT_GROUP}'")
+
+
+def _check_kwargs(name: str, factory: Factory, kwargs: dict[str, Any]) -> None:
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # some callables (C builtins) have no signature to check
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise UserError(f"reward '{name}' got unknown argument(s) {', '.join(unknown)}"
+                        f"{nearest(unknown[0], accepted)}; it accepts: {', '.join(accepted) or 'none'}")
+
+
+def build_reward(spec: str, kwargs: dict[str, Any] | None = None, *,
+                 skip_nonfinite: bool = False) -> Reward:
+    """Build the reward ``spec`` (registered name, 'package.module:factory', or entry point).
+
+    A registered name wins over an entry point of the same name. Every user mistake (unknown
+    name, failed import, unknown argument, bad argument value) is a UserError.
+    """
+    kwargs = dict(kwargs or {})
+    factory = _find_factory(spec)
+    _check_kwargs(spec, factory, kwargs)
+    try:
+        fn = factory(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"reward '{spec}': {' '.join(str(e).split())}") from e
+    if not callable(fn):
+        raise UserError(f"reward factory '{spec}' returned a {type(fn).__name__}, not a function")
+    return Reward(spec, fn, kwargs, skip_nonfinite=skip_nonfinite)
+
+
+def reward_names() -> list[str]:
+    """Sorted names of registered rewards and of those in the entry-point group."""
+    return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def _arg_docs(doc: str) -> dict[str, str]:
+    """``name: text`` entries of a Google-style ``Args:`` section of a cleaned (getdoc) docstring."""
+    lines = doc.splitlines()
+    if "Args:" not in lines:
+        return {}
+    docs: dict[str, str] = {}
+    indent, current = 0, ""
+    for line in lines[lines.index("Args:") + 1:]:
+        depth = len(line) - len(line.lstrip())
+        if line.strip() and depth == 0:
+            break  # an unindented line starts the next section
+        match = re.match(r"(\w+)\s*(?:\([^)]*\))?:\s*(.*)", line.strip())
+        if match and (not current or depth == indent):
+            indent, current = depth, match[1]
+            docs[current] = match[2]
+        elif current and line.strip():
+            docs[current] += " " + line.strip()
+    return docs
+
+
+def describe_rewards() -> str:
+    """Human-readable listing: each reward, its summary line, and its arguments with defaults."""
+    out: list[str] = []
+    eps = _entry_points()
+    for name in reward_names():
+        try:
+            factory = _REGISTRY[name] if name in _REGISTRY else _load_entry_point(eps[name])
+        except UserError as e:
+            out.append(f"{name}\n    (could not be loaded: {e})")
+            continue
+        doc = inspect.getdoc(factory) or ""
+        out.append(f"{name}: {doc.splitlines()[0] if doc else '(no description)'}")
+        arg_docs = _arg_docs(doc)
+        for p in inspect.signature(factory).parameters.values():
+            default = "required" if p.default is p.empty else f"default {p.default!r}"
+            text = f": {arg_docs[p.name]}" if p.name in arg_docs else ""
+            out.append(f"    {p.name} ({default}){text}")
+    return "\n".join(out)
+
+
+def parse_reward_args(items: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` items; values are JSON where they parse ('1.5', '[0, 1]'), else strings.
+
+    A later item overrides an earlier one with the same key.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--reward-arg expects key=value, got '{item}'")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+# Imported last: builtin_2d uses `register` from this module to add the built-in rewards.
+from rewards import builtin_2d as _builtin_2d  # noqa: E402,F401

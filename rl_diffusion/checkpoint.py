@@ -1,0 +1,210 @@
+"""Run directories and checkpoints: atomic writes, the last K kept plus the best, corrupt files skipped.
+
+A checkpoint is one torch file holding everything a continuation needs:
+    kind              "pretrain" | "finetune"
+    model_config      {"kind": ..., constructor kwargs}: rebuilds the network
+    diffusion_config  {"beta_schedule", "num_timesteps"}
+    data              {"dataset", "shape"}: what the samples should look like
+    model             the weights to sample with (the EMA for pretraining)
+    train_state       optimizer, scheduler, counters and every RNG state, for --resume
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rl_diffusion.diffusion import GaussianDiffusion
+from rl_diffusion.errors import UserError
+from rl_diffusion.models import build_model
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+_NAME = re.compile(r"step_(\d+)\.pt$")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file_object) on a temporary file next to `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:
+    """Create a fresh run directory holding config.json; refuse to clobber an existing run."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} already holds files; pass --resume {out} to continue it, --overwrite to replace it, or pick another --out")
+        if not (out / CONFIG_FILE).exists():
+            raise UserError(f"{out} is not a run directory (no {CONFIG_FILE}); refusing to --overwrite it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG_FILE, config_json)
+    return out
+
+
+def read_run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); give the --out of an earlier pretrain or finetune")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
+
+
+class CheckpointManager:
+    """Writes run_dir/checkpoints/step_<N>.pt atomically, keeps the last `keep` plus the best."""
+
+    def __init__(self, run_dir: Path, keep: int = 3):
+        if keep < 1:
+            raise UserError(f"--keep-checkpoints must be at least 1, got {keep}")
+        self.dir = Path(run_dir) / CHECKPOINT_DIR
+        self.keep = keep
+        self.index_path = self.dir / "index.json"
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, oldest first."""
+        if not self.dir.exists():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _NAME.search(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def _index(self) -> dict:
+        try:
+            return json.loads(self.index_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def save(self, state: dict, step: int, score: float | None = None) -> Path:
+        """Save `state` as the checkpoint of `step`; `score` (higher is better) elects the best."""
+        path = self.dir / f"step_{step:08d}.pt"
+        atomic_save(state, path)
+        index = self._index()
+        if score is not None and (index.get("best_score") is None or score > index["best_score"]):
+            index.update(best_step=step, best_score=score)
+            atomic_write_text(self.index_path, json.dumps(index))
+        best = index.get("best_step")
+        for old in self.paths()[: -self.keep]:
+            if best is None or int(_NAME.search(old.name).group(1)) != best:
+                old.unlink()
+        return path
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> dict:
+        """The newest checkpoint that loads; a truncated or corrupt file is reported and skipped."""
+        paths = self.paths()
+        if not paths:
+            raise UserError(f"no checkpoint in {self.dir}; was the run started?")
+        for path in reversed(paths):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=False)
+            except Exception as e:  # a half-written or damaged file: fall back to the one before
+                print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); using the previous one", file=sys.stderr)
+        raise UserError(f"every checkpoint in {self.dir} is unreadable; the run cannot be loaded")
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready to sample: network (eval mode), diffusion, and its checkpoint."""
+
+    model: nn.Module
+    diffusion: GaussianDiffusion
+    checkpoint: dict
+    config: dict
+
+
+def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Load the sampling weights of the newest checkpoint of a pretrain or finetune run."""
+    config = read_run_config(run_dir)
+    ckpt = CheckpointManager(run_dir).load_latest(map_location=device)
+    model = build_model(ckpt["model_config"]).to(device)
+    load_weights(model, ckpt["model"], source=str(run_dir))
+    model.eval()
+    return LoadedRun(model=model, diffusion=GaussianDiffusion(**ckpt["diffusion_config"]), checkpoint=ckpt, config=config)
+
+
+def load_weights(model: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict that says what it expected and what it found, in one line."""
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise UserError(f"checkpoint {source} does not fit this model: '{name}' has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {source} is from another model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    model.load_state_dict(state)
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """Every RNG state a run draws from (python, numpy, torch, and its own generator)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state() if generator is not None else None,
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if generator is not None and state["generator"] is not None:
+        generator.set_state(state["generator"])
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the training loop checks, so it can checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,161 @@
+"""The `rl-diffusion` command: pretrain, sample, evaluate, data, datasets, rewards.
+
+Every user mistake ends as one line `error: ...` on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from rl_diffusion.config import add_config_args, given_flags
+from rl_diffusion.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error:` line and exit 2, like every other user error."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    from rl_diffusion.checkpoint import atomic_write
+
+    if path.suffix != ".npy":
+        raise UserError(f"--out must end in .npy, got {path}")
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from pretrain.train import PretrainConfig, pretrain, resume_config
+
+    flags = given_flags(PretrainConfig, args)
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise UserError("--resume continues the run in place; drop --out")
+        config, out = resume_config(Path(args.resume), flags), Path(args.resume)
+    else:
+        if not args.out:
+            raise UserError("pretrain needs --out RUN_DIR (or --resume RUN_DIR)")
+        config, out = PretrainConfig(**flags), Path(args.out)
+    pretrain(config, out, overwrite=args.overwrite, resume=bool(args.resume), progress=not args.quiet)
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(json.dumps(metrics, indent=2))
+    print(f"run written to {out}; figures in {out / 'figures'}; watch it with: tensorboard --logdir {out.parent}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from pretrain.train import resolve_device
+    from rl_diffusion.checkpoint import load_run
+
+    device = resolve_device(args.device)
+    run = load_run(Path(args.run), device)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be positive, got {args.num_samples}")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    shape = (args.num_samples, *run.checkpoint["data"]["shape"])
+    with torch.inference_mode():
+        traj = run.diffusion.sample(
+            run.model, shape, sampler=args.sampler, sampling_steps=args.sampling_steps, eta=args.eta,
+            generator=generator, device=device,
+        )
+    _save_npy(Path(args.out), traj.xs[-1].cpu().numpy())
+    print(f"wrote {args.num_samples} samples to {args.out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from rl_diffusion.evaluation import evaluate_run
+
+    print(json.dumps(evaluate_run(Path(args.run), num_samples=args.num_samples, seed=args.seed, device=args.device), indent=2))
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from pretrain.datasets import sample_2d
+
+    _save_npy(Path(args.out), sample_2d(args.name, args.num_samples, args.seed))
+    print(f"wrote {args.num_samples} points of {args.name} to {args.out}")
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    from pretrain.datasets import DATASETS_2D
+
+    for name, description in DATASETS_2D.items():
+        print(f"{name:14s} {description}")
+
+
+def cmd_rewards(args: argparse.Namespace) -> None:
+    from rewards import describe_rewards
+
+    print(describe_rewards())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pretrain.train import PretrainConfig
+
+    parser = _Parser(prog="rl-diffusion", description="Pretrain DDPMs and fine-tune them with reinforcement learning.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("pretrain", help="train a DDPM on a data set")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_args(p, PretrainConfig)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sample", help="draw samples from a trained run")
+    p.add_argument("--run", required=True, help="run directory (pretrain or finetune)")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--out", required=True, help="output .npy file (samples in the data set's coordinates)")
+    p.add_argument("--sampler", default="ddpm", help="ddpm | ddim")
+    p.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (default: all T)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="print a run's metrics as JSON")
+    p.add_argument("--run", required=True)
+    p.add_argument("--num-samples", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("data", help="write points of a data set")
+    p.add_argument("name")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data)
+
+    sub.add_parser("datasets", help="list the data sets").set_defaults(func=cmd_datasets)
+    sub.add_parser("rewards", help="list the rewards and their arguments").set_defaults(func=cmd_rewards)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Configs are dataclasses; command-line flags and the saved run config come from them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any, TypeVar
+
+from rl_diffusion.errors import UserError
+
+C = TypeVar("C")
+
+
+def arg(default: Any, help: str) -> Any:
+    """A config field with its one-line help (shown by --help)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one --flag per field of dataclass `cls`, defaulting to None so that given flags can be told apart."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, type=kind, default=None, help=help_text, metavar=f.name.upper())
+
+
+def given_flags(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the user set on the command line."""
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name, None) is not None}
+
+
+def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise UserError(f"unknown config field(s) {', '.join(sorted(unknown))} for {cls.__name__}")
+    return cls(**values)
+
+
+def to_json(config: Any) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)

@@ -1,0 +1,228 @@
+"""The Gaussian diffusion: every schedule-dependent quantity, and the one reverse step.
+
+Time runs t = T, ..., 1, 0 with x_0 the data. Arrays are indexed by t itself
+(index 0 is "no noise": beta_0 = 0, abar_0 = 1), so the code reads like the paper.
+
+The reverse step pi(x_{t-1} | x_t) = N(mean, sigma_t^2 I) lives in ONE method,
+`reverse_step`. The sampler, the Gymnasium environment, the stable-baselines3
+policy and the native trainer all call it, so their log-probs agree exactly.
+
+Sigma floor (the one place it is written down): the DDPM posterior variance
+beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) is 0 at t = 1, which would make the
+last step's log-prob infinite. The last step (to x_0) therefore uses
+sigma^2 = eta^2 * beta~_2 (eta = 1 for DDPM), as improved-diffusion clips its log
+variance. The mean never sees the floor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rl_diffusion.errors import UserError
+from rl_diffusion.schedules import betas_for
+
+SAMPLERS = ("ddpm", "ddim")
+LOG_PROB_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class ReverseStep:
+    """One step of pi(x_{t-1} | x_t): the action, its Gaussian and its log-density."""
+
+    x_prev: Tensor  # [B, ...] the sampled (or given) x_{t-1}
+    mean: Tensor  # [B, ...] mu(x_t, t)
+    sigma: Tensor  # [B] standard deviation per chain, fixed by the schedule
+    log_prob: Tensor | None  # [B] log N(x_prev; mean, sigma^2 I); None when sigma = 0 (DDIM eta = 0)
+
+
+@dataclass
+class Trajectory:
+    """Whole batched chains, as RL consumes them. K = number of reverse steps."""
+
+    xs: Tensor  # [K + 1, B, ...]: xs[0] = x_T, xs[k + 1] = the action taken at step k, xs[K] = x_0
+    timesteps: Tensor  # [K] long: t at step k (decreasing)
+    prev_timesteps: Tensor  # [K] long: the t the step lands on (timesteps[k + 1], and 0 last)
+    log_probs: Tensor | None  # [K, B]: log pi(xs[k + 1] | xs[k], timesteps[k])
+
+
+class GaussianDiffusion:
+    """A DDPM with T steps over a beta schedule; knows nothing about the network.
+
+    Args:
+        beta_schedule: one of `rl_diffusion.schedules.SCHEDULES`.
+        num_timesteps: T, the number of noising steps the network was trained on.
+    """
+
+    def __init__(self, beta_schedule: str = "linear", num_timesteps: int = 100):
+        self.beta_schedule = beta_schedule
+        self.num_timesteps = T = num_timesteps
+        betas = np.concatenate([[0.0], betas_for(beta_schedule, T)])  # float64, index t
+        alphas = 1.0 - betas
+        abar = np.cumprod(alphas)
+        abar_prev = np.concatenate([[1.0], abar[:-1]])
+        posterior_variance = np.zeros(T + 1)
+        posterior_variance[1:] = betas[1:] * (1.0 - abar_prev[1:]) / (1.0 - abar[1:])
+        reverse_variance = posterior_variance.copy()
+        reverse_variance[1] = posterior_variance[2]  # the floor, see module docstring
+        self.np = dict(
+            betas=betas,
+            alphas=alphas,
+            abar=abar,
+            sqrt_abar=np.sqrt(abar),
+            sqrt_one_minus_abar=np.sqrt(1.0 - abar),
+            posterior_variance=posterior_variance,
+            reverse_sigma=np.sqrt(reverse_variance),
+            # Ho et al. eq. 11: mu = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
+            mean_coef_x=1.0 / np.sqrt(alphas),
+            mean_coef_eps=np.divide(betas, np.sqrt(1.0 - abar) * np.sqrt(alphas), where=betas > 0, out=np.zeros(T + 1)),
+        )
+        self._tensors: dict[torch.device, dict[str, Tensor]] = {}
+
+    @property
+    def config(self) -> dict:
+        return {"beta_schedule": self.beta_schedule, "num_timesteps": self.num_timesteps}
+
+    def _coef(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        """schedule[name][t] as float32 on like's device, shaped to broadcast over like."""
+        table = self._tensors.setdefault(like.device, {})
+        if name not in table:
+            table[name] = torch.as_tensor(self.np[name], dtype=torch.float32, device=like.device)
+        return table[name][t].reshape(-1, *([1] * (like.dim() - 1)))
+
+    def _timestep_tensor(self, t: Tensor | int, x: Tensor) -> Tensor:
+        if isinstance(t, int):
+            return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        return t.to(device=x.device, dtype=torch.long)
+
+    # Forward process
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Sample from q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), given the noise."""
+        return self._coef("sqrt_abar", t, x0) * x0 + self._coef("sqrt_one_minus_abar", t, x0) * noise
+
+    def training_loss(self, model: nn.Module, x0: Tensor, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Ho et al.'s simple loss E_{t, eps} ||eps - eps_theta(x_t, t, c)||^2, t ~ U{1..T}, mean over all."""
+        t = torch.randint(1, self.num_timesteps + 1, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        return torch.mean((model(self.q_sample(x0, t, noise), t, c) - noise) ** 2)
+
+    # Reverse process
+
+    def reverse_step(
+        self,
+        eps: Tensor,
+        x_t: Tensor,
+        t: Tensor | int,
+        *,
+        t_prev: Tensor | int | None = None,
+        sampler: str = "ddpm",
+        eta: float = 1.0,
+        x_prev: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        log_prob_reduction: str = "sum",
+    ) -> ReverseStep:
+        """The reverse step pi(x_{t_prev} | x_t) = N(mean, sigma^2 I) and its log-density.
+
+        Args:
+            eps: the network's noise prediction eps_theta(x_t, t, c), shape of x_t.
+            t: current timestep(s) in 1..T, int or long tensor [B].
+            t_prev: where the step lands (DDIM may skip); default t - 1. DDPM requires t - 1.
+            sampler: "ddpm" (Ho et al. eq. 11, sigma^2 = posterior variance) or
+                "ddim" (Song et al. eq. 12 with sigma = eta * sigma_DDPM-like).
+            eta: DDIM stochasticity; ignored by "ddpm". eta = 0 is deterministic (no log-prob).
+            x_prev: the action to score; sampled when None (with `generator`).
+            log_prob_reduction: "sum" over data dimensions (the exact log-density, default) or
+                "mean" (per dimension, as large-image systems use; clip ranges shrink accordingly).
+        """
+        t = self._timestep_tensor(t, x_t)
+        t_prev = t - 1 if t_prev is None else self._timestep_tensor(t_prev, x_t)
+        if sampler == "ddpm":
+            mean = self._coef("mean_coef_x", t, x_t) * x_t - self._coef("mean_coef_eps", t, x_t) * eps
+            sigma = self._coef("reverse_sigma", t, x_t)
+        elif sampler == "ddim":
+            abar_t, abar_s = self._coef("abar", t, x_t), self._coef("abar", t_prev, x_t)
+            x0_pred = (x_t - torch.sqrt(1 - abar_t) * eps) / torch.sqrt(abar_t)
+            sigma = eta * torch.sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s))
+            mean = torch.sqrt(abar_s) * x0_pred + torch.sqrt((1 - abar_s - sigma**2).clamp(min=0)) * eps
+            floor = eta * self._coef("reverse_sigma", torch.ones_like(t), x_t)
+            sigma = torch.where(t_prev.reshape(sigma.shape) == 0, floor, sigma)
+        else:
+            raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+        if x_prev is None:
+            x_prev = mean + sigma * torch.randn(x_t.shape, device=x_t.device, generator=generator)
+        log_prob = None
+        if not (sampler == "ddim" and eta == 0):
+            log_prob = gaussian_log_prob(x_prev, mean, sigma, log_prob_reduction)
+        return ReverseStep(x_prev=x_prev, mean=mean, sigma=sigma.reshape(-1), log_prob=log_prob)
+
+    def timesteps(self, sampler: str = "ddpm", sampling_steps: int | None = None) -> list[int]:
+        """The decreasing timesteps a chain visits before x_0: all of T..1 for DDPM, K evenly spaced for DDIM."""
+        T = self.num_timesteps
+        if sampler == "ddpm":
+            if sampling_steps not in (None, T):
+                raise UserError(f"the ddpm sampler takes all {T} steps; use --sampler ddim for --sampling-steps {sampling_steps}")
+            return list(range(T, 0, -1))
+        K = T if sampling_steps is None else sampling_steps
+        if not 1 <= K <= T:
+            raise UserError(f"--sampling-steps must be between 1 and {T}, got {K}")
+        return sorted({int(round(x)) for x in np.linspace(1, T, K)}, reverse=True)
+
+    def sample(
+        self,
+        model: nn.Module,
+        shape: tuple[int, ...],
+        *,
+        c: Tensor | None = None,
+        sampler: str = "ddpm",
+        sampling_steps: int | None = None,
+        eta: float = 1.0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        record: bool = False,
+        log_prob_reduction: str = "sum",
+    ) -> Trajectory:
+        """Run the reverse chain from x_T ~ N(0, I) for a batch of `shape` [B, ...].
+
+        With record=False only x_0 is kept (xs has one entry, the final sample) and no
+        log-probs; with record=True every state and per-step log-prob is kept for RL.
+        One network call per step for the whole batch. Call under torch.inference_mode()
+        (or torch.no_grad()) unless gradients are wanted.
+        """
+        steps = self.timesteps(sampler, sampling_steps)
+        prevs = steps[1:] + [0]
+        x = torch.randn(shape, device=device, generator=generator)
+        xs, log_probs = [x], []
+        for t, t_prev in zip(steps, prevs):
+            t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
+            out = self.reverse_step(
+                model(x, t_batch, c), x, t_batch, t_prev=t_prev, sampler=sampler, eta=eta,
+                generator=generator, log_prob_reduction=log_prob_reduction,
+            )
+            x = out.x_prev
+            if record:
+                xs.append(x)
+                log_probs.append(out.log_prob)
+        return Trajectory(
+            xs=torch.stack(xs) if record else x.unsqueeze(0),
+            timesteps=torch.tensor(steps, device=device),
+            prev_timesteps=torch.tensor(prevs, device=device),
+            log_probs=torch.stack(log_probs) if record and log_probs[0] is not None else None,
+        )
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, sigma: Tensor, reduction: str = "sum") -> Tensor:
+    """log N(x; mean, sigma^2 I) per batch element, summed (or averaged) over data dimensions.
+
+    sigma has shape [B] or broadcasts against x as [B, 1, ...].
+    """
+    if reduction not in LOG_PROB_REDUCTIONS:
+        raise UserError(f"unknown log-prob reduction '{reduction}'; choose one of {', '.join(LOG_PROB_REDUCTIONS)}")
+    sigma = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+    per_dim = -((x - mean) ** 2) / (2 * sigma**2) - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
+    per_dim = per_dim.flatten(1)
+    return per_dim.sum(1) if reduction == "sum" else per_dim.mean(1)

@@ -1,0 +1,139 @@
+"""Scatter figures of 2D point sets: PNG files, animated GIFs, RGB arrays for TensorBoard.
+
+Figures are ``matplotlib.figure.Figure`` objects on an Agg canvas, never pyplot
+ones: pyplot keeps every figure it opens until closed, which leaks memory in a
+long training run; these are freed when the function returns. Points are numpy
+arrays or tensors [N, 2]; non-finite points (a diverged sampler) are ignored
+when choosing the axis limits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+
+Points = torch.Tensor | np.ndarray
+Limits = tuple[float, float]
+
+DATA_COLOR = "#c4c4c4"
+SAMPLE_COLOR = "#1f4e9c"
+PANEL_INCHES = 3.0
+RENDER_DPI = 80  # arrays and GIF frames: 240 x 240 pixels a panel, quick to render
+PNG_DPI = 120
+
+
+def _as_numpy(points: Points) -> np.ndarray:
+    """numpy or torch [N, 2] -> float64 numpy [N, 2]."""
+    if isinstance(points, torch.Tensor):
+        points = points.detach().cpu()
+    return np.asarray(points, dtype=np.float64)
+
+
+def _limits(point_sets: Iterable[Points], margin: float = 0.1) -> Limits:
+    """(lo, hi) for both axes covering every finite coordinate, padded by margin * range."""
+    values = np.concatenate([_as_numpy(points).ravel() for points in point_sets])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return (-1.0, 1.0)
+    lo, hi = float(values.min()), float(values.max())
+    pad = margin * (hi - lo) or 1.0
+    return (lo - pad, hi + pad)
+
+
+def _row(num_panels: int, title: str = "") -> tuple[Figure, list[Axes]]:
+    """A figure with one row of square panels, on its own Agg canvas."""
+    fig = Figure(figsize=(PANEL_INCHES * num_panels, PANEL_INCHES), dpi=RENDER_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig, list(fig.subplots(1, num_panels, squeeze=False)[0])
+
+
+def _draw(ax: Axes, points: Points, data: Points | None, lim: Limits, title: str) -> None:
+    """Scatter points (dark) over data (light grey) with equal aspect and fixed limits."""
+    if data is not None:
+        data = _as_numpy(data)
+        ax.scatter(data[:, 0], data[:, 1], s=4, c=DATA_COLOR, linewidths=0)
+    points = _as_numpy(points)
+    ax.scatter(points[:, 0], points[:, 1], s=3, c=SAMPLE_COLOR, alpha=0.6, linewidths=0)
+    ax.set_xlim(lim)
+    ax.set_ylim(lim)
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+
+
+def _rgb(fig: Figure) -> np.ndarray:
+    """Render fig: uint8 [H, W, 3]."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=PNG_DPI)
+
+
+def scatter_image(samples: Points, data: Points | None = None, title: str = "", lim: Limits | None = None) -> np.ndarray:
+    """One scatter panel as uint8 [H, W, 3], for ``add_image(..., dataformats="HWC")``.
+
+    Data (if given) in light grey under the samples. Limits default to the data's
+    (else the samples') range plus a margin, so samples far off the data are cut
+    off rather than shrinking the data to a dot.
+    """
+    fig, (ax,) = _row(1)
+    _draw(ax, samples, data, lim or _limits([samples if data is None else data]), title)
+    return _rgb(fig)
+
+
+def plot_samples_vs_data(samples: Points, data: Points, path: str | Path, title: str = "") -> None:
+    """PNG with data (left) and samples (right) side by side, both with the data's limits."""
+    lim = _limits([data])
+    fig, (left, right) = _row(2, title)
+    _draw(left, data, None, lim, "data")
+    _draw(right, samples, None, lim, "samples")
+    _save(fig, path)
+
+
+def plot_process(frames: Sequence[tuple[int, Points]], path: str | Path, title: str) -> None:
+    """PNG with one row of panels, one per (t, points), titled "t = ...", shared limits.
+
+    For the forward process q(x_t | x_0) and the reverse process; the limits cover
+    every frame, so the noise at large t and the data at t = 0 are both in view.
+    """
+    lim = _limits(points for _, points in frames)
+    fig, axes = _row(len(frames), title)
+    for ax, (t, points) in zip(axes, frames):
+        _draw(ax, points, None, lim, f"t = {t}")
+    _save(fig, path)
+
+
+def save_gif(frames: Sequence[tuple[str, Points]], path: str | Path, lim: Limits | None = None, fps: int = 10) -> None:
+    """Animated GIF (looping forever) of one scatter panel per (label, points).
+
+    Limits are fixed for the whole animation: ``lim``, or the range of every frame.
+    Pillow merges consecutive identical frames into one longer frame.
+    """
+    if not frames:
+        raise ValueError("save_gif needs at least one frame")
+    lim = lim or _limits(points for _, points in frames)
+    fig, (ax,) = _row(1)
+    images = []
+    for label, points in frames:
+        # One figure redrawn per frame: building a figure costs more than drawing it.
+        ax.clear()
+        _draw(ax, points, None, lim, label)
+        images.append(Image.fromarray(_rgb(fig)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)

@@ -1,0 +1,116 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rl_diffusion.diffusion import GaussianDiffusion, gaussian_log_prob
+
+
+class ConstantEps(torch.nn.Module):
+    """eps_theta = a * x_t + b * t / T: a network whose output a test can compute by hand."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.T = T
+
+    def forward(self, x, t, c=None):
+        return 0.3 * x + (t.float() / self.T).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def test_q_sample_moments():
+    d = GaussianDiffusion("linear", 100)
+    x0 = torch.full((200_000, 2), 1.5)
+    t = 40
+    xt = d.q_sample(x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+    abar = d.np["abar"][t]
+    assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 1.5, abs=5e-3)
+    assert xt.var().item() == pytest.approx(1 - abar, rel=1e-2)
+
+
+def test_reverse_step_mean_is_ho_eq_11_and_log_prob_is_the_normal_density():
+    d = GaussianDiffusion("cosine", 20)
+    g = torch.Generator().manual_seed(1)
+    x_t, eps = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
+    for t in [20, 7, 2, 1]:
+        out = d.reverse_step(eps, x_t, t, generator=g)
+        beta, abar = d.np["betas"][t], d.np["abar"][t]
+        mean = (x_t - beta / math.sqrt(1 - abar) * eps) / math.sqrt(1 - beta)
+        torch.testing.assert_close(out.mean, mean, rtol=1e-5, atol=1e-6)
+        expected_var = d.np["posterior_variance"][max(t, 2)]  # the floor at t = 1
+        assert out.sigma[0].item() == pytest.approx(math.sqrt(expected_var), rel=1e-6)
+        ref = torch.distributions.Normal(out.mean, out.sigma[:, None]).log_prob(out.x_prev).sum(1)
+        torch.testing.assert_close(out.log_prob, ref, rtol=1e-5, atol=1e-4)
+        assert torch.isfinite(out.log_prob).all()
+
+
+def test_log_prob_mean_reduction_is_per_dimension():
+    x, mean, sigma = torch.randn(5, 3, 4), torch.randn(5, 3, 4), torch.rand(5) + 0.1
+    torch.testing.assert_close(gaussian_log_prob(x, mean, sigma, "mean") * 12, gaussian_log_prob(x, mean, sigma, "sum"))
+
+
+def test_scoring_a_given_action_reproduces_the_sampled_log_prob():
+    d = GaussianDiffusion("linear", 30)
+    g = torch.Generator().manual_seed(2)
+    x_t, eps = torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g)
+    t = torch.randint(1, 31, (16,), generator=g)
+    sampled = d.reverse_step(eps, x_t, t, generator=g)
+    scored = d.reverse_step(eps, x_t, t, x_prev=sampled.x_prev)
+    torch.testing.assert_close(scored.log_prob, sampled.log_prob)
+
+
+def test_ddim_eta_1_with_all_steps_equals_ddpm():
+    T = 40
+    d = GaussianDiffusion("linear", T)
+    model = ConstantEps(T)
+    assert d.timesteps("ddim", T) == d.timesteps("ddpm")
+    g = torch.Generator().manual_seed(3)
+    x_t, eps = torch.randn(32, 2, generator=g), torch.randn(32, 2, generator=g)
+    for t in range(T, 0, -1):
+        a = d.reverse_step(eps, x_t, t, sampler="ddpm", x_prev=x_t * 0.9)
+        b = d.reverse_step(eps, x_t, t, sampler="ddim", eta=1.0, x_prev=x_t * 0.9)
+        torch.testing.assert_close(a.mean, b.mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.sigma, b.sigma, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a.log_prob, b.log_prob, rtol=1e-4, atol=1e-3)
+    ddpm = d.sample(model, (32, 2), generator=torch.Generator().manual_seed(4))
+    ddim = d.sample(model, (32, 2), sampler="ddim", eta=1.0, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ddpm.xs[-1], ddim.xs[-1], rtol=1e-3, atol=1e-4)
+
+
+def test_ddim_with_fewer_steps_and_eta_0_is_deterministic():
+    d = GaussianDiffusion("linear", 100)
+    model = ConstantEps(100)
+    steps = d.timesteps("ddim", 10)
+    assert len(steps) == 10 and steps[0] == 100 and steps[-1] == 1
+    a = d.sample(model, (8, 2), sampler="ddim", sampling_steps=10, eta=0.0, generator=torch.Generator().manual_seed(0), record=True)
+    assert a.log_probs is None and a.xs.shape == (11, 8, 2)
+    # eta = 0 uses noise only for x_T: same x_T, same x_0
+    b = d.sample(model, (8, 2), sampler="ddim", sampling_steps=10, eta=0.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.xs[-1], b.xs[-1])
+
+
+def test_recorded_trajectory_log_probs_rescore_exactly():
+    T = 25
+    d = GaussianDiffusion("sigmoid", T)
+    model = ConstantEps(T)
+    traj = d.sample(model, (10, 2), generator=torch.Generator().manual_seed(5), record=True)
+    assert traj.xs.shape == (T + 1, 10, 2) and traj.log_probs.shape == (T, 10)
+    assert traj.timesteps.tolist() == list(range(T, 0, -1)) and traj.prev_timesteps.tolist() == list(range(T - 1, -1, -1))
+    for k in range(T):
+        t = traj.timesteps[k].item()
+        x_t = traj.xs[k]
+        again = d.reverse_step(model(x_t, torch.full((10,), t)), x_t, t, x_prev=traj.xs[k + 1])
+        torch.testing.assert_close(again.log_prob, traj.log_probs[k])
+
+
+def test_training_loss_is_zero_for_the_true_noise_predictor_on_a_point_mass():
+    # For data at x_0 = 0, eps = x_t / sqrt(1 - abar_t) exactly.
+    d = GaussianDiffusion("linear", 50)
+    coef = torch.tensor(d.np["sqrt_one_minus_abar"], dtype=torch.float32)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, t, c=None):
+            return x / coef[t][:, None]
+
+    assert d.training_loss(Oracle(), torch.zeros(512, 2), generator=torch.Generator().manual_seed(0)).item() < 1e-10
+    assert np.isclose(d.np["abar"][0], 1.0)

@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rl_diffusion.figures import plot_process, plot_samples_vs_data, save_gif, scatter_image
+
+
+def _points(seed: int, n: int = 200) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 2)).astype(np.float32)
+
+
+def test_scatter_image_is_uint8_rgb() -> None:
+    image = scatter_image(torch.from_numpy(_points(0)), data=_points(1), title="x", lim=(-3.0, 3.0))
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[:2] == (240, 240)
+    # Something dark (the samples) is drawn on the white background.
+    assert image.min() < 100 and image.max() == 255
+    # Diverged samples do not break the default limits.
+    assert scatter_image(np.array([[0.0, 0.0], [np.nan, np.inf]])).shape == image.shape
+
+
+def test_plots_write_png_files(tmp_path: Path) -> None:
+    pair = tmp_path / "a" / "samples.png"
+    plot_samples_vs_data(_points(0), _points(1), pair, title="pair")
+    process = tmp_path / "b" / "forward.png"
+    plot_process([(t, _points(t) * (1 + t / 10)) for t in (0, 10, 100)], process, title="q(x_t | x_0)")
+    for path, width_panels in ((pair, 2), (process, 3)):
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.size[0] == 360 * width_panels and image.size[1] == 360
+
+
+def test_save_gif_has_one_frame_per_entry(tmp_path: Path) -> None:
+    path = tmp_path / "c" / "reverse.gif"
+    save_gif([(f"step {k}", _points(k, n=50)) for k in range(4)], path, fps=5)
+    with Image.open(path) as gif:
+        assert gif.format == "GIF"
+        assert gif.n_frames == 4
+        assert gif.info["duration"] == 200 and gif.info["loop"] == 0
