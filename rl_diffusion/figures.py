@@ -10,11 +10,11 @@ when choosing the axis limits.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # headless: training runs on servers without a display
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -40,8 +40,11 @@ def _as_numpy(points: Points) -> np.ndarray:
     return np.asarray(points, dtype=np.float64)
 
 
-def _limits(point_sets: Iterable[Points], margin: float = 0.1) -> Limits:
-    """(lo, hi) for both axes covering every finite coordinate, padded by margin * range."""
+def limits(*point_sets: Points, margin: float = 0.1) -> Limits:
+    """(lo, hi) for both axes covering every finite coordinate of the sets, padded by margin * range.
+
+    Pass the result as ``lim`` to keep several figures (or a GIF) on the same axes.
+    """
     values = np.concatenate([_as_numpy(points).ravel() for points in point_sets])
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -85,7 +88,9 @@ def _save(fig: Figure, path: str | Path) -> None:
     fig.savefig(path, dpi=PNG_DPI)
 
 
-def scatter_image(samples: Points, data: Points | None = None, title: str = "", lim: Limits | None = None) -> np.ndarray:
+def scatter_image(
+    samples: Points, data: Points | None = None, title: str = "", lim: Limits | None = None
+) -> np.ndarray:
     """One scatter panel as uint8 [H, W, 3], for ``add_image(..., dataformats="HWC")``.
 
     Data (if given) in light grey under the samples. Limits default to the data's
@@ -93,13 +98,13 @@ def scatter_image(samples: Points, data: Points | None = None, title: str = "", 
     off rather than shrinking the data to a dot.
     """
     fig, (ax,) = _row(1)
-    _draw(ax, samples, data, lim or _limits([samples if data is None else data]), title)
+    _draw(ax, samples, data, lim or limits(samples if data is None else data), title)
     return _rgb(fig)
 
 
 def plot_samples_vs_data(samples: Points, data: Points, path: str | Path, title: str = "") -> None:
     """PNG with data (left) and samples (right) side by side, both with the data's limits."""
-    lim = _limits([data])
+    lim = limits(data)
     fig, (left, right) = _row(2, title)
     _draw(left, data, None, lim, "data")
     _draw(right, samples, None, lim, "samples")
@@ -112,7 +117,7 @@ def plot_process(frames: Sequence[tuple[int, Points]], path: str | Path, title: 
     For the forward process q(x_t | x_0) and the reverse process; the limits cover
     every frame, so the noise at large t and the data at t = 0 are both in view.
     """
-    lim = _limits(points for _, points in frames)
+    lim = limits(*(points for _, points in frames))
     fig, axes = _row(len(frames), title)
     for ax, (t, points) in zip(axes, frames):
         _draw(ax, points, None, lim, f"t = {t}")
@@ -127,7 +132,7 @@ def save_gif(frames: Sequence[tuple[str, Points]], path: str | Path, lim: Limits
     """
     if not frames:
         raise ValueError("save_gif needs at least one frame")
-    lim = lim or _limits(points for _, points in frames)
+    lim = lim or limits(*(points for _, points in frames))
     fig, (ax,) = _row(1)
     images = []
     for label, points in frames:
@@ -135,5 +140,8 @@ def save_gif(frames: Sequence[tuple[str, Points]], path: str | Path, lim: Limits
         ax.clear()
         _draw(ax, points, None, lim, label)
         images.append(Image.fromarray(_rgb(fig)))
+        # The limits are fixed, so the first frame's layout fits every frame; laying
+        # out again would take most of the rendering time.
+        fig.set_layout_engine("none")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)

@@ -1,10 +1,11 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from rl_diffusion.figures import plot_process, plot_samples_vs_data, save_gif, scatter_image
+from rl_diffusion.figures import limits, plot_process, plot_samples_vs_data, save_gif, scatter_image
 
 
 def _points(seed: int, n: int = 200) -> np.ndarray:
@@ -19,6 +20,12 @@ def test_scatter_image_is_uint8_rgb() -> None:
     assert image.min() < 100 and image.max() == 255
     # Diverged samples do not break the default limits.
     assert scatter_image(np.array([[0.0, 0.0], [np.nan, np.inf]])).shape == image.shape
+
+
+def test_limits_cover_finite_points_with_margin() -> None:
+    # Range [-1, 3] over both sets and axes, padded by 10% of 4; the NaN is ignored.
+    assert limits(np.array([[-1.0, 0.0], [np.nan, 2.0]]), torch.tensor([[3.0, 1.0]])) == pytest.approx((-1.4, 3.4))
+    assert limits(np.zeros((3, 2))) == (-1.0, 1.0)
 
 
 def test_plots_write_png_files(tmp_path: Path) -> None:
