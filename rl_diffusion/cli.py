@@ -1,4 +1,4 @@
-"""The `rl-diffusion` command: pretrain, sample, evaluate, data, datasets, rewards.
+"""The `rl-diffusion` command: pretrain, finetune, sample, evaluate, data, datasets, rewards.
 
 Every user mistake ends as one line `error: ...` on stderr with exit status 2.
 """
@@ -53,6 +53,31 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"run written to {out}; figures in {out / 'figures'}; watch it with: tensorboard --logdir {out.parent}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from rewards import parse_reward_args
+    from rl_diffusion.finetune import FinetuneConfig, resume_config, setup
+
+    flags = given_flags(FinetuneConfig, args)
+    if args.reward_arg:
+        flags["reward_args"] = parse_reward_args(args.reward_arg)
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise UserError("--resume continues the run in place; drop --out")
+        config, out = resume_config(Path(args.resume), flags), Path(args.resume)
+    else:
+        if not args.out:
+            raise UserError("finetune needs --out RUN_DIR (or --resume RUN_DIR)")
+        config, out = FinetuneConfig(**flags), Path(args.out)
+    s = setup(config, out, overwrite=args.overwrite, resume=bool(args.resume))
+    if config.algo == "sb3-ppo":
+        from rl_diffusion.sb3 import train
+    else:
+        from rl_diffusion.ddpo import train
+    metrics = train(s, resume=bool(args.resume), progress=not args.quiet)
+    print(json.dumps(metrics, indent=2))
+    print(f"run written to {out}; figures in {out / 'figures'}; watch it with: tensorboard --logdir {out.parent}")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
@@ -102,6 +127,7 @@ def cmd_rewards(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from pretrain.train import PretrainConfig
+    from rl_diffusion.finetune import FinetuneConfig
 
     parser = _Parser(prog="rl-diffusion", description="Pretrain DDPMs and fine-tune them with reinforcement learning.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -113,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained run with reinforcement learning")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--reward-arg", action="append", metavar="KEY=VALUE", help="reward keyword argument (repeatable; JSON values)")
+    add_config_args(p, FinetuneConfig, skip=("reward_args",))
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("--run", required=True, help="run directory (pretrain or finetune)")

@@ -105,11 +105,17 @@ class GaussianDiffusion:
         """Sample from q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), given the noise."""
         return self._coef("sqrt_abar", t, x0) * x0 + self._coef("sqrt_one_minus_abar", t, x0) * noise
 
-    def training_loss(self, model: nn.Module, x0: Tensor, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Ho et al.'s simple loss E_{t, eps} ||eps - eps_theta(x_t, t, c)||^2, t ~ U{1..T}, mean over all."""
+    def training_loss(
+        self, model: nn.Module, x0: Tensor, c: Tensor | None = None, generator: torch.Generator | None = None, weights: Tensor | None = None
+    ) -> Tensor:
+        """Ho et al.'s simple loss E_{t, eps} ||eps - eps_theta(x_t, t, c)||^2 / D with t ~ U{1..T}.
+
+        Averaged over the batch, or summed with per-sample `weights` [B] (reward-weighted regression).
+        """
         t = torch.randint(1, self.num_timesteps + 1, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-        return torch.mean((model(self.q_sample(x0, t, noise), t, c) - noise) ** 2)
+        per_sample = ((model(self.q_sample(x0, t, noise), t, c) - noise) ** 2).flatten(1).mean(1)
+        return per_sample.mean() if weights is None else (weights * per_sample).sum()
 
     # Reverse process
 

@@ -145,3 +145,18 @@ def save_gif(frames: Sequence[tuple[str, Points]], path: str | Path, lim: Limits
         fig.set_layout_engine("none")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+
+
+def plot_finetune_summary(
+    before: Points, after: Points, data: Points, epochs: Sequence[int], mean_rewards: Sequence[float], path: str | Path, title: str = ""
+) -> None:
+    """Samples before and after fine-tuning over the data, and the mean reward per epoch."""
+    fig, (ax_before, ax_after, ax_curve) = _row(3, title)
+    lim = limits(data, before, after)
+    _draw(ax_before, before, data, lim, "before (epoch 1)")
+    _draw(ax_after, after, data, lim, "after")
+    ax_curve.plot(list(epochs), list(mean_rewards), color=SAMPLE_COLOR)
+    ax_curve.set_xlabel("epoch")
+    ax_curve.set_ylabel("mean reward")
+    ax_curve.grid(alpha=0.3)
+    _save(fig, path)

@@ -1,0 +1,231 @@
+"""Native batched policy-gradient fine-tuning: DDPO-SF, DDPO-IS (PPO-clip) and RWR.
+
+Per epoch: sample `chains` trajectories in one batch, recording (x_t, t, x_{t-1}, log pi_old);
+score x_0 once; turn rewards into advantages; update. Black et al. (2023), "Training diffusion
+models with reinforcement learning".
+
+KL to the pretrained model (kl_coef = beta > 0). The objective is
+    J(theta) = E[r(x_0)] - beta KL(p_theta || p_ref),   KL = E sum_k kl_k,
+    kl_k = ||mu_theta(x_k, t_k) - mu_ref(x_k, t_k)||^2 / (2 sigma_k^2),
+exact because both chains share x_T and sigma (DESIGN.md section 1). Its gradient has two
+parts and both are used:
+  - the action at step k moves every later state, so it is charged the KL that follows it:
+    the return of step k is G_k = r(x_0) - beta sum_{j>k} kl_j (a per-step penalty on the
+    reward, with lower variance than charging the whole path KL to every step);
+  - kl_k depends on theta directly through mu_theta at the visited state: its exact gradient
+    is added to the loss.
+Advantages divide G by its standard deviation; the direct term is divided by the same number,
+so every update follows grad J (scaled), whose fixed point is the KL-regularised optimum
+p_pre(x_0) exp(r(x_0) / beta) / Z.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from rl_diffusion.checkpoint import StopSignal, rng_state, set_rng_state
+from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep, Trajectory
+from rl_diffusion.errors import UserError
+from rl_diffusion.finetune import FinetuneConfig, Setup, finish, log_epoch, restore, save, score, write_hyperparameters
+
+
+@dataclass
+class Pairs:
+    """The (trajectory, timestep) pairs of one sampled batch, flattened to N = K * B rows (step-major)."""
+
+    x_t: Tensor  # [N, ...]
+    t: Tensor  # [N]
+    t_prev: Tensor  # [N]
+    x_prev: Tensor  # [N, ...] the action taken
+    log_prob_old: Tensor  # [N] log pi_old(x_prev | x_t), recorded while sampling
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    @classmethod
+    def from_trajectory(cls, traj: Trajectory) -> "Pairs":
+        B = traj.xs.shape[1]
+        return cls(
+            x_t=traj.xs[:-1].flatten(0, 1),
+            t=traj.timesteps.repeat_interleave(B),
+            t_prev=traj.prev_timesteps.repeat_interleave(B),
+            x_prev=traj.xs[1:].flatten(0, 1),
+            log_prob_old=traj.log_probs.flatten(),
+        )
+
+
+def sample_batch(s: Setup, generator: torch.Generator) -> tuple[Pairs, Tensor]:
+    """Sample `chains` trajectories with the current policy; returns the pairs and x_0 [B, ...]."""
+    cfg = s.config
+    # no_grad, not inference_mode: these tensors are inputs to the update's autograd graph.
+    with torch.no_grad():
+        traj = s.diffusion.sample(
+            s.policy, (cfg.chains, *s.data_shape), generator=generator, device=s.device, record=True,
+            log_prob_reduction=cfg.log_prob_reduction, **cfg.sampling,
+        )
+    return Pairs.from_trajectory(traj), traj.xs[-1]
+
+
+def policy_step(diffusion: GaussianDiffusion, cfg: FinetuneConfig, model: torch.nn.Module, pairs: Pairs, idx: Tensor) -> ReverseStep:
+    """The shared reverse step of `model` on the chosen pairs: one network call, the actions scored."""
+    x_t, t = pairs.x_t[idx], pairs.t[idx]
+    return diffusion.reverse_step(
+        model(x_t, t), x_t, t, t_prev=pairs.t_prev[idx], sampler=cfg.sampler, eta=cfg.eta,
+        x_prev=pairs.x_prev[idx], log_prob_reduction=cfg.log_prob_reduction,
+    )
+
+
+def step_kl(diffusion: GaussianDiffusion, cfg: FinetuneConfig, reference: torch.nn.Module, ours: ReverseStep, pairs: Pairs, idx: Tensor) -> Tensor:
+    """kl_k = ||mu_theta - mu_ref||^2 / (2 sigma^2) at the chosen pairs (differentiable in theta)."""
+    with torch.no_grad():
+        ref_mean = policy_step(diffusion, cfg, reference, pairs, idx).mean
+    return ((ours.mean - ref_mean) ** 2).flatten(1).sum(1) / (2 * ours.sigma**2)
+
+
+def path_kls(diffusion: GaussianDiffusion, cfg: FinetuneConfig, policy: torch.nn.Module, reference: torch.nn.Module, pairs: Pairs, K: int) -> Tensor:
+    """kl_k of every pair as [K, B]; summed over k it is the exact path KL of each chain."""
+    with torch.no_grad():
+        rows = torch.arange(len(pairs), device=pairs.t.device).split(cfg.minibatch_size)
+        kl = torch.cat([step_kl(diffusion, cfg, reference, policy_step(diffusion, cfg, policy, pairs, idx), pairs, idx) for idx in rows])
+    return kl.reshape(K, -1)
+
+
+def advantages(s: Setup, pairs: Pairs, rewards: Tensor, K: int) -> tuple[Tensor, Tensor, float]:
+    """Per-pair advantages [K, B] from G_k = r - beta sum_{j>k} kl_j; also kl [K, B] and the std used."""
+    kl = path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, K)
+    kl_after = kl.flip(0).cumsum(0).flip(0) - kl  # sum_{j > k} kl_j
+    returns = rewards[None, :] - s.config.kl_coef * kl_after
+    centred = returns - returns.mean(dim=1, keepdim=True)  # a baseline per timestep
+    scale = centred.std().item() + 1e-8
+    return (centred / scale).clamp(-s.config.adv_clip, s.config.adv_clip), kl, scale
+
+
+def update_sf(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: float, generator) -> dict[str, float]:
+    """DDPO-SF: REINFORCE, -A * log pi, gradients accumulated over all pairs, one optimizer step."""
+    cfg = s.config
+    optimizer.zero_grad(set_to_none=True)
+    total, adv = 0.0, adv.flatten()
+    for idx in torch.arange(len(pairs), device=s.device).split(cfg.minibatch_size):
+        ours = policy_step(s.diffusion, cfg, s.policy, pairs, idx)
+        loss = -(adv[idx] * ours.log_prob).sum() / len(pairs)
+        if cfg.kl_coef > 0:
+            loss = loss + cfg.kl_coef / scale * step_kl(s.diffusion, cfg, s.reference, ours, pairs, idx).sum() / len(pairs)
+        loss.backward()
+        total += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return {"loss/policy": total, "train/grad_norm": grad_norm.item()}
+
+
+def ppo_loss(adv: Tensor, log_prob: Tensor, log_prob_old: Tensor, clip_range: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO-clip surrogate mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), r = pi / pi_old; also approx_kl, clipfrac."""
+    log_ratio = log_prob - log_prob_old
+    ratio = log_ratio.exp()
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    with torch.no_grad():
+        # (r - 1) - log r: unbiased and always >= 0 (Schulman's k3 estimator), unlike -log r
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1).abs() > clip_range).float().mean()
+    return loss, approx_kl, clipfrac
+
+
+def update_is(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: float, generator) -> dict[str, float]:
+    """DDPO-IS: PPO-clip over inner epochs of shuffled minibatches of (trajectory, timestep) pairs."""
+    cfg = s.config
+    K, B = adv.shape
+    adv = adv.flatten()
+    stats = []
+    for _ in range(cfg.inner_epochs):
+        rows = torch.arange(len(pairs), device=s.device)
+        if cfg.timestep_fraction < 1:
+            # each chain trains on a random subset of its timesteps
+            keep = max(1, round(cfg.timestep_fraction * K))
+            chosen = torch.rand(K, B, generator=generator, device=s.device).argsort(0)[:keep]
+            rows = (chosen * B + torch.arange(B, device=s.device)).flatten()
+        for idx in rows[torch.randperm(len(rows), generator=generator, device=s.device)].split(cfg.minibatch_size):
+            ours = policy_step(s.diffusion, cfg, s.policy, pairs, idx)
+            loss, approx_kl, clipfrac = ppo_loss(adv[idx], ours.log_prob, pairs.log_prob_old[idx], cfg.clip_range)
+            if cfg.kl_coef > 0:
+                loss = loss + cfg.kl_coef / scale * step_kl(s.diffusion, cfg, s.reference, ours, pairs, idx).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
+            optimizer.step()
+            stats.append(torch.stack([loss.detach(), approx_kl, clipfrac]))
+    loss, approx_kl, clipfrac = torch.stack(stats).mean(0).tolist()
+    return {"loss/policy": loss, "ppo/approx_kl": approx_kl, "ppo/clipfrac": clipfrac}
+
+
+def rwr_weights(rewards: Tensor, temperature: float) -> Tensor:
+    """softmax(r / temperature) over the batch: non-negative, summing to 1."""
+    return torch.softmax(rewards / temperature, dim=0)
+
+
+def update_rwr(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: float, generator) -> dict[str, float]:
+    """RWR: the denoising loss on the policy's own samples x_0, weighted by softmax(r / temperature)."""
+    cfg = s.config
+    weights = rwr_weights(rewards, cfg.rwr_temperature)
+    steps = cfg.inner_epochs * max(1, len(pairs) // cfg.minibatch_size)
+    losses = []
+    for _ in range(steps):
+        loss = s.diffusion.training_loss(s.policy, x0, generator=generator, weights=weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+    return {"loss/policy": sum(losses) / len(losses), "rwr/weight_max": weights.max().item()}
+
+
+UPDATES = {"ddpo-sf": update_sf, "ddpo-is": update_is, "rwr": update_rwr}
+
+
+def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune s.policy for s.epochs epochs with s.config.algo; returns the final metrics."""
+    cfg = s.config
+    update = UPDATES[cfg.algo]
+    optimizer = torch.optim.AdamW(s.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    generator = torch.Generator(device=s.device).manual_seed(cfg.seed)
+    start, reward_queries = 0, 0
+    if resume:
+        state = restore(s)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], generator)
+        start, reward_queries = state["epoch"], state["reward_queries"]
+    else:
+        write_hyperparameters(s)
+
+    def train_state() -> dict:
+        return {"optimizer": optimizer.state_dict(), "rng": rng_state(generator), "reward_queries": reward_queries}
+
+    with StopSignal() as stop, tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not progress) as bar:
+        for epoch in range(start, s.epochs):
+            started = time.perf_counter()
+            pairs, x0 = sample_batch(s, generator)
+            rewards, finite = score(s, x0, epoch)
+            reward_queries += len(rewards)
+            K = len(pairs) // len(rewards)
+            if not finite.all():  # --skip-nonfinite-rewards: drop those chains entirely
+                keep = finite.repeat(K)
+                pairs = Pairs(*(getattr(pairs, f)[keep] for f in ("x_t", "t", "t_prev", "x_prev", "log_prob_old")))
+            adv, kl, scale = advantages(s, pairs, rewards[finite], K)
+            stats = update(s, optimizer, pairs, x0[finite], rewards[finite], adv, scale, generator)
+            if not math.isfinite(stats["loss/policy"]):
+                raise UserError(f"the {cfg.algo} loss became {stats['loss/policy']} at epoch {epoch + 1}; the last good checkpoint is kept in {s.out} (try a lower --lr)")
+            kl_path = kl.sum(0)
+            stats.update({"kl/to_pretrained": kl_path.mean().item(), "kl/to_pretrained_max": kl_path.max().item()})
+            log_epoch(s, epoch, reward_queries, x0, rewards, stats, time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}", kl=f"{stats['kl/to_pretrained']:.3f}")
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == s.epochs or stop.received:
+                save(s, epoch, train_state())
+            if stop.received:
+                s.writer.close()
+                raise UserError(f"stopped by signal {stop.received} after epoch {epoch + 1}; checkpoint saved, continue with --resume {s.out}")
+    return finish(s)

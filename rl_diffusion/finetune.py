@@ -1,0 +1,259 @@
+"""`rl-diffusion finetune`: config, run directory, shared setup and per-epoch logging.
+
+The algorithms live elsewhere and share everything here: `ddpo.py` (ddpo-sf,
+ddpo-is, rwr) and `sb3.py` (sb3-ppo). A run directory of a fine-tuning run holds
+a checkpoint in the same format as pretraining, so `sample` and `evaluate` accept it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
+
+from pretrain.datasets import sample_2d
+from pretrain.train import EVAL_DATA_SEED, resolve_device, to_markdown_table
+from rewards import Reward, build_reward
+from rl_diffusion import figures
+from rl_diffusion.checkpoint import (
+    CheckpointManager,
+    LoadedRun,
+    atomic_write_text,
+    load_run,
+    prepare_run_dir,
+    read_run_config,
+)
+from rl_diffusion.config import arg, config_from_dict
+from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, SAMPLERS, GaussianDiffusion, Trajectory
+from rl_diffusion.errors import UserError, nearest
+
+ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "sb3-ppo")
+
+
+@dataclass
+class FinetuneConfig:
+    run: str = arg("", "pretrained run directory to start from")
+    reward: str = arg("target_point", "reward name, module:factory, or entry point (see `rl-diffusion rewards`)")
+    reward_args: dict = dataclasses.field(default_factory=dict, metadata={"help": "reward keyword arguments"})
+    algo: str = arg("ddpo-is", "ddpo-sf | ddpo-is | rwr | sb3-ppo")
+    chains: int = arg(256, "denoising chains sampled per epoch (the batch; SB3: parallel envs)")
+    epochs: int = arg(30, "sampling rounds")
+    total_steps: int = arg(0, "budget in denoising steps (chains x steps per chain x epochs); overrides --epochs when > 0")
+    lr: float = arg(1e-4, "AdamW learning rate of the policy")
+    clip_range: float = arg(0.2, "PPO clip on the ratio pi/pi_old (log-prob units: see --log-prob-reduction)")
+    adv_clip: float = arg(5.0, "clip standardised advantages to [-adv_clip, adv_clip]")
+    inner_epochs: int = arg(1, "passes over each sampled batch (ddpo-is, rwr, sb3-ppo)")
+    minibatch_size: int = arg(4096, "(trajectory, timestep) pairs per gradient step (ddpo-is, rwr, sb3-ppo)")
+    timestep_fraction: float = arg(1.0, "fraction of each chain's timesteps trained on per epoch (ddpo-is)")
+    kl_coef: float = arg(0.0, "beta of the exact path KL to the pretrained model (0 = off)")
+    rwr_temperature: float = arg(1.0, "softmax temperature on rewards (rwr), reward units")
+    log_prob_reduction: str = arg("sum", "sum (exact log-density) | mean (per dimension; shrink --clip-range)")
+    grad_clip: float = arg(1.0, "clip the gradient's global norm to this")
+    sampler: str = arg("ddpm", "ddpm | ddim: the reverse chain the policy acts in")
+    sampling_steps: int = arg(0, "DDIM steps per chain (0 = all T)")
+    eta: float = arg(1.0, "DDIM stochasticity (> 0: the policy needs a density)")
+    x_axis: str = arg("epoch", "TensorBoard step axis: epoch | reward_queries (samples scored so far)")
+    seed: int = arg(0, "seed of every random draw in the run")
+    checkpoint_every: int = arg(5, "epochs between checkpoints")
+    keep_checkpoints: int = arg(3, "checkpoints kept (plus the best)")
+    skip_nonfinite_rewards: bool = arg(False, "drop samples whose reward is nan/inf (counted in TensorBoard) instead of stopping")
+    device: str = arg("cpu", "cpu | cuda | cuda:N")
+
+    def validate(self) -> None:
+        if self.algo not in ALGOS:
+            raise UserError(f"unknown --algo '{self.algo}'{nearest(self.algo, ALGOS)}; choose one of {', '.join(ALGOS)}")
+        if not self.run:
+            raise UserError("finetune needs --run PRETRAINED_RUN (the --out of rl-diffusion pretrain)")
+        for name in ("chains", "epochs", "inner_epochs", "minibatch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "clip_range", "adv_clip", "rwr_temperature", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise UserError(f"--timestep-fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.kl_coef < 0:
+            raise UserError(f"--kl-coef must be >= 0, got {self.kl_coef}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown --sampler '{self.sampler}'; choose one of {', '.join(SAMPLERS)}")
+        if self.eta <= 0:
+            raise UserError("--eta must be > 0: a deterministic chain has no log-prob to train")
+        if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
+            raise UserError(f"unknown --log-prob-reduction '{self.log_prob_reduction}'; choose sum or mean")
+        if self.x_axis not in ("epoch", "reward_queries"):
+            raise UserError(f"unknown --x-axis '{self.x_axis}'; choose epoch or reward_queries")
+
+    @property
+    def sampling(self) -> dict:
+        """Keyword arguments of GaussianDiffusion.sample/reverse_step for the policy's chain."""
+        return {"sampler": self.sampler, "sampling_steps": self.sampling_steps or None, "eta": self.eta}
+
+
+# Flags that may differ on --resume without changing the result.
+RESUMABLE_OVERRIDES = ("device",)
+
+
+@dataclass
+class Setup:
+    """Everything an algorithm needs; built once by `setup()`, the same for every algo."""
+
+    config: FinetuneConfig
+    out: Path
+    device: torch.device
+    diffusion: GaussianDiffusion
+    policy: nn.Module  # trainable copy of the pretrained network
+    reference: nn.Module  # the frozen pretrained network (path KL)
+    pretrained: LoadedRun
+    reward: Reward
+    data_shape: tuple[int, ...]
+    epochs: int
+    writer: SummaryWriter
+    checkpoints: CheckpointManager
+    eval_data: np.ndarray  # the data set, drawn for figures
+    frames: list = dataclasses.field(default_factory=list)  # (label, samples) per epoch, for the GIF
+    history: list = dataclasses.field(default_factory=list)  # per-epoch logged scalars
+
+    @property
+    def steps_per_chain(self) -> int:
+        return len(self.diffusion.timesteps(self.config.sampler, self.config.sampling_steps or None))
+
+    def checkpoint_payload(self, train_state: dict) -> dict:
+        ckpt = self.pretrained.checkpoint
+        return {
+            "kind": "finetune",
+            "model_config": ckpt["model_config"],
+            "diffusion_config": ckpt["diffusion_config"],
+            "data": ckpt["data"],
+            "sampling": self.config.sampling,
+            "model": self.policy.state_dict(),
+            "train_state": train_state,
+        }
+
+
+def resume_config(run_dir: Path, overrides: dict) -> FinetuneConfig:
+    saved = read_run_config(run_dir)
+    if saved.get("kind") != "finetune":
+        raise UserError(f"{run_dir} is a {saved.get('kind')} run, not a finetune run")
+    fields = {k: v for k, v in saved.items() if k != "kind"}
+    changed = [k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and fields.get(k) != v]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise UserError(f"{flags} would change the resumed run in {run_dir}; resume without them, or start a new run")
+    fields.update({k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES})
+    return config_from_dict(FinetuneConfig, fields)
+
+
+def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bool = False) -> Setup:
+    """Validate everything, then create (or reopen) the run directory and load the pretrained model."""
+    config.validate()
+    device = resolve_device(config.device)
+    pretrained = load_run(Path(config.run), device)
+    if pretrained.checkpoint["kind"] != "pretrain":
+        raise UserError(f"--run {config.run} is a {pretrained.checkpoint['kind']} run; fine-tune from a pretrain run")
+    reward = build_reward(config.reward, config.reward_args, skip_nonfinite=config.skip_nonfinite_rewards)
+    data_shape = tuple(pretrained.checkpoint["data"]["shape"])
+    reward(torch.zeros((2, *data_shape), device=device))  # a reward that fails on its input fails now, before any work
+    diffusion = pretrained.diffusion
+    steps = len(diffusion.timesteps(config.sampler, config.sampling_steps or None))
+    epochs = config.epochs
+    if config.total_steps > 0:
+        epochs = max(1, config.total_steps // (config.chains * steps))
+    out = Path(out)
+    if not resume:
+        prepare_run_dir(out, json.dumps(dict(kind="finetune", **dataclasses.asdict(config)), indent=2), overwrite)
+    torch.manual_seed(config.seed)
+    policy = copy.deepcopy(pretrained.model).train().requires_grad_(True)
+    reference = pretrained.model.eval().requires_grad_(False)
+    writer = SummaryWriter(str(out))
+    return Setup(
+        config=config, out=out, device=device, diffusion=diffusion, policy=policy, reference=reference,
+        pretrained=pretrained, reward=reward, data_shape=data_shape, epochs=epochs, writer=writer,
+        checkpoints=CheckpointManager(out, keep=config.keep_checkpoints),
+        eval_data=sample_2d(pretrained.checkpoint["data"]["dataset"], 2000, EVAL_DATA_SEED),
+    )
+
+
+def score(s: Setup, x0: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
+    """Rewards of a batch, called once; returns (rewards, mask of finite ones).
+
+    A non-finite reward stops the run (the last good checkpoint stays) unless
+    --skip-nonfinite-rewards, which drops those samples and counts them.
+    """
+    rewards = s.reward(x0)
+    finite = torch.isfinite(rewards)
+    if not s.config.skip_nonfinite_rewards and not finite.all():
+        raise UserError(f"reward '{s.reward.name}' returned non-finite values at epoch {epoch}; the last good checkpoint is kept in {s.out}")
+    if finite.sum() < 2:
+        raise UserError(f"reward '{s.reward.name}' returned fewer than 2 finite values at epoch {epoch}; nothing to learn from")
+    return rewards, finite
+
+
+def log_epoch(s: Setup, epoch: int, reward_queries: int, x0: Tensor, rewards: Tensor, scalars: dict[str, float], seconds: float) -> None:
+    """Per-epoch TensorBoard scalars (reward/, kl/, loss/, ppo/, perf/), a reward histogram and a scatter of samples."""
+    step = epoch + 1 if s.config.x_axis == "epoch" else reward_queries
+    finite = rewards[torch.isfinite(rewards)]
+    values = {
+        "reward/mean": finite.mean().item(),
+        "reward/std": finite.std().item() if len(finite) > 1 else 0.0,
+        "reward/min": finite.min().item(),
+        "reward/max": finite.max().item(),
+        "reward/nonfinite": float(len(rewards) - len(finite)),
+        "perf/steps_per_sec": len(rewards) * s.steps_per_chain / seconds,
+        "perf/reward_queries": float(reward_queries),
+        **scalars,
+    }
+    for tag, value in values.items():
+        s.writer.add_scalar(tag, value, step)
+    s.writer.add_histogram("reward/hist", finite.cpu(), step)
+    samples = x0[:1000].detach().cpu().numpy()
+    if len(s.data_shape) == 1 and s.data_shape[0] == 2:
+        s.writer.add_image("samples", figures.scatter_image(samples, s.eval_data, title=f"epoch {epoch + 1}"), step, dataformats="HWC")
+        s.frames.append((f"epoch {epoch + 1}", samples))
+    s.history.append({"epoch": epoch + 1, "reward_queries": reward_queries, **values})
+    s.writer.flush()
+
+
+def write_hyperparameters(s: Setup) -> None:
+    s.writer.add_text("hyperparameters", to_markdown_table(dataclasses.asdict(s.config)), 0)
+
+
+def save(s: Setup, epoch: int, train_state: dict) -> None:
+    """Checkpoint after `epoch` (0-based) with the algorithm's own train state; the best by mean reward."""
+    mean = s.history[-1]["reward/mean"] if s.history else None
+    state = {"epoch": epoch + 1, "frames": s.frames, "history": s.history, **train_state}
+    s.checkpoints.save(s.checkpoint_payload(state), epoch + 1, mean)
+
+
+def restore(s: Setup) -> dict:
+    """The train state of the newest good checkpoint, with frames and history put back into `s`."""
+    ckpt = s.checkpoints.load_latest(map_location=s.device)
+    state = ckpt["train_state"]
+    s.policy.load_state_dict(ckpt["model"])
+    s.frames, s.history = state["frames"], state["history"]
+    return state
+
+
+def finish(s: Setup) -> dict:
+    """Metrics file and figures of a finished run: samples before/after, reward curve, a GIF across epochs."""
+    from rl_diffusion.evaluation import evaluate_finetuned
+
+    s.writer.close()
+    metrics = evaluate_finetuned(s.out, device=str(s.device))
+    atomic_write_text(s.out / "metrics.json", json.dumps(metrics, indent=2))
+    if s.frames:
+        lim = figures.limits(s.eval_data)
+        figures.save_gif(s.frames, s.out / "figures" / "samples_over_epochs.gif", lim=lim)
+        figures.plot_finetune_summary(
+            before=s.frames[0][1], after=s.frames[-1][1], data=s.eval_data,
+            epochs=[h["epoch"] for h in s.history], mean_rewards=[h["reward/mean"] for h in s.history],
+            path=s.out / "figures" / "finetune.png", title=f"{s.config.algo} on {s.reward.name}",
+        )
+    return metrics
