@@ -102,7 +102,7 @@ def advantages(s: Setup, pairs: Pairs, rewards: Tensor, K: int) -> tuple[Tensor,
     kl_after = kl.flip(0).cumsum(0).flip(0) - kl  # sum_{j > k} kl_j
     returns = rewards[None, :] - s.config.kl_coef * kl_after
     centred = returns - returns.mean(dim=1, keepdim=True)  # a baseline per timestep
-    scale = centred.std().item() + 1e-8
+    scale = centred.pow(2).mean().sqrt().item() + 1e-8  # population std
     return (centred / scale).clamp(-s.config.adv_clip, s.config.adv_clip), kl, scale
 
 

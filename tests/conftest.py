@@ -1,0 +1,18 @@
+"""Shared fixtures: one tiny pretrained run per test session (seconds on 2 CPU cores)."""
+
+from pathlib import Path
+
+import pytest
+
+from rl_diffusion.cli import main
+
+TINY_PRETRAIN = ["--dataset", "moons", "--steps", "600", "--num-timesteps", "20", "--hidden-size", "64",
+                 "--batch-size", "512", "--eval-every", "600", "--eval-samples", "500", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def pretrained_moons(tmp_path_factory) -> Path:
+    """A small DDPM on `moons` (T = 20), trained through the real CLI."""
+    out = tmp_path_factory.mktemp("runs") / "moons"
+    assert main(["pretrain", "--out", str(out), *TINY_PRETRAIN]) == 0
+    return out
