@@ -1,0 +1,435 @@
+"""`--algo sb3-ppo`: stable-baselines3's PPO on the denoising MDP, over the same core as ddpo.py.
+
+Three pieces connect SB3 to the shared code, and nothing here re-derives the math:
+  - `DiffusionPolicy`: an SB3 actor-critic whose actor IS the pretrained epsilon network. Its
+    Gaussian (mean, fixed sigma, log-prob) comes from `GaussianDiffusion.reverse_step`, the one
+    function the sampler and the native trainer also call, so log-probs agree exactly.
+  - `DenoisingVecEnvAdapter`: an SB3 VecEnv over ONE `DenoisingVectorEnv`, so all chains step as
+    one tensor op.
+  - `EpochCallback`: per-rollout logging and checkpoints through the shared helpers of
+    finetune.py, so TensorBoard tags, checkpoints and figures are those of the native algos.
+
+One epoch is one PPO rollout (exactly one chain per env: n_steps = steps per chain) and one
+update. PPO settings: gamma = gae_lambda = 1, so every step's return is the terminal reward
+r(x_0) and its advantage r(x_0) - V(x_t, t), normalised per minibatch; ent_coef = 0 (the
+entropy is a constant); vf_coef = 0.5 (SB3's default).
+
+Differences from the native ddpo-is (PPO-clip too): a learned critic V(x_t, t) is the baseline
+(native: the batch mean per timestep); `--grad-clip` clips the joint gradient norm of actor and
+critic (SB3 clips all policy parameters together); advantages are not clipped (`--adv-clip` is
+unused); `--kl-coef`, `--timestep-fraction` and `--skip-nonfinite-rewards` are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import DictRolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, create_mlp
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvStepReturn
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from rl_diffusion.checkpoint import StopSignal, rng_state, set_rng_state
+from rl_diffusion.ddpo import Pairs, path_kls
+from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep
+from rl_diffusion.env import DenoisingVectorEnv
+from rl_diffusion.errors import UserError
+from rl_diffusion.finetune import FinetuneConfig, Setup, finish, log_epoch, restore, save, write_hyperparameters
+
+# SB3 logger keys of an update -> our TensorBoard tags (the names ddpo.py logs).
+PPO_TAGS = {
+    "train/policy_gradient_loss": "loss/policy",
+    "train/value_loss": "loss/value",
+    "train/approx_kl": "ppo/approx_kl",
+    "train/clip_fraction": "ppo/clipfrac",
+}
+
+
+class CriticFeatures(BaseFeaturesExtractor):
+    """The critic's input [flatten(x_t), t / T, one-hot c] from SB3's preprocessed dict observation.
+
+    No parameters. SB3's preprocessing has already cast x and t to float and one-hot encoded c;
+    T is the upper bound of the observation's t box (the env sets it to num_timesteps).
+    """
+
+    def __init__(self, observation_space: spaces.Dict):
+        num_classes = int(observation_space["c"].n) if "c" in observation_space.spaces else 0
+        super().__init__(observation_space, int(np.prod(observation_space["x"].shape)) + 1 + num_classes)
+        self.num_timesteps = float(observation_space["t"].high.max())
+
+    def forward(self, obs: dict[str, Tensor]) -> Tensor:
+        parts = [obs["x"].flatten(1), obs["t"].reshape(-1, 1) / self.num_timesteps]
+        if "c" in obs:
+            parts.append(obs["c"].flatten(1))
+        return torch.cat(parts, dim=1)
+
+
+class DiffusionPolicy(ActorCriticPolicy):
+    """PPO's actor-critic where the actor is the pretrained eps network and sigma is the schedule's.
+
+    pi(x_{t_prev} | x_t, t, c) = N(mu_theta(x_t, t, c), sigma_t^2 I) as computed by
+    `diffusion.reverse_step(eps_model(x_t, t, c), x_t, t, t_prev=...)`. No learned log-std, no
+    action head, no orthogonal re-initialisation: the pretrained weights are used as they are.
+    The critic V(x_t, t / T) is a separate small MLP with PyTorch's default init.
+
+    Observations are the env's dict {x, t (, c)}. Fresh from the env t is int64 [N, 1]; out of
+    SB3's rollout buffer it has the dtype of the t box (int64 here, float in other SB3 versions):
+    the actor reads it as long either way (exact: t is a small integer).
+
+    Args:
+        observation_space, action_space, lr_schedule: given by SB3.
+        eps_model: eps_theta(x, t, c), called as eps_model(x [B, *shape], t long [B], c long [B] or None).
+            Registered as a submodule and trained in place: the caller's module is the policy.
+        diffusion: the process whose `reverse_step` defines the Gaussian.
+        timesteps: the decreasing diffusion times a chain visits (`diffusion.timesteps(...)`);
+            the step from timesteps[k] lands on timesteps[k + 1], the last one on 0.
+        sampler: "ddpm" or "ddim", as in `reverse_step`.
+        eta: DDIM stochasticity (> 0: the policy needs a density); ignored by "ddpm".
+        log_prob_reduction: "sum" (exact log-density) or "mean" over data dimensions.
+        critic_arch: hidden widths of the critic MLP.
+        activation_fn: the critic's activation.
+        kwargs: passed to ActorCriticPolicy (optimizer_class, optimizer_kwargs, use_sde=False, ...).
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        *,
+        eps_model: nn.Module,
+        diffusion: GaussianDiffusion,
+        timesteps: Sequence[int],
+        sampler: str = "ddpm",
+        eta: float = 1.0,
+        log_prob_reduction: str = "sum",
+        critic_arch: Sequence[int] = (64, 64),
+        activation_fn: type[nn.Module] = nn.Tanh,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            observation_space, action_space, lr_schedule, activation_fn=activation_fn, ortho_init=False,
+            features_extractor_class=CriticFeatures, **kwargs,
+        )
+        self.eps_model = eps_model
+        self.diffusion = diffusion
+        self.sampler, self.eta, self.log_prob_reduction = sampler, eta, log_prob_reduction
+        prev_timestep = torch.zeros(diffusion.num_timesteps + 1, dtype=torch.long)
+        prev_timestep[list(timesteps)] = torch.tensor(list(timesteps[1:]) + [0])
+        self.register_buffer("prev_timestep", prev_timestep)  # t -> t_prev, moves with .to(device)
+        self.value_net = nn.Sequential(*create_mlp(self.features_dim, 1, list(critic_arch), activation_fn))
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        """Replaces SB3's, which makes an action head, a learned log-std, orthogonal init and the
+        optimizer; the networks and the optimizer are made in __init__, once eps_model is attached."""
+
+    def _state(self, obs: PyTorchObs) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(x_t float32 [B, *shape], t long [B], c long [B] or None) from a dict observation."""
+        c = obs["c"].reshape(-1).long() if "c" in obs else None
+        return obs["x"].float(), obs["t"].reshape(-1).long(), c
+
+    def reverse_step(self, obs: PyTorchObs, actions: Tensor | None = None, deterministic: bool = False) -> ReverseStep:
+        """The shared reverse step at these states: scores `actions`, or samples (the mean if deterministic).
+
+        One eps network call; actions may come flattened ([B, D] from SB3's buffer).
+        """
+        x, t, c = self._state(obs)
+        eps = self.eps_model(x, t, c)
+        kwargs = dict(t_prev=self.prev_timestep[t], sampler=self.sampler, eta=self.eta, log_prob_reduction=self.log_prob_reduction)
+        x_prev = None if actions is None else actions.reshape(x.shape)
+        step = self.diffusion.reverse_step(eps, x, t, x_prev=x_prev, **kwargs)
+        if deterministic and actions is None:  # the mode of the Gaussian, scored as the action taken
+            step = self.diffusion.reverse_step(eps, x, t, x_prev=step.mean, **kwargs)
+        return step
+
+    def entropy(self, step: ReverseStep) -> Tensor:
+        """Entropy [B] of N(mean, sigma^2 I) in nats, reduced over dimensions like the log-prob; constant in theta."""
+        per_dim = 0.5 * math.log(2 * math.pi * math.e) + step.sigma.log()
+        return per_dim * step.mean[0].numel() if self.log_prob_reduction == "sum" else per_dim
+
+    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(actions [B, *shape], values [B, 1], log pi(actions) [B]), as SB3's collect_rollouts expects."""
+        step = self.reverse_step(obs, deterministic=deterministic)
+        return step.x_prev, self.predict_values(obs), step.log_prob
+
+    def evaluate_actions(self, obs: PyTorchObs, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(values [B, 1], log pi(actions) [B], entropy [B]) under the current weights, for PPO's update."""
+        step = self.reverse_step(obs, actions)
+        return self.predict_values(obs), step.log_prob, self.entropy(step)
+
+    def predict_values(self, obs: PyTorchObs) -> Tensor:
+        """V(x_t, t) [B, 1]: the expected terminal reward from this state."""
+        return self.value_net(self.extract_features(obs))
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> Tensor:
+        return self.reverse_step(observation, deterministic=deterministic).x_prev
+
+    def get_distribution(self, obs: PyTorchObs):
+        raise NotImplementedError("the reverse step is not an SB3 Distribution; use reverse_step() or evaluate_actions()")
+
+
+class DenoisingVecEnvAdapter(VecEnv):
+    """SB3's VecEnv interface over one `DenoisingVectorEnv`: its N chains are SB3's N envs.
+
+    Every step is one `step_tensor` call for all chains. The step that reaches x_0 returns the
+    rewards r(x_0), dones all True, and per env info["terminal_observation"] (x = x_0, t = [0]);
+    then it resets every chain and returns the new x_T (SB3's autoreset). That step's x_0 and
+    rewards stay in `x0` [N, *shape] and `rewards` [N] (torch, on the env's device) for logging.
+
+    The chains are one env: get_attr/set_attr/env_method act on it once, whatever the indices.
+    Actions arrive as numpy (already clipped by SB3 to the action box) and are converted here.
+    Seeding (`seed(s)`, applied at the next reset) seeds the one generator that draws every x_T.
+    """
+
+    def __init__(self, env: DenoisingVectorEnv):
+        self.env = env
+        self.x0: Tensor | None = None
+        self.rewards: Tensor | None = None
+        self._actions: Tensor | None = None
+        super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
+
+    def reset(self) -> dict[str, np.ndarray]:
+        self.env.reset(seed=self._seeds[0])
+        self._reset_seeds()
+        self._reset_options()
+        return self.env.observation()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = torch.as_tensor(actions)
+
+    def step_wait(self) -> VecEnvStepReturn:
+        rewards, done = self.env.step_tensor(self._actions)
+        if not done:
+            return self.env.observation(), np.zeros(self.num_envs, dtype=np.float32), np.zeros(self.num_envs, dtype=bool), [{} for _ in range(self.num_envs)]
+        self.x0, self.rewards = self.env.x, rewards
+        final = self.env.observation()
+        infos = [{"terminal_observation": {key: value[i] for key, value in final.items()}} for i in range(self.num_envs)]
+        self.env.reset_tensor()
+        return self.env.observation(), rewards.cpu().numpy(), np.ones(self.num_envs, dtype=bool), infos
+
+    def close(self) -> None:
+        self.env.close()
+
+    def _count(self, indices: VecEnvIndices) -> int:
+        if indices is None:
+            return self.num_envs
+        return 1 if isinstance(indices, int) else len(list(indices))
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return [getattr(self.env, attr_name)] * self._count(indices)
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        setattr(self.env, attr_name, value)
+
+    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
+        return [getattr(self.env, method_name)(*method_args, **method_kwargs)] * self._count(indices)
+
+    def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
+        return [False] * self._count(indices)
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """Refuse the options SB3's PPO cannot honour (UserError), before any work."""
+    refused = {
+        "--kl-coef": cfg.kl_coef > 0,
+        "--timestep-fraction": cfg.timestep_fraction < 1,
+        "--skip-nonfinite-rewards": cfg.skip_nonfinite_rewards,
+    }
+    flags = [flag for flag, given in refused.items() if given]
+    if flags:
+        raise UserError(f"--algo sb3-ppo does not support {', '.join(flags)}; use --algo ddpo-is for them")
+
+
+def make_ppo(s: Setup) -> PPO:
+    """SB3 PPO on `s`: policy = s.policy (trained in place), env = `s.config.chains` chains in one batch.
+
+    n_steps is the number of steps of one chain, so a rollout is exactly one chain per env. The
+    minibatch is `minibatch_size` (state, action) pairs, clamped to the rollout's n_steps * chains.
+    SB3's logger stays in memory (no files: the shared writer logs).
+    """
+    cfg = s.config
+    env = DenoisingVectorEnv(
+        reward=cfg.reward, reward_kwargs=cfg.reward_args, sampler=cfg.sampler, sampling_steps=cfg.sampling_steps or None,
+        eta=cfg.eta, num_envs=cfg.chains, device=s.device, diffusion=s.diffusion, data_shape=s.data_shape,
+        num_classes=int(s.pretrained.checkpoint["model_config"].get("num_classes") or 0),
+    )
+    n_steps = s.steps_per_chain
+    batch_size = min(cfg.minibatch_size, n_steps * cfg.chains)
+    if batch_size < 2:  # PPO's per-minibatch advantage normalisation needs two
+        raise UserError(f"--algo sb3-ppo needs at least 2 (state, action) pairs per minibatch, got {batch_size}; raise --chains or --minibatch-size")
+    model = PPO(
+        DiffusionPolicy, DenoisingVecEnvAdapter(env), learning_rate=cfg.lr, n_steps=n_steps, batch_size=batch_size,
+        n_epochs=cfg.inner_epochs, gamma=1.0, gae_lambda=1.0, clip_range=cfg.clip_range, normalize_advantage=True,
+        ent_coef=0.0, max_grad_norm=cfg.grad_clip, tensorboard_log=None, seed=cfg.seed, device=s.device,
+        policy_kwargs=dict(
+            eps_model=s.policy, diffusion=s.diffusion, timesteps=env.timesteps, sampler=cfg.sampler, eta=cfg.eta,
+            log_prob_reduction=cfg.log_prob_reduction,
+            optimizer_class=torch.optim.AdamW, optimizer_kwargs={"weight_decay": 0.0},  # the native trainer's optimizer
+        ),
+    )
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
+
+
+def rollout_pairs(buffer: DictRolloutBuffer, prev_timestep: Tensor, data_shape: tuple[int, ...]) -> Pairs:
+    """A filled rollout buffer ([n_steps, n_envs], step-major, before SB3 flattens it) as ddpo's Pairs."""
+    device = prev_timestep.device
+    t = torch.as_tensor(buffer.observations["t"], device=device).flatten().long()
+    return Pairs(
+        x_t=torch.as_tensor(buffer.observations["x"], device=device).reshape(-1, *data_shape),
+        t=t,
+        t_prev=prev_timestep[t],
+        x_prev=torch.as_tensor(buffer.actions, device=device).reshape(-1, *data_shape),
+        log_prob_old=torch.as_tensor(buffer.log_probs, device=device).flatten(),
+    )
+
+
+class EpochCallback(BaseCallback):
+    """One epoch per rollout: log it with the shared `log_epoch`, checkpoint with the shared `save`.
+
+    At the end of rollout e it logs the rollout's x_0 and rewards, "env/clipped_fraction" (action
+    coordinates SB3 clipped to the action box / all action coordinates of the rollout), the exact
+    path KL to the pretrained model, and PPO's losses. The losses (loss/policy, loss/value,
+    ppo/approx_kl, ppo/clipfrac) are those of the update made after rollout e - 1, i.e. of the
+    update that produced the policy sampled in rollout e: SB3 logs an update after the rollout
+    that feeds it, so epoch 1 has none and the last update's are not logged (native ddpo logs
+    the update of the same epoch).
+
+    Checkpoints hold the state between an update and the next rollout (as ddpo.train saves after
+    its update): taken at the start of a rollout, or at the end of training. On SIGINT/SIGTERM
+    `_on_step` returns False, SB3 drops the unfinished rollout, and `train` saves the last
+    finished epoch.
+    """
+
+    def __init__(self, s: Setup, start: int, reward_queries: int, stop: StopSignal, bar: tqdm):
+        super().__init__()
+        self.s, self.stop, self.bar = s, stop, bar
+        self.epoch = self.saved = start  # epochs finished / checkpointed
+        self.reward_queries = reward_queries
+        self.in_rollout = False
+        self.boundary: dict = {}
+        self.clipped = 0
+        self.started = time.perf_counter()
+
+    @property
+    def adapter(self) -> DenoisingVecEnvAdapter:
+        return self.model.env
+
+    def train_state(self) -> dict:
+        """What a continuation needs besides the policy weights: critic, optimizer, every RNG, the next x_T."""
+        env = self.adapter.env
+        return {
+            "critic": self.model.policy.value_net.state_dict(),
+            "optimizer": self.model.policy.optimizer.state_dict(),
+            "rng": rng_state(),
+            "env_rng": env.np_random.bit_generator.state,
+            "x_T": env.x,
+            "c": env.c,
+            "reward_queries": self.reward_queries,
+        }
+
+    def _at_epoch_boundary(self) -> None:
+        """After an update, before the next rollout: refuse a diverged update, snapshot the train state."""
+        loss = self.model.logger.name_to_value.get("train/loss")
+        if loss is not None and not math.isfinite(loss):
+            raise UserError(f"the sb3-ppo loss became {loss} after epoch {self.epoch}; the last good checkpoint is kept in {self.s.out} (try a lower --lr)")
+        self.boundary = self.train_state()
+
+    def checkpoint(self) -> None:
+        """Save the last epoch boundary, unless it is saved already (or no epoch has finished)."""
+        if self.epoch > self.saved:
+            save(self.s, self.epoch - 1, self.boundary)
+            self.saved = self.epoch
+
+    def _on_rollout_start(self) -> None:
+        self._at_epoch_boundary()
+        if self.epoch % self.s.config.checkpoint_every == 0:
+            self.checkpoint()
+        self.in_rollout = True
+        self.clipped = 0
+
+    def _on_step(self) -> bool:
+        self.clipped += int(np.count_nonzero(self.locals["clipped_actions"] != self.locals["actions"]))
+        return self.stop.received is None
+
+    def _on_rollout_end(self) -> None:
+        s, model = self.s, self.model
+        rewards = self.adapter.rewards
+        self.reward_queries += len(rewards)
+        pairs = rollout_pairs(model.rollout_buffer, model.policy.prev_timestep, s.data_shape)
+        kl = path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, model.n_steps).sum(0)
+        scalars = {
+            "env/clipped_fraction": self.clipped / pairs.x_prev.numel(),
+            "kl/to_pretrained": kl.mean().item(),
+            "kl/to_pretrained_max": kl.max().item(),
+            **{tag: float(model.logger.name_to_value[key]) for key, tag in PPO_TAGS.items() if key in model.logger.name_to_value},
+        }
+        now = time.perf_counter()
+        log_epoch(s, self.epoch, self.reward_queries, self.adapter.x0, rewards, scalars, now - self.started)
+        self.started, self.in_rollout = now, False
+        self.epoch += 1
+        self.bar.update(1)
+        self.bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}", kl=f"{scalars['kl/to_pretrained']:.3f}")
+
+    def _on_training_end(self) -> None:
+        if not self.in_rollout:  # learning ran to its end: the current state is a boundary
+            self._at_epoch_boundary()
+
+
+def load_train_state(model: PPO, state: dict) -> None:
+    """Put a checkpoint's critic, optimizer, RNGs and next x_T back, so `learn` continues without a reset."""
+    env = model.env.env
+    model.policy.value_net.load_state_dict(state["critic"])
+    model.policy.optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    env.np_random.bit_generator.state = state["env_rng"]
+    env.x, env.c, env.t = state["x_T"], state["c"], 0
+    model._last_obs = env.observation()
+    model._last_episode_starts = np.ones(env.num_envs, dtype=bool)
+
+
+def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune s.policy with SB3's PPO for s.epochs epochs; returns the final metrics.
+
+    resume=True continues from the newest checkpoint: policy weights (restore(s)), critic,
+    optimizer state, python/numpy/torch RNGs, the env's generator and the x_T batch the next
+    rollout starts from, history and frames, the reward-query count. That is all the state SB3's
+    PPO carries between epochs, so on CPU a resumed run matches an uninterrupted one. Not
+    restored: SB3's own counters (num_timesteps, n_updates), which nothing here reads.
+    """
+    cfg = s.config
+    check_config(cfg)
+    model = make_ppo(s)
+    start, reward_queries = 0, 0
+    if resume:
+        state = restore(s)
+        load_train_state(model, state)
+        start, reward_queries = state["epoch"], state["reward_queries"]
+    else:
+        write_hyperparameters(s)
+    steps_per_epoch = model.n_steps * cfg.chains
+    with StopSignal() as stop, tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not progress) as bar:
+        callback = EpochCallback(s, start, reward_queries, stop, bar)
+        # reset_num_timesteps=False keeps the restored x_T instead of resetting the env
+        model.learn((s.epochs - start) * steps_per_epoch, callback=callback, reset_num_timesteps=not resume, progress_bar=False)
+        callback.checkpoint()
+    if stop.received:
+        s.writer.close()
+        if callback.saved == 0:
+            raise UserError(f"stopped by signal {stop.received} before the first epoch finished; nothing was saved in {s.out}")
+        raise UserError(f"stopped by signal {stop.received} after epoch {callback.epoch}; checkpoint saved, continue with --resume {s.out}")
+    return finish(s)

@@ -1,0 +1,213 @@
+"""stable-baselines3 PPO on the denoising MDP: exact log-probs, the VecEnv adapter, a tiny real run."""
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.env_checker import check_env
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rl_diffusion.checkpoint import CheckpointManager, load_run
+from rl_diffusion.cli import main
+from rl_diffusion.diffusion import GaussianDiffusion
+from rl_diffusion.env import DenoisingEnv, DenoisingVectorEnv
+from rl_diffusion.errors import UserError
+from rl_diffusion.finetune import FinetuneConfig, Setup, setup
+from rl_diffusion.sb3 import DenoisingVecEnvAdapter, make_ppo, train
+
+TARGET = [1.5, 1.5]  # in the gap between the two moons: off the data
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These runs are tiny: on 2 shared cores, more torch threads only contend (10 s vs 2 min to pretrain)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny moons DDPM (T = 20) trained with the real CLI in about 10 s."""
+    out = tmp_path_factory.mktemp("pretrained")
+    # --ema-decay 0: after only 300 steps an EMA still carries much of the untrained network
+    assert main(["pretrain", "--dataset", "moons", "--out", str(out), "--steps", "300", "--num-timesteps", "20",
+                 "--hidden-size", "64", "--ema-decay", "0", "--eval-every", "300", "--eval-samples", "500", "--quiet"]) == 0
+    return out
+
+
+def make_setup(pretrained: Path, out: Path, resume: bool = False, **overrides) -> Setup:
+    fields = dict(run=str(pretrained), algo="sb3-ppo", reward="target_point", reward_args={"point": TARGET},
+                  chains=16, epochs=1, seed=0)
+    return setup(FinetuneConfig(**{**fields, **overrides}), out, resume=resume)
+
+
+@pytest.mark.filterwarnings("ignore:.*symmetric and normalized.*", "ignore:.*infinity.*")
+def test_sb3_check_env_passes_on_the_env_of_a_pretrained_run(pretrained):
+    check_env(DenoisingEnv(run=pretrained, reward_kwargs={"point": TARGET}))
+
+
+@pytest.mark.parametrize("sampler, sampling_steps", [("ddpm", 0), ("ddim", 5)])
+def test_policy_log_prob_is_the_reverse_step_log_prob_at_every_t(pretrained, tmp_path, sampler, sampling_steps):
+    s = make_setup(pretrained, tmp_path, sampler=sampler, sampling_steps=sampling_steps, eta=0.7)
+    policy, env = make_ppo(s).policy, DenoisingVectorEnv(sampler=sampler, sampling_steps=sampling_steps or None,
+                                                         num_envs=1, diffusion=s.diffusion, data_shape=(2,))
+    assert env.timesteps[-1] == 1 and len(env.timesteps) == (5 if sampler == "ddim" else 20)
+    per_t = 6
+    t = torch.tensor(env.timesteps).repeat_interleave(per_t)
+    t_prev = torch.tensor(env.prev_timesteps).repeat_interleave(per_t)
+    g = torch.Generator().manual_seed(0)
+    x, actions = 2 * torch.randn(len(t), 2, generator=g), 2 * torch.randn(len(t), 2, generator=g)
+    with torch.no_grad():
+        expected = s.diffusion.reverse_step(s.policy(x, t), x, t, t_prev=t_prev, sampler=sampler, eta=0.7, x_prev=actions)
+        # t as SB3 may hand it over: float [N, 1] (some buffers) or int64 [N, 1] (fresh from the env)
+        for t_obs in (t.float()[:, None], t[:, None]):
+            _, log_prob, entropy = policy.evaluate_actions({"x": x, "t": t_obs}, actions)
+            torch.testing.assert_close(log_prob, expected.log_prob)
+        sampled, _, sampled_log_prob = policy({"x": x, "t": t[:, None]})
+        rescored = s.diffusion.reverse_step(s.policy(x, t), x, t, t_prev=t_prev, sampler=sampler, eta=0.7, x_prev=sampled)
+    torch.testing.assert_close(sampled_log_prob, rescored.log_prob)
+    # fixed-sigma Gaussian entropy, against torch.distributions
+    normal = torch.distributions.Normal(expected.mean, expected.sigma[:, None].expand_as(expected.mean))
+    torch.testing.assert_close(entropy, normal.entropy().sum(1))
+
+
+def test_the_actor_is_the_pretrained_network_unchanged_with_no_learned_std(pretrained, tmp_path):
+    s = make_setup(pretrained, tmp_path, lr=3e-4)
+    policy = make_ppo(s).policy
+    assert policy.eps_model is s.policy
+    for name, weight in load_run(pretrained).model.state_dict().items():
+        assert torch.equal(policy.eps_model.state_dict()[name], weight), name  # no orthogonal re-init
+    names = [name for name, _ in policy.named_parameters()]
+    assert all(name.startswith(("eps_model.", "value_net.")) for name in names) and "log_std" not in names
+    optimized = {id(p) for group in policy.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in policy.parameters()}
+    assert policy.optimizer.param_groups[0]["lr"] == 3e-4
+
+
+def test_ppo_ratio_is_exactly_one_before_the_first_update(pretrained, tmp_path):
+    s = make_setup(pretrained, tmp_path, chains=32, minibatch_size=100)
+    model = make_ppo(s)
+    _, callback = model._setup_learn(model.n_steps * s.config.chains)  # seeds and resets the env as learn() does
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    model.policy.set_training_mode(True)
+    with torch.no_grad():
+        ratio = torch.cat([
+            torch.exp(model.policy.evaluate_actions(batch.observations, batch.actions)[1] - batch.old_log_prob)
+            for batch in model.rollout_buffer.get(model.batch_size)
+        ])
+    assert len(ratio) == 20 * 32
+    assert (ratio - 1).abs().max() < 1e-5
+    assert torch.equal(ratio, torch.ones_like(ratio))
+
+
+def test_adapter_steps_all_chains_in_one_call_and_ends_every_chain_at_x0():
+    point, K, N = np.array([1.0, -2.0], dtype=np.float32), 4, 3
+    vec = DenoisingVectorEnv(reward_kwargs={"point": point.tolist()}, sampler="ddim", sampling_steps=K, num_envs=N,
+                             diffusion=GaussianDiffusion("linear", 10), data_shape=(2,))
+    calls = []
+    step_tensor = vec.step_tensor
+    vec.step_tensor = lambda action: calls.append(tuple(action.shape)) or step_tensor(action)
+    adapter = DenoisingVecEnvAdapter(vec)
+    adapter.seed(3)
+    first = adapter.reset()
+    adapter.seed(3)
+    np.testing.assert_array_equal(adapter.reset()["x"], first["x"])  # seeded x_T
+    assert first["x"].shape == (N, 2) and (first["t"] == 10).all()
+    rng = np.random.default_rng(0)
+    done_at = []
+    for step in range(1, 2 * K + 1):
+        actions = rng.normal(0, 2, size=(N, 2)).astype(np.float32)
+        obs, rewards, dones, infos = adapter.step(actions)
+        assert dones.shape == (N,) and (dones.all() or not dones.any())
+        if not dones.any():
+            assert (rewards == 0).all() and infos == [{}] * N
+            continue
+        done_at.append(step)
+        np.testing.assert_allclose(rewards, -np.linalg.norm(actions - point, axis=1), rtol=1e-6)
+        np.testing.assert_array_equal(adapter.x0.numpy(), actions)
+        np.testing.assert_array_equal(adapter.rewards.numpy(), rewards)
+        for i, info in enumerate(infos):
+            np.testing.assert_array_equal(info["terminal_observation"]["x"], actions[i])
+            np.testing.assert_array_equal(info["terminal_observation"]["t"], [0])
+        assert (obs["t"] == 10).all() and not np.isin(obs["x"], actions).any()  # autoreset: a new x_T
+    assert done_at == [K, 2 * K]
+    assert calls == [(N, 2)] * (2 * K)  # one batched env step per SB3 step
+    assert adapter.get_attr("timesteps", indices=[0, 2]) == [[10, 7, 4, 1]] * 2
+
+
+@pytest.fixture(scope="module")
+def ppo_run(pretrained, tmp_path_factory) -> tuple[Path, Setup, dict]:
+    """Six epochs of SB3 PPO towards TARGET with 64 chains (about 4 s on one thread)."""
+    out = tmp_path_factory.mktemp("ppo") / "run"
+    s = make_setup(pretrained, out, chains=64, epochs=6, lr=1e-3, minibatch_size=256, checkpoint_every=2)
+    return out, s, train(s, progress=False)
+
+
+def test_ppo_moves_samples_towards_the_target(ppo_run):
+    _, s, metrics = ppo_run
+    rewards = [h["reward/mean"] for h in s.history]
+    assert len(rewards) == 6
+    # measured: -2.22 at epoch 1, -1.14 at epoch 6 (seed 0)
+    assert rewards[-1] - rewards[0] > 0.7
+    # measured on 5000 fresh samples: -1.17 after, -2.38 before
+    assert metrics["reward_mean"] - metrics["reward_mean_pretrained"] > 0.8
+    assert metrics["kl_to_pretrained"] > 0
+    assert all(h["env/clipped_fraction"] == 0.0 for h in s.history)
+    assert "loss/policy" not in s.history[0] and "ppo/approx_kl" in s.history[1]  # losses of the previous update
+
+
+def test_ppo_run_directory_logs_checkpoints_and_evaluates(ppo_run, capsys):
+    out, s, _ = ppo_run
+    events = EventAccumulator(str(out))
+    events.Reload()
+    tags = events.Tags()
+    assert {"reward/mean", "loss/policy", "loss/value", "ppo/approx_kl", "ppo/clipfrac", "kl/to_pretrained",
+            "env/clipped_fraction", "perf/steps_per_sec"} <= set(tags["scalars"])
+    assert "samples" in tags["images"]
+    assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx([h["reward/mean"] for h in s.history])
+    # no SB3 files of its own next to the shared ones
+    assert {p.name for p in out.iterdir() if not p.name.startswith("events.out.tfevents")} == {"checkpoints", "config.json", "figures", "metrics.json"}
+    assert [p.name for p in CheckpointManager(out).paths()] == ["step_00000002.pt", "step_00000004.pt", "step_00000006.pt"]
+    final = load_run(out).model.state_dict()
+    assert all(torch.equal(final[name], w) for name, w in s.policy.state_dict().items())
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out), "--num-samples", "500"]) == 0
+    assert '"algo": "sb3-ppo"' in capsys.readouterr().out
+
+
+def test_refused_options_are_user_errors(pretrained, tmp_path):
+    with pytest.raises(UserError, match="--kl-coef"):
+        train(make_setup(pretrained, tmp_path, kl_coef=0.1), progress=False)
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, monkeypatch):
+    config = dict(chains=16, epochs=3, lr=1e-3, minibatch_size=64, checkpoint_every=1)
+    straight = make_setup(pretrained, tmp_path / "straight", **config)
+    train(straight, progress=False)
+
+    calls = []
+    step_tensor = DenoisingVectorEnv.step_tensor
+
+    def interrupt_in_epoch_2(self, action):
+        calls.append(1)
+        if len(calls) == 25:  # step 5 of the second chain
+            os.kill(os.getpid(), signal.SIGINT)
+        return step_tensor(self, action)
+
+    monkeypatch.setattr(DenoisingVectorEnv, "step_tensor", interrupt_in_epoch_2)
+    stopped = make_setup(pretrained, tmp_path / "stopped", **config)
+    with pytest.raises(UserError, match="after epoch 1; checkpoint saved, continue with --resume"):
+        train(stopped, progress=False)
+    assert [p.name for p in CheckpointManager(tmp_path / "stopped").paths()] == ["step_00000001.pt"]
+    monkeypatch.undo()
+
+    resumed = make_setup(pretrained, tmp_path / "stopped", resume=True, **config)
+    train(resumed, resume=True, progress=False)
+    assert [h["reward/mean"] for h in resumed.history] == [h["reward/mean"] for h in straight.history]
+    expected = straight.policy.state_dict()
+    assert all(torch.equal(w, expected[name]) for name, w in resumed.policy.state_dict().items())
