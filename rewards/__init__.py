@@ -71,7 +71,7 @@ class Reward:
         bad = int((~torch.isfinite(r)).sum())
         if bad and not self.skip_nonfinite:
             raise RewardError(f"reward '{self.name}' returned {bad} non-finite value(s) (nan/inf) in a "
-                              f"batch of {expected[0]}; fix the reward or set skip_nonfinite to mask them")
+                              f"batch of {expected[0]}; fix the reward, or pass --skip-nonfinite-rewards to drop such samples")
         return r
 
 

@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag already reported by _Parser.error
+        return int(e.code or 0)
     try:
         args.func(args)
     except UserError as e:

@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from pretrain.datasets import sample_2d
 from pretrain.train import EVAL_DATA_SEED, resolve_device, to_markdown_table
-from rewards import Reward, build_reward
+from rewards import Reward, RewardError, build_reward
 from rl_diffusion import figures
 from rl_diffusion.checkpoint import (
     CheckpointManager,
@@ -187,12 +187,13 @@ def score(s: Setup, x0: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
     A non-finite reward stops the run (the last good checkpoint stays) unless
     --skip-nonfinite-rewards, which drops those samples and counts them.
     """
-    rewards = s.reward(x0)
+    try:
+        rewards = s.reward(x0)
+    except RewardError as e:
+        raise RewardError(f"{e}; stopped at epoch {epoch + 1}, the last good checkpoint is kept in {s.out}") from None
     finite = torch.isfinite(rewards)
-    if not s.config.skip_nonfinite_rewards and not finite.all():
-        raise UserError(f"reward '{s.reward.name}' returned non-finite values at epoch {epoch}; the last good checkpoint is kept in {s.out}")
     if finite.sum() < 2:
-        raise UserError(f"reward '{s.reward.name}' returned fewer than 2 finite values at epoch {epoch}; nothing to learn from")
+        raise RewardError(f"reward '{s.reward.name}' returned fewer than 2 finite values at epoch {epoch + 1}; nothing to learn from")
     return rewards, finite
 
 

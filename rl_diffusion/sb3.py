@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -258,7 +259,8 @@ def make_ppo(s: Setup) -> PPO:
     """SB3 PPO on `s`: policy = s.policy (trained in place), env = `s.config.chains` chains in one batch.
 
     n_steps is the number of steps of one chain, so a rollout is exactly one chain per env. The
-    minibatch is `minibatch_size` (state, action) pairs, clamped to the rollout's n_steps * chains.
+    minibatch is `minibatch_size` (state, action) pairs, clamped to the rollout's n_steps * chains;
+    when it does not divide the rollout, the last minibatch of each pass is smaller.
     SB3's logger stays in memory (no files: the shared writer logs).
     """
     cfg = s.config
@@ -271,16 +273,19 @@ def make_ppo(s: Setup) -> PPO:
     batch_size = min(cfg.minibatch_size, n_steps * cfg.chains)
     if batch_size < 2:  # PPO's per-minibatch advantage normalisation needs two
         raise UserError(f"--algo sb3-ppo needs at least 2 (state, action) pairs per minibatch, got {batch_size}; raise --chains or --minibatch-size")
-    model = PPO(
-        DiffusionPolicy, DenoisingVecEnvAdapter(env), learning_rate=cfg.lr, n_steps=n_steps, batch_size=batch_size,
-        n_epochs=cfg.inner_epochs, gamma=1.0, gae_lambda=1.0, clip_range=cfg.clip_range, normalize_advantage=True,
-        ent_coef=0.0, max_grad_norm=cfg.grad_clip, tensorboard_log=None, seed=cfg.seed, device=s.device,
-        policy_kwargs=dict(
-            eps_model=s.policy, diffusion=s.diffusion, timesteps=env.timesteps, sampler=cfg.sampler, eta=cfg.eta,
-            log_prob_reduction=cfg.log_prob_reduction,
-            optimizer_class=torch.optim.AdamW, optimizer_kwargs={"weight_decay": 0.0},  # the native trainer's optimizer
-        ),
-    )
+    with warnings.catch_warnings():
+        # a smaller last minibatch when minibatch_size does not divide the rollout is intended, as in ddpo.py
+        warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
+        model = PPO(
+            DiffusionPolicy, DenoisingVecEnvAdapter(env), learning_rate=cfg.lr, n_steps=n_steps, batch_size=batch_size,
+            n_epochs=cfg.inner_epochs, gamma=1.0, gae_lambda=1.0, clip_range=cfg.clip_range, normalize_advantage=True,
+            ent_coef=0.0, max_grad_norm=cfg.grad_clip, tensorboard_log=None, seed=cfg.seed, device=s.device,
+            policy_kwargs=dict(
+                eps_model=s.policy, diffusion=s.diffusion, timesteps=env.timesteps, sampler=cfg.sampler, eta=cfg.eta,
+                log_prob_reduction=cfg.log_prob_reduction,
+                optimizer_class=torch.optim.AdamW, optimizer_kwargs={"weight_decay": 0.0},  # the native trainer's optimizer
+            ),
+        )
     model.set_logger(Logger(folder=None, output_formats=[]))
     return model
 
@@ -307,7 +312,8 @@ class EpochCallback(BaseCallback):
     ppo/approx_kl, ppo/clipfrac) are those of the update made after rollout e - 1, i.e. of the
     update that produced the policy sampled in rollout e: SB3 logs an update after the rollout
     that feeds it, so epoch 1 has none and the last update's are not logged (native ddpo logs
-    the update of the same epoch).
+    the update of the same epoch). perf/steps_per_sec counts the time since the previous epoch was
+    logged: that update, this rollout and its logging.
 
     Checkpoints hold the state between an update and the next rollout (as ddpo.train saves after
     its update): taken at the start of a rollout, or at the end of training. On SIGINT/SIGTERM

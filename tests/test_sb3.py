@@ -90,7 +90,7 @@ def test_the_actor_is_the_pretrained_network_unchanged_with_no_learned_std(pretr
 
 
 def test_ppo_ratio_is_exactly_one_before_the_first_update(pretrained, tmp_path):
-    s = make_setup(pretrained, tmp_path, chains=32, minibatch_size=100)
+    s = make_setup(pretrained, tmp_path, chains=32, minibatch_size=128)
     model = make_ppo(s)
     _, callback = model._setup_learn(model.n_steps * s.config.chains)  # seeds and resets the env as learn() does
     assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
@@ -144,7 +144,7 @@ def test_adapter_steps_all_chains_in_one_call_and_ends_every_chain_at_x0():
 def ppo_run(pretrained, tmp_path_factory) -> tuple[Path, Setup, dict]:
     """Six epochs of SB3 PPO towards TARGET with 64 chains (about 4 s on one thread)."""
     out = tmp_path_factory.mktemp("ppo") / "run"
-    s = make_setup(pretrained, out, chains=64, epochs=6, lr=1e-3, minibatch_size=256, checkpoint_every=2)
+    s = make_setup(pretrained, out, chains=64, epochs=6, lr=3e-4, minibatch_size=256, checkpoint_every=2)
     return out, s, train(s, progress=False)
 
 
@@ -152,10 +152,10 @@ def test_ppo_moves_samples_towards_the_target(ppo_run):
     _, s, metrics = ppo_run
     rewards = [h["reward/mean"] for h in s.history]
     assert len(rewards) == 6
-    # measured: -2.22 at epoch 1, -1.14 at epoch 6 (seed 0)
-    assert rewards[-1] - rewards[0] > 0.7
-    # measured on 5000 fresh samples: -1.17 after, -2.38 before
-    assert metrics["reward_mean"] - metrics["reward_mean_pretrained"] > 0.8
+    # measured (seed 0): -2.41 at epoch 1, -1.23 at epoch 6; seeds 1 and 2 gain 1.13 and 1.17
+    assert rewards[-1] - rewards[0] > 0.8
+    # measured on 5000 fresh samples (seed 0): -0.99 after, -2.48 before
+    assert metrics["reward_mean"] - metrics["reward_mean_pretrained"] > 1.0
     assert metrics["kl_to_pretrained"] > 0
     assert all(h["env/clipped_fraction"] == 0.0 for h in s.history)
     assert "loss/policy" not in s.history[0] and "ppo/approx_kl" in s.history[1]  # losses of the previous update
@@ -186,6 +186,7 @@ def test_refused_options_are_user_errors(pretrained, tmp_path):
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, monkeypatch):
+    monkeypatch.setattr("rl_diffusion.sb3.finish", lambda s: s.writer.close() or {})  # metrics and figures: 3 s, not tested here
     config = dict(chains=16, epochs=3, lr=1e-3, minibatch_size=64, checkpoint_every=1)
     straight = make_setup(pretrained, tmp_path / "straight", **config)
     train(straight, progress=False)
@@ -204,7 +205,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, monkeyp
     with pytest.raises(UserError, match="after epoch 1; checkpoint saved, continue with --resume"):
         train(stopped, progress=False)
     assert [p.name for p in CheckpointManager(tmp_path / "stopped").paths()] == ["step_00000001.pt"]
-    monkeypatch.undo()
+    monkeypatch.setattr(DenoisingVectorEnv, "step_tensor", step_tensor)
 
     resumed = make_setup(pretrained, tmp_path / "stopped", resume=True, **config)
     train(resumed, resume=True, progress=False)
