@@ -31,7 +31,7 @@ from rl_diffusion.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from rl_diffusion.config import arg, config_from_dict, to_json
+from rl_diffusion.config import arg, config_from_dict
 from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.errors import UserError
 from rl_diffusion.metrics import sample_quality, sliced_wasserstein2
@@ -191,9 +191,10 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
     if not resume:
         writer.add_text("hyperparameters", to_markdown_table(dataclasses.asdict(config)), 0)
     sampler_model = ema if config.ema_decay > 0 else model
-    started, start_step = time.perf_counter(), step
+    started, start_step, train_seconds = time.perf_counter(), step, 0.0
     with StopSignal() as stop, tqdm(total=config.steps, initial=step, desc=f"pretrain {config.dataset}", disable=not progress) as bar:
         while step < config.steps:
+            step_started = time.perf_counter()
             x0 = pool[torch.randint(0, POOL_SIZE, (config.batch_size,), device=device, generator=generator)]
             loss = diffusion.training_loss(model, x0, generator=generator)
             if not torch.isfinite(loss):
@@ -207,6 +208,7 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
                 with torch.no_grad():
                     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - config.ema_decay)
             step += 1
+            train_seconds += time.perf_counter() - step_started
             bar.update(1)
             if step % 25 == 0:
                 writer.add_scalar("loss/train", loss.item(), step)
@@ -221,6 +223,9 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
                 writer.add_scalar("eval/sw2", sw2, step)
                 writer.add_image("samples", figures.scatter_image(samples, eval_data, title=f"step {step}"), step, dataformats="HWC")
                 writer.add_scalar("perf/steps_per_sec", (step - start_step) / (time.perf_counter() - started), step)
+                # wall clock since this process started the loop, and the part of it spent in optimizer steps
+                writer.add_scalar("perf/wall_seconds", time.perf_counter() - started, step)
+                writer.add_scalar("perf/train_seconds", train_seconds, step)
                 frames.append((f"step {step}", samples[:1000]))
             if step % config.checkpoint_every == 0 or step == config.steps or stop.received:
                 checkpoint(score)

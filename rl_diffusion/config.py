@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from typing import Any, TypeVar
 
 from rl_diffusion.errors import UserError
@@ -42,7 +41,3 @@ def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
     if unknown:
         raise UserError(f"unknown config field(s) {', '.join(sorted(unknown))} for {cls.__name__}")
     return cls(**values)
-
-
-def to_json(config: Any) -> str:
-    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from rl_diffusion.checkpoint import (
     read_run_config,
 )
 from rl_diffusion.config import arg, config_from_dict
-from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, SAMPLERS, GaussianDiffusion, Trajectory
+from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, SAMPLERS, GaussianDiffusion
 from rl_diffusion.errors import UserError, nearest
 
 ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "sb3-ppo")
@@ -90,6 +89,13 @@ class FinetuneConfig:
             raise UserError(f"unknown --log-prob-reduction '{self.log_prob_reduction}'; choose sum or mean")
         if self.x_axis not in ("epoch", "reward_queries"):
             raise UserError(f"unknown --x-axis '{self.x_axis}'; choose epoch or reward_queries")
+        sb3_refused = {"--kl-coef": self.kl_coef > 0, "--timestep-fraction": self.timestep_fraction < 1,
+                       "--skip-nonfinite-rewards": self.skip_nonfinite_rewards}
+        if self.algo == "sb3-ppo" and any(sb3_refused.values()):
+            flags = ", ".join(flag for flag, given in sb3_refused.items() if given)
+            raise UserError(f"--algo sb3-ppo does not support {flags}; use --algo ddpo-is for them")
+        if self.algo == "rwr" and self.kl_coef > 0:
+            raise UserError("--algo rwr regularises through --rwr-temperature (it fits p_old exp(r / T)); --kl-coef applies to ddpo-sf and ddpo-is")
 
     @property
     def sampling(self) -> dict:

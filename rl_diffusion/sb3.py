@@ -26,7 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from rl_diffusion.ddpo import Pairs, path_kls
 from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep
 from rl_diffusion.env import DenoisingVectorEnv
 from rl_diffusion.errors import UserError
-from rl_diffusion.finetune import FinetuneConfig, Setup, finish, log_epoch, restore, save, write_hyperparameters
+from rl_diffusion.finetune import Setup, finish, log_epoch, restore, save, write_hyperparameters
 
 # SB3 logger keys of an update -> our TensorBoard tags (the names ddpo.py logs).
 PPO_TAGS = {
@@ -179,7 +179,7 @@ class DiffusionPolicy(ActorCriticPolicy):
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> Tensor:
         return self.reverse_step(observation, deterministic=deterministic).x_prev
 
-    def get_distribution(self, obs: PyTorchObs):
+    def get_distribution(self, obs: PyTorchObs) -> NoReturn:
         raise NotImplementedError("the reverse step is not an SB3 Distribution; use reverse_step() or evaluate_actions()")
 
 
@@ -204,10 +204,10 @@ class DenoisingVecEnvAdapter(VecEnv):
         super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
 
     def reset(self) -> dict[str, np.ndarray]:
-        self.env.reset(seed=self._seeds[0])
+        obs, _ = self.env.reset(seed=self._seeds[0])
         self._reset_seeds()
         self._reset_options()
-        return self.env.observation()
+        return obs
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = torch.as_tensor(actions)
@@ -236,23 +236,11 @@ class DenoisingVecEnvAdapter(VecEnv):
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         setattr(self.env, attr_name, value)
 
-    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
+    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
         return [getattr(self.env, method_name)(*method_args, **method_kwargs)] * self._count(indices)
 
     def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
         return [False] * self._count(indices)
-
-
-def check_config(cfg: FinetuneConfig) -> None:
-    """Refuse the options SB3's PPO cannot honour (UserError), before any work."""
-    refused = {
-        "--kl-coef": cfg.kl_coef > 0,
-        "--timestep-fraction": cfg.timestep_fraction < 1,
-        "--skip-nonfinite-rewards": cfg.skip_nonfinite_rewards,
-    }
-    flags = [flag for flag, given in refused.items() if given]
-    if flags:
-        raise UserError(f"--algo sb3-ppo does not support {', '.join(flags)}; use --algo ddpo-is for them")
 
 
 def make_ppo(s: Setup) -> PPO:
@@ -418,7 +406,6 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
     restored: SB3's own counters (num_timesteps, n_updates), which nothing here reads.
     """
     cfg = s.config
-    check_config(cfg)
     model = make_ppo(s)
     start, reward_queries = 0, 0
     if resume:

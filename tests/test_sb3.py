@@ -16,7 +16,8 @@ from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.env import DenoisingEnv, DenoisingVectorEnv
 from rl_diffusion.errors import UserError
 from rl_diffusion.finetune import FinetuneConfig, Setup, setup
-from rl_diffusion.sb3 import DenoisingVecEnvAdapter, make_ppo, train
+from rl_diffusion.models import MLPEps
+from rl_diffusion.sb3 import DenoisingVecEnvAdapter, DiffusionPolicy, make_ppo, train
 
 TARGET = [1.5, 1.5]  # in the gap between the two moons: off the data
 
@@ -54,8 +55,8 @@ def test_sb3_check_env_passes_on_the_env_of_a_pretrained_run(pretrained):
 @pytest.mark.parametrize("sampler, sampling_steps", [("ddpm", 0), ("ddim", 5)])
 def test_policy_log_prob_is_the_reverse_step_log_prob_at_every_t(pretrained, tmp_path, sampler, sampling_steps):
     s = make_setup(pretrained, tmp_path, sampler=sampler, sampling_steps=sampling_steps, eta=0.7)
-    policy, env = make_ppo(s).policy, DenoisingVectorEnv(sampler=sampler, sampling_steps=sampling_steps or None,
-                                                         num_envs=1, diffusion=s.diffusion, data_shape=(2,))
+    model = make_ppo(s)
+    policy, env = model.policy, model.env.env
     assert env.timesteps[-1] == 1 and len(env.timesteps) == (5 if sampler == "ddim" else 20)
     per_t = 6
     t = torch.tensor(env.timesteps).repeat_interleave(per_t)
@@ -74,6 +75,24 @@ def test_policy_log_prob_is_the_reverse_step_log_prob_at_every_t(pretrained, tmp
     # fixed-sigma Gaussian entropy, against torch.distributions
     normal = torch.distributions.Normal(expected.mean, expected.sigma[:, None].expand_as(expected.mean))
     torch.testing.assert_close(entropy, normal.entropy().sum(1))
+
+
+def test_a_conditional_policy_reads_the_label_from_env_or_buffer_observations():
+    diffusion, eps_model = GaussianDiffusion("linear", 10), MLPEps(num_timesteps=10, hidden_size=16, emb_size=8, num_classes=3)
+    vec = DenoisingVectorEnv(num_envs=4, diffusion=diffusion, data_shape=(2,), num_classes=3)
+    policy = DiffusionPolicy(vec.single_observation_space, vec.single_action_space, lambda _: 1e-3,
+                             eps_model=eps_model, diffusion=diffusion, timesteps=vec.timesteps)
+    vec.reset(seed=0)
+    obs = {key: torch.as_tensor(value) for key, value in vec.observation().items()}  # c: int64 [N]
+    buffered = {"x": obs["x"], "t": obs["t"].float(), "c": obs["c"].float()[:, None]}  # c: float [N, 1]
+    actions = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = diffusion.reverse_step(eps_model(obs["x"], obs["t"][:, 0], obs["c"]), obs["x"], 10, x_prev=actions).log_prob
+        for o in (obs, buffered):
+            values, log_prob, _ = policy.evaluate_actions(o, actions)
+            torch.testing.assert_close(log_prob, expected)
+            assert values.shape == (4, 1)
+    assert policy.features_dim == 2 + 1 + 3  # critic input: x, t / T, one-hot c
 
 
 def test_the_actor_is_the_pretrained_network_unchanged_with_no_learned_std(pretrained, tmp_path):

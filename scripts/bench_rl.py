@@ -1,0 +1,248 @@
+"""RL benchmark on dino: env throughput, a fine-tuning race, and the KL-regularised optimum.
+
+    python scripts/bench_rl.py [--pretrained RUN_DIR] [--epochs 30] [--out docs/benchmarks/rl.json]
+
+Every RL part uses DDIM with 50 sampling steps (eta = 1) on a default dino model (T = 200),
+pretrained here into a temporary directory unless --pretrained gives one.
+
+1. Env throughput, in denoising (env) steps per second, each for one full rollout (one chain
+   per env) after a warm-up rollout:
+     - SB3 PPO's collect_rollouts over a DummyVecEnv of 16 single `DenoisingEnv`s (numpy per
+       env, one network call per step for the 16), with the `DiffusionPolicy` of `make_ppo`;
+     - SB3 PPO's collect_rollouts over the batched `DenoisingVecEnvAdapter` at 16, 256, 1,024 chains;
+     - the bare batched sampler `GaussianDiffusion.sample(..., record=True)` (the ceiling).
+2. A race on reward in_region (disc, center (2, -1), radius 1), 256 chains, seed 0, the same
+   lr for every algorithm: ddpo-sf, ddpo-is, rwr and sb3-ppo for a fixed epoch budget. Per
+   algorithm: the first epoch whose mean reward over its 256 chains reaches the target, the
+   reward queries and the wall time of `train()` up to it (sampling, update, logging and
+   checkpoints; not the final evaluation), the last epoch's mean reward, the best one, and the
+   mean of perf/steps_per_sec. An algorithm that never reaches the target reports null.
+3. ddpo-is with kl_coef 0.1 and 1.0 for the same budget, then `evaluate_finetuned` with 5,000
+   samples (what `train()` returns): sliced W2 to the tilted optimum p_pre exp(r / beta) / Z
+   next to that of the pretrained model and the floor of the target against itself.
+
+Prints the JSON and a markdown table, and writes both (the table as a field) to --out.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # else scripts/pretrain.py shadows the pretrain package
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
+
+from pretrain.train import PretrainConfig, pretrain  # noqa: E402
+from rl_diffusion import ddpo, sb3  # noqa: E402
+from rl_diffusion.env import DenoisingEnv  # noqa: E402
+from rl_diffusion.finetune import FinetuneConfig, setup  # noqa: E402
+
+SAMPLING = {"sampler": "ddim", "sampling_steps": 50, "eta": 1.0}
+REWARD = {"reward": "in_region", "reward_args": {"shape": "disc", "center": [2.0, -1.0], "radius": 1.0}}
+ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "sb3-ppo")
+SIZES = (16, 256, 1024)
+
+
+class TimedHistory(list):
+    """s.history that also records, per appended epoch, the seconds since `start`."""
+
+    def __init__(self, start: float):
+        super().__init__()
+        self.start, self.seconds = start, []
+
+    def append(self, item) -> None:
+        self.seconds.append(time.perf_counter() - self.start)
+        super().append(item)
+
+
+def config(pretrained: Path, device: str, **overrides) -> FinetuneConfig:
+    return FinetuneConfig(run=str(pretrained), seed=0, device=device, **SAMPLING, **REWARD, **overrides)
+
+
+def rollout_rate(model, repeats: int = 1) -> float:
+    """Env steps per second of SB3 PPO's collect_rollouts: one warm-up rollout, then `repeats` timed."""
+    _, callback = model._setup_learn(model.n_steps * model.n_envs * (repeats + 1), callback=None)
+    callback.on_training_start(locals(), globals())
+
+    def collect() -> None:
+        assert model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
+
+    collect()  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        collect()
+    return repeats * model.n_steps * model.n_envs / (time.perf_counter() - started)
+
+
+def sampler_rate(s, n: int, repeats: int) -> float:
+    """Denoising steps per second of the bare batched sampler (as the native trainer samples: no_grad, record=True)."""
+    with torch.no_grad():
+        s.diffusion.sample(s.policy, (n, *s.data_shape), device=s.device, record=True, **s.config.sampling)  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            s.diffusion.sample(s.policy, (n, *s.data_shape), device=s.device, record=True, **s.config.sampling)
+    return repeats * n * s.steps_per_chain / (time.perf_counter() - started)
+
+
+def throughput(pretrained: Path, tmp: Path, device: str) -> dict:
+    result: dict = {"sb3_dummy_vec_env_of_single_envs": {}, "sb3_batched_adapter": {}, "bare_sampler": {}}
+    for n in SIZES:
+        s = setup(config(pretrained, device, chains=n), tmp / f"throughput-{n}")
+        model = sb3.make_ppo(s)
+        # a rollout is at least ~12,800 env steps at the small sizes, so the timing is not noise
+        repeats = max(1, 12800 // (n * s.steps_per_chain))
+        result["sb3_batched_adapter"][str(n)] = rollout_rate(model, repeats)
+        result["bare_sampler"][str(n)] = sampler_rate(s, n, repeats=max(3, 4 * repeats))
+        if n == 16:
+            # the same PPO over DummyVecEnv: 16 single envs, numpy per env, SB3 batching their observations
+            envs = DummyVecEnv([
+                lambda: DenoisingEnv(**{"reward": REWARD["reward"], "reward_kwargs": REWARD["reward_args"]}, **{k: SAMPLING[k] for k in SAMPLING},
+                                     diffusion=s.diffusion, data_shape=s.data_shape)
+                for _ in range(n)
+            ])
+            model.set_env(envs)
+            result["sb3_dummy_vec_env_of_single_envs"][str(n)] = rollout_rate(model, repeats=1)
+        s.writer.close()
+    result["adapter_over_dummy_vec_env_at_16"] = result["sb3_batched_adapter"]["16"] / result["sb3_dummy_vec_env_of_single_envs"]["16"]
+    result["adapter_over_bare_sampler"] = {k: result["sb3_batched_adapter"][k] / result["bare_sampler"][k] for k in result["bare_sampler"]}
+    return result
+
+
+def finetune_run(pretrained: Path, out: Path, device: str, target: float, **overrides) -> dict:
+    """One fine-tuning run with progress=False; its per-epoch curve, time to the target and final metrics."""
+    cfg = config(pretrained, device, **overrides)
+    s = setup(cfg, out)
+    train = sb3.train if cfg.algo == "sb3-ppo" else ddpo.train
+    started = time.perf_counter()
+    s.history = history = TimedHistory(started)
+    metrics = train(s, progress=False)
+    total = time.perf_counter() - started
+    rewards = [h["reward/mean"] for h in history]
+    hit = next((i for i, r in enumerate(rewards) if r >= target), None)
+    return {
+        "epochs": len(history),
+        "epochs_to_target": hit + 1 if hit is not None else None,
+        "reward_queries_to_target": history[hit]["reward_queries"] if hit is not None else None,
+        "wall_seconds_to_target": history.seconds[hit] if hit is not None else None,
+        "final_reward": rewards[-1],
+        "best_reward": max(rewards),
+        "best_reward_epoch": int(np.argmax(rewards)) + 1,
+        "steps_per_sec": float(np.mean([h["perf/steps_per_sec"] for h in history])),
+        "train_wall_seconds": history.seconds[-1],
+        "total_seconds_with_evaluation_and_figures": total,
+        "final_kl_to_pretrained": history[-1]["kl/to_pretrained"],
+        "eval": {k: v for k, v in metrics.items() if k not in ("run", "kind", "algo", "reward")},
+        "curve": [{"epoch": h["epoch"], "reward_queries": h["reward_queries"], "reward_mean": h["reward/mean"],
+                   "kl_to_pretrained": h["kl/to_pretrained"], "wall_seconds": t} for h, t in zip(history, history.seconds)],
+    }
+
+
+def markdown(race: dict, target: float, epochs: int) -> str:
+    def fmt(value, spec: str) -> str:
+        return "never" if value is None else format(value, spec)
+
+    lines = [
+        f"| algorithm | epochs to target ({target}) | reward queries | wall s | final reward | steps/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for algo, r in race.items():
+        never = r["epochs_to_target"] is None
+        lines.append(
+            f"| {algo} | {fmt(r['epochs_to_target'], 'd') if not never else f'never in {epochs} (best {r[chr(98) + 'est_reward']:.3f})'} "
+            f"| {fmt(r['reward_queries_to_target'], ',d')} | {fmt(r['wall_seconds_to_target'], '.1f')} "
+            f"| {r['final_reward']:.3f} | {r['steps_per_sec']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained", default=None, help="a dino pretrain run to reuse (default: pretrain one, ~40 s)")
+    parser.add_argument("--epochs", type=int, default=30, help="epoch budget of every fine-tuning run")
+    parser.add_argument("--target", type=float, default=0.5, help="per-epoch mean reward counted as reached")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every algorithm")
+    parser.add_argument("--rwr-temperature", type=float, default=0.1)
+    parser.add_argument("--out", default="docs/benchmarks/rl.json")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        pretrain_seconds = None
+        pretrained = Path(args.pretrained) if args.pretrained else tmp / "pretrained"
+        if not args.pretrained:
+            t0 = time.perf_counter()
+            pretrain(PretrainConfig(dataset="dino", device=args.device), pretrained, progress=False)
+            pretrain_seconds = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        env = throughput(pretrained, tmp, args.device)
+        env_seconds = time.perf_counter() - t0
+
+        common = {"chains": 256, "epochs": args.epochs, "lr": args.lr}
+        race = {}
+        for algo in ALGOS:
+            extra = {"rwr_temperature": args.rwr_temperature} if algo == "rwr" else {}
+            race[algo] = finetune_run(pretrained, tmp / algo, args.device, args.target, algo=algo, **common, **extra)
+        kl = {}
+        for beta in (0.1, 1.0):
+            run = finetune_run(pretrained, tmp / f"kl-{beta}", args.device, args.target, algo="ddpo-is", kl_coef=beta, **common)
+            e = run["eval"]
+            kl[str(beta)] = {
+                **{k: e[k] for k in ("tilted_sw2", "tilted_sw2_pretrained", "tilted_sw2_floor", "tilted_ess", "tilted_reward_mean",
+                                     "reward_mean", "reward_mean_pretrained", "kl_to_pretrained", "diversity", "diversity_pretrained")},
+                "tilted_sw2_over_floor": e["tilted_sw2"] / e["tilted_sw2_floor"],
+                "final_epoch_reward": run["final_reward"],
+                "train_wall_seconds": run["train_wall_seconds"],
+            }
+
+    sb3_wall, native_wall = race["sb3-ppo"]["wall_seconds_to_target"], race["ddpo-is"]["wall_seconds_to_target"]
+    table = markdown(race, args.target, args.epochs)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads, device {args.device}",
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "sampling": {**SAMPLING, "num_timesteps": 200, "note": "DDIM with 50 sampling steps (eta = 1) for every RL part"},
+        "pretrained": {"run": args.pretrained or "default dino pretrain (PretrainConfig(dataset='dino')), built here",
+                       "seconds": pretrain_seconds},
+        "env_steps_per_sec": env,
+        "race": {
+            "reward": REWARD,
+            "chains": 256, "seed": 0, "lr": args.lr, "rwr_temperature": args.rwr_temperature,
+            "epoch_budget": args.epochs, "target_mean_reward": args.target,
+            "timing": "wall seconds of train() from its call to the end of the first epoch whose mean reward over "
+                      "its 256 chains reaches the target (sampling, update, per-epoch logging and checkpoints; not the "
+                      "final 5,000-sample evaluation and figures)",
+            "sb3_over_native_wall_to_target": sb3_wall / native_wall if sb3_wall and native_wall else None,
+            "sb3_over_native_wall_note": "sb3-ppo / ddpo-is, both PPO-clip; null if either never reached the target",
+            "algos": race,
+        },
+        "kl_to_pretrained": {
+            "algo": "ddpo-is", "epochs": args.epochs, "lr": args.lr, "chains": 256, "eval_num_samples": 5000,
+            "note": "tilted target p_pre(x) exp(r(x) / kl_coef) / Z by importance resampling of 50,000 pretrained samples; "
+                    "tilted_sw2_floor is the sliced W2 between two independent resamplings",
+            "by_kl_coef": kl,
+        },
+        "markdown_table": table,
+        "total_seconds": time.perf_counter() - started,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    print()
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
