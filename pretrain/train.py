@@ -167,6 +167,7 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
         return out
 
     def checkpoint(score: float | None = None) -> None:
+        writer.flush()  # TensorBoard on disk up to the checkpoint, so a resume continues it without gaps
         checkpoints.save(
             {
                 "kind": "pretrain",
@@ -187,7 +188,7 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
             score,
         )
 
-    writer = SummaryWriter(str(out), purge_step=step if resume else None)
+    writer = SummaryWriter(str(out), purge_step=step + 1 if resume else None)  # drop points logged after the checkpoint
     if not resume:
         writer.add_text("hyperparameters", to_markdown_table(dataclasses.asdict(config)), 0)
     sampler_model = ema if config.ema_decay > 0 else model

@@ -157,8 +157,11 @@ def load_weights(model: nn.Module, state: dict, source: str) -> None:
     """load_state_dict that says what it expected and what it found, in one line."""
     expected = model.state_dict()
     for name, tensor in state.items():
-        if name in expected and expected[name].shape != tensor.shape:
-            raise UserError(f"checkpoint {source} does not fit this model: '{name}' has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+        if name in expected and (expected[name].shape, expected[name].dtype) != (tensor.shape, tensor.dtype):
+            raise UserError(
+                f"checkpoint {source} does not fit this model: '{name}' is {tensor.dtype} {tuple(tensor.shape)}, "
+                f"expected {expected[name].dtype} {tuple(expected[name].shape)}"
+            )
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
         raise UserError(f"checkpoint {source} is from another model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")

@@ -126,6 +126,7 @@ class Setup:
     eval_data: np.ndarray  # the data set, drawn for figures
     frames: list = dataclasses.field(default_factory=list)  # (label, samples) per epoch, for the GIF
     history: list = dataclasses.field(default_factory=list)  # per-epoch logged scalars
+    resumed: dict | None = None  # the checkpoint a --resume continues from
 
     @property
     def steps_per_chain(self) -> int:
@@ -178,11 +179,17 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     torch.manual_seed(config.seed)
     policy = copy.deepcopy(pretrained.model).train().requires_grad_(True)
     reference = pretrained.model.eval().requires_grad_(False)
-    writer = SummaryWriter(str(out))
+    checkpoints = CheckpointManager(out, keep=config.keep_checkpoints)
+    resumed = checkpoints.load_latest(map_location=device) if resume else None
+    purge_step = None
+    if resumed is not None:  # TensorBoard drops what was logged after the checkpoint: no duplicate points
+        state = resumed["train_state"]
+        purge_step = state["epoch"] + 1 if config.x_axis == "epoch" else state["reward_queries"] + 1
+    writer = SummaryWriter(str(out), purge_step=purge_step)
     return Setup(
         config=config, out=out, device=device, diffusion=diffusion, policy=policy, reference=reference,
         pretrained=pretrained, reward=reward, data_shape=data_shape, epochs=epochs, writer=writer,
-        checkpoints=CheckpointManager(out, keep=config.keep_checkpoints),
+        checkpoints=checkpoints, resumed=resumed,
         eval_data=sample_2d(pretrained.checkpoint["data"]["dataset"], 2000, EVAL_DATA_SEED),
     )
 
@@ -241,7 +248,7 @@ def save(s: Setup, epoch: int, train_state: dict) -> None:
 
 def restore(s: Setup) -> dict:
     """The train state of the newest good checkpoint, with frames and history put back into `s`."""
-    ckpt = s.checkpoints.load_latest(map_location=s.device)
+    ckpt = s.resumed
     state = ckpt["train_state"]
     s.policy.load_state_dict(ckpt["model"])
     s.frames, s.history = state["frames"], state["history"]

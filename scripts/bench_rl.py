@@ -103,7 +103,7 @@ def throughput(pretrained: Path, tmp: Path, device: str) -> dict:
         if n == 16:
             # the same PPO over DummyVecEnv: 16 single envs, numpy per env, SB3 batching their observations
             envs = DummyVecEnv([
-                lambda: DenoisingEnv(**{"reward": REWARD["reward"], "reward_kwargs": REWARD["reward_args"]}, **{k: SAMPLING[k] for k in SAMPLING},
+                lambda: DenoisingEnv(reward=REWARD["reward"], reward_kwargs=REWARD["reward_args"], **SAMPLING,
                                      diffusion=s.diffusion, data_shape=s.data_shape)
                 for _ in range(n)
             ])
@@ -153,10 +153,9 @@ def markdown(race: dict, target: float, epochs: int) -> str:
         "|---|---|---|---|---|---|",
     ]
     for algo, r in race.items():
-        never = r["epochs_to_target"] is None
+        reached = f"{r['epochs_to_target']}" if r["epochs_to_target"] else f"never in {epochs} (best {r['best_reward']:.3f})"
         lines.append(
-            f"| {algo} | {fmt(r['epochs_to_target'], 'd') if not never else f'never in {epochs} (best {r[chr(98) + 'est_reward']:.3f})'} "
-            f"| {fmt(r['reward_queries_to_target'], ',d')} | {fmt(r['wall_seconds_to_target'], '.1f')} "
+            f"| {algo} | {reached} | {fmt(r['reward_queries_to_target'], ',d')} | {fmt(r['wall_seconds_to_target'], '.1f')} "
             f"| {r['final_reward']:.3f} | {r['steps_per_sec']:,.0f} |"
         )
     return "\n".join(lines)
