@@ -18,11 +18,10 @@ from rl_diffusion.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one `error:` line and exit 2, like every other user error."""
+    """argparse, but a bad flag is a UserError: one `error:` line and exit 2, like every other mistake."""
 
     def error(self, message: str):
-        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -76,6 +75,26 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     metrics = train(s, resume=bool(args.resume), progress=not args.quiet)
     print(json.dumps(metrics, indent=2))
     print(f"run written to {out}; figures in {out / 'figures'}; watch it with: tensorboard --logdir {out.parent}")
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from rl_diffusion.ablate import ablate, parse_values
+    from rl_diffusion.finetune import FinetuneConfig
+    from pretrain.train import PretrainConfig
+
+    own = _Parser(prog=f"rl-diffusion ablate {args.kind}")
+    own.add_argument("--param", required=True, help="the config field to vary, e.g. lr or kl_coef")
+    own.add_argument("--values", required=True, help="comma-separated values")
+    own.add_argument("--out", required=True, help="folder holding one run directory per value")
+    own.add_argument("--jobs", type=int, default=1, help="settings run at once, in parallel processes")
+    opts, flags = own.parse_known_args(args.rest)
+    if args.kind not in ("pretrain", "finetune"):
+        raise UserError(f"ablate takes pretrain or finetune, got '{args.kind}'")
+    values = parse_values(PretrainConfig if args.kind == "pretrain" else FinetuneConfig, opts.param.replace("-", "_"), opts.values)
+    build_parser().parse_args([args.kind, "--out", "unused", *flags])  # a bad flag is an error before any run
+    summary = ablate(args.kind, opts.param.replace("-", "_"), values, Path(opts.out), flags, jobs=opts.jobs)
+    print(json.dumps(summary, indent=2))
+    print(f"figures: {Path(opts.out) / 'grid.png'}, {Path(opts.out) / 'curves.png'}; tensorboard --logdir {opts.out}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -149,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, FinetuneConfig, skip=("reward_args",))
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("ablate", help="run one hyperparameter at several values and draw the grid",
+                       description="rl-diffusion ablate pretrain|finetune --param NAME --values V1,V2 --out DIR [--jobs N] [flags of that command]")
+    p.add_argument("kind", help="pretrain | finetune")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="--param NAME --values V1,V2 --out DIR [--jobs N] and flags of the command")
+    p.set_defaults(func=cmd_ablate)
+
     p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("--run", required=True, help="run directory (pretrain or finetune)")
     p.add_argument("--num-samples", type=int, default=1000)
@@ -182,9 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a bad flag already reported by _Parser.error
-        return int(e.code or 0)
-    try:
         args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -192,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
     return 0
 
 

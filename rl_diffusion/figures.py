@@ -160,3 +160,45 @@ def plot_finetune_summary(
     ax_curve.set_ylabel("mean reward")
     ax_curve.grid(alpha=0.3)
     _save(fig, path)
+
+
+def plot_grid(rows: Sequence[tuple[str, Sequence[tuple[str, Points]]]], data: Points | None, path: str | Path, title: str = "") -> int:
+    """A grid of scatter panels: one row per (row label, [(column label, points), ...]); returns the cell count.
+
+    Rows may have different lengths (a setting that stopped early); all panels share the limits.
+    """
+    num_cols = max(len(cells) for _, cells in rows)
+    lim = limits(data) if data is not None else limits(*(p for _, cells in rows for _, p in cells))
+    fig = Figure(figsize=(2.2 * num_cols, 2.2 * len(rows)), dpi=RENDER_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    axes = fig.subplots(len(rows), num_cols, squeeze=False)
+    cells = 0
+    for r, (row_label, row) in enumerate(rows):
+        for c in range(num_cols):
+            ax = axes[r][c]
+            if c >= len(row):
+                ax.set_axis_off()
+                continue
+            col_label, points = row[c]
+            _draw(ax, points, data, lim, col_label)
+            cells += 1
+        axes[r][0].set_ylabel(row_label, fontsize=9)
+    _save(fig, path)
+    return cells
+
+
+def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, xlabel: str, ylabel: str, title: str = "", log_y: bool = False) -> None:
+    """One line per label: {label: (xs, ys)}."""
+    fig, (ax,) = _row(1, title)
+    fig.set_size_inches(5, 3.5)
+    for label, (xs, ys) in curves.items():
+        ax.plot(list(xs), list(ys), marker="o", markersize=3, label=label)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
