@@ -19,7 +19,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from pretrain.datasets import sample_2d
+from pretrain.data import TrainingData, is_image_dataset, load_training_data, reference_draws
 from rl_diffusion import figures
 from rl_diffusion.checkpoint import (
     CheckpointManager,
@@ -36,14 +36,16 @@ from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.errors import UserError
 from rl_diffusion.metrics import sample_quality, sliced_wasserstein2
 from rl_diffusion.models import build_model
+from rl_diffusion.models.unet import drop_labels, guided_eps
 
-POOL_SIZE = 100_000  # training points drawn once; batches index into it
 EVAL_DATA_SEED = 12345  # the reference draw every evaluation compares against
 
 
 @dataclass
 class PretrainConfig:
-    dataset: str = arg("dino", "2D data set to learn (see `rl-diffusion datasets`)")
+    dataset: str = arg("dino", "data set to learn: 2D points or images (see `rl-diffusion datasets`)")
+    data_root: str = arg("", "folder holding the files of image-folder, mnist or cifar10")
+    image_size: int = arg(0, "image side in pixels (0: the data set's own)")
     steps: int = arg(3000, "optimizer steps")
     batch_size: int = arg(1024, "training points per step")
     lr: float = arg(3e-3, "peak AdamW learning rate, after linear warmup, cosine-decayed to 0")
@@ -58,6 +60,12 @@ class PretrainConfig:
     emb_size: int = arg(128, "size of each embedding")
     time_embedding: str = arg("sinusoidal", "sinusoidal | learnable | linear | zero")
     input_embedding: str = arg("sinusoidal", "sinusoidal | identity | learnable")
+    base_channels: int = arg(32, "U-Net (images): channels at full resolution")
+    channel_mults: str = arg("1,2", "U-Net (images): width multipliers per resolution, comma-separated")
+    num_res_blocks: int = arg(1, "U-Net (images): residual blocks per resolution")
+    attention: bool = arg(False, "U-Net (images): self-attention at the lowest resolution")
+    class_conditional: bool = arg(True, "use the data set's labels: a class-conditional model (images)")
+    label_dropout: float = arg(0.1, "probability of training without the label, for classifier-free guidance")
     seed: int = arg(0, "seed of every random draw in the run")
     eval_every: int = arg(500, "steps between sample-quality evaluations (TensorBoard, training GIF)")
     eval_samples: int = arg(2000, "samples per evaluation")
@@ -65,10 +73,29 @@ class PretrainConfig:
     keep_checkpoints: int = arg(3, "checkpoints kept (plus the best)")
     device: str = arg("cpu", "cpu | cuda | cuda:N")
 
-    def model_config(self) -> dict:
+    def model_config(self, data: TrainingData) -> dict:
+        """The network for this data: an MLP for points, a U-Net for images."""
+        num_classes = data.num_classes if self.class_conditional else 0
+        if data.is_image:
+            try:
+                mults = [int(m) for m in self.channel_mults.split(",")]
+            except ValueError:
+                raise UserError(f"--channel-mults takes comma-separated integers, got '{self.channel_mults}'") from None
+            return {
+                "kind": "unet",
+                "image_size": data.shape[-1],
+                "in_channels": data.shape[0],
+                "base_channels": self.base_channels,
+                "channel_mults": mults,
+                "num_res_blocks": self.num_res_blocks,
+                "attention": self.attention,
+                "num_timesteps": self.num_timesteps,
+                "num_classes": num_classes,
+            }
         return {
             "kind": "mlp",
-            "data_dim": 2,
+            "data_dim": data.shape[0],
+            "num_classes": num_classes,
             "num_timesteps": self.num_timesteps,
             "hidden_size": self.hidden_size,
             "hidden_layers": self.hidden_layers,
@@ -77,7 +104,8 @@ class PretrainConfig:
             "input_embedding": self.input_embedding,
         }
 
-    def validate(self) -> None:
+    def validate(self) -> TrainingData:
+        """Check every field before any work; returns the loaded data."""
         for name in ("steps", "batch_size", "num_timesteps", "hidden_size", "emb_size", "eval_every", "eval_samples", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -85,10 +113,24 @@ class PretrainConfig:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
-        sample_2d(self.dataset, 1, 0)  # unknown data set -> UserError with suggestions
+        if not 0 <= self.label_dropout <= 1:
+            raise UserError(f"--label-dropout must be in [0, 1], got {self.label_dropout}")
         GaussianDiffusion(self.beta_schedule, self.num_timesteps)
-        build_model(self.model_config())
         resolve_device(self.device)
+        data = load_training_data(self.dataset, self.seed, self.data_root, self.image_size)
+        build_model(self.model_config(data))
+        return data
+
+
+# Defaults that differ for image data sets (a U-Net step costs ~100x an MLP step on a CPU).
+IMAGE_DEFAULTS = {"steps": 2000, "batch_size": 128, "lr": 2e-3, "num_timesteps": 100, "eval_every": 500, "eval_samples": 500,
+                  "checkpoint_every": 500}
+
+
+def config_for(flags: dict) -> PretrainConfig:
+    """The config of the given flags over the defaults of the data kind (points or images)."""
+    dataset = flags.get("dataset", PretrainConfig.dataset)
+    return PretrainConfig(**{**(IMAGE_DEFAULTS if is_image_dataset(dataset) else {}), **flags})
 
 
 # Flags that may differ on --resume without changing the result.
@@ -133,7 +175,7 @@ def resume_config(run_dir: Path, overrides: dict) -> PretrainConfig:
 
 def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) a DDPM on config.dataset into the run directory `out`; returns `out`."""
-    config.validate()
+    data = config.validate()
     device = resolve_device(config.device)
     out = Path(out)
     if not resume:
@@ -142,15 +184,17 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
 
     torch.manual_seed(config.seed)
     diffusion = GaussianDiffusion(config.beta_schedule, config.num_timesteps)
-    model = build_model(config.model_config()).to(device)
-    ema = build_model(config.model_config()).to(device)
+    model_config = config.model_config(data)
+    model = build_model(model_config).to(device)
+    ema = build_model(model_config).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    pool = torch.from_numpy(sample_2d(config.dataset, POOL_SIZE, config.seed)).to(device)
-    eval_data = sample_2d(config.dataset, config.eval_samples, EVAL_DATA_SEED)
+    pool = data.x.to(device)
+    labels = data.labels.to(device) if model_config["num_classes"] else None
+    eval_data, _ = reference_draws(data, config.eval_samples, EVAL_DATA_SEED)
     checkpoints = CheckpointManager(out, keep=config.keep_checkpoints)
     step, frames = 0, []
     if resume:
@@ -171,9 +215,9 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
         checkpoints.save(
             {
                 "kind": "pretrain",
-                "model_config": config.model_config(),
+                "model_config": model_config,
                 "diffusion_config": diffusion.config,
-                "data": {"dataset": config.dataset, "shape": [2]},
+                "data": data_info(config, data),
                 "model": ema.state_dict() if config.ema_decay > 0 else model.state_dict(),
                 "train_state": {
                     "model": model.state_dict(),
@@ -196,8 +240,9 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
     with StopSignal() as stop, tqdm(total=config.steps, initial=step, desc=f"pretrain {config.dataset}", disable=not progress) as bar:
         while step < config.steps:
             step_started = time.perf_counter()
-            x0 = pool[torch.randint(0, POOL_SIZE, (config.batch_size,), device=device, generator=generator)]
-            loss = diffusion.training_loss(model, x0, generator=generator)
+            idx = torch.randint(0, len(pool), (config.batch_size,), device=device, generator=generator)
+            c = None if labels is None else drop_labels(labels[idx], data.num_classes, config.label_dropout, generator)
+            loss = diffusion.training_loss(model, pool[idx], c, generator=generator)
             if not torch.isfinite(loss):
                 raise UserError(f"the training loss became {loss.item()} at step {step}; the last good checkpoint is kept in {out} (try a lower --lr)")
             optimizer.zero_grad(set_to_none=True)
@@ -218,57 +263,109 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             score = None
             if step % config.eval_every == 0 or step == config.steps:
-                samples = draw_samples(diffusion, sampler_model, config.eval_samples, seed=step, device=device)
+                samples = draw_samples(diffusion, sampler_model, len(eval_data), seed=step, device=device)
                 sw2 = sliced_wasserstein2(samples, eval_data)
                 score = -sw2
                 writer.add_scalar("eval/sw2", sw2, step)
-                writer.add_image("samples", figures.scatter_image(samples, eval_data, title=f"step {step}"), step, dataformats="HWC")
+                writer.add_image("samples", samples_image(samples, eval_data, title=f"step {step}"), step, dataformats="HWC")
                 writer.add_scalar("perf/steps_per_sec", (step - start_step) / (time.perf_counter() - started), step)
                 # wall clock since this process started the loop, and the part of it spent in optimizer steps
                 writer.add_scalar("perf/wall_seconds", time.perf_counter() - started, step)
                 writer.add_scalar("perf/train_seconds", train_seconds, step)
-                frames.append((f"step {step}", samples[:1000]))
+                frames.append((f"step {step}", samples[: 64 if data.is_image else 1000]))
             if step % config.checkpoint_every == 0 or step == config.steps or stop.received:
                 checkpoint(score)
             if stop.received:
                 writer.close()
                 raise UserError(f"stopped by signal {stop.received} at step {step}; checkpoint saved, continue with --resume {out}")
     writer.close()
-    finish(out, diffusion, sampler_model, config, frames, device)
+    finish(out, diffusion, sampler_model, config, data, frames, device)
     return out
 
 
-def draw_samples(diffusion: GaussianDiffusion, model: torch.nn.Module, num_samples: int, seed: int, device: torch.device, **sampling) -> np.ndarray:
-    """num_samples DDPM (or `sampling`-configured) samples from model as a numpy array."""
+def data_info(config: PretrainConfig, data: TrainingData) -> dict:
+    """What a checkpoint records about its data: enough to draw it again and to shape samples."""
+    return {"dataset": config.dataset, "shape": list(data.shape), "num_classes": data.num_classes if config.class_conditional else 0,
+            "root": config.data_root, "image_size": config.image_size, "seed": config.seed}
+
+
+def samples_image(samples: np.ndarray, data: np.ndarray, title: str) -> np.ndarray:
+    """TensorBoard picture of samples: a scatter over the data (points) or a grid (images)."""
+    return figures.image_grid(samples[:64]) if samples.ndim == 4 else figures.scatter_image(samples, data, title=title)
+
+
+def draw_samples(diffusion: GaussianDiffusion, model: torch.nn.Module, num_samples: int, seed: int, device: torch.device,
+                 guidance_scale: float = 1.0, **sampling) -> np.ndarray:
+    """num_samples samples (DDPM, or as `sampling` says) as numpy, in the data's shape.
+
+    A class-conditional model gets balanced labels 0, 1, ..., K-1, 0, 1, ...; guidance_scale != 1
+    mixes in its unconditional prediction (classifier-free guidance).
+    """
     generator = torch.Generator(device=device).manual_seed(seed)
+    shape, c = sample_shape_and_labels(model, num_samples, device)
     with torch.inference_mode():
-        traj = diffusion.sample(model, (num_samples, 2), generator=generator, device=device, **sampling)
+        traj = diffusion.sample(guided(model, guidance_scale), shape, c=c, generator=generator, device=device, **sampling)
     return traj.xs[-1].cpu().numpy()
 
 
-def finish(out: Path, diffusion: GaussianDiffusion, model: torch.nn.Module, config: PretrainConfig, frames: list, device: torch.device) -> None:
+def sample_shape_and_labels(model: torch.nn.Module, num_samples: int, device: torch.device) -> tuple[tuple[int, ...], torch.Tensor | None]:
+    """The batch shape a network produces, and balanced labels when it is class-conditional."""
+    shape = (num_samples, model.in_channels, model.image_size, model.image_size) if hasattr(model, "image_size") else (num_samples, len(model.x_embs))
+    c = torch.arange(num_samples, device=device) % model.num_classes if model.num_classes else None
+    return shape, c
+
+
+def guided(model: torch.nn.Module, guidance_scale: float) -> torch.nn.Module:
+    """The model itself at scale 1; else a module computing the classifier-free guided eps."""
+    if guidance_scale == 1.0:
+        return model
+
+    class Guided(torch.nn.Module):
+        def forward(self, x, t, c=None):
+            return guided_eps(model, x, t, c, guidance_scale)
+
+    return Guided()
+
+
+def finish(out: Path, diffusion: GaussianDiffusion, model: torch.nn.Module, config: PretrainConfig, data: TrainingData, frames: list, device: torch.device) -> None:
     """Final metrics and figures of a pretraining run."""
-    n = 5000
-    samples = draw_samples(diffusion, model, n, seed=config.seed + 1, device=device)
-    data = sample_2d(config.dataset, n, EVAL_DATA_SEED)
-    metrics = sample_quality(samples, data, sample_2d(config.dataset, n, EVAL_DATA_SEED + 1))
+    reference, again = reference_draws(data, 5000, EVAL_DATA_SEED)
+    samples = draw_samples(diffusion, model, len(reference), seed=config.seed + 1, device=device)
+    metrics = quality_metrics(samples, reference, again)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    draw_figures(out / "figures", diffusion, model, config.dataset, samples, data, device, seed=config.seed)
+    draw_figures(out / "figures", diffusion, model, config.dataset, samples, reference, device, seed=config.seed)
     if frames:
-        figures.save_gif(frames, out / "figures" / "training.gif", lim=figures.limits(data))
+        figures.save_gif(frames, out / "figures" / "training.gif", lim=figures.limits(reference))
+
+
+def quality_metrics(samples: np.ndarray, reference: np.ndarray, again: np.ndarray) -> dict:
+    """Sliced W2, MMD, energy distance with floors; for grey images also Frechet distance and KID on digit-classifier features."""
+    metrics = sample_quality(samples, reference, again)
+    if samples.ndim == 4 and samples.shape[1] == 1:
+        from rewards.digit_classifier import load_digit_classifier
+        from rl_diffusion.image_metrics import image_quality
+
+        metrics.update(image_quality(samples, reference, again, load_digit_classifier()))
+    return metrics
 
 
 def draw_figures(fig_dir: Path, diffusion: GaussianDiffusion, model: torch.nn.Module, dataset: str, samples: np.ndarray, data: np.ndarray, device: torch.device, seed: int = 0) -> None:
     """samples vs data, the forward process q(x_t | x_0), and the reverse process (PNG and GIF)."""
     T = diffusion.num_timesteps
     shown = sorted({0, T // 10, T // 4, T // 2, T})
-    figures.plot_samples_vs_data(samples, data, fig_dir / "samples_vs_data.png", title=dataset)
-    x0 = torch.from_numpy(data[:1000])
+    n = 64 if samples.ndim == 4 else 1000
+    if samples.ndim == 4:
+        figures.save_image_grid(samples[:n], fig_dir / "samples.png")
+        figures.save_image_grid(data[:n], fig_dir / "data.png")
+    else:
+        figures.plot_samples_vs_data(samples, data, fig_dir / "samples_vs_data.png", title=dataset)
+    x0 = torch.from_numpy(data[:n])
     g = torch.Generator().manual_seed(seed)
     forward = [(t, diffusion.q_sample(x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=g)).numpy()) for t in shown]
     figures.plot_process(forward, fig_dir / "forward_process.png", title="forward process q(x_t | x_0)")
+    shape, c = sample_shape_and_labels(model, n, device)
     with torch.inference_mode():
-        traj = diffusion.sample(model, (1000, 2), generator=torch.Generator(device=device).manual_seed(seed), device=device, record=True)
+        traj = diffusion.sample(model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed), device=device, record=True)
     xs = traj.xs.cpu().numpy()  # xs[k] is x at t = T - k
     figures.plot_process([(t, xs[T - t]) for t in reversed(shown)], fig_dir / "reverse_process.png", title="reverse process p(x_{t-1} | x_t)")
     gif_ts = sorted({int(t) for t in np.linspace(T, 0, 26)}, reverse=True)

@@ -214,5 +214,6 @@ def parse_reward_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
-# Imported last: builtin_2d uses `register` from this module to add the built-in rewards.
+# Imported last: the built-ins use `register` from this module.
 from rewards import builtin_2d as _builtin_2d  # noqa: E402,F401
+from rewards import builtin_images as _builtin_images  # noqa: E402,F401

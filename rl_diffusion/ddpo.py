@@ -44,6 +44,7 @@ class Pairs:
     t_prev: Tensor  # [N]
     x_prev: Tensor  # [N, ...] the action taken
     log_prob_old: Tensor  # [N] log pi_old(x_prev | x_t), recorded while sampling
+    c: Tensor | None = None  # [N] class labels of the chains, or None
 
     def __len__(self) -> int:
         return len(self.t)
@@ -57,26 +58,33 @@ class Pairs:
             t_prev=traj.prev_timesteps.repeat_interleave(B),
             x_prev=traj.xs[1:].flatten(0, 1),
             log_prob_old=traj.log_probs.flatten(),
+            c=None if traj.c is None else traj.c.repeat(len(traj.timesteps)),
         )
 
+    def select(self, keep: Tensor) -> "Pairs":
+        return Pairs(*(None if v is None else v[keep] for v in (self.x_t, self.t, self.t_prev, self.x_prev, self.log_prob_old, self.c)))
 
-def sample_batch(s: Setup, generator: torch.Generator) -> tuple[Pairs, Tensor]:
-    """Sample `chains` trajectories with the current policy; returns the pairs and x_0 [B, ...]."""
+
+def sample_batch(s: Setup, generator: torch.Generator) -> tuple[Pairs, Tensor, Tensor | None]:
+    """Sample `chains` trajectories with the current policy (labels uniform for a class-conditional
+    model); returns the pairs, x_0 [B, ...] and the labels [B] or None."""
     cfg = s.config
+    num_classes = getattr(s.policy, "num_classes", 0)
+    c = torch.randint(0, num_classes, (cfg.chains,), generator=generator, device=s.device) if num_classes else None
     # no_grad, not inference_mode: these tensors are inputs to the update's autograd graph.
     with torch.no_grad():
         traj = s.diffusion.sample(
-            s.policy, (cfg.chains, *s.data_shape), generator=generator, device=s.device, record=True,
+            s.policy, (cfg.chains, *s.data_shape), c=c, generator=generator, device=s.device, record=True,
             log_prob_reduction=cfg.log_prob_reduction, **cfg.sampling,
         )
-    return Pairs.from_trajectory(traj), traj.xs[-1]
+    return Pairs.from_trajectory(traj), traj.xs[-1], c
 
 
 def policy_step(diffusion: GaussianDiffusion, cfg: FinetuneConfig, model: torch.nn.Module, pairs: Pairs, idx: Tensor) -> ReverseStep:
     """The shared reverse step of `model` on the chosen pairs: one network call, the actions scored."""
     x_t, t = pairs.x_t[idx], pairs.t[idx]
     return diffusion.reverse_step(
-        model(x_t, t), x_t, t, t_prev=pairs.t_prev[idx], sampler=cfg.sampler, eta=cfg.eta,
+        model(x_t, t, None if pairs.c is None else pairs.c[idx]), x_t, t, t_prev=pairs.t_prev[idx], sampler=cfg.sampler, eta=cfg.eta,
         x_prev=pairs.x_prev[idx], log_prob_reduction=cfg.log_prob_reduction,
     )
 
@@ -96,26 +104,34 @@ def path_kls(diffusion: GaussianDiffusion, cfg: FinetuneConfig, policy: torch.nn
     return kl.reshape(K, -1)
 
 
-def advantages(s: Setup, pairs: Pairs, rewards: Tensor, K: int) -> tuple[Tensor, Tensor, float]:
-    """Per-pair advantages [K, B] from G_k = r - beta sum_{j>k} kl_j; also kl [K, B] and the std used."""
+def advantages(s: Setup, pairs: Pairs, rewards: Tensor, c: Tensor | None, K: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair advantages [K, B] from G_k = r - beta sum_{j>k} kl_j; also kl [K, B] and the std used per chain [B].
+
+    The baseline is the mean return per timestep; with class labels, per timestep and class, and
+    the std per class too (a class with easy rewards does not drown the others).
+    """
     kl = path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, K)
     kl_after = kl.flip(0).cumsum(0).flip(0) - kl  # sum_{j > k} kl_j
     returns = rewards[None, :] - s.config.kl_coef * kl_after
-    centred = returns - returns.mean(dim=1, keepdim=True)  # a baseline per timestep
-    scale = centred.pow(2).mean().sqrt().item() + 1e-8  # population std
+    groups = torch.zeros_like(rewards, dtype=torch.long) if c is None else c
+    one_hot = torch.nn.functional.one_hot(groups).to(returns.dtype)  # [B, G]
+    counts = one_hot.sum(0).clamp(min=1)
+    centred = returns - (returns @ one_hot / counts) @ one_hot.T  # minus the mean of its timestep and group
+    variance = (centred.pow(2).mean(0) @ one_hot / counts) @ one_hot.T  # population variance of its group, [B]
+    scale = variance.sqrt() + 1e-8
     return (centred / scale).clamp(-s.config.adv_clip, s.config.adv_clip), kl, scale
 
 
-def update_sf(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: float, generator) -> dict[str, float]:
+def update_sf(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
     """DDPO-SF: REINFORCE, -A * log pi, gradients accumulated over all pairs, one optimizer step."""
     cfg = s.config
     optimizer.zero_grad(set_to_none=True)
-    total, adv = 0.0, adv.flatten()
+    total, adv, scale_pairs = 0.0, adv.flatten(), scale.repeat(len(adv))
     for idx in torch.arange(len(pairs), device=s.device).split(cfg.minibatch_size):
         ours = policy_step(s.diffusion, cfg, s.policy, pairs, idx)
         loss = -(adv[idx] * ours.log_prob).sum() / len(pairs)
         if cfg.kl_coef > 0:
-            loss = loss + cfg.kl_coef / scale * step_kl(s.diffusion, cfg, s.reference, ours, pairs, idx).sum() / len(pairs)
+            loss = loss + cfg.kl_coef * (step_kl(s.diffusion, cfg, s.reference, ours, pairs, idx) / scale_pairs[idx]).sum() / len(pairs)
         loss.backward()
         total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
@@ -135,11 +151,11 @@ def ppo_loss(adv: Tensor, log_prob: Tensor, log_prob_old: Tensor, clip_range: fl
     return loss, approx_kl, clipfrac
 
 
-def update_is(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: float, generator) -> dict[str, float]:
+def update_is(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
     """DDPO-IS: PPO-clip over inner epochs of shuffled minibatches of (trajectory, timestep) pairs."""
     cfg = s.config
     K, B = adv.shape
-    adv = adv.flatten()
+    adv, scale_pairs = adv.flatten(), scale.repeat(K)
     stats = []
     for _ in range(cfg.inner_epochs):
         rows = torch.arange(len(pairs), device=s.device)
@@ -152,7 +168,7 @@ def update_is(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, ad
             ours = policy_step(s.diffusion, cfg, s.policy, pairs, idx)
             loss, approx_kl, clipfrac = ppo_loss(adv[idx], ours.log_prob, pairs.log_prob_old[idx], cfg.clip_range)
             if cfg.kl_coef > 0:
-                loss = loss + cfg.kl_coef / scale * step_kl(s.diffusion, cfg, s.reference, ours, pairs, idx).mean()
+                loss = loss + cfg.kl_coef * (step_kl(s.diffusion, cfg, s.reference, ours, pairs, idx) / scale_pairs[idx]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
@@ -167,14 +183,14 @@ def rwr_weights(rewards: Tensor, temperature: float) -> Tensor:
     return torch.softmax(rewards / temperature, dim=0)
 
 
-def update_rwr(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: float, generator) -> dict[str, float]:
+def update_rwr(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
     """RWR: the denoising loss on the policy's own samples x_0, weighted by softmax(r / temperature)."""
     cfg = s.config
     weights = rwr_weights(rewards, cfg.rwr_temperature)
     steps = cfg.inner_epochs * max(1, len(pairs) // cfg.minibatch_size)
     losses = []
     for _ in range(steps):
-        loss = s.diffusion.training_loss(s.policy, x0, generator=generator, weights=weights)
+        loss = s.diffusion.training_loss(s.policy, x0, pairs.c[-len(x0):] if pairs.c is not None else None, generator=generator, weights=weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
@@ -207,14 +223,13 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
     with StopSignal() as stop, tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not progress) as bar:
         for epoch in range(start, s.epochs):
             started = time.perf_counter()
-            pairs, x0 = sample_batch(s, generator)
-            rewards, finite = score(s, x0, epoch)
+            pairs, x0, c = sample_batch(s, generator)
+            rewards, finite = score(s, x0, c, epoch)
             reward_queries += len(rewards)
             K = len(pairs) // len(rewards)
             if not finite.all():  # --skip-nonfinite-rewards: drop those chains entirely
-                keep = finite.repeat(K)
-                pairs = Pairs(*(getattr(pairs, f)[keep] for f in ("x_t", "t", "t_prev", "x_prev", "log_prob_old")))
-            adv, kl, scale = advantages(s, pairs, rewards[finite], K)
+                pairs = pairs.select(finite.repeat(K))
+            adv, kl, scale = advantages(s, pairs, rewards[finite], None if c is None else c[finite], K)
             stats = update(s, optimizer, pairs, x0[finite], rewards[finite], adv, scale, generator)
             if not math.isfinite(stats["loss/policy"]):
                 raise UserError(f"the {cfg.algo} loss became {stats['loss/policy']} at epoch {epoch + 1}; the last good checkpoint is kept in {s.out} (try a lower --lr)")

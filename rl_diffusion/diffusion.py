@@ -48,6 +48,7 @@ class Trajectory:
     timesteps: Tensor  # [K] long: t at step k (decreasing)
     prev_timesteps: Tensor  # [K] long: the t the step lands on (timesteps[k + 1], and 0 last)
     log_probs: Tensor | None  # [K, B]: log pi(xs[k + 1] | xs[k], timesteps[k])
+    c: Tensor | None = None  # [B] class labels the chains were conditioned on
 
 
 class GaussianDiffusion:
@@ -218,6 +219,7 @@ class GaussianDiffusion:
             timesteps=torch.tensor(steps, device=device),
             prev_timesteps=torch.tensor(prevs, device=device),
             log_probs=torch.stack(log_probs) if record and log_probs[0] is not None else None,
+            c=c,
         )
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.datasets import sample_2d
-from pretrain.train import EVAL_DATA_SEED, draw_samples, resolve_device
+from pretrain.data import data_of_checkpoint, reference_draws
+from pretrain.train import EVAL_DATA_SEED, draw_samples, quality_metrics, resolve_device, sample_shape_and_labels
 from rl_diffusion.checkpoint import load_run, read_run_config
-from rl_diffusion.metrics import diversity, sample_quality, sliced_wasserstein2
+from rl_diffusion.metrics import diversity, sliced_wasserstein2
 
 TILTED_POOL = 50_000  # pretrained samples importance-resampled into the KL-regularised optimum
 
@@ -21,11 +21,10 @@ def evaluate_run(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: 
         return evaluate_finetuned(run_dir, num_samples, seed, device)
     device = resolve_device(device)
     run = load_run(run_dir, device)
-    dataset = run.checkpoint["data"]["dataset"]
-    samples = draw_samples(run.diffusion, run.model, num_samples, seed=seed, device=device)
-    data = sample_2d(dataset, num_samples, EVAL_DATA_SEED)
-    metrics = sample_quality(samples, data, sample_2d(dataset, num_samples, EVAL_DATA_SEED + 1))
-    return {"run": str(run_dir), "kind": "pretrain", "dataset": dataset, "num_samples": num_samples, **metrics}
+    reference, again = reference_draws(data_of_checkpoint(run.checkpoint["data"]), num_samples, EVAL_DATA_SEED)
+    samples = draw_samples(run.diffusion, run.model, len(reference), seed=seed, device=device)
+    metrics = quality_metrics(samples, reference, again)
+    return {"run": str(run_dir), "kind": "pretrain", "dataset": run.checkpoint["data"]["dataset"], "num_samples": len(reference), **metrics}
 
 
 def tilted_target(pool: np.ndarray, pool_rewards: np.ndarray, kl_coef: float, num_samples: int, seed: int) -> tuple[np.ndarray, float]:
@@ -53,18 +52,18 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
     cfg = FinetuneConfig(**{k: v for k, v in saved.items() if k != "kind"})
     run, pretrained = load_run(run_dir, device), load_run(Path(cfg.run), device)
     reward = build_reward(cfg.reward, cfg.reward_args, skip_nonfinite=True)
-    shape = (num_samples, *run.checkpoint["data"]["shape"])
+    shape, c = sample_shape_and_labels(run.model, num_samples, device)
     with torch.no_grad():
-        traj = run.diffusion.sample(run.model, shape, generator=torch.Generator(device=device).manual_seed(seed),
+        traj = run.diffusion.sample(run.model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed),
                                     device=device, record=True, log_prob_reduction=cfg.log_prob_reduction, **cfg.sampling)
         kl = path_kls(run.diffusion, cfg, run.model, pretrained.model, Pairs.from_trajectory(traj), len(traj.timesteps)).sum(0)
-        before = pretrained.diffusion.sample(pretrained.model, shape, generator=torch.Generator(device=device).manual_seed(seed + 1),
+        before = pretrained.diffusion.sample(pretrained.model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed + 1),
                                              device=device, **cfg.sampling).xs[-1]
     samples = traj.xs[-1]
     metrics = {
         "run": str(run_dir), "kind": "finetune", "algo": cfg.algo, "reward": cfg.reward, "num_samples": num_samples,
-        "reward_mean": reward(samples).nanmean().item(),
-        "reward_mean_pretrained": reward(before).nanmean().item(),
+        "reward_mean": reward(samples, c).nanmean().item(),
+        "reward_mean_pretrained": reward(before, c).nanmean().item(),
         "kl_to_pretrained": kl.mean().item(),
         "diversity": diversity(samples),
         "diversity_pretrained": diversity(before),

@@ -45,7 +45,7 @@ def limits(*point_sets: Points, margin: float = 0.1) -> Limits:
 
     Pass the result as ``lim`` to keep several figures (or a GIF) on the same axes.
     """
-    values = np.concatenate([_as_numpy(points).ravel() for points in point_sets])
+    values = np.concatenate([_as_numpy(points).ravel() for points in point_sets if np.ndim(points) == 2] or [np.zeros(0)])
     values = values[np.isfinite(values)]
     if values.size == 0:
         return (-1.0, 1.0)
@@ -75,6 +75,16 @@ def _draw(ax: Axes, points: Points, data: Points | None, lim: Limits, title: str
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=9)
     ax.tick_params(labelsize=7)
+
+
+def _panel(ax: Axes, points: Points, data: Points | None, lim: Limits, title: str) -> None:
+    """A scatter of 2D points over the data, or, for a batch of images [N, C, H, W], their grid."""
+    if np.ndim(points) == 4:
+        ax.imshow(image_grid(points))
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=9)
+    else:
+        _draw(ax, points, data, lim, title)
 
 
 def _rgb(fig: Figure) -> np.ndarray:
@@ -120,7 +130,7 @@ def plot_process(frames: Sequence[tuple[int, Points]], path: str | Path, title: 
     lim = limits(*(points for _, points in frames))
     fig, axes = _row(len(frames), title)
     for ax, (t, points) in zip(axes, frames):
-        _draw(ax, points, None, lim, f"t = {t}")
+        _panel(ax, points, None, lim, f"t = {t}")
     _save(fig, path)
 
 
@@ -138,7 +148,7 @@ def save_gif(frames: Sequence[tuple[str, Points]], path: str | Path, lim: Limits
     for label, points in frames:
         # One figure redrawn per frame: building a figure costs more than drawing it.
         ax.clear()
-        _draw(ax, points, None, lim, label)
+        _panel(ax, points, None, lim, label)
         images.append(Image.fromarray(_rgb(fig)))
         # The limits are fixed, so the first frame's layout fits every frame; laying
         # out again would take most of the rendering time.
@@ -153,8 +163,8 @@ def plot_finetune_summary(
     """Samples before and after fine-tuning over the data, and the mean reward per epoch."""
     fig, (ax_before, ax_after, ax_curve) = _row(3, title)
     lim = limits(data, before, after)
-    _draw(ax_before, before, data, lim, "before (epoch 1)")
-    _draw(ax_after, after, data, lim, "after")
+    _panel(ax_before, before, data, lim, "before (epoch 1)")
+    _panel(ax_after, after, data, lim, "after")
     ax_curve.plot(list(epochs), list(mean_rewards), color=SAMPLE_COLOR)
     ax_curve.set_xlabel("epoch")
     ax_curve.set_ylabel("mean reward")
@@ -182,7 +192,7 @@ def plot_grid(rows: Sequence[tuple[str, Sequence[tuple[str, Points]]]], data: Po
                 ax.set_axis_off()
                 continue
             col_label, points = row[c]
-            _draw(ax, points, data, lim, col_label)
+            _panel(ax, points, data, lim, col_label)
             cells += 1
         axes[r][0].set_ylabel(row_label, fontsize=9)
     _save(fig, path)
@@ -202,3 +212,26 @@ def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def image_grid(images: Points, columns: int = 8, pad: int = 1) -> np.ndarray:
+    """A batch of images [N, C, H, W] in [-1, 1] tiled into one uint8 picture [rows*H, columns*W, 3]."""
+    x = _as_numpy(images)
+    x = np.clip((x + 1) * 127.5, 0, 255).astype(np.uint8)
+    if x.shape[1] == 1:
+        x = np.repeat(x, 3, axis=1)
+    n, _, h, w = x.shape
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = x[i].transpose(1, 2, 0)
+    return grid
+
+
+def save_image_grid(images: Points, path: str | Path, columns: int = 8, scale: int = 4) -> None:
+    """PNG of image_grid(images), each pixel enlarged `scale` times (small images stay visible)."""
+    grid = image_grid(images, columns)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)

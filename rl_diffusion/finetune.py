@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from pretrain.datasets import sample_2d
-from pretrain.train import EVAL_DATA_SEED, resolve_device, to_markdown_table
+from pretrain.data import data_of_checkpoint, reference_draws
+from pretrain.train import EVAL_DATA_SEED, resolve_device, samples_image, to_markdown_table
 from rewards import Reward, RewardError, build_reward
 from rl_diffusion import figures
 from rl_diffusion.checkpoint import (
@@ -167,7 +167,9 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         raise UserError(f"--run {config.run} is a {pretrained.checkpoint['kind']} run; fine-tune from a pretrain run")
     reward = build_reward(config.reward, config.reward_args, skip_nonfinite=config.skip_nonfinite_rewards)
     data_shape = tuple(pretrained.checkpoint["data"]["shape"])
-    reward(torch.zeros((2, *data_shape), device=device))  # a reward that fails on its input fails now, before any work
+    num_classes = int(pretrained.checkpoint["model_config"].get("num_classes") or 0)
+    probe_labels = torch.zeros(2, dtype=torch.long, device=device) if num_classes else None
+    reward(torch.zeros((2, *data_shape), device=device), probe_labels)  # a reward that fails on its input fails now
     diffusion = pretrained.diffusion
     steps = len(diffusion.timesteps(config.sampler, config.sampling_steps or None))
     epochs = config.epochs
@@ -190,18 +192,18 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         config=config, out=out, device=device, diffusion=diffusion, policy=policy, reference=reference,
         pretrained=pretrained, reward=reward, data_shape=data_shape, epochs=epochs, writer=writer,
         checkpoints=checkpoints, resumed=resumed,
-        eval_data=sample_2d(pretrained.checkpoint["data"]["dataset"], 2000, EVAL_DATA_SEED),
+        eval_data=reference_draws(data_of_checkpoint(pretrained.checkpoint["data"]), 2000, EVAL_DATA_SEED)[0],
     )
 
 
-def score(s: Setup, x0: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
+def score(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> tuple[Tensor, Tensor]:
     """Rewards of a batch, called once; returns (rewards, mask of finite ones).
 
     A non-finite reward stops the run (the last good checkpoint stays) unless
     --skip-nonfinite-rewards, which drops those samples and counts them.
     """
     try:
-        rewards = s.reward(x0)
+        rewards = s.reward(x0, c)
     except RewardError as e:
         raise RewardError(f"{e}; stopped at epoch {epoch + 1}, the last good checkpoint is kept in {s.out}") from None
     finite = torch.isfinite(rewards)
@@ -227,10 +229,9 @@ def log_epoch(s: Setup, epoch: int, reward_queries: int, x0: Tensor, rewards: Te
     for tag, value in values.items():
         s.writer.add_scalar(tag, value, step)
     s.writer.add_histogram("reward/hist", finite.cpu(), step)
-    samples = x0[:1000].detach().cpu().numpy()
-    if len(s.data_shape) == 1 and s.data_shape[0] == 2:
-        s.writer.add_image("samples", figures.scatter_image(samples, s.eval_data, title=f"epoch {epoch + 1}"), step, dataformats="HWC")
-        s.frames.append((f"epoch {epoch + 1}", samples))
+    samples = x0[: 64 if x0.dim() == 4 else 1000].detach().cpu().numpy()
+    s.writer.add_image("samples", samples_image(samples, s.eval_data, title=f"epoch {epoch + 1}"), step, dataformats="HWC")
+    s.frames.append((f"epoch {epoch + 1}", samples))
     s.history.append({"epoch": epoch + 1, "reward_queries": reward_queries, **values})
     s.writer.flush()
 
@@ -265,6 +266,9 @@ def finish(s: Setup) -> dict:
     if s.frames:
         lim = figures.limits(s.eval_data)
         figures.save_gif(s.frames, s.out / "figures" / "samples_over_epochs.gif", lim=lim)
+        if s.frames[0][1].ndim == 4:
+            figures.save_image_grid(s.frames[0][1], s.out / "figures" / "samples_before.png")
+            figures.save_image_grid(s.frames[-1][1], s.out / "figures" / "samples_after.png")
         figures.plot_finetune_summary(
             before=s.frames[0][1], after=s.frames[-1][1], data=s.eval_data,
             epochs=[h["epoch"] for h in s.history], mean_rewards=[h["reward/mean"] for h in s.history],

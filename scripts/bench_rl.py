@@ -5,8 +5,8 @@
 Every RL part uses DDIM with 50 sampling steps (eta = 1) on a default dino model (T = 200),
 pretrained here into a temporary directory unless --pretrained gives one.
 
-1. Env throughput, in denoising (env) steps per second, each for one full rollout (one chain
-   per env) after a warm-up rollout:
+1. Env throughput, in denoising (env) steps per second, after a warm-up rollout (a rollout is
+   one full chain per env; rollouts repeated to at least 12,800 env steps, one for DummyVecEnv):
      - SB3 PPO's collect_rollouts over a DummyVecEnv of 16 single `DenoisingEnv`s (numpy per
        env, one network call per step for the 16), with the `DiffusionPolicy` of `make_ppo`;
      - SB3 PPO's collect_rollouts over the batched `DenoisingVecEnvAdapter` at 16, 256, 1,024 chains;
@@ -16,10 +16,15 @@ pretrained here into a temporary directory unless --pretrained gives one.
    algorithm: the first epoch whose mean reward over its 256 chains reaches the target, the
    reward queries and the wall time of `train()` up to it (sampling, update, logging and
    checkpoints; not the final evaluation), the last epoch's mean reward, the best one, and the
-   mean of perf/steps_per_sec. An algorithm that never reaches the target reports null.
+   mean of perf/steps_per_sec. An algorithm that never reaches the target reports null and its
+   best reward. A second, higher target is reported in the JSON only.
 3. ddpo-is with kl_coef 0.1 and 1.0 for the same budget, then `evaluate_finetuned` with 5,000
    samples (what `train()` returns): sliced W2 to the tilted optimum p_pre exp(r / beta) / Z
    next to that of the pretrained model and the floor of the target against itself.
+
+One torch thread by default (--threads): on 2 cores any other busy process (a test suite) makes
+torch's 2 OpenMP threads spin against it and slows these small networks down 20x or more, while
+one thread stays steady. The load average before and after is recorded.
 
 Prints the JSON and a markdown table, and writes both (the table as a field) to --out.
 """
@@ -61,6 +66,9 @@ class TimedHistory(list):
         self.seconds.append(time.perf_counter() - self.start)
         super().append(item)
 
+    def __reduce__(self):  # checkpoints hold the history: store it as a plain list
+        return (list, (list(self),))
+
 
 def config(pretrained: Path, device: str, **overrides) -> FinetuneConfig:
     return FinetuneConfig(run=str(pretrained), seed=0, device=device, **SAMPLING, **REWARD, **overrides)
@@ -92,11 +100,14 @@ def sampler_rate(s, n: int, repeats: int) -> float:
 
 
 def throughput(pretrained: Path, tmp: Path, device: str) -> dict:
-    result: dict = {"sb3_dummy_vec_env_of_single_envs": {}, "sb3_batched_adapter": {}, "bare_sampler": {}}
+    result: dict = {"note": "env steps per second by number of chains; SB3 rows: PPO.collect_rollouts with the DiffusionPolicy "
+                            "(actor + critic per step), whole rollouts of one chain per env, at least 12,800 env steps timed "
+                            "after a warm-up rollout; bare_sampler: GaussianDiffusion.sample(record=True) under no_grad",
+                    "sb3_dummy_vec_env_of_single_envs": {}, "sb3_batched_adapter": {}, "bare_sampler": {}}
     for n in SIZES:
         s = setup(config(pretrained, device, chains=n), tmp / f"throughput-{n}")
         model = sb3.make_ppo(s)
-        # a rollout is at least ~12,800 env steps at the small sizes, so the timing is not noise
+        # time at least 12,800 env steps (whole rollouts), so the small sizes are not noise
         repeats = max(1, 12800 // (n * s.steps_per_chain))
         result["sb3_batched_adapter"][str(n)] = rollout_rate(model, repeats)
         result["bare_sampler"][str(n)] = sampler_rate(s, n, repeats=max(3, 4 * repeats))
@@ -108,15 +119,29 @@ def throughput(pretrained: Path, tmp: Path, device: str) -> dict:
                 for _ in range(n)
             ])
             model.set_env(envs)
-            result["sb3_dummy_vec_env_of_single_envs"][str(n)] = rollout_rate(model, repeats=1)
+            result["sb3_dummy_vec_env_of_single_envs"][str(n)] = rollout_rate(model, repeats)
         s.writer.close()
     result["adapter_over_dummy_vec_env_at_16"] = result["sb3_batched_adapter"]["16"] / result["sb3_dummy_vec_env_of_single_envs"]["16"]
     result["adapter_over_bare_sampler"] = {k: result["sb3_batched_adapter"][k] / result["bare_sampler"][k] for k in result["bare_sampler"]}
     return result
 
 
-def finetune_run(pretrained: Path, out: Path, device: str, target: float, **overrides) -> dict:
-    """One fine-tuning run with progress=False; its per-epoch curve, time to the target and final metrics."""
+def to_target(history: TimedHistory, steps_per_epoch: int, target: float) -> dict:
+    """The first epoch whose mean reward reaches `target`, and what it took (None everywhere if none did)."""
+    hit = next((i for i, h in enumerate(history) if h["reward/mean"] >= target), None)
+    if hit is None:
+        return {"epochs": None, "reward_queries": None, "wall_seconds": None, "epoch_seconds": None}
+    return {
+        "epochs": hit + 1,
+        "reward_queries": history[hit]["reward_queries"],
+        "wall_seconds": history.seconds[hit],
+        # the trainers' own per-epoch timing (perf/steps_per_sec), summed: without setup and (native) logging
+        "epoch_seconds": sum(steps_per_epoch / h["perf/steps_per_sec"] for h in history[: hit + 1]),
+    }
+
+
+def finetune_run(pretrained: Path, out: Path, device: str, targets: list[float], **overrides) -> dict:
+    """One fine-tuning run with progress=False: its curve, what it took to reach each target, final metrics."""
     cfg = config(pretrained, device, **overrides)
     s = setup(cfg, out)
     train = sb3.train if cfg.algo == "sb3-ppo" else ddpo.train
@@ -125,12 +150,15 @@ def finetune_run(pretrained: Path, out: Path, device: str, target: float, **over
     metrics = train(s, progress=False)
     total = time.perf_counter() - started
     rewards = [h["reward/mean"] for h in history]
-    hit = next((i for i, r in enumerate(rewards) if r >= target), None)
+    reached = {str(t): to_target(history, cfg.chains * s.steps_per_chain, t) for t in targets}
+    first = reached[str(targets[0])]
     return {
         "epochs": len(history),
-        "epochs_to_target": hit + 1 if hit is not None else None,
-        "reward_queries_to_target": history[hit]["reward_queries"] if hit is not None else None,
-        "wall_seconds_to_target": history.seconds[hit] if hit is not None else None,
+        "epochs_to_target": first["epochs"],
+        "reward_queries_to_target": first["reward_queries"],
+        "wall_seconds_to_target": first["wall_seconds"],
+        "epoch_seconds_to_target": first["epoch_seconds"],
+        "by_target": reached,
         "final_reward": rewards[-1],
         "best_reward": max(rewards),
         "best_reward_epoch": int(np.argmax(rewards)) + 1,
@@ -140,7 +168,8 @@ def finetune_run(pretrained: Path, out: Path, device: str, target: float, **over
         "final_kl_to_pretrained": history[-1]["kl/to_pretrained"],
         "eval": {k: v for k, v in metrics.items() if k not in ("run", "kind", "algo", "reward")},
         "curve": [{"epoch": h["epoch"], "reward_queries": h["reward_queries"], "reward_mean": h["reward/mean"],
-                   "kl_to_pretrained": h["kl/to_pretrained"], "wall_seconds": t} for h, t in zip(history, history.seconds)],
+                   "kl_to_pretrained": h["kl/to_pretrained"], "steps_per_sec": h["perf/steps_per_sec"], "wall_seconds": t}
+                  for h, t in zip(history, history.seconds)],
     }
 
 
@@ -161,79 +190,106 @@ def markdown(race: dict, target: float, epochs: int) -> str:
     return "\n".join(lines)
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", default=None, help="a dino pretrain run to reuse (default: pretrain one, ~40 s)")
     parser.add_argument("--epochs", type=int, default=30, help="epoch budget of every fine-tuning run")
-    parser.add_argument("--target", type=float, default=0.5, help="per-epoch mean reward counted as reached")
+    parser.add_argument("--target", type=float, default=0.5, help="per-epoch mean reward counted as reached (the table's)")
+    parser.add_argument("--also-target", type=float, default=0.9, help="a second target, reported in the JSON only")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every algorithm")
     parser.add_argument("--rwr-temperature", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default, one per core)")
     parser.add_argument("--out", default="docs/benchmarks/rl.json")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
+    targets = [args.target, args.also_target]
+    seconds: dict[str, float | None] = {}
     started = time.perf_counter()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        pretrain_seconds = None
         pretrained = Path(args.pretrained) if args.pretrained else tmp / "pretrained"
+        seconds["pretrain"] = None
         if not args.pretrained:
+            log("pretraining dino ...")
             t0 = time.perf_counter()
             pretrain(PretrainConfig(dataset="dino", device=args.device), pretrained, progress=False)
-            pretrain_seconds = time.perf_counter() - t0
+            seconds["pretrain"] = time.perf_counter() - t0
 
+        log("env throughput ...")
         t0 = time.perf_counter()
         env = throughput(pretrained, tmp, args.device)
-        env_seconds = time.perf_counter() - t0
+        seconds["env_throughput"] = time.perf_counter() - t0
 
         common = {"chains": 256, "epochs": args.epochs, "lr": args.lr}
         race = {}
+        t0 = time.perf_counter()
         for algo in ALGOS:
+            log(f"race: {algo} ...")
             extra = {"rwr_temperature": args.rwr_temperature} if algo == "rwr" else {}
-            race[algo] = finetune_run(pretrained, tmp / algo, args.device, args.target, algo=algo, **common, **extra)
+            race[algo] = finetune_run(pretrained, tmp / algo, args.device, targets, algo=algo, **common, **extra)
+        seconds["race"] = time.perf_counter() - t0
         kl = {}
+        t0 = time.perf_counter()
         for beta in (0.1, 1.0):
-            run = finetune_run(pretrained, tmp / f"kl-{beta}", args.device, args.target, algo="ddpo-is", kl_coef=beta, **common)
+            log(f"ddpo-is with kl_coef {beta} ...")
+            run = finetune_run(pretrained, tmp / f"kl-{beta}", args.device, targets, algo="ddpo-is", kl_coef=beta, **common)
             e = run["eval"]
             kl[str(beta)] = {
                 **{k: e[k] for k in ("tilted_sw2", "tilted_sw2_pretrained", "tilted_sw2_floor", "tilted_ess", "tilted_reward_mean",
                                      "reward_mean", "reward_mean_pretrained", "kl_to_pretrained", "diversity", "diversity_pretrained")},
                 "tilted_sw2_over_floor": e["tilted_sw2"] / e["tilted_sw2_floor"],
                 "final_epoch_reward": run["final_reward"],
+                "final_epoch_kl_to_pretrained": run["final_kl_to_pretrained"],
+                "steps_per_sec": run["steps_per_sec"],
                 "train_wall_seconds": run["train_wall_seconds"],
             }
+        seconds["kl"] = time.perf_counter() - t0
 
-    sb3_wall, native_wall = race["sb3-ppo"]["wall_seconds_to_target"], race["ddpo-is"]["wall_seconds_to_target"]
     table = markdown(race, args.target, args.epochs)
+    sb3, native = race["sb3-ppo"]["by_target"], race["ddpo-is"]["by_target"]
+    seconds["total"] = time.perf_counter() - started
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads, device {args.device}",
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        "load_average_1_5_15min_before": load_before,
+        "load_average_1_5_15min_after": os.getloadavg(),
         "sampling": {**SAMPLING, "num_timesteps": 200, "note": "DDIM with 50 sampling steps (eta = 1) for every RL part"},
-        "pretrained": {"run": args.pretrained or "default dino pretrain (PretrainConfig(dataset='dino')), built here",
-                       "seconds": pretrain_seconds},
+        "pretrained": args.pretrained or "default dino pretrain (PretrainConfig(dataset='dino')), built here",
         "env_steps_per_sec": env,
         "race": {
             "reward": REWARD,
             "chains": 256, "seed": 0, "lr": args.lr, "rwr_temperature": args.rwr_temperature,
-            "epoch_budget": args.epochs, "target_mean_reward": args.target,
-            "timing": "wall seconds of train() from its call to the end of the first epoch whose mean reward over "
-                      "its 256 chains reaches the target (sampling, update, per-epoch logging and checkpoints; not the "
-                      "final 5,000-sample evaluation and figures)",
-            "sb3_over_native_wall_to_target": sb3_wall / native_wall if sb3_wall and native_wall else None,
-            "sb3_over_native_wall_note": "sb3-ppo / ddpo-is, both PPO-clip; null if either never reached the target",
+            "epoch_budget": args.epochs, "target_mean_reward": args.target, "also_target": args.also_target,
+            "timing": "wall_seconds: of train() from its call to the end of the first epoch whose mean reward over "
+                      "its 256 chains reaches the target (setup of the trainer, sampling, update, per-epoch logging and "
+                      "checkpoints; not the final 5,000-sample evaluation and figures). epoch_seconds: the trainers' own "
+                      "per-epoch times (perf/steps_per_sec) summed up to that epoch",
+            "sb3_over_native_wall_to_target": {t: ratio(sb3[t]["wall_seconds"], native[t]["wall_seconds"]) for t in sb3},
+            "sb3_over_native_epoch_seconds_to_target": {t: ratio(sb3[t]["epoch_seconds"], native[t]["epoch_seconds"]) for t in sb3},
+            "sb3_over_native_note": "sb3-ppo / ddpo-is (both PPO-clip, same lr, chains, seed); null if either never reached the target",
             "algos": race,
         },
         "kl_to_pretrained": {
             "algo": "ddpo-is", "epochs": args.epochs, "lr": args.lr, "chains": 256, "eval_num_samples": 5000,
-            "note": "tilted target p_pre(x) exp(r(x) / kl_coef) / Z by importance resampling of 50,000 pretrained samples; "
-                    "tilted_sw2_floor is the sliced W2 between two independent resamplings",
+            "note": "evaluate_finetuned(num_samples=5000, seed=0) as returned by train(). Tilted target p_pre(x) exp(r(x) / kl_coef) / Z "
+                    "by importance resampling of 50,000 pretrained samples; tilted_sw2_floor is the sliced W2 between two "
+                    "independent resamplings",
             "by_kl_coef": kl,
         },
         "markdown_table": table,
-        "total_seconds": time.perf_counter() - started,
+        "seconds": seconds,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

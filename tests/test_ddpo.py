@@ -18,7 +18,7 @@ def make_setup(pretrained, tmp_path, **overrides):
 
 def test_ratio_is_exactly_one_before_the_first_update(pretrained_moons, tmp_path):
     s = make_setup(pretrained_moons, tmp_path, minibatch_size=100)
-    pairs, x0 = ddpo.sample_batch(s, torch.Generator().manual_seed(0))
+    pairs, x0, _ = ddpo.sample_batch(s, torch.Generator().manual_seed(0))
     assert len(pairs) == 32 * 20 and x0.shape == (32, 2)
     idx = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))[:100]
     with torch.no_grad():
@@ -28,7 +28,7 @@ def test_ratio_is_exactly_one_before_the_first_update(pretrained_moons, tmp_path
 
 def test_path_kl_is_zero_unchanged_and_matches_a_hand_computation(pretrained_moons, tmp_path):
     s = make_setup(pretrained_moons, tmp_path)
-    pairs, _ = ddpo.sample_batch(s, torch.Generator().manual_seed(0))
+    pairs, _, _ = ddpo.sample_batch(s, torch.Generator().manual_seed(0))
     assert ddpo.path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, 20).abs().max().item() == 0.0
 
     class Shifted(torch.nn.Module):  # eps_theta = eps_ref + delta
@@ -76,13 +76,21 @@ def test_weighted_training_loss_with_uniform_weights_is_the_mean_loss():
 
 def test_advantages_standardise_rewards_without_kl(pretrained_moons, tmp_path):
     s = make_setup(pretrained_moons, tmp_path)
-    pairs, x0 = ddpo.sample_batch(s, torch.Generator().manual_seed(0))
+    pairs, x0, _ = ddpo.sample_batch(s, torch.Generator().manual_seed(0))
     rewards = s.reward(x0)
-    adv, kl, scale = ddpo.advantages(s, pairs, rewards, 20)
+    adv, kl, scale = ddpo.advantages(s, pairs, rewards, None, 20)
     expected = (rewards - rewards.mean()) / rewards.std(correction=0)
     assert adv.shape == (20, 32)
     torch.testing.assert_close(adv[7], expected.clamp(-5, 5), rtol=1e-4, atol=1e-5)
-    assert scale == pytest.approx(rewards.std(correction=0).item(), rel=1e-5)
+    torch.testing.assert_close(scale, torch.full((32,), rewards.std(correction=0).item()), rtol=1e-5, atol=0)
+
+    # class labels: each class is standardised on its own statistics
+    c = torch.arange(32) % 2
+    adv, _, scale = ddpo.advantages(s, pairs, rewards, c, 20)
+    for k in (0, 1):
+        r = rewards[c == k]
+        torch.testing.assert_close(adv[3, c == k], ((r - r.mean()) / r.std(correction=0)).clamp(-5, 5), rtol=1e-4, atol=1e-5)
+        assert scale[c == k][0].item() == pytest.approx(r.std(correction=0).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("algo", ["ddpo-is", "ddpo-sf", "rwr"])

@@ -25,7 +25,7 @@ def test_run_directory_holds_config_events_checkpoint_and_figures(pretrained_moo
     for name in ("samples_vs_data.png", "forward_process.png", "reverse_process.png", "reverse_process.gif", "training.gif"):
         assert (pretrained_moons / "figures" / name).stat().st_size > 1000
     ckpt = CheckpointManager(pretrained_moons).load_latest()
-    assert ckpt["train_state"]["step"] == 1500 and ckpt["data"] == {"dataset": "moons", "shape": [2]}
+    assert ckpt["train_state"]["step"] == 1500 and ckpt["data"] == {"dataset": "moons", "shape": [2], "num_classes": 0, "root": "", "image_size": 0, "seed": 0}
 
 
 def test_sample_writes_points_in_data_coordinates(pretrained_moons, tmp_path):

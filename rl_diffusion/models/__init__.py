@@ -6,10 +6,11 @@ from torch import nn
 
 from rl_diffusion.errors import UserError
 from rl_diffusion.models.mlp import INPUT_EMBEDDINGS, TIME_EMBEDDINGS, MLPEps
+from rl_diffusion.models.unet import UNetEps
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLPEps}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLPEps, "unet": UNetEps}
 
-__all__ = ["MODELS", "build_model", "MLPEps", "TIME_EMBEDDINGS", "INPUT_EMBEDDINGS"]
+__all__ = ["MODELS", "build_model", "MLPEps", "UNetEps", "TIME_EMBEDDINGS", "INPUT_EMBEDDINGS"]
 
 
 def build_model(config: dict) -> nn.Module:

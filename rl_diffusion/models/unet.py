@@ -58,7 +58,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, ch, h, w = x.shape
         # [B, 3C, H, W] -> three [B, heads, H*W, C/heads]
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, ch // self.num_heads, h * w).transpose(-1, -2).unbind(1)
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, ch // self.num_heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(b, ch, h, w))
 
@@ -164,7 +165,8 @@ class UNetEps(nn.Module):
             c: long [B] labels in 0..K (K = num_classes means "no label"), or None for all "no
                 label"; ignored by an unconditional model.
         """
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] != x.shape[3] or x.shape[2] % self.downsampling:
+        square = x.dim() == 4 and x.shape[2] == x.shape[3]
+        if not square or x.shape[1] != self.in_channels or x.shape[2] % self.downsampling:
             raise ValueError(f"expected images [B, {self.in_channels}, S, S] with S a multiple of "
                              f"{self.downsampling}, got {list(x.shape)}")
         emb = self.t_emb(t.to(x.dtype) / self.num_timesteps)
