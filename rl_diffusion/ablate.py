@@ -58,7 +58,7 @@ def run_setting(kind: str, run_dir: Path, param: str, value, flags: list[str], t
         args = [kind, "--resume", str(run_dir), "--quiet"]
     else:
         args = [kind, "--out", str(run_dir), "--overwrite", "--quiet", *flags, f"--{param.replace('_', '-')}", str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {"OMP_NUM_THREADS": str(threads), **os.environ}  # a thread count the user set wins
     proc = subprocess.run([sys.executable, "-m", "rl_diffusion.cli", *args], capture_output=True, text=True, env=env)
     last = (proc.stderr.strip().splitlines() or [""])[-1]
     return run_dir, proc.returncode, last

@@ -5,6 +5,8 @@
 Each study is one `rl-diffusion ablate` call (resumable: rerun to finish an interrupted
 study). Pretraining studies vary one setting of the default dino run; fine-tuning studies
 vary one setting of a DDPO-IS run (disc reward, DDIM 50 steps) from the default dino model.
+Budgets are cut to fit 2 CPU cores: pretraining runs take 1,500 steps (half the default),
+fine-tuning runs 15 epochs.
 """
 
 import argparse
@@ -34,7 +36,7 @@ FINETUNE_STUDIES = {
     "chains": "64,256,1024",
 }
 FINETUNE_FLAGS = ["--reward", "in_region", "--reward-arg", "shape=disc", "--reward-arg", "center=[2.0, -1.0]",
-                  "--reward-arg", "radius=1.0", "--sampler", "ddim", "--sampling-steps", "50", "--epochs", "20",
+                  "--reward-arg", "radius=1.0", "--sampler", "ddim", "--sampling-steps", "50", "--epochs", "15",
                   "--rwr-temperature", "0.1"]
 
 
@@ -52,7 +54,9 @@ def main() -> int:
     for kind, param, values in studies:
         if only and param not in only:
             continue
-        flags = ["--dataset", "dino"] if kind == "pretrain" and param != "dataset" else []
+        flags = ["--steps", "1500", "--eval-every", "250", "--eval-samples", "1000"]
+        if param != "dataset":
+            flags += ["--dataset", "dino"]
         if kind == "finetune":
             if not (pretrained / "metrics.json").exists() and cli(["pretrain", "--out", str(pretrained), "--overwrite", "--quiet"]) != 0:
                 return 2
