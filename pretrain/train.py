@@ -27,11 +27,10 @@ from rl_diffusion.checkpoint import (
     atomic_write_text,
     load_weights,
     prepare_run_dir,
-    read_run_config,
     rng_state,
     set_rng_state,
 )
-from rl_diffusion.config import arg, config_from_dict
+from rl_diffusion.config import arg
 from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.errors import UserError
 from rl_diffusion.metrics import sample_quality, sliced_wasserstein2
@@ -133,10 +132,6 @@ def config_for(flags: dict) -> PretrainConfig:
     return PretrainConfig(**{**(IMAGE_DEFAULTS if is_image_dataset(dataset) else {}), **flags})
 
 
-# Flags that may differ on --resume without changing the result.
-RESUMABLE_OVERRIDES = ("device",)
-
-
 def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -157,20 +152,6 @@ def lr_lambda(config: PretrainConfig):
         return 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
 
     return factor
-
-
-def resume_config(run_dir: Path, overrides: dict) -> PretrainConfig:
-    """The saved config of `run_dir`, with only harmless flags overridden."""
-    saved = read_run_config(run_dir)
-    if saved.get("kind") != "pretrain":
-        raise UserError(f"{run_dir} is a {saved.get('kind')} run, not a pretrain run")
-    fields = {k: v for k, v in saved.items() if k != "kind"}
-    changed = [k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and fields.get(k) != v]
-    if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise UserError(f"{flags} would change the resumed run in {run_dir}; resume without them, or start a new run")
-    fields.update({k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES})
-    return config_from_dict(PretrainConfig, fields)
 
 
 def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:

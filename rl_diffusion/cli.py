@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rl_diffusion.config import add_config_args, given_flags
+from rl_diffusion.config import add_config_args, given_flags, resume_config
 from rl_diffusion.errors import UserError
 
 
@@ -34,18 +34,21 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from pretrain.train import PretrainConfig, config_for, pretrain, resume_config
-
-    flags = given_flags(PretrainConfig, args)
+def _config_and_run_dir(args: argparse.Namespace, cls: type, kind: str, flags: dict, make_config) -> tuple:
+    """(config, run directory) of a new run (--out) or of the run a --resume continues."""
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
             raise UserError("--resume continues the run in place; drop --out")
-        config, out = resume_config(Path(args.resume), flags), Path(args.resume)
-    else:
-        if not args.out:
-            raise UserError("pretrain needs --out RUN_DIR (or --resume RUN_DIR)")
-        config, out = config_for(flags), Path(args.out)
+        return resume_config(cls, kind, Path(args.resume), flags), Path(args.resume)
+    if not args.out:
+        raise UserError(f"{kind} needs --out RUN_DIR (or --resume RUN_DIR)")
+    return make_config(flags), Path(args.out)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from pretrain.train import PretrainConfig, config_for, pretrain
+
+    config, out = _config_and_run_dir(args, PretrainConfig, "pretrain", given_flags(PretrainConfig, args), config_for)
     pretrain(config, out, overwrite=args.overwrite, resume=bool(args.resume), progress=not args.quiet)
     metrics = json.loads((out / "metrics.json").read_text())
     print(json.dumps(metrics, indent=2))
@@ -54,19 +57,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from rewards import parse_reward_args
-    from rl_diffusion.finetune import FinetuneConfig, resume_config, setup
+    from rl_diffusion.finetune import FinetuneConfig, setup
 
     flags = given_flags(FinetuneConfig, args)
     if args.reward_arg:
         flags["reward_args"] = parse_reward_args(args.reward_arg)
-    if args.resume:
-        if args.out and Path(args.out) != Path(args.resume):
-            raise UserError("--resume continues the run in place; drop --out")
-        config, out = resume_config(Path(args.resume), flags), Path(args.resume)
-    else:
-        if not args.out:
-            raise UserError("finetune needs --out RUN_DIR (or --resume RUN_DIR)")
-        config, out = FinetuneConfig(**flags), Path(args.out)
+    config, out = _config_and_run_dir(args, FinetuneConfig, "finetune", flags, lambda f: FinetuneConfig(**f))
     s = setup(config, out, overwrite=args.overwrite, resume=bool(args.resume))
     if config.algo == "sb3-ppo":
         from rl_diffusion.sb3 import train

@@ -35,6 +35,26 @@ def given_flags(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name, None) is not None}
 
 
+# Flags that may differ on --resume without changing the result.
+RESUMABLE_OVERRIDES = ("device",)
+
+
+def resume_config(cls: type[C], kind: str, run_dir, overrides: dict[str, Any]) -> C:
+    """The config saved in run_dir (a `kind` run), with only harmless flags overridden."""
+    from rl_diffusion.checkpoint import read_run_config
+
+    saved = read_run_config(run_dir)
+    if saved.get("kind") != kind:
+        raise UserError(f"{run_dir} is a {saved.get('kind')} run, not a {kind} run")
+    fields = {k: v for k, v in saved.items() if k != "kind"}
+    changed = [k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and fields.get(k) != v]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise UserError(f"{flags} would change the resumed run in {run_dir}; resume without them, or start a new run")
+    fields.update({k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES})
+    return config_from_dict(cls, fields)
+
+
 def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names

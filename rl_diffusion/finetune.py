@@ -28,9 +28,8 @@ from rl_diffusion.checkpoint import (
     atomic_write_text,
     load_run,
     prepare_run_dir,
-    read_run_config,
 )
-from rl_diffusion.config import arg, config_from_dict
+from rl_diffusion.config import arg
 from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, SAMPLERS, GaussianDiffusion
 from rl_diffusion.errors import UserError, nearest
 
@@ -103,10 +102,6 @@ class FinetuneConfig:
         return {"sampler": self.sampler, "sampling_steps": self.sampling_steps or None, "eta": self.eta}
 
 
-# Flags that may differ on --resume without changing the result.
-RESUMABLE_OVERRIDES = ("device",)
-
-
 @dataclass
 class Setup:
     """Everything an algorithm needs; built once by `setup()`, the same for every algo."""
@@ -143,19 +138,6 @@ class Setup:
             "model": self.policy.state_dict(),
             "train_state": train_state,
         }
-
-
-def resume_config(run_dir: Path, overrides: dict) -> FinetuneConfig:
-    saved = read_run_config(run_dir)
-    if saved.get("kind") != "finetune":
-        raise UserError(f"{run_dir} is a {saved.get('kind')} run, not a finetune run")
-    fields = {k: v for k, v in saved.items() if k != "kind"}
-    changed = [k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and fields.get(k) != v]
-    if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise UserError(f"{flags} would change the resumed run in {run_dir}; resume without them, or start a new run")
-    fields.update({k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES})
-    return config_from_dict(FinetuneConfig, fields)
 
 
 def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bool = False) -> Setup:
