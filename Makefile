@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench ablations clean
 
 $(BIN)/rl-diffusion: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ test: install
 
 bench: install
 	$(BIN)/python scripts/bench_pretrain.py
+	$(BIN)/python scripts/bench_rl.py
+	$(BIN)/python scripts/bench_images.py
+
+ablations: install
+	$(BIN)/python scripts/ablations.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
