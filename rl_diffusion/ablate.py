@@ -94,24 +94,21 @@ def ablate(kind: str, param: str, values: list, out: Path, flags: list[str], job
 
 def draw(kind: str, param: str, values: list, dirs: list[Path], out: Path) -> dict:
     """grid.png, curves.png (and kl.png for fine-tuning) and ablation.json from finished setting directories."""
+    from pretrain.data import data_of_checkpoint, reference_draws
+    from pretrain.train import EVAL_DATA_SEED
+
     rows, histories, summary = [], {}, {"kind": kind, "param": param, "values": values, "settings": {}}
     for value, run_dir in zip(values, dirs):
-        state = CheckpointManager(run_dir).load_latest()["train_state"]
-        frames = state["frames"]
+        ckpt = CheckpointManager(run_dir).load_latest()
+        frames = ckpt["train_state"]["frames"]
         picks = np.unique(np.linspace(0, len(frames) - 1, min(MAX_COLUMNS, len(frames))).round().astype(int))
-        rows.append((f"{param}={value}", [frames[i] for i in picks]))
+        data, _ = reference_draws(data_of_checkpoint(ckpt["data"]), 1000, EVAL_DATA_SEED)
+        rows.append((f"{param}={value}", [frames[i] for i in picks], data))
+        state = ckpt["train_state"]
         histories[f"{param}={value}"] = state.get("history", [])
         metrics = json.loads((run_dir / "metrics.json").read_text())
         summary["settings"][str(value)] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    data = None
-    if param != "dataset":  # one data set for every row: draw it under the samples
-        from pretrain.datasets import sample_2d
-        from pretrain.train import EVAL_DATA_SEED
-
-        config = json.loads((dirs[0] / "config.json").read_text())
-        dataset = config["dataset"] if kind == "pretrain" else CheckpointManager(dirs[0]).load_latest()["data"]["dataset"]
-        data = sample_2d(dataset, 1000, EVAL_DATA_SEED)
-    summary["cells"] = figures.plot_grid(rows, data, out / "grid.png", title=f"{kind}: {param}")
+    summary["cells"] = figures.plot_grid(rows, out / "grid.png", title=f"{kind}: {param}")
     if kind == "pretrain":
         curves = {f"{param}={v}": scalars(d, "eval/sw2") for v, d in zip(values, dirs)}
         figures.plot_curves(curves, out / "curves.png", "step", "sliced W2 to the data", f"{kind}: {param}", log_y=True)

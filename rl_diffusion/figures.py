@@ -172,20 +172,21 @@ def plot_finetune_summary(
     _save(fig, path)
 
 
-def plot_grid(rows: Sequence[tuple[str, Sequence[tuple[str, Points]]]], data: Points | None, path: str | Path, title: str = "") -> int:
-    """A grid of scatter panels: one row per (row label, [(column label, points), ...]); returns the cell count.
+def plot_grid(rows: Sequence[tuple[str, Sequence[tuple[str, Points]], Points]], path: str | Path, title: str = "") -> int:
+    """A grid of panels: one row per (row label, [(column label, points), ...], the row's data); returns the cell count.
 
-    Rows may have different lengths (a setting that stopped early); all panels share the limits.
+    Each row is drawn over its own data with the data's limits (samples far off are cut off,
+    not squeezing the data to a dot). Rows may have different lengths (a run that stopped early).
     """
-    num_cols = max(len(cells) for _, cells in rows)
-    lim = limits(data) if data is not None else limits(*(p for _, cells in rows for _, p in cells))
+    num_cols = max(len(cells) for _, cells, _ in rows)
     fig = Figure(figsize=(2.2 * num_cols, 2.2 * len(rows)), dpi=RENDER_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     if title:
         fig.suptitle(title, fontsize=10)
     axes = fig.subplots(len(rows), num_cols, squeeze=False)
     cells = 0
-    for r, (row_label, row) in enumerate(rows):
+    for r, (row_label, row, data) in enumerate(rows):
+        lim = limits(data)
         for c in range(num_cols):
             ax = axes[r][c]
             if c >= len(row):

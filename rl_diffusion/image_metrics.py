@@ -64,6 +64,8 @@ def kernel_inception_distance(feats_a: Features, feats_b: Features, subsets: int
     m = min(subset_size, len(a), len(b))
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    if m == len(a) == len(b):
+        subsets = 1  # every subset would be both whole sets, reordered: the same estimate each time
     dim = a.shape[1]
     rng = np.random.default_rng(seed)
     estimates = np.empty(subsets)
