@@ -175,7 +175,7 @@ def finetune_run(pretrained: Path, out: Path, device: str, targets: list[float],
 
 def markdown(race: dict, target: float, epochs: int) -> str:
     def fmt(value, spec: str) -> str:
-        return "never" if value is None else format(value, spec)
+        return "-" if value is None else format(value, spec)
 
     lines = [
         f"| algorithm | epochs to target ({target}) | reward queries | wall s | final reward | steps/s |",
