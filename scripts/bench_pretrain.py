@@ -23,6 +23,7 @@ sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # else scripts/pret
 import torch  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from pretrain.data import load_training_data  # noqa: E402
 from pretrain.datasets import data_spread, sample_2d  # noqa: E402
 from pretrain.train import EVAL_DATA_SEED, PretrainConfig, pretrain  # noqa: E402
 from rl_diffusion.diffusion import GaussianDiffusion  # noqa: E402
@@ -40,7 +41,8 @@ def scalars(run: Path, tag: str) -> dict[int, float]:
 
 def sampling_throughput(config: PretrainConfig, num_timesteps: int, device: str) -> float:
     """Samples per second of DDPM sampling with the default network at T = num_timesteps."""
-    model = build_model({**config.model_config(), "num_timesteps": num_timesteps}).to(device).eval()
+    data = load_training_data(config.dataset, config.seed)
+    model = build_model({**config.model_config(data), "num_timesteps": num_timesteps}).to(device).eval()
     diffusion = GaussianDiffusion(config.beta_schedule, num_timesteps)
     with torch.inference_mode():
         diffusion.sample(model, (256, 2), device=device)  # warm-up
