@@ -21,22 +21,16 @@ from pathlib import Path
 sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # else scripts/pretrain.py shadows the pretrain package
 
 import torch  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from pretrain.data import load_training_data  # noqa: E402
 from pretrain.datasets import data_spread, sample_2d  # noqa: E402
 from pretrain.train import EVAL_DATA_SEED, PretrainConfig, pretrain  # noqa: E402
+from rl_diffusion.ablate import scalars  # noqa: E402
 from rl_diffusion.diffusion import GaussianDiffusion  # noqa: E402
 from rl_diffusion.metrics import sliced_wasserstein2  # noqa: E402
 from rl_diffusion.models import build_model  # noqa: E402
 
 N = 5000
-
-
-def scalars(run: Path, tag: str) -> dict[int, float]:
-    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def sampling_throughput(config: PretrainConfig, num_timesteps: int, device: str) -> float:
@@ -66,7 +60,7 @@ def main() -> int:
         started = time.perf_counter()
         pretrain(config, run, progress=False)
         total_seconds = time.perf_counter() - started
-        sw2, wall, train = (scalars(run, tag) for tag in ("eval/sw2", "perf/wall_seconds", "perf/train_seconds"))
+        sw2, wall, train = (dict(zip(*scalars(run, tag))) for tag in ("eval/sw2", "perf/wall_seconds", "perf/train_seconds"))
         final = json.loads((run / "metrics.json").read_text())
     reached = [step for step in sorted(sw2) if sw2[step] <= 1.25 * floor]
     first = reached[0] if reached else None
