@@ -1,0 +1,173 @@
+"""Image benchmark on the 8x8 digits: time to match the data, sampling throughput, fine-tuning speed.
+
+    python scripts/bench_images.py [--out docs/benchmarks/images.json] [--figures docs/figures]
+
+1. Runs `rl-diffusion pretrain --dataset digits` on the image defaults (2,000 steps of 128, lr 2e-3,
+   T = 100, U-Net of 32 base channels, class-conditional), keeping the EMA checkpoint of every 250th
+   step (--checkpoint-every 250 and enough --keep-checkpoints). Its in-loop evaluation runs at the same
+   steps with only 16 samples: it is there for the TensorBoard scalars perf/wall_seconds (since the loop
+   started, evaluations and checkpoints included) and perf/train_seconds (optimizer steps only) at each
+   of those steps. After the run, every kept checkpoint draws 500 samples (DDPM, seed 0, labels 0..9 in
+   turn) and their Frechet distance to 500 digits is computed in the digit classifier's features; the
+   floor is the FD between the disjoint other 500 digits and the same 500, what a perfect sampler scores
+   at this sample size. Reports the first step whose FD is within 3x the floor (or, if none is, the best
+   ratio reached) with the wall time up to it. Those draws are timed: sampling throughput at T = 100.
+2. Fine-tunes the final model with ddpo-is on digit_classifier digit=3 (64 chains, 4 epochs):
+   denoising steps per second (sampling, scoring and update of each epoch, from the run's history),
+   the share of samples the classifier calls a 3 before and after (500 samples each, same seed, same
+   labels), and image grids of the first 80 of them (column j has label j):
+   docs/figures/digits_before.png and docs/figures/digits_after.png. The run's own final evaluation
+   (500 samples with the path KL: about 100 s on one CPU thread, longer than the 4 epochs) is skipped:
+   it is not what is timed, and the share before/after is measured here instead.
+
+Everything runs in one process with torch's thread count as set (OMP_NUM_THREADS); the JSON records
+it and the load average, since other jobs on the machine slow every figure down.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # else scripts/pretrain.py shadows the pretrain package
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pretrain.data import load_training_data, reference_draws  # noqa: E402
+from pretrain.train import EVAL_DATA_SEED, config_for, draw_samples, pretrain  # noqa: E402
+from rewards.digit_classifier import load_digit_classifier  # noqa: E402
+from rl_diffusion import ddpo, figures  # noqa: E402
+from rl_diffusion.ablate import scalars  # noqa: E402
+from rl_diffusion.checkpoint import load_run, load_weights  # noqa: E402
+from rl_diffusion.finetune import FinetuneConfig, setup  # noqa: E402
+from rl_diffusion.image_metrics import classifier_features, frechet_distance  # noqa: E402
+from rl_diffusion.models import build_model  # noqa: E402
+
+N = 500  # samples per FD evaluation, and digits in each reference half (the data set has 1,797)
+EVAL_EVERY = 250
+TARGET_RATIO = 3.0
+DIGIT = 3
+FT_CHAINS = 64
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/benchmarks/images.json")
+    parser.add_argument("--figures", default="docs/figures")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the image default, 2000)")
+    parser.add_argument("--ft-epochs", type=int, default=4, help="fine-tuning epochs")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    load_before = os.getloadavg()
+    started_all = time.perf_counter()
+
+    flags = {"dataset": "digits", "eval_every": EVAL_EVERY, "eval_samples": 16, "checkpoint_every": EVAL_EVERY,
+             "keep_checkpoints": 1000, "device": args.device}
+    if args.steps:
+        flags["steps"] = args.steps
+    config = config_for(flags)
+    classifier = load_digit_classifier()  # trained and cached first if absent (a few seconds)
+    reference, again = reference_draws(load_training_data("digits", config.seed), N, EVAL_DATA_SEED)
+    reference_feats = classifier_features(torch.from_numpy(reference), classifier)[0]
+
+    def fd(images: np.ndarray) -> float:
+        return frechet_distance(classifier_features(torch.from_numpy(images), classifier)[0], reference_feats)
+
+    def share_of_digit(images: np.ndarray) -> float:
+        return float((classifier_features(torch.from_numpy(images), classifier)[1] == DIGIT).float().mean())
+
+    floor = fd(again)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "digits"
+        started = time.perf_counter()
+        pretrain(config, run, progress=False)
+        pretrain_total = time.perf_counter() - started
+        wall, train = (dict(zip(*scalars(run, tag))) for tag in ("perf/wall_seconds", "perf/train_seconds"))
+        final_metrics = json.loads((run / "metrics.json").read_text())
+
+        # FD of every kept checkpoint, each from the same noise (seed 0) and labels; the draws are timed.
+        loaded = load_run(run, device)
+        model = build_model(loaded.checkpoint["model_config"]).to(device).eval()
+        curve, draw_seconds, samples = [], [], None
+        for path in sorted((run / "checkpoints").glob("step_*.pt")):
+            ckpt = torch.load(path, map_location=device, weights_only=False)
+            step = ckpt["train_state"]["step"]
+            load_weights(model, ckpt["model"], source=str(path))
+            t0 = time.perf_counter()
+            samples = draw_samples(loaded.diffusion, model, N, seed=0, device=device)
+            draw_seconds.append(time.perf_counter() - t0)
+            value = fd(samples)
+            curve.append({"step": step, "fd": value, "ratio_to_floor": value / floor,
+                          "wall_seconds": wall.get(step), "train_seconds": train.get(step)})
+            print(f"step {step}: FD {value:.3f} ({value / floor:.2f}x floor)", flush=True)
+        before = samples  # the final checkpoint's draws: the pretrained model the fine-tuning starts from
+
+        # Fine-tuning towards one digit.
+        ft_config = FinetuneConfig(run=str(run), reward="digit_classifier", reward_args={"digit": DIGIT}, algo="ddpo-is",
+                                   chains=FT_CHAINS, epochs=args.ft_epochs, device=args.device)
+        s = setup(ft_config, Path(tmp) / "finetuned")
+        ddpo.finish = lambda s: s.writer.close() or {}  # skip the run's final evaluation (see the docstring)
+        started = time.perf_counter()
+        ddpo.train(s, progress=False)
+        ft_total = time.perf_counter() - started
+        finetuned = load_run(Path(tmp) / "finetuned", device)
+        after = draw_samples(finetuned.diffusion, finetuned.model, N, seed=0, device=device)
+
+    figures_dir = Path(args.figures)
+    figures.save_image_grid(before[:80], figures_dir / "digits_before.png", columns=10)
+    figures.save_image_grid(after[:80], figures_dir / "digits_after.png", columns=10)
+    reached = [point for point in curve if point["ratio_to_floor"] <= TARGET_RATIO]
+    best = min(curve, key=lambda point: point["ratio_to_floor"])
+    ft_rates = [h["perf/steps_per_sec"] for h in s.history]
+    T = config.num_timesteps
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} torch threads, device {args.device}",
+        "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
+        "gpu": "none here (CPU only); no GPU figures" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "config": {k: getattr(config, k) for k in ("steps", "batch_size", "lr", "num_timesteps", "beta_schedule", "base_channels",
+                                                   "channel_mults", "num_res_blocks", "attention", "class_conditional",
+                                                   "label_dropout", "ema_decay")},
+        "fd_method": f"{N} DDPM samples (seed 0, labels 0..9 in turn) of each EMA checkpoint vs {N} digits, digit-classifier features; "
+                     f"floor: FD of the disjoint other {N} digits vs the same {N}",
+        "fd_floor": floor,
+        "curve": curve,
+        "target": f"fd <= {TARGET_RATIO:g} x floor",
+        "reached_at_step": reached[0]["step"] if reached else None,
+        "wall_seconds_to_target": reached[0]["wall_seconds"] if reached else None,
+        "train_seconds_to_target": reached[0]["train_seconds"] if reached else None,
+        "best_ratio_to_floor": best["ratio_to_floor"],
+        "best_at_step": best["step"],
+        "pretrain_total_seconds_with_final_metrics_and_figures": pretrain_total,
+        "final_metrics_of_the_run": {k: final_metrics[k] for k in ("fd", "fd_floor", "kid", "kid_floor", "mode_coverage")},
+        "sampling_images_per_sec": {f"T={T}, batch {N}, DDPM": N / float(np.median(draw_seconds))},
+        "finetune": {
+            "algo": "ddpo-is", "reward": f"digit_classifier digit={DIGIT}", "chains": FT_CHAINS, "epochs": s.epochs,
+            "steps_per_chain": s.steps_per_chain,
+            "denoising_steps_per_sec_per_epoch": ft_rates,
+            "denoising_steps_per_sec_median": float(np.median(ft_rates)),
+            "epochs_per_sec_median": float(np.median(ft_rates)) / (FT_CHAINS * s.steps_per_chain),
+            "total_seconds_without_final_evaluation": ft_total,
+            "reward_mean_per_epoch": [h["reward/mean"] for h in s.history],
+            f"share_of_{DIGIT}s_before": share_of_digit(before),
+            f"share_of_{DIGIT}s_after": share_of_digit(after),
+            "share_method": f"{N} DDPM samples (seed 0, labels 0..9 in turn), classified by the digit classifier",
+            "path_kl_to_pretrained_per_epoch": [h["kl/to_pretrained"] for h in s.history],
+            "figures": [str(figures_dir / "digits_before.png"), str(figures_dir / "digits_after.png")],
+        },
+        "benchmark_total_seconds": time.perf_counter() - started_all,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

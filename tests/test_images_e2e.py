@@ -1,0 +1,171 @@
+"""End to end on the 8x8 digits, through the CLI: pretraining lowers the Frechet distance, sampling
+with classifier-free guidance, the Gymnasium env on images, and fine-tuning towards one digit.
+
+Two tiny runs (T = 20, 16 base channels, 200 steps of 64) are shared by the module: a class-conditional
+one (the default) and an unconditional one for fine-tuning. The digit classifier, which scores the
+samples and rewards the fine-tuning, is trained once into a temporary cache (never the home directory).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from PIL import Image
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import rl_diffusion  # noqa: F401  (registers RLDiffusion/Denoise-v0)
+from pretrain.data import data_of_checkpoint, reference_draws
+from pretrain.train import EVAL_DATA_SEED, draw_samples
+from rewards.digit_classifier import CACHE_ENV, load_digit_classifier
+from rl_diffusion.checkpoint import load_run
+from rl_diffusion.cli import main
+from rl_diffusion.image_metrics import classifier_features, frechet_distance
+from rl_diffusion.models import build_model
+
+STEPS = 200
+TINY_DIGITS = ["--dataset", "digits", "--steps", str(STEPS), "--num-timesteps", "20", "--base-channels", "16",
+               "--batch-size", "64", "--lr", "4e-3", "--warmup-steps", "30", "--ema-decay", "0.98",
+               "--eval-every", str(STEPS), "--eval-samples", "64", "--checkpoint-every", str(STEPS), "--quiet"]
+CPU = torch.device("cpu")
+DIGIT = 3
+
+
+@pytest.fixture(scope="module")
+def digit_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """$RL_DIFFUSION_CACHE at a fresh directory for the whole module; the classifier is trained there once."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv(CACHE_ENV, str(cache))
+        load_digit_classifier()
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def classifier(digit_cache: Path) -> torch.nn.Module:
+    return load_digit_classifier()
+
+
+@pytest.fixture(scope="module")
+def digits_run(digit_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny class-conditional DDPM on the digits (label dropout 0.1, so guidance works)."""
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    assert main(["pretrain", "--out", str(out), *TINY_DIGITS]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def unconditional_run(digit_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny unconditional DDPM on the digits: every digit comes out, about a tenth each."""
+    out = tmp_path_factory.mktemp("runs") / "digits_unconditional"
+    assert main(["pretrain", "--out", str(out), *TINY_DIGITS, "--no-class-conditional"]) == 0
+    return out
+
+
+def predicted_labels(images: np.ndarray, classifier: torch.nn.Module) -> torch.Tensor:
+    return classifier_features(torch.from_numpy(images), classifier)[1]
+
+
+def test_pretraining_lowers_the_frechet_distance(digits_run: Path, classifier: torch.nn.Module,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`rl-diffusion evaluate` on the trained run vs the same measurement of the network at initialisation.
+
+    Both: 300 DDPM samples (seed 1, labels 0..9 in turn), Frechet distance in the digit classifier's
+    features to the same 300 digits. (The zero-initialised output layer makes the initial network
+    predict eps = 0, so its samples are x_T amplified: pixels in the hundreds.)
+    """
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(digits_run), "--num-samples", "300", "--seed", "1"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    run = load_run(digits_run)
+    torch.manual_seed(0)  # what pretrain seeds before building the network (--seed 0)
+    initial = build_model(run.checkpoint["model_config"]).eval()
+    reference, again = reference_draws(data_of_checkpoint(run.checkpoint["data"]), 300, EVAL_DATA_SEED)
+    ref_feats = classifier_features(torch.from_numpy(reference), classifier)[0]
+
+    def fd(images: np.ndarray) -> float:
+        return frechet_distance(classifier_features(torch.from_numpy(images), classifier)[0], ref_feats)
+
+    fd_initial = fd(draw_samples(run.diffusion, initial, 300, seed=1, device=CPU))
+    assert fd(again) == pytest.approx(evaluated["fd_floor"], rel=1e-6)  # the same reference set and features as evaluate's
+    print(f"FD initial {fd_initial:.4g}, trained {evaluated['fd']:.4g}, floor {evaluated['fd_floor']:.4g} (300 samples)")
+    assert evaluated["fd"] < fd_initial / 1000
+    assert evaluated["fd"] < 5 * evaluated["fd_floor"]  # a floor inflated by the small sample (1.7 at 898 samples)
+    assert evaluated["num_samples"] == 300 and evaluated["kid"] > evaluated["kid_floor"]
+    # The run's own final metrics (898 samples) carry the image entries next to their floors.
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    assert {"fd", "fd_floor", "kid", "kid_floor", "label_distribution", "mode_coverage"} <= metrics.keys()
+    print(f"run metrics: fd {metrics['fd']:.3g} (floor {metrics['fd_floor']:.3g}), kid {metrics['kid']:.3g} (floor {metrics['kid_floor']:.3g})")
+    assert metrics["fd_floor"] < metrics["fd"] < fd_initial / 1000
+    assert metrics["mode_coverage"] == 10
+
+
+def test_sample_writes_images_and_a_grid_and_guidance_follows_the_labels(digits_run: Path, classifier: torch.nn.Module,
+                                                                        tmp_path: Path) -> None:
+    n = 100  # labels 0..9 ten times each
+    samples = {}
+    for scale in (1.0, 0.0, 3.0):
+        out = tmp_path / f"samples_{scale:g}.npy"
+        assert main(["sample", "--run", str(digits_run), "--num-samples", str(n), "--out", str(out), "--seed", "0",
+                     "--guidance-scale", str(scale)]) == 0
+        samples[scale] = np.load(out)
+        with Image.open(out.with_suffix(".png")) as grid:
+            assert grid.format == "PNG" and grid.size == (4 * (8 * 9 + 1), 4 * (8 * 9 + 1))  # 64 tiles of 8x8, 1 px gaps, x4
+    x = samples[1.0]
+    assert x.shape == (n, 1, 8, 8) and x.dtype == np.float32 and np.isfinite(x).all()
+    print(f"pixel range [{x.min():.2f}, {x.max():.2f}]")
+    print(f"pixels beyond 1.2: {(np.abs(x) > 1.2).mean():.3f}, beyond 1.5: {(np.abs(x) > 1.5).mean():.4f}")
+    assert np.abs(x).max() < 2.5 and (np.abs(x) <= 1.5).mean() > 0.99  # the data is in [-1, 1]; a tiny model overshoots a little
+    assert not np.allclose(samples[0.0], samples[3.0])
+    labels = torch.arange(n) % 10
+    agreement = {scale: (predicted_labels(s, classifier) == labels).float().mean().item() for scale, s in samples.items()}
+    print(f"share of samples classified as their label, by guidance scale: {agreement}")
+    assert agreement[0.0] < 0.3  # unconditional: about chance (0.1)
+    assert agreement[3.0] > 0.8 and agreement[1.0] > 0.5
+
+
+@pytest.mark.filterwarnings("ignore:.*symmetric and normalized.*")
+@pytest.mark.filterwarnings("ignore:.*infinity.*")
+@pytest.mark.filterwarnings("ignore:.*alternative render modes.*")
+# SB3 advises uint8 images in [0, 255] and at least 36x36 for its CnnPolicy: not how the diffusion policy acts.
+@pytest.mark.filterwarnings("ignore:.*is an image.*")
+@pytest.mark.filterwarnings("ignore:.*minimal resolution.*")
+def test_env_of_a_digits_run_has_image_observations_and_labels(digits_run: Path) -> None:
+    env = gymnasium.make("RLDiffusion/Denoise-v0", run=str(digits_run), reward="digit_classifier", reward_kwargs={"digit": DIGIT})
+    obs, _ = env.reset(seed=0)
+    assert obs["x"].shape == (1, 8, 8) and obs["x"].dtype == np.float32
+    assert env.observation_space["c"] == gymnasium.spaces.Discrete(10) and 0 <= int(obs["c"]) < 10
+    assert env.action_space.shape == (1, 8, 8) and int(obs["t"][0]) == 20
+    for _ in range(19):
+        assert env.step(np.zeros((1, 8, 8), dtype=np.float32))[1] == 0.0
+    _, reward, terminated, _, info = env.step(np.zeros((1, 8, 8), dtype=np.float32))
+    assert terminated and info["x0"].shape == (1, 8, 8) and np.isfinite(reward) and reward <= 0.0  # a log-probability
+    check_env(env.unwrapped)
+    sb3_check_env(env.unwrapped)
+
+
+def test_finetuning_with_the_digit_classifier_raises_that_digits_share(unconditional_run: Path, classifier: torch.nn.Module,
+                                                                        tmp_path: Path) -> None:
+    def share(run_dir: Path) -> float:
+        run = load_run(run_dir)
+        return (predicted_labels(draw_samples(run.diffusion, run.model, 400, seed=7, device=CPU), classifier) == DIGIT).float().mean().item()
+
+    out = tmp_path / "finetuned"
+    assert main(["finetune", "--run", str(unconditional_run), "--out", str(out), "--reward", "digit_classifier",
+                 "--reward-arg", f"digit={DIGIT}", "--algo", "ddpo-is", "--chains", "64", "--epochs", "4", "--quiet"]) == 0
+    before, after = share(unconditional_run), share(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"share of {DIGIT}s: {before:.3f} -> {after:.3f}; mean log p({DIGIT}) {metrics['reward_mean_pretrained']:.2f} -> "
+          f"{metrics['reward_mean']:.2f}, path KL {metrics['kl_to_pretrained']:.1f}")
+    assert before < 0.25  # one digit of ten
+    assert after > before + 0.3
+    assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 1.0
+    for name in ("samples_before.png", "samples_after.png"):
+        with Image.open(out / "figures" / name) as grid:
+            assert grid.format == "PNG"
