@@ -188,9 +188,10 @@ def update_rwr(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, a
     cfg = s.config
     weights = rwr_weights(rewards, cfg.rwr_temperature)
     steps = cfg.inner_epochs * max(1, len(pairs) // cfg.minibatch_size)
+    c = None if pairs.c is None else pairs.c[-len(x0):]  # the last step's rows are the chains, in order
     losses = []
     for _ in range(steps):
-        loss = s.diffusion.training_loss(s.policy, x0, pairs.c[-len(x0):] if pairs.c is not None else None, generator=generator, weights=weights)
+        loss = s.diffusion.training_loss(s.policy, x0, c, generator=generator, weights=weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
