@@ -229,6 +229,8 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if not torch.isfinite(grad_norm):
+                raise UserError(f"the gradient norm became {grad_norm.item()} at step {step}; the last good checkpoint is kept in {out} (try a lower --lr)")
             optimizer.step()
             scheduler.step()
             if config.ema_decay > 0:
