@@ -69,17 +69,18 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
         "diversity_pretrained": diversity(before),
     }
     if cfg.kl_coef > 0 and len(run.checkpoint["data"]["shape"]) == 1:
-        pools = [draw_samples(pretrained.diffusion, pretrained.model, TILTED_POOL, seed=seed + 2 + i, device=device, **cfg.sampling) for i in range(2)]
-        targets = []
-        for i, pool in enumerate(pools):
+        targets, esses = [], []  # two independent resamplings: the target, and its floor's partner
+        for i in range(2):
+            pool = draw_samples(pretrained.diffusion, pretrained.model, TILTED_POOL, seed=seed + 2 + i, device=device, **cfg.sampling)
             pool_rewards = reward(torch.from_numpy(pool).to(device)).cpu().numpy()
             target, ess = tilted_target(pool, pool_rewards, cfg.kl_coef, num_samples, seed=seed + i)
             targets.append(target)
+            esses.append(ess)
         metrics.update({
             "tilted_sw2": sliced_wasserstein2(samples, targets[0]),
             "tilted_sw2_pretrained": sliced_wasserstein2(before, targets[0]),
             "tilted_sw2_floor": sliced_wasserstein2(targets[1], targets[0]),
-            "tilted_ess": ess,
+            "tilted_ess": esses[0],  # of the pool behind the target every distance is measured to
             "tilted_reward_mean": reward(torch.from_numpy(targets[0]).to(device)).mean().item(),
         })
     return metrics
