@@ -293,7 +293,7 @@ def draw_samples(diffusion: GaussianDiffusion, model: torch.nn.Module, num_sampl
 
 def sample_shape_and_labels(model: torch.nn.Module, num_samples: int, device: torch.device) -> tuple[tuple[int, ...], torch.Tensor | None]:
     """The batch shape a network produces, and balanced labels when it is class-conditional."""
-    shape = (num_samples, model.in_channels, model.image_size, model.image_size) if hasattr(model, "image_size") else (num_samples, len(model.x_embs))
+    shape = (num_samples, model.in_channels, model.image_size, model.image_size) if hasattr(model, "image_size") else (num_samples, model.data_dim)
     c = torch.arange(num_samples, device=device) % model.num_classes if model.num_classes else None
     return shape, c
 

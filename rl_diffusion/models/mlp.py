@@ -85,6 +85,7 @@ class MLPEps(nn.Module):
     ):
         super().__init__()
         self.num_timesteps = num_timesteps
+        self.data_dim = data_dim
         self.num_classes = num_classes
         self.time_embedding = time_embedding
         if time_embedding == "learnable":
