@@ -176,6 +176,7 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
     pool = data.x.to(device)
     labels = data.labels.to(device) if model_config["num_classes"] else None
     eval_data, _ = reference_draws(data, config.eval_samples, EVAL_DATA_SEED)
+    picture = figures.samples_picture(eval_data)
     checkpoints = CheckpointManager(out, keep=config.keep_checkpoints)
     step, frames = 0, []
     if resume:
@@ -250,7 +251,7 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
                 sw2 = sliced_wasserstein2(samples, eval_data)
                 score = -sw2
                 writer.add_scalar("eval/sw2", sw2, step)
-                writer.add_image("samples", samples_image(samples, eval_data, title=f"step {step}"), step, dataformats="HWC")
+                writer.add_image("samples", picture(samples, f"step {step}"), step, dataformats="HWC")
                 writer.add_scalar("perf/steps_per_sec", (step - start_step) / (time.perf_counter() - started), step)
                 # wall clock since this process started the loop, and the part of it spent in optimizer steps
                 writer.add_scalar("perf/wall_seconds", time.perf_counter() - started, step)
@@ -270,11 +271,6 @@ def data_info(config: PretrainConfig, data: TrainingData) -> dict:
     """What a checkpoint records about its data: enough to draw it again and to shape samples."""
     return {"dataset": config.dataset, "shape": list(data.shape), "num_classes": data.num_classes if config.class_conditional else 0,
             "root": config.data_root, "image_size": config.image_size, "seed": config.seed}
-
-
-def samples_image(samples: np.ndarray, data: np.ndarray, title: str) -> np.ndarray:
-    """TensorBoard picture of samples: a scatter over the data (points) or a grid (images)."""
-    return figures.image_grid(samples[:64]) if samples.ndim == 4 else figures.scatter_image(samples, data, title=title)
 
 
 def draw_samples(diffusion: GaussianDiffusion, model: torch.nn.Module, num_samples: int, seed: int, device: torch.device,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
 from pretrain.data import data_of_checkpoint, reference_draws
-from pretrain.train import EVAL_DATA_SEED, resolve_device, samples_image, to_markdown_table
+from pretrain.train import EVAL_DATA_SEED, resolve_device, to_markdown_table
 from rewards import Reward, RewardError, build_reward
 from rl_diffusion import figures
 from rl_diffusion.checkpoint import (
@@ -119,6 +120,7 @@ class Setup:
     writer: SummaryWriter
     checkpoints: CheckpointManager
     eval_data: np.ndarray  # the data set, drawn for figures
+    picture: Callable[[np.ndarray, str], np.ndarray]  # figures.samples_picture of eval_data: samples -> TensorBoard image
     frames: list = dataclasses.field(default_factory=list)  # (label, samples) per epoch, for the GIF
     history: list = dataclasses.field(default_factory=list)  # per-epoch logged scalars
     resumed: dict | None = None  # the checkpoint a --resume continues from
@@ -170,11 +172,12 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         state = resumed["train_state"]
         purge_step = state["epoch"] + 1 if config.x_axis == "epoch" else state["reward_queries"] + 1
     writer = SummaryWriter(str(out), purge_step=purge_step)
+    eval_data = reference_draws(data_of_checkpoint(pretrained.checkpoint["data"]), 2000, EVAL_DATA_SEED)[0]
     return Setup(
         config=config, out=out, device=device, diffusion=diffusion, policy=policy, reference=reference,
         pretrained=pretrained, reward=reward, data_shape=data_shape, epochs=epochs, writer=writer,
         checkpoints=checkpoints, resumed=resumed,
-        eval_data=reference_draws(data_of_checkpoint(pretrained.checkpoint["data"]), 2000, EVAL_DATA_SEED)[0],
+        eval_data=eval_data, picture=figures.samples_picture(eval_data),
     )
 
 
@@ -212,7 +215,7 @@ def log_epoch(s: Setup, epoch: int, reward_queries: int, x0: Tensor, rewards: Te
         s.writer.add_scalar(tag, value, step)
     s.writer.add_histogram("reward/hist", finite.cpu(), step)
     samples = x0[: 64 if x0.dim() == 4 else 1000].detach().cpu().numpy()
-    s.writer.add_image("samples", samples_image(samples, s.eval_data, title=f"epoch {epoch + 1}"), step, dataformats="HWC")
+    s.writer.add_image("samples", s.picture(samples, f"epoch {epoch + 1}"), step, dataformats="HWC")
     s.frames.append((f"epoch {epoch + 1}", samples))
     s.history.append({"epoch": epoch + 1, "reward_queries": reward_queries, **values})
     s.writer.flush()

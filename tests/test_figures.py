@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rl_diffusion.figures import limits, plot_process, plot_samples_vs_data, save_gif, scatter_image
+from rl_diffusion.figures import ScatterPanel, limits, plot_process, plot_samples_vs_data, save_gif, scatter_image
 
 
 def _points(seed: int, n: int = 200) -> np.ndarray:
@@ -20,6 +20,18 @@ def test_scatter_image_is_uint8_rgb() -> None:
     assert image.min() < 100 and image.max() == 255
     # Diverged samples do not break the default limits.
     assert scatter_image(np.array([[0.0, 0.0], [np.nan, np.inf]])).shape == image.shape
+
+
+def test_scatter_panel_redraw_leaves_nothing_of_the_previous_samples() -> None:
+    # Each call restores the kept background: samples and title of an earlier call must be gone,
+    # pixel for pixel the picture a fresh panel draws.
+    data, lim = _points(1), (-3.0, 3.0)
+    panel = ScatterPanel(data, lim)
+    first = panel(_points(2) * 0.3, "epoch 1")
+    second = panel(_points(3), "epoch 2")
+    assert (first != second).any()
+    np.testing.assert_array_equal(second, ScatterPanel(data, lim)(_points(3), "epoch 2"))
+    np.testing.assert_array_equal(second, scatter_image(_points(3), data, "epoch 2", lim))
 
 
 def test_limits_cover_finite_points_with_margin() -> None:
