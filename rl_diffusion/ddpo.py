@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -44,6 +44,7 @@ class Pairs:
     t_prev: Tensor  # [N]
     x_prev: Tensor  # [N, ...] the action taken
     log_prob_old: Tensor  # [N] log pi_old(x_prev | x_t), recorded while sampling
+    mean_old: Tensor | None = None  # [N, ...] the mean of pi_old, recorded while sampling (None: not recorded)
     c: Tensor | None = None  # [N] class labels of the chains, or None
 
     def __len__(self) -> int:
@@ -58,11 +59,12 @@ class Pairs:
             t_prev=traj.prev_timesteps.repeat_interleave(B),
             x_prev=traj.xs[1:].flatten(0, 1),
             log_prob_old=traj.log_probs.flatten(),
+            mean_old=traj.means.flatten(0, 1),
             c=None if traj.c is None else traj.c.repeat(len(traj.timesteps)),
         )
 
     def select(self, keep: Tensor) -> "Pairs":
-        return Pairs(*(None if v is None else v[keep] for v in (self.x_t, self.t, self.t_prev, self.x_prev, self.log_prob_old, self.c)))
+        return Pairs(**{f.name: None if (v := getattr(self, f.name)) is None else v[keep] for f in fields(self)})
 
 
 def sample_batch(s: Setup, generator: torch.Generator) -> tuple[Pairs, Tensor, Tensor | None]:
@@ -89,18 +91,25 @@ def policy_step(diffusion: GaussianDiffusion, cfg: FinetuneConfig, model: torch.
     )
 
 
-def step_kl(diffusion: GaussianDiffusion, cfg: FinetuneConfig, reference: torch.nn.Module, ours: ReverseStep, pairs: Pairs, idx: Tensor) -> Tensor:
-    """kl_k = ||mu_theta - mu_ref||^2 / (2 sigma^2) at the chosen pairs (differentiable in theta)."""
+def step_kl(diffusion: GaussianDiffusion, cfg: FinetuneConfig, reference: torch.nn.Module, mean: Tensor, pairs: Pairs, idx: Tensor) -> Tensor:
+    """kl_k = ||mu_theta - mu_ref||^2 / (2 sigma^2) at the chosen pairs, for the policy mean `mean` (differentiable in theta)."""
     with torch.no_grad():
-        ref_mean = policy_step(diffusion, cfg, reference, pairs, idx).mean
-    return ((ours.mean - ref_mean) ** 2).flatten(1).sum(1) / (2 * ours.sigma**2)
+        ref = policy_step(diffusion, cfg, reference, pairs, idx)
+    return ((mean - ref.mean) ** 2).flatten(1).sum(1) / (2 * ref.sigma**2)
 
 
 def path_kls(diffusion: GaussianDiffusion, cfg: FinetuneConfig, policy: torch.nn.Module, reference: torch.nn.Module, pairs: Pairs, K: int) -> Tensor:
-    """kl_k of every pair as [K, B]; summed over k it is the exact path KL of each chain."""
+    """kl_k of every pair as [K, B]; summed over k it is the exact path KL of each chain.
+
+    The policy's means are those recorded while sampling when the pairs have them (then only the
+    reference is called), else the policy is called (sb3-ppo's rollout buffer keeps no means).
+    """
     with torch.no_grad():
         rows = torch.arange(len(pairs), device=pairs.t.device).split(cfg.minibatch_size)
-        kl = torch.cat([step_kl(diffusion, cfg, reference, policy_step(diffusion, cfg, policy, pairs, idx), pairs, idx) for idx in rows])
+        kl = torch.cat([
+            step_kl(diffusion, cfg, reference, policy_step(diffusion, cfg, policy, pairs, idx).mean if pairs.mean_old is None else pairs.mean_old[idx], pairs, idx)
+            for idx in rows
+        ])
     return kl.reshape(K, -1)
 
 
@@ -131,7 +140,7 @@ def update_sf(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, ad
         ours = policy_step(s.diffusion, cfg, s.policy, pairs, idx)
         loss = -(adv[idx] * ours.log_prob).sum() / len(pairs)
         if cfg.kl_coef > 0:
-            loss = loss + cfg.kl_coef * (step_kl(s.diffusion, cfg, s.reference, ours, pairs, idx) / scale_pairs[idx]).sum() / len(pairs)
+            loss = loss + cfg.kl_coef * (step_kl(s.diffusion, cfg, s.reference, ours.mean, pairs, idx) / scale_pairs[idx]).sum() / len(pairs)
         loss.backward()
         total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
@@ -168,7 +177,7 @@ def update_is(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, ad
             ours = policy_step(s.diffusion, cfg, s.policy, pairs, idx)
             loss, approx_kl, clipfrac = ppo_loss(adv[idx], ours.log_prob, pairs.log_prob_old[idx], cfg.clip_range)
             if cfg.kl_coef > 0:
-                loss = loss + cfg.kl_coef * (step_kl(s.diffusion, cfg, s.reference, ours, pairs, idx) / scale_pairs[idx]).mean()
+                loss = loss + cfg.kl_coef * (step_kl(s.diffusion, cfg, s.reference, ours.mean, pairs, idx) / scale_pairs[idx]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)

@@ -48,6 +48,7 @@ class Trajectory:
     timesteps: Tensor  # [K] long: t at step k (decreasing)
     prev_timesteps: Tensor  # [K] long: the t the step lands on (timesteps[k + 1], and 0 last)
     log_probs: Tensor | None  # [K, B]: log pi(xs[k + 1] | xs[k], timesteps[k])
+    means: Tensor | None = None  # [K, B, ...]: the policy's mean mu(xs[k], timesteps[k]) at step k
     c: Tensor | None = None  # [B] class labels the chains were conditioned on
 
 
@@ -196,14 +197,14 @@ class GaussianDiffusion:
         """Run the reverse chain from x_T ~ N(0, I) for a batch of `shape` [B, ...].
 
         With record=False only x_0 is kept (xs has one entry, the final sample) and no
-        log-probs; with record=True every state and per-step log-prob is kept for RL.
+        log-probs; with record=True every state, per-step mean and log-prob is kept for RL.
         One network call per step for the whole batch. Call under torch.inference_mode()
         (or torch.no_grad()) unless gradients are wanted.
         """
         steps = self.timesteps(sampler, sampling_steps)
         prevs = steps[1:] + [0]
         x = torch.randn(shape, device=device, generator=generator)
-        xs, log_probs = [x], []
+        xs, means, log_probs = [x], [], []
         for t, t_prev in zip(steps, prevs):
             t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
             out = self.reverse_step(
@@ -213,12 +214,14 @@ class GaussianDiffusion:
             x = out.x_prev
             if record:
                 xs.append(x)
+                means.append(out.mean)
                 log_probs.append(out.log_prob)
         return Trajectory(
             xs=torch.stack(xs) if record else x.unsqueeze(0),
             timesteps=torch.tensor(steps, device=device),
             prev_timesteps=torch.tensor(prevs, device=device),
             log_probs=torch.stack(log_probs) if record and log_probs[0] is not None else None,
+            means=torch.stack(means) if record else None,
             c=c,
         )
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -30,6 +31,11 @@ def test_path_kl_is_zero_unchanged_and_matches_a_hand_computation(pretrained_moo
     s = make_setup(pretrained_moons, tmp_path)
     pairs, _, _ = ddpo.sample_batch(s, torch.Generator().manual_seed(0))
     assert ddpo.path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, 20).abs().max().item() == 0.0
+    # the policy means recorded while sampling are the ones a fresh policy call gives
+    with torch.no_grad():
+        called = ddpo.policy_step(s.diffusion, s.config, s.policy, pairs, torch.arange(len(pairs))).mean
+    torch.testing.assert_close(pairs.mean_old, called, rtol=0, atol=1e-6)
+    pairs = dataclasses.replace(pairs, mean_old=None)  # so path_kls calls the policy below
 
     class Shifted(torch.nn.Module):  # eps_theta = eps_ref + delta
         def forward(self, x, t, c=None):
