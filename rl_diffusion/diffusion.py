@@ -108,16 +108,24 @@ class GaussianDiffusion:
         return self._coef("sqrt_abar", t, x0) * x0 + self._coef("sqrt_one_minus_abar", t, x0) * noise
 
     def training_loss(
-        self, model: nn.Module, x0: Tensor, c: Tensor | None = None, generator: torch.Generator | None = None, weights: Tensor | None = None
+        self, model: nn.Module, x0: Tensor, c: Tensor | None = None, generator: torch.Generator | None = None,
+        weights: Tensor | None = None, shard: slice | None = None,
     ) -> Tensor:
         """Ho et al.'s simple loss E_{t, eps} ||eps - eps_theta(x_t, t, c)||^2 / D with t ~ U{1..T}.
 
         Averaged over the batch, or summed with per-sample `weights` [B] (reward-weighted regression).
+        With `shard` (a data-parallel rank's rows) t and eps are drawn for the whole batch, the
+        network sees only those rows, and the loss is scaled so that the mean over equal shards
+        (what DistributedDataParallel averages) is the whole batch's loss.
         """
         t = torch.randint(1, self.num_timesteps + 1, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-        per_sample = ((model(self.q_sample(x0, t, noise), t, c) - noise) ** 2).flatten(1).mean(1)
-        return per_sample.mean() if weights is None else (weights * per_sample).sum()
+        rows = slice(None) if shard is None else shard
+        eps = model(self.q_sample(x0[rows], t[rows], noise[rows]), t[rows], None if c is None else c[rows])
+        per_sample = ((eps - noise[rows]) ** 2).flatten(1).mean(1)
+        if weights is None:
+            return per_sample.mean()
+        return len(x0) / len(per_sample) * (weights[rows] * per_sample).sum()
 
     # Reverse process
 
@@ -131,7 +139,7 @@ class GaussianDiffusion:
         sampler: str = "ddpm",
         eta: float = 1.0,
         x_prev: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
         log_prob_reduction: str = "sum",
     ) -> ReverseStep:
         """The reverse step pi(x_{t_prev} | x_t) = N(mean, sigma^2 I) and its log-density.
@@ -143,7 +151,8 @@ class GaussianDiffusion:
             sampler: "ddpm" (Ho et al. eq. 11, sigma^2 = posterior variance) or
                 "ddim" (Song et al. eq. 12 with sigma = eta * sigma_DDPM-like).
             eta: DDIM stochasticity; ignored by "ddpm". eta = 0 is deterministic (no log-prob).
-            x_prev: the action to score; sampled when None (with `generator`).
+            x_prev: the action to score; when None it is sampled as mean + sigma * noise.
+            noise: the N(0, I) draw of that sample, shape of x_t; from torch's global RNG when None.
             log_prob_reduction: "sum" over data dimensions (the exact log-density, default) or
                 "mean" (per dimension, as large-image systems use; clip ranges shrink accordingly).
         """
@@ -162,7 +171,7 @@ class GaussianDiffusion:
         else:
             raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
         if x_prev is None:
-            x_prev = mean + sigma * torch.randn(x_t.shape, device=x_t.device, generator=generator)
+            x_prev = mean + sigma * (torch.randn(x_t.shape, device=x_t.device) if noise is None else noise)
         log_prob = None
         if not (sampler == "ddim" and eta == 0):
             log_prob = gaussian_log_prob(x_prev, mean, sigma, log_prob_reduction)
@@ -193,6 +202,7 @@ class GaussianDiffusion:
         device: torch.device | str = "cpu",
         record: bool = False,
         log_prob_reduction: str = "sum",
+        shard: slice | None = None,
     ) -> Trajectory:
         """Run the reverse chain from x_T ~ N(0, I) for a batch of `shape` [B, ...].
 
@@ -200,16 +210,25 @@ class GaussianDiffusion:
         log-probs; with record=True every state, per-step mean and log-prob is kept for RL.
         One network call per step for the whole batch. Call under torch.inference_mode()
         (or torch.no_grad()) unless gradients are wanted.
+
+        `shard` samples only those rows of the batch (a data-parallel rank's chains; `c` holds
+        their labels): every random draw is made for the whole batch and cut to the shard, so
+        the rows are exactly the ones one process would sample.
         """
         steps = self.timesteps(sampler, sampling_steps)
         prevs = steps[1:] + [0]
-        x = torch.randn(shape, device=device, generator=generator)
+
+        def standard_normal() -> Tensor:
+            z = torch.randn(shape, device=device, generator=generator)
+            return z if shard is None else z[shard]
+
+        x = standard_normal()
         xs, means, log_probs = [x], [], []
         for t, t_prev in zip(steps, prevs):
-            t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
             out = self.reverse_step(
                 model(x, t_batch, c), x, t_batch, t_prev=t_prev, sampler=sampler, eta=eta,
-                generator=generator, log_prob_reduction=log_prob_reduction,
+                noise=standard_normal(), log_prob_reduction=log_prob_reduction,
             )
             x = out.x_prev
             if record:

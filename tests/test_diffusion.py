@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rl_diffusion.diffusion import GaussianDiffusion, gaussian_log_prob
+from rl_diffusion.models.mlp import MLPEps
 
 
 class ConstantEps(torch.nn.Module):
@@ -33,7 +34,7 @@ def test_reverse_step_mean_is_ho_eq_11_and_log_prob_is_the_normal_density():
     g = torch.Generator().manual_seed(1)
     x_t, eps = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
     for t in [20, 7, 2, 1]:
-        out = d.reverse_step(eps, x_t, t, generator=g)
+        out = d.reverse_step(eps, x_t, t, noise=torch.randn(x_t.shape, generator=g))
         beta, abar = d.np["betas"][t], d.np["abar"][t]
         mean = (x_t - beta / math.sqrt(1 - abar) * eps) / math.sqrt(1 - beta)
         torch.testing.assert_close(out.mean, mean, rtol=1e-5, atol=1e-6)
@@ -54,7 +55,7 @@ def test_scoring_a_given_action_reproduces_the_sampled_log_prob():
     g = torch.Generator().manual_seed(2)
     x_t, eps = torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g)
     t = torch.randint(1, 31, (16,), generator=g)
-    sampled = d.reverse_step(eps, x_t, t, generator=g)
+    sampled = d.reverse_step(eps, x_t, t, noise=torch.randn(x_t.shape, generator=g))
     scored = d.reverse_step(eps, x_t, t, x_prev=sampled.x_prev)
     torch.testing.assert_close(scored.log_prob, sampled.log_prob)
 
@@ -114,3 +115,20 @@ def test_training_loss_is_zero_for_the_true_noise_predictor_on_a_point_mass():
 
     assert d.training_loss(Oracle(), torch.zeros(512, 2), generator=torch.Generator().manual_seed(0)).item() < 1e-10
     assert np.isclose(d.np["abar"][0], 1.0)
+
+
+def test_sharded_sampling_and_loss_are_the_rows_of_the_whole_batch():
+    # Data parallelism: ranks draw the whole batch's random numbers and keep their rows, so
+    # two shards together are the one-process batch, and the mean of the shard losses (what DDP
+    # averages) is the whole batch's loss, weighted or not.
+    d = GaussianDiffusion("linear", 10)
+    model = MLPEps(num_timesteps=10, hidden_size=16, hidden_layers=1, emb_size=8)
+    whole = d.sample(model, (6, 2), generator=torch.Generator().manual_seed(3), record=True)
+    halves = [d.sample(model, (6, 2), generator=torch.Generator().manual_seed(3), record=True, shard=slice(i, i + 3)) for i in (0, 3)]
+    torch.testing.assert_close(torch.cat([h.xs for h in halves], 1), whole.xs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([h.log_probs for h in halves], 1), whole.log_probs, rtol=1e-5, atol=1e-5)
+    x0, weights = torch.randn(8, 2), torch.softmax(torch.randn(8), 0)
+    for w in (None, weights):
+        full = d.training_loss(model, x0, generator=torch.Generator().manual_seed(4), weights=w)
+        parts = [d.training_loss(model, x0, generator=torch.Generator().manual_seed(4), weights=w, shard=slice(i, i + 4)) for i in (0, 4)]
+        assert (parts[0] + parts[1]).item() / 2 == pytest.approx(full.item(), rel=1e-5)
