@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from pretrain.data import TrainingData, is_image_dataset, load_training_data, reference_draws
-from rl_diffusion import figures
+from rl_diffusion import distributed, figures
 from rl_diffusion.checkpoint import (
     CheckpointManager,
     StopSignal,
@@ -115,7 +114,7 @@ class PretrainConfig:
         if not 0 <= self.label_dropout <= 1:
             raise UserError(f"--label-dropout must be in [0, 1], got {self.label_dropout}")
         GaussianDiffusion(self.beta_schedule, self.num_timesteps)
-        resolve_device(self.device)
+        distributed.resolve_device(self.device)
         data = load_training_data(self.dataset, self.seed, self.data_root, self.image_size)
         build_model(self.model_config(data))
         return data
@@ -130,16 +129,6 @@ def config_for(flags: dict) -> PretrainConfig:
     """The config of the given flags over the defaults of the data kind (points or images)."""
     dataset = flags.get("dataset", PretrainConfig.dataset)
     return PretrainConfig(**{**(IMAGE_DEFAULTS if is_image_dataset(dataset) else {}), **flags})
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA GPU is available here; use --device cpu")
-    return device
 
 
 def lr_lambda(config: PretrainConfig):
@@ -157,9 +146,10 @@ def lr_lambda(config: PretrainConfig):
 def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) a DDPM on config.dataset into the run directory `out`; returns `out`."""
     data = config.validate()
-    device = resolve_device(config.device)
+    ranks, device = distributed.init(config.device)
+    shard = ranks.shard(config.batch_size, "--batch-size")
     out = Path(out)
-    if not resume:
+    if not resume and ranks.is_main:
         saved = dict(kind="pretrain", **dataclasses.asdict(config))
         prepare_run_dir(out, json.dumps(saved, indent=2), overwrite)
 
@@ -170,6 +160,7 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
     ema = build_model(model_config).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
+    synced = ranks.wrap(model, device)  # the forward whose backward averages gradients over ranks
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -193,6 +184,8 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
         return out
 
     def checkpoint(score: float | None = None) -> None:
+        if not ranks.is_main:
+            return
         writer.flush()  # TensorBoard on disk up to the checkpoint, so a resume continues it without gaps
         checkpoints.save(
             {
@@ -214,17 +207,17 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
             score,
         )
 
-    writer = SummaryWriter(str(out), purge_step=step + 1 if resume else None)  # drop points logged after the checkpoint
+    writer = distributed.summary_writer(ranks, out, purge_step=step + 1 if resume else None)  # drop points logged after the checkpoint
     if not resume:
         writer.add_text("hyperparameters", to_markdown_table(dataclasses.asdict(config)), 0)
     sampler_model = ema if config.ema_decay > 0 else model
     started, start_step, train_seconds = time.perf_counter(), step, 0.0
-    with StopSignal() as stop, tqdm(total=config.steps, initial=step, desc=f"pretrain {config.dataset}", disable=not progress) as bar:
+    with StopSignal() as stop, tqdm(total=config.steps, initial=step, desc=f"pretrain {config.dataset}", disable=not (progress and ranks.is_main)) as bar:
         while step < config.steps:
             step_started = time.perf_counter()
             idx = torch.randint(0, len(pool), (config.batch_size,), device=device, generator=generator)
             c = None if labels is None else drop_labels(labels[idx], data.num_classes, config.label_dropout, generator)
-            loss = diffusion.training_loss(model, pool[idx], c, generator=generator)
+            loss = diffusion.training_loss(synced, pool[idx], c, generator=generator, shard=shard)
             if not torch.isfinite(loss):
                 raise UserError(f"the training loss became {loss.item()} at step {step}; the last good checkpoint is kept in {out} (try a lower --lr)")
             optimizer.zero_grad(set_to_none=True)
@@ -241,12 +234,13 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
             train_seconds += time.perf_counter() - step_started
             bar.update(1)
             if step % 25 == 0:
+                loss = ranks.sum(loss.detach()) / ranks.world_size  # the whole batch's
                 writer.add_scalar("loss/train", loss.item(), step)
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
                 writer.add_scalar("train/grad_norm", grad_norm.item(), step)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             score = None
-            if step % config.eval_every == 0 or step == config.steps:
+            if ranks.is_main and (step % config.eval_every == 0 or step == config.steps):
                 samples = draw_samples(diffusion, sampler_model, len(eval_data), seed=step, device=device)
                 sw2 = sliced_wasserstein2(samples, eval_data)
                 score = -sw2
@@ -257,13 +251,15 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
                 writer.add_scalar("perf/wall_seconds", time.perf_counter() - started, step)
                 writer.add_scalar("perf/train_seconds", train_seconds, step)
                 frames.append((f"step {step}", samples[: 64 if data.is_image else 1000]))
-            if step % config.checkpoint_every == 0 or step == config.steps or stop.received:
+            stopping = ranks.any(stop.received is not None)
+            if step % config.checkpoint_every == 0 or step == config.steps or stopping:
                 checkpoint(score)
-            if stop.received:
+            if stopping:
                 writer.close()
                 raise UserError(f"stopped by signal {stop.received} at step {step}; checkpoint saved, continue with --resume {out}")
     writer.close()
-    finish(out, diffusion, sampler_model, config, data, frames, device)
+    if ranks.is_main:
+        finish(out, diffusion, sampler_model, config, data, frames, device)
     return out
 
 

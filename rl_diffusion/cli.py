@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rl_diffusion import distributed
 from rl_diffusion.config import add_config_args, given_flags, resume_config
 from rl_diffusion.errors import UserError
 
@@ -50,6 +51,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     config, out = _config_and_run_dir(args, PretrainConfig, "pretrain", given_flags(PretrainConfig, args), config_for)
     pretrain(config, out, overwrite=args.overwrite, resume=bool(args.resume), progress=not args.quiet)
+    if not distributed.is_main_process():
+        return
     metrics = json.loads((out / "metrics.json").read_text())
     print(json.dumps(metrics, indent=2))
     print(f"run written to {out}; figures in {out / 'figures'}; watch it with: tensorboard --logdir {out.parent}")
@@ -69,6 +72,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     else:
         from rl_diffusion.ddpo import train
     metrics = train(s, resume=bool(args.resume), progress=not args.quiet)
+    if not s.ranks.is_main:
+        return
     print(json.dumps(metrics, indent=2))
     print(f"run written to {out}; figures in {out / 'figures'}; watch it with: tensorboard --logdir {out.parent}")
 
@@ -94,7 +99,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from pretrain.train import draw_samples, resolve_device
+    from pretrain.train import draw_samples
+    from rl_diffusion.distributed import resolve_device
     from rl_diffusion import figures
     from rl_diffusion.checkpoint import load_run
 
@@ -217,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    finally:
+        distributed.shutdown()
     return 0
 
 

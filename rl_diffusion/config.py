@@ -11,9 +11,9 @@ from rl_diffusion.errors import UserError
 C = TypeVar("C")
 
 
-def arg(default: Any, help: str) -> Any:
-    """A config field with its one-line help (shown by --help)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def arg(default: Any, help: str, aliases: tuple[str, ...] = ()) -> Any:
+    """A config field with its one-line help (shown by --help) and any other flags that set it."""
+    return dataclasses.field(default=default, metadata={"help": help, "aliases": aliases})
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -21,13 +21,13 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(flag, type=kind, default=None, help=help_text, metavar=f.name.upper())
+            parser.add_argument(*flags, type=kind, default=None, help=help_text, metavar=f.name.upper())
 
 
 def given_flags(cls: type, ns: argparse.Namespace) -> dict[str, Any]:

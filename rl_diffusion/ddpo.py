@@ -17,6 +17,11 @@ parts and both are used:
 Advantages divide G by its standard deviation; the direct term is divided by the same number,
 so every update follows grad J (scaled), whose fixed point is the KL-regularised optimum
 p_pre(x_0) exp(r(x_0) / beta) / Z.
+
+Data parallel (torchrun, distributed.py): each rank samples and scores its share of the chains;
+rewards, labels, x_0 and KLs are gathered so every rank computes the same advantages over the
+whole batch; minibatches are drawn over the whole batch's pairs and each rank computes the loss
+of its own pairs in them, scaled so that DDP's mean over ranks is the one-process loss.
 """
 
 from __future__ import annotations
@@ -68,16 +73,17 @@ class Pairs:
 
 
 def sample_batch(s: Setup, generator: torch.Generator) -> tuple[Pairs, Tensor, Tensor | None]:
-    """Sample `chains` trajectories with the current policy (labels uniform for a class-conditional
-    model); returns the pairs, x_0 [B, ...] and the labels [B] or None."""
+    """Sample this rank's share of the `chains` trajectories with the current policy (labels uniform
+    for a class-conditional model); returns its pairs, x_0 [B_rank, ...] and labels [B_rank] or None."""
     cfg = s.config
+    shard = s.ranks.shard(cfg.chains, "--chains")
     num_classes = getattr(s.policy, "num_classes", 0)
-    c = torch.randint(0, num_classes, (cfg.chains,), generator=generator, device=s.device) if num_classes else None
+    c = torch.randint(0, num_classes, (cfg.chains,), generator=generator, device=s.device)[shard] if num_classes else None
     # no_grad, not inference_mode: these tensors are inputs to the update's autograd graph.
     with torch.no_grad():
         traj = s.diffusion.sample(
             s.policy, (cfg.chains, *s.data_shape), c=c, generator=generator, device=s.device, record=True,
-            log_prob_reduction=cfg.log_prob_reduction, **cfg.sampling,
+            log_prob_reduction=cfg.log_prob_reduction, shard=shard, **cfg.sampling,
         )
     return Pairs.from_trajectory(traj), traj.xs[-1], c
 
@@ -114,12 +120,13 @@ def path_kls(diffusion: GaussianDiffusion, cfg: FinetuneConfig, policy: torch.nn
 
 
 def advantages(s: Setup, pairs: Pairs, rewards: Tensor, c: Tensor | None, K: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair advantages [K, B] from G_k = r - beta sum_{j>k} kl_j; also kl [K, B] and the std used per chain [B].
+    """Per-pair advantages [K, B] of the whole batch from G_k = r - beta sum_{j>k} kl_j; also kl [K, B]
+    and the std used per chain [B]. `pairs` are this rank's, rewards and labels [B] the whole batch's.
 
     The baseline is the mean return per timestep; with class labels, per timestep and class, and
     the std per class too (a class with easy rewards does not drown the others).
     """
-    kl = path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, K)
+    kl = s.ranks.gather(path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, K), dim=1)
     kl_after = kl.flip(0).cumsum(0).flip(0) - kl  # sum_{j > k} kl_j
     returns = rewards[None, :] - s.config.kl_coef * kl_after
     groups = torch.zeros_like(rewards, dtype=torch.long) if c is None else c
@@ -131,59 +138,73 @@ def advantages(s: Setup, pairs: Pairs, rewards: Tensor, c: Tensor | None, K: int
     return (centred / scale).clamp(-s.config.adv_clip, s.config.adv_clip), kl, scale
 
 
-def update_sf(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
+def own_rows(rows: Tensor, B: int, s: Setup) -> tuple[Tensor, Tensor]:
+    """Of pair rows k * B + b of the whole batch, those of this rank's chains: (their rows, the same
+    pairs' rows in this rank's Pairs). On one rank both are `rows`."""
+    shard = s.ranks.shard(B, "--chains")
+    k, b = rows // B, rows % B
+    mine = (b >= shard.start) & (b < shard.stop)
+    return rows[mine], k[mine] * (shard.stop - shard.start) + b[mine] - shard.start
+
+
+def update_sf(s: Setup, optimizer, pairs: Pairs, x0: Tensor, c: Tensor | None, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
     """DDPO-SF: REINFORCE, -A * log pi, gradients accumulated over all pairs, one optimizer step."""
     cfg = s.config
+    K, B = adv.shape
     optimizer.zero_grad(set_to_none=True)
-    total, adv, scale_pairs = 0.0, adv.flatten(), scale.repeat(len(adv))
-    for idx in torch.arange(len(pairs), device=s.device).split(cfg.minibatch_size):
-        ours = policy_step(s.diffusion, cfg, s.policy, pairs, idx)
-        loss = -(adv[idx] * ours.log_prob).sum() / len(pairs)
+    total, adv, scale_pairs = torch.zeros((), device=s.device), adv.flatten(), scale.repeat(K)
+    for idx in torch.arange(K * B, device=s.device).split(cfg.minibatch_size):
+        rows, own = own_rows(idx, B, s)
+        ours = policy_step(s.diffusion, cfg, s.synced_policy, pairs, own)
+        terms = -adv[rows] * ours.log_prob
         if cfg.kl_coef > 0:
-            loss = loss + cfg.kl_coef * (step_kl(s.diffusion, cfg, s.reference, ours.mean, pairs, idx) / scale_pairs[idx]).sum() / len(pairs)
-        loss.backward()
-        total += loss.item()
+            terms = terms + cfg.kl_coef * step_kl(s.diffusion, cfg, s.reference, ours.mean, pairs, own) / scale_pairs[rows]
+        (terms.sum() * s.ranks.world_size / (K * B)).backward()  # DDP's mean over ranks: the sum over all pairs / (K B)
+        total += terms.detach().sum()
     grad_norm = torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
     optimizer.step()
-    return {"loss/policy": total, "train/grad_norm": grad_norm.item()}
+    return {"loss/policy": s.ranks.sum(total).item() / (K * B), "train/grad_norm": grad_norm.item()}
 
 
-def ppo_loss(adv: Tensor, log_prob: Tensor, log_prob_old: Tensor, clip_range: float) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO-clip surrogate mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), r = pi / pi_old; also approx_kl, clipfrac."""
+def ppo_terms(adv: Tensor, log_prob: Tensor, log_prob_old: Tensor, clip_range: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per pair: the PPO-clip surrogate max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = pi / pi_old (its
+    mean is the loss); the approx_kl estimate; and whether r was clipped."""
     log_ratio = log_prob - log_prob_old
     ratio = log_ratio.exp()
-    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
     with torch.no_grad():
         # (r - 1) - log r: unbiased and always >= 0 (Schulman's k3 estimator), unlike -log r
-        approx_kl = ((ratio - 1) - log_ratio).mean()
-        clipfrac = ((ratio - 1).abs() > clip_range).float().mean()
-    return loss, approx_kl, clipfrac
+        approx_kl = (ratio - 1) - log_ratio
+        clipped = ((ratio - 1).abs() > clip_range).float()
+    return loss, approx_kl, clipped
 
 
-def update_is(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
+def update_is(s: Setup, optimizer, pairs: Pairs, x0: Tensor, c: Tensor | None, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
     """DDPO-IS: PPO-clip over inner epochs of shuffled minibatches of (trajectory, timestep) pairs."""
     cfg = s.config
     K, B = adv.shape
     adv, scale_pairs = adv.flatten(), scale.repeat(K)
-    stats = []
+    sums, count = torch.zeros(3, device=s.device), 0  # loss, approx_kl, clipped: summed over the epoch's pairs
     for _ in range(cfg.inner_epochs):
-        rows = torch.arange(len(pairs), device=s.device)
+        rows = torch.arange(K * B, device=s.device)
         if cfg.timestep_fraction < 1:
             # each chain trains on a random subset of its timesteps
             keep = max(1, round(cfg.timestep_fraction * K))
             chosen = torch.rand(K, B, generator=generator, device=s.device).argsort(0)[:keep]
             rows = (chosen * B + torch.arange(B, device=s.device)).flatten()
         for idx in rows[torch.randperm(len(rows), generator=generator, device=s.device)].split(cfg.minibatch_size):
-            ours = policy_step(s.diffusion, cfg, s.policy, pairs, idx)
-            loss, approx_kl, clipfrac = ppo_loss(adv[idx], ours.log_prob, pairs.log_prob_old[idx], cfg.clip_range)
+            mine, own = own_rows(idx, B, s)
+            ours = policy_step(s.diffusion, cfg, s.synced_policy, pairs, own)
+            terms, approx_kl, clipped = ppo_terms(adv[mine], ours.log_prob, pairs.log_prob_old[own], cfg.clip_range)
             if cfg.kl_coef > 0:
-                loss = loss + cfg.kl_coef * (step_kl(s.diffusion, cfg, s.reference, ours.mean, pairs, idx) / scale_pairs[idx]).mean()
+                terms = terms + cfg.kl_coef * step_kl(s.diffusion, cfg, s.reference, ours.mean, pairs, own) / scale_pairs[mine]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (terms.sum() * s.ranks.world_size / len(idx)).backward()  # DDP's mean over ranks: the minibatch mean
             torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
             optimizer.step()
-            stats.append(torch.stack([loss.detach(), approx_kl, clipfrac]))
-    loss, approx_kl, clipfrac = torch.stack(stats).mean(0).tolist()
+            sums += torch.stack([terms.detach().sum(), approx_kl.sum(), clipped.sum()])
+            count += len(idx)
+    loss, approx_kl, clipfrac = (s.ranks.sum(sums) / count).tolist()
     return {"loss/policy": loss, "ppo/approx_kl": approx_kl, "ppo/clipfrac": clipfrac}
 
 
@@ -192,21 +213,21 @@ def rwr_weights(rewards: Tensor, temperature: float) -> Tensor:
     return torch.softmax(rewards / temperature, dim=0)
 
 
-def update_rwr(s: Setup, optimizer, pairs: Pairs, x0: Tensor, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
+def update_rwr(s: Setup, optimizer, pairs: Pairs, x0: Tensor, c: Tensor | None, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
     """RWR: the denoising loss on the policy's own samples x_0, weighted by softmax(r / temperature)."""
     cfg = s.config
     weights = rwr_weights(rewards, cfg.rwr_temperature)
-    steps = cfg.inner_epochs * max(1, len(pairs) // cfg.minibatch_size)
-    c = None if pairs.c is None else pairs.c[-len(x0):]  # the last step's rows are the chains, in order
-    losses = []
-    for _ in range(steps):
-        loss = s.diffusion.training_loss(s.policy, x0, c, generator=generator, weights=weights)
+    steps = cfg.inner_epochs * max(1, adv.numel() // cfg.minibatch_size)
+    shard = s.ranks.shard(len(x0), "--chains")
+    losses = torch.zeros(steps, device=s.device)
+    for step in range(steps):
+        loss = s.diffusion.training_loss(s.synced_policy, x0, c, generator=generator, weights=weights, shard=shard)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
         optimizer.step()
-        losses.append(loss.item())
-    return {"loss/policy": sum(losses) / len(losses), "rwr/weight_max": weights.max().item()}
+        losses[step] = loss.detach()
+    return {"loss/policy": s.ranks.sum(losses).mean().item() / s.ranks.world_size, "rwr/weight_max": weights.max().item()}
 
 
 UPDATES = {"ddpo-sf": update_sf, "ddpo-is": update_is, "rwr": update_rwr}
@@ -230,17 +251,21 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
     def train_state() -> dict:
         return {"optimizer": optimizer.state_dict(), "rng": rng_state(generator), "reward_queries": reward_queries}
 
-    with StopSignal() as stop, tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not progress) as bar:
+    with StopSignal() as stop, tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not (progress and s.ranks.is_main)) as bar:
         for epoch in range(start, s.epochs):
             started = time.perf_counter()
-            pairs, x0, c = sample_batch(s, generator)
-            rewards, finite = score(s, x0, c, epoch)
+            pairs, x0, c = sample_batch(s, generator)  # this rank's chains
+            rewards, _ = score(s, x0, c, epoch)
+            # the whole batch on every rank: advantages are normalised over all chains
+            x0, rewards, c = (None if v is None else s.ranks.gather(v) for v in (x0, rewards, c))
+            finite = torch.isfinite(rewards)
             reward_queries += len(rewards)
-            K = len(pairs) // len(rewards)
-            if not finite.all():  # --skip-nonfinite-rewards: drop those chains entirely
+            K = s.steps_per_chain
+            if not finite.all():  # --skip-nonfinite-rewards (one rank): drop those chains entirely
                 pairs = pairs.select(finite.repeat(K))
-            adv, kl, scale = advantages(s, pairs, rewards[finite], None if c is None else c[finite], K)
-            stats = update(s, optimizer, pairs, x0[finite], rewards[finite], adv, scale, generator)
+            c_kept = None if c is None else c[finite]
+            adv, kl, scale = advantages(s, pairs, rewards[finite], c_kept, K)
+            stats = update(s, optimizer, pairs, x0[finite], c_kept, rewards[finite], adv, scale, generator)
             if not math.isfinite(stats["loss/policy"]):
                 raise UserError(f"the {cfg.algo} loss became {stats['loss/policy']} at epoch {epoch + 1}; the last good checkpoint is kept in {s.out} (try a lower --lr)")
             kl_path = kl.sum(0)
@@ -248,9 +273,10 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             log_epoch(s, epoch, reward_queries, x0, rewards, stats, time.perf_counter() - started)
             bar.update(1)
             bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}", kl=f"{stats['kl/to_pretrained']:.3f}")
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == s.epochs or stop.received:
+            stopping = s.ranks.any(stop.received is not None)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == s.epochs or stopping:
                 save(s, epoch, train_state())
-            if stop.received:
+            if stopping:
                 s.writer.close()
                 raise UserError(f"stopped by signal {stop.received} after epoch {epoch + 1}; checkpoint saved, continue with --resume {s.out}")
     return finish(s)

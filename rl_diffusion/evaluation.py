@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from pretrain.data import data_of_checkpoint, reference_draws
-from pretrain.train import EVAL_DATA_SEED, draw_samples, quality_metrics, resolve_device, sample_shape_and_labels
+from pretrain.train import EVAL_DATA_SEED, draw_samples, quality_metrics, sample_shape_and_labels
+from rl_diffusion.distributed import resolve_device
 from rl_diffusion.checkpoint import load_run, read_run_config
 from rl_diffusion.metrics import diversity, sliced_wasserstein2
 

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
 from pretrain.data import data_of_checkpoint, reference_draws
-from pretrain.train import EVAL_DATA_SEED, resolve_device, to_markdown_table
+from pretrain.train import EVAL_DATA_SEED, to_markdown_table
 from rewards import Reward, RewardError, build_reward
-from rl_diffusion import figures
+from rl_diffusion import distributed, figures
 from rl_diffusion.checkpoint import (
     CheckpointManager,
     LoadedRun,
@@ -32,6 +32,7 @@ from rl_diffusion.checkpoint import (
 )
 from rl_diffusion.config import arg
 from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, SAMPLERS, GaussianDiffusion
+from rl_diffusion.distributed import NoWriter, Ranks
 from rl_diffusion.errors import UserError, nearest
 
 ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "sb3-ppo")
@@ -39,7 +40,8 @@ ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "sb3-ppo")
 
 @dataclass
 class FinetuneConfig:
-    run: str = arg("", "pretrained run directory to start from")
+    # --pretrained: under torchrun, whose own parser reads --run as an abbreviation of its --run-path
+    run: str = arg("", "pretrained run directory to start from (also --pretrained)", aliases=("--pretrained",))
     reward: str = arg("target_point", "reward name, module:factory, or entry point (see `rl-diffusion rewards`)")
     reward_args: dict = dataclasses.field(default_factory=dict, metadata={"help": "reward keyword arguments"})
     algo: str = arg("ddpo-is", "ddpo-sf | ddpo-is | rwr | sb3-ppo")
@@ -117,10 +119,12 @@ class Setup:
     reward: Reward
     data_shape: tuple[int, ...]
     epochs: int
-    writer: SummaryWriter
+    writer: SummaryWriter | NoWriter  # NoWriter on every rank but 0
     checkpoints: CheckpointManager
     eval_data: np.ndarray  # the data set, drawn for figures
     picture: Callable[[np.ndarray, str], np.ndarray]  # figures.samples_picture of eval_data: samples -> TensorBoard image
+    ranks: Ranks  # this process among the data-parallel ranks (rank 0 of 1 without torchrun)
+    synced_policy: nn.Module  # the policy under DDP on several ranks: the update's forward, so backward averages gradients
     frames: list = dataclasses.field(default_factory=list)  # (label, samples) per epoch, for the GIF
     history: list = dataclasses.field(default_factory=list)  # per-epoch logged scalars
     resumed: dict | None = None  # the checkpoint a --resume continues from
@@ -145,7 +149,13 @@ class Setup:
 def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bool = False) -> Setup:
     """Validate everything, then create (or reopen) the run directory and load the pretrained model."""
     config.validate()
-    device = resolve_device(config.device)
+    ranks, device = distributed.init(config.device)
+    if ranks.world_size > 1:
+        if config.algo == "sb3-ppo":
+            raise UserError("--algo sb3-ppo runs in one process; under torchrun use ddpo-sf, ddpo-is or rwr")
+        if config.skip_nonfinite_rewards:
+            raise UserError("--skip-nonfinite-rewards would leave the ranks with unequal batches; it needs a single process")
+    ranks.shard(config.chains, "--chains")  # an uneven split is refused before anything is written
     pretrained = load_run(Path(config.run), device)
     if pretrained.checkpoint["kind"] != "pretrain":
         raise UserError(f"--run {config.run} is a {pretrained.checkpoint['kind']} run; fine-tune from a pretrain run")
@@ -160,7 +170,7 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     if config.total_steps > 0:
         epochs = max(1, config.total_steps // (config.chains * steps))
     out = Path(out)
-    if not resume:
+    if not resume and ranks.is_main:
         prepare_run_dir(out, json.dumps(dict(kind="finetune", **dataclasses.asdict(config)), indent=2), overwrite)
     torch.manual_seed(config.seed)
     policy = copy.deepcopy(pretrained.model).train().requires_grad_(True)
@@ -171,13 +181,13 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     if resumed is not None:  # TensorBoard drops what was logged after the checkpoint: no duplicate points
         state = resumed["train_state"]
         purge_step = state["epoch"] + 1 if config.x_axis == "epoch" else state["reward_queries"] + 1
-    writer = SummaryWriter(str(out), purge_step=purge_step)
+    writer = distributed.summary_writer(ranks, out, purge_step=purge_step)
     eval_data = reference_draws(data_of_checkpoint(pretrained.checkpoint["data"]), 2000, EVAL_DATA_SEED)[0]
     return Setup(
         config=config, out=out, device=device, diffusion=diffusion, policy=policy, reference=reference,
         pretrained=pretrained, reward=reward, data_shape=data_shape, epochs=epochs, writer=writer,
         checkpoints=checkpoints, resumed=resumed,
-        eval_data=eval_data, picture=figures.samples_picture(eval_data),
+        eval_data=eval_data, picture=figures.samples_picture(eval_data), ranks=ranks, synced_policy=ranks.wrap(policy, device),
     )
 
 
@@ -226,7 +236,9 @@ def write_hyperparameters(s: Setup) -> None:
 
 
 def save(s: Setup, epoch: int, train_state: dict) -> None:
-    """Checkpoint after `epoch` (0-based) with the algorithm's own train state; the best by mean reward."""
+    """Checkpoint after `epoch` (0-based) with the algorithm's own train state; the best by mean reward. Rank 0 only."""
+    if not s.ranks.is_main:
+        return
     mean = s.history[-1]["reward/mean"] if s.history else None
     state = {"epoch": epoch + 1, "frames": s.frames, "history": s.history, **train_state}
     s.checkpoints.save(s.checkpoint_payload(state), epoch + 1, mean)
@@ -242,10 +254,12 @@ def restore(s: Setup) -> dict:
 
 
 def finish(s: Setup) -> dict:
-    """Metrics file and figures of a finished run: samples before/after, reward curve, a GIF across epochs."""
+    """Metrics file and figures of a finished run: samples before/after, reward curve, a GIF across epochs (rank 0; the others get {})."""
     from rl_diffusion.evaluation import evaluate_finetuned
 
     s.writer.close()
+    if not s.ranks.is_main:
+        return {}
     # Images: 500 samples, not 5,000. Each sample costs a U-Net call per step for the policy, the
     # pretrained model and the path KL, with every step kept: 5,000 took minutes on a CPU at T = 20.
     metrics = evaluate_finetuned(s.out, num_samples=5000 if len(s.data_shape) == 1 else 500, device=str(s.device))

@@ -1,0 +1,105 @@
+"""Data parallelism (torchrun + DDP, gloo on CPU): 2 ranks compute what 1 rank computes for the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl_diffusion.cli import main
+from rl_diffusion.distributed import Ranks
+from rl_diffusion.errors import UserError
+
+TESTS = Path(__file__).parent
+# one thread per rank: two ranks on two cores
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def latest_checkpoint(run: Path) -> dict:
+    return torch.load(sorted((run / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
+
+
+def assert_same_parameters(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def written_files(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and not p.name.startswith("events."))
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused():
+    assert Ranks(1, 2).shard(8, "--chains") == slice(4, 8)
+    assert Ranks(0, 1).shard(7, "--chains") == slice(0, 7)
+    with pytest.raises(UserError, match="--chains 9 does not split evenly over 2 ranks"):
+        Ranks(0, 2).shard(9, "--chains")
+
+
+def test_pretraining_on_two_ranks_matches_one_rank(tmp_path):
+    flags = ["--dataset", "moons", "--steps", "30", "--num-timesteps", "20", "--hidden-size", "32", "--batch-size", "64",
+             "--eval-every", "30", "--eval-samples", "200", "--checkpoint-every", "10", "--quiet"]
+    two = torchrun("-m", "rl_diffusion.cli", "pretrain", "--out", str(tmp_path / "two"), *flags)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert main(["pretrain", "--out", str(tmp_path / "one"), *flags]) == 0
+    one_ckpt, two_ckpt = latest_checkpoint(tmp_path / "one"), latest_checkpoint(tmp_path / "two")
+    assert two_ckpt["train_state"]["step"] == 30
+    assert_same_parameters(two_ckpt["train_state"]["model"], one_ckpt["train_state"]["model"])
+    assert_same_parameters(two_ckpt["model"], one_ckpt["model"])  # the EMA
+    # only rank 0 wrote: the same files as one process, and one TensorBoard event file
+    assert written_files(tmp_path / "two") == written_files(tmp_path / "one")
+    assert len(list((tmp_path / "two").glob("events.*"))) == 1
+    assert two.stdout.count("run written to") == 1  # the summary is printed once
+
+
+def test_ddpo_is_on_two_ranks_matches_one_rank_and_resumes_on_one(pretrained_moons, tmp_path):
+    # kl_coef > 0 and a timestep fraction exercise the gathered KLs and the minibatches drawn over
+    # the whole batch's pairs; 100 pairs per minibatch leave each rank unequal shares of them.
+    overrides = ["algo=\"ddpo-is\"", "chains=32", "epochs=2", "minibatch_size=100", "kl_coef=0.1", "timestep_fraction=0.5",
+                 "reward=\"target_point\"", "reward_args={\"point\": [1.5, 1.5]}", "checkpoint_every=1"]
+    worker = str(TESTS / "ddp_finetune_worker.py")
+    (tmp_path / "dump2").mkdir()
+    (tmp_path / "dump1").mkdir()
+    two = torchrun(worker, str(pretrained_moons), str(tmp_path / "two"), str(tmp_path / "dump2"), *overrides)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, worker, str(pretrained_moons), str(tmp_path / "one"), str(tmp_path / "dump1"), *overrides],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    rank0, rank1 = (torch.load(tmp_path / "dump2" / f"rank{r}.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "dump1" / "rank0.pt")
+    assert (rank0["world_size"], single["world_size"]) == (2, 1)
+    stats = ("reward/mean", "reward/std", "reward/min", "reward/max", "kl/to_pretrained", "loss/policy", "ppo/clipfrac")
+    for h0, h1, h in zip(rank0["history"], rank1["history"], single["history"], strict=True):
+        for tag in stats:
+            assert h0[tag] == h1[tag], tag  # every rank logged the statistics of the whole batch
+            assert h0[tag] == pytest.approx(h[tag], rel=1e-4, abs=1e-5), tag
+    assert rank0["history"][-1]["kl/to_pretrained"] > 0  # the update moved the policy
+    assert_same_parameters(rank0["policy"], rank1["policy"])
+    assert_same_parameters(rank0["policy"], single["policy"])
+    assert written_files(tmp_path / "two") == written_files(tmp_path / "one")
+    assert len(list((tmp_path / "two").glob("events.*"))) == 1
+
+    # resume with another number of ranks: drop the 2-rank run's last epoch and redo it in one process
+    (tmp_path / "two" / "checkpoints" / "step_00000002.pt").unlink()
+    assert main(["finetune", "--resume", str(tmp_path / "two"), "--quiet"]) == 0
+    assert_same_parameters(latest_checkpoint(tmp_path / "two")["model"], single["policy"])
+
+
+@pytest.mark.parametrize("algo, extra", [("ddpo-sf", ["--kl-coef", "0.1"]), ("rwr", [])])
+def test_ddpo_sf_and_rwr_on_two_ranks_match_one_rank(pretrained_moons, tmp_path, algo, extra):
+    flags = ["--pretrained", str(pretrained_moons), "--reward", "target_point", "--chains", "32", "--epochs", "2",
+             "--algo", algo, "--minibatch-size", "100", "--quiet", *extra]
+    two = torchrun("-m", "rl_diffusion.cli", "finetune", "--out", str(tmp_path / "two"), *flags)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert main(["finetune", "--out", str(tmp_path / "one"), *flags]) == 0
+    one_ckpt, two_ckpt = latest_checkpoint(tmp_path / "one"), latest_checkpoint(tmp_path / "two")
+    assert_same_parameters(two_ckpt["model"], one_ckpt["model"])
+    for h1, h2 in zip(one_ckpt["train_state"]["history"], two_ckpt["train_state"]["history"], strict=True):
+        assert h2["loss/policy"] == pytest.approx(h1["loss/policy"], rel=1e-4, abs=1e-6)
