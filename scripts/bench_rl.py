@@ -12,7 +12,9 @@ pretrained here into a temporary directory unless --pretrained gives one.
      - SB3 PPO's collect_rollouts over the batched `DenoisingVecEnvAdapter` at 16, 256, 1,024 chains;
      - the bare batched sampler `GaussianDiffusion.sample(..., record=True)` (the ceiling).
 2. A race on reward in_region (disc, center (2, -1), radius 1), 256 chains, seed 0, the same
-   lr for every algorithm: ddpo-sf, ddpo-is, rwr and sb3-ppo for a fixed epoch budget. Per
+   lr for every algorithm: ddpo-sf, ddpo-is, rwr and sb3-ppo for a fixed epoch budget, and
+   "sb3-ppo-dummyvecenv": the same PPO as SB3 is used out of the box, over a DummyVecEnv of 256
+   single `DenoisingEnv`s (timed from `learn` to the end of a rollout, without our logging). Per
    algorithm: the first epoch whose mean reward over its 256 chains reaches the target, the
    reward queries and the wall time of `train()` up to it (sampling, update, logging and
    checkpoints; not the final evaluation), the last epoch's mean reward, the best one, and the
@@ -42,6 +44,7 @@ sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # else scripts/pret
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 
 from pretrain.train import PretrainConfig, pretrain  # noqa: E402
@@ -113,12 +116,7 @@ def throughput(pretrained: Path, tmp: Path, device: str) -> dict:
         result["bare_sampler"][str(n)] = sampler_rate(s, n, repeats=max(3, 4 * repeats))
         if n == 16:
             # the same PPO over DummyVecEnv: 16 single envs, numpy per env, SB3 batching their observations
-            envs = DummyVecEnv([
-                lambda: DenoisingEnv(reward=REWARD["reward"], reward_kwargs=REWARD["reward_args"], **SAMPLING,
-                                     diffusion=s.diffusion, data_shape=s.data_shape)
-                for _ in range(n)
-            ])
-            model.set_env(envs)
+            model.set_env(single_envs(s, n))
             result["sb3_dummy_vec_env_of_single_envs"][str(n)] = rollout_rate(model, repeats)
         s.writer.close()
     result["adapter_over_dummy_vec_env_at_16"] = result["sb3_batched_adapter"]["16"] / result["sb3_dummy_vec_env_of_single_envs"]["16"]
@@ -170,6 +168,54 @@ def finetune_run(pretrained: Path, out: Path, device: str, targets: list[float],
         "curve": [{"epoch": h["epoch"], "reward_queries": h["reward_queries"], "reward_mean": h["reward/mean"],
                    "kl_to_pretrained": h["kl/to_pretrained"], "steps_per_sec": h["perf/steps_per_sec"], "wall_seconds": t}
                   for h, t in zip(history, history.seconds)],
+    }
+
+
+def single_envs(s, n: int) -> DummyVecEnv:
+    """n single `DenoisingEnv`s in SB3's DummyVecEnv: numpy per env, SB3 batching their observations."""
+    return DummyVecEnv([
+        lambda: DenoisingEnv(reward=REWARD["reward"], reward_kwargs=REWARD["reward_args"], **SAMPLING, diffusion=s.diffusion, data_shape=s.data_shape)
+        for _ in range(n)
+    ])
+
+
+class RolloutRewards(BaseCallback):
+    """Per rollout: the mean terminal reward of its chains and the seconds since `learn` started."""
+
+    def __init__(self):
+        super().__init__()
+        self.started, self.rewards, self.means, self.seconds = time.perf_counter(), [], [], []
+
+    def _on_step(self) -> bool:
+        self.rewards.extend(self.locals["rewards"][self.locals["dones"]].tolist())
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.means.append(float(np.mean(self.rewards)))
+        self.seconds.append(time.perf_counter() - self.started)
+        self.rewards = []
+
+
+def stock_sb3_run(pretrained: Path, out: Path, device: str, targets: list[float], epochs: int, lr: float) -> dict:
+    """sb3-ppo's PPO (same policy, settings and seed) over a DummyVecEnv of 256 single envs: SB3 out of the box."""
+    s = setup(config(pretrained, device, algo="sb3-ppo", chains=256, epochs=epochs, lr=lr), out)
+    model = sb3.make_ppo(s)
+    model.set_env(single_envs(s, 256))
+    callback = RolloutRewards()
+    model.learn(epochs * model.n_steps * 256, callback=callback)
+    s.writer.close()
+    reached = {}
+    for target in targets:
+        hit = next((i for i, m in enumerate(callback.means) if m >= target), None)
+        reached[str(target)] = {"epochs": None if hit is None else hit + 1, "reward_queries": None if hit is None else 256 * (hit + 1),
+                                "wall_seconds": None if hit is None else callback.seconds[hit]}
+    first = reached[str(targets[0])]
+    steps = 256 * model.n_steps * len(callback.means)
+    return {
+        "epochs": len(callback.means), "epochs_to_target": first["epochs"], "reward_queries_to_target": first["reward_queries"],
+        "wall_seconds_to_target": first["wall_seconds"], "by_target": reached, "final_reward": callback.means[-1],
+        "best_reward": max(callback.means), "steps_per_sec": steps / callback.seconds[-1],
+        "curve": [{"epoch": i + 1, "reward_mean": m, "wall_seconds": t} for i, (m, t) in enumerate(zip(callback.means, callback.seconds))],
     }
 
 
@@ -239,6 +285,8 @@ def main() -> int:
             log(f"race: {algo} ...")
             extra = {"rwr_temperature": args.rwr_temperature} if algo == "rwr" else {}
             race[algo] = finetune_run(pretrained, tmp / algo, args.device, targets, algo=algo, **common, **extra)
+        log("race: sb3-ppo over a DummyVecEnv of single envs ...")
+        race["sb3-ppo-dummyvecenv"] = stock_sb3_run(pretrained, tmp / "sb3-dummy", args.device, targets, args.epochs, args.lr)
         seconds["race"] = time.perf_counter() - t0
         kl = {}
         t0 = time.perf_counter()
@@ -258,7 +306,7 @@ def main() -> int:
         seconds["kl"] = time.perf_counter() - t0
 
     table = markdown(race, args.target, args.epochs)
-    sb3, native = race["sb3-ppo"]["by_target"], race["ddpo-is"]["by_target"]
+    sb3, native, stock = race["sb3-ppo"]["by_target"], race["ddpo-is"]["by_target"], race["sb3-ppo-dummyvecenv"]["by_target"]
     seconds["total"] = time.perf_counter() - started
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -279,6 +327,9 @@ def main() -> int:
             "sb3_over_native_wall_to_target": {t: ratio(sb3[t]["wall_seconds"], native[t]["wall_seconds"]) for t in sb3},
             "sb3_over_native_epoch_seconds_to_target": {t: ratio(sb3[t]["epoch_seconds"], native[t]["epoch_seconds"]) for t in sb3},
             "sb3_over_native_note": "sb3-ppo / ddpo-is (both PPO-clip, same lr, chains, seed); null if either never reached the target",
+            "sb3_dummyvecenv_over_native_wall_to_target": {t: ratio(stock[t]["wall_seconds"], native[t]["wall_seconds"]) for t in stock},
+            "sb3_dummyvecenv_note": "sb3-ppo-dummyvecenv: sb3-ppo's PPO and policy over a DummyVecEnv of 256 single DenoisingEnvs, "
+                                    "wall_seconds from learn() to the end of the rollout reaching the target (no TensorBoard, KL or checkpoints)",
             "algos": race,
         },
         "kl_to_pretrained": {
