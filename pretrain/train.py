@@ -160,7 +160,7 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
     ema = build_model(model_config).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    synced = ranks.wrap(model, device)  # the forward whose backward averages gradients over ranks
+    synced = ranks.wrap(model)  # the forward whose backward averages gradients over ranks
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     generator = torch.Generator(device=device).manual_seed(config.seed)

@@ -100,9 +100,9 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from pretrain.train import draw_samples
-    from rl_diffusion.distributed import resolve_device
     from rl_diffusion import figures
     from rl_diffusion.checkpoint import load_run
+    from rl_diffusion.distributed import resolve_device
 
     device = resolve_device(args.device)
     run = load_run(Path(args.run), device)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun every rank's line stays whole
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

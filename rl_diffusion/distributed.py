@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import torch
@@ -70,11 +69,11 @@ class Ranks:
         """True on every rank if `flag` is true on any: ranks agree on when to stop."""
         return bool(self.sum(torch.tensor([float(flag)], device=self.device)).item()) if self.world_size > 1 else flag
 
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+    def wrap(self, model: nn.Module) -> nn.Module:
         """`model` under DistributedDataParallel (gradients averaged over ranks in backward), or itself on 1 rank."""
         if self.world_size == 1:
             return model
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -187,7 +187,7 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         config=config, out=out, device=device, diffusion=diffusion, policy=policy, reference=reference,
         pretrained=pretrained, reward=reward, data_shape=data_shape, epochs=epochs, writer=writer,
         checkpoints=checkpoints, resumed=resumed,
-        eval_data=eval_data, picture=figures.samples_picture(eval_data), ranks=ranks, synced_policy=ranks.wrap(policy, device),
+        eval_data=eval_data, picture=figures.samples_picture(eval_data), ranks=ranks, synced_policy=ranks.wrap(policy),
     )
 
 
