@@ -9,8 +9,8 @@ import torch
 
 from pretrain.data import data_of_checkpoint, reference_draws
 from pretrain.train import EVAL_DATA_SEED, draw_samples, quality_metrics, sample_shape_and_labels
-from rl_diffusion.distributed import resolve_device
 from rl_diffusion.checkpoint import load_run, read_run_config
+from rl_diffusion.distributed import resolve_device
 from rl_diffusion.metrics import diversity, sliced_wasserstein2
 
 TILTED_POOL = 50_000  # pretrained samples importance-resampled into the KL-regularised optimum

@@ -10,7 +10,7 @@ when choosing the axis limits.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib
 
@@ -141,7 +141,7 @@ def scatter_image(
     return ScatterPanel(data, lim or limits(samples if data is None else data))(samples, title)
 
 
-def samples_picture(data: np.ndarray):
+def samples_picture(data: np.ndarray) -> Callable[[np.ndarray, str], np.ndarray]:
     """f(samples, title) -> uint8 [H, W, 3] for TensorBoard: a grid of up to 64 images, or a scatter over the data."""
     if data.ndim == 4:
         return lambda samples, title: image_grid(samples[:64])
