@@ -110,12 +110,12 @@ def path_kls(diffusion: GaussianDiffusion, cfg: FinetuneConfig, policy: torch.nn
     The policy's means are those recorded while sampling when the pairs have them (then only the
     reference is called), else the policy is called (sb3-ppo's rollout buffer keeps no means).
     """
+    def policy_mean(idx: Tensor) -> Tensor:
+        return policy_step(diffusion, cfg, policy, pairs, idx).mean if pairs.mean_old is None else pairs.mean_old[idx]
+
     with torch.no_grad():
         rows = torch.arange(len(pairs), device=pairs.t.device).split(cfg.minibatch_size)
-        kl = torch.cat([
-            step_kl(diffusion, cfg, reference, policy_step(diffusion, cfg, policy, pairs, idx).mean if pairs.mean_old is None else pairs.mean_old[idx], pairs, idx)
-            for idx in rows
-        ])
+        kl = torch.cat([step_kl(diffusion, cfg, reference, policy_mean(idx), pairs, idx) for idx in rows])
     return kl.reshape(K, -1)
 
 
@@ -255,7 +255,7 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
         for epoch in range(start, s.epochs):
             started = time.perf_counter()
             pairs, x0, c = sample_batch(s, generator)  # this rank's chains
-            rewards, _ = score(s, x0, c, epoch)
+            rewards = score(s, x0, c, epoch)
             # the whole batch on every rank: advantages are normalised over all chains
             x0, rewards, c = (None if v is None else s.ranks.gather(v) for v in (x0, rewards, c))
             finite = torch.isfinite(rewards)

@@ -191,8 +191,8 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     )
 
 
-def score(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> tuple[Tensor, Tensor]:
-    """Rewards of a batch, called once; returns (rewards, mask of finite ones).
+def score(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
+    """Rewards of a batch, called once.
 
     A non-finite reward stops the run (the last good checkpoint stays) unless
     --skip-nonfinite-rewards, which drops those samples and counts them.
@@ -201,10 +201,9 @@ def score(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> tuple[Tensor, T
         rewards = s.reward(x0, c)
     except RewardError as e:
         raise RewardError(f"{e}; stopped at epoch {epoch + 1}, the last good checkpoint is kept in {s.out}") from None
-    finite = torch.isfinite(rewards)
-    if finite.sum() < 2:
+    if torch.isfinite(rewards).sum() < 2:
         raise RewardError(f"reward '{s.reward.name}' returned fewer than 2 finite values at epoch {epoch + 1}; nothing to learn from")
-    return rewards, finite
+    return rewards
 
 
 def log_epoch(s: Setup, epoch: int, reward_queries: int, x0: Tensor, rewards: Tensor, scalars: dict[str, float], seconds: float) -> None:
