@@ -64,6 +64,8 @@ class PretrainConfig:
     attention: bool = arg(False, "U-Net (images): self-attention at the lowest resolution")
     class_conditional: bool = arg(True, "use the data set's labels: a class-conditional model (images)")
     label_dropout: float = arg(0.1, "probability of training without the label, for classifier-free guidance")
+    clip_denoised: bool = arg(True, "clip each sampling step's predicted x_0 to the data's range (images [-1, 1]; points: "
+                                    "per coordinate, widened by 10% of its width on each side); recorded in the checkpoint")
     seed: int = arg(0, "seed of every random draw in the run")
     eval_every: int = arg(500, "steps between sample-quality evaluations (TensorBoard, training GIF)")
     eval_samples: int = arg(2000, "samples per evaluation")
@@ -154,7 +156,7 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
         prepare_run_dir(out, json.dumps(saved, indent=2), overwrite)
 
     torch.manual_seed(config.seed)
-    diffusion = GaussianDiffusion(config.beta_schedule, config.num_timesteps)
+    diffusion = GaussianDiffusion(config.beta_schedule, config.num_timesteps, x0_range(data) if config.clip_denoised else None)
     model_config = config.model_config(data)
     model = build_model(model_config).to(device)
     ema = build_model(model_config).to(device)
@@ -261,6 +263,19 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
     if ranks.is_main:
         finish(out, diffusion, sampler_model, config, data, frames, device)
     return out
+
+
+X0_MARGIN = 0.1  # of a coordinate's width, added on each side of the points' range
+
+
+def x0_range(data: TrainingData) -> tuple[float | list[float], float | list[float]]:
+    """The (low, high) that sampling clips predicted x_0 to: [-1, 1] for images; for points the
+    range of each coordinate over the training pool, widened by X0_MARGIN of its width per side."""
+    if data.is_image:
+        return -1.0, 1.0
+    low, high = data.x.min(0).values.double(), data.x.max(0).values.double()
+    margin = X0_MARGIN * (high - low)
+    return (low - margin).tolist(), (high + margin).tolist()
 
 
 def data_info(config: PretrainConfig, data: TrainingData) -> dict:

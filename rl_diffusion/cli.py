@@ -106,6 +106,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     run = load_run(Path(args.run), device)
+    if not args.clip_denoised:
+        run.diffusion.x0_range = None
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be positive, got {args.num_samples}")
     if args.guidance_scale != 1.0 and not getattr(run.model, "num_classes", 0):
@@ -185,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npy file (samples in the data set's coordinates)")
     p.add_argument("--sampler", default="ddpm", help="ddpm | ddim")
     p.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (default: all T)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (0 = deterministic)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity in [0, 1] (0 = deterministic)")
+    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=True,
+                   help="clip each step's predicted x_0 to the range the run recorded (pretrain --clip-denoised)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance of a class-conditional model (0 unconditional, 1 conditional, >1 sharper)")
     p.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,16 @@ beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) is 0 at t = 1, which would make
 last step's log-prob infinite. The last step (to x_0) therefore uses
 sigma^2 = eta^2 * beta~_2 (eta = 1 for DDPM), as improved-diffusion clips its log
 variance. The mean never sees the floor.
+
+Clipped x_0 (`x0_range`): when the run recorded a range, the predicted x_0 of every step is
+clipped to the training data's range (with a margin) and the mean computed from it, as
+improved-diffusion's `clip_denoised` does. A few stray samples far from the data are what sliced W2 and any
+reward that grows without bound feed on; the clip removes them at the source. The policy
+and the pretrained reference take the same clipped step, so the step is still an exact
+Gaussian and the path KL stays exact.
+
+Every schedule-dependent number is precomputed (or, for DDIM's pairs of timesteps,
+computed) in float64 and cast to float32 only when it multiplies a batch.
 """
 
 from __future__ import annotations
@@ -58,10 +68,13 @@ class GaussianDiffusion:
     Args:
         beta_schedule: one of `rl_diffusion.schedules.SCHEDULES`.
         num_timesteps: T, the number of noising steps the network was trained on.
+        x0_range: (low, high) that every predicted x_0 is clipped to while sampling, each a
+            number or one number per coordinate of a sample (data units); None: no clipping.
     """
 
-    def __init__(self, beta_schedule: str = "linear", num_timesteps: int = 100):
+    def __init__(self, beta_schedule: str = "linear", num_timesteps: int = 100, x0_range: tuple | list | None = None):
         self.beta_schedule = beta_schedule
+        self.x0_range = None if x0_range is None else (x0_range[0], x0_range[1])
         self.num_timesteps = T = num_timesteps
         betas = np.concatenate([[0.0], betas_for(beta_schedule, T)])  # float64, index t
         alphas = 1.0 - betas
@@ -81,20 +94,38 @@ class GaussianDiffusion:
             reverse_sigma=np.sqrt(reverse_variance),
             # Ho et al. eq. 11: mu = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
             mean_coef_x=1.0 / np.sqrt(alphas),
-            mean_coef_eps=np.divide(betas, np.sqrt(1.0 - abar) * np.sqrt(alphas), where=betas > 0, out=np.zeros(T + 1)),
+            mean_coef_eps=-np.divide(betas, np.sqrt(1.0 - abar) * np.sqrt(alphas), where=betas > 0, out=np.zeros(T + 1)),
+            # x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): Ho et al. eq. 4 solved for x_0
+            x0_coef_x=1.0 / np.sqrt(abar),
+            x0_coef_eps=np.sqrt(1.0 / abar - 1.0),
+            # the mean of q(x_{t-1} | x_t, x_0), Ho et al. eq. 7
+            posterior_coef_x0=np.divide(betas * np.sqrt(abar_prev), 1.0 - abar, where=betas > 0, out=np.zeros(T + 1)),
+            posterior_coef_x=np.divide((1.0 - abar_prev) * np.sqrt(alphas), 1.0 - abar, where=betas > 0, out=np.zeros(T + 1)),
         )
-        self._tensors: dict[torch.device, dict[str, Tensor]] = {}
+        self._tensors: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
 
     @property
     def config(self) -> dict:
-        return {"beta_schedule": self.beta_schedule, "num_timesteps": self.num_timesteps}
+        config = {"beta_schedule": self.beta_schedule, "num_timesteps": self.num_timesteps}
+        if self.x0_range is not None:
+            config["x0_range"] = list(self.x0_range)
+        return config
 
-    def _coef(self, name: str, t: Tensor, like: Tensor) -> Tensor:
-        """schedule[name][t] as float32 on like's device, shaped to broadcast over like."""
-        table = self._tensors.setdefault(like.device, {})
+    def _coef(self, name: str, t: Tensor, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """schedule[name][t] in `dtype` on like's device, shaped to broadcast over like."""
+        table = self._tensors.setdefault((like.device, dtype), {})
         if name not in table:
-            table[name] = torch.as_tensor(self.np[name], dtype=torch.float32, device=like.device)
+            table[name] = torch.as_tensor(self.np[name], dtype=dtype, device=like.device)
         return table[name][t].reshape(-1, *([1] * (like.dim() - 1)))
+
+    def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """The x_0 that the noise prediction eps implies at (x_t, t)."""
+        return self._coef("x0_coef_x", t, x_t) * x_t - self._coef("x0_coef_eps", t, x_t) * eps
+
+    def clip_x0(self, x0: Tensor) -> Tensor:
+        """x0 clipped to `x0_range` (per coordinate when the range has one bound per coordinate)."""
+        low, high = (torch.as_tensor(bound, dtype=x0.dtype, device=x0.device) for bound in self.x0_range)
+        return torch.maximum(torch.minimum(x0, high), low)
 
     def _timestep_tensor(self, t: Tensor | int, x: Tensor) -> Tensor:
         if isinstance(t, int):
@@ -150,26 +181,42 @@ class GaussianDiffusion:
             t_prev: where the step lands (DDIM may skip); default t - 1. DDPM requires t - 1.
             sampler: "ddpm" (Ho et al. eq. 11, sigma^2 = posterior variance) or
                 "ddim" (Song et al. eq. 12 with sigma = eta * sigma_DDPM-like).
-            eta: DDIM stochasticity; ignored by "ddpm". eta = 0 is deterministic (no log-prob).
+            eta: DDIM stochasticity in [0, 1]; ignored by "ddpm". eta = 0 is deterministic (no
+                log-prob); eta = 1 forgets x_T like DDPM (memoryless), eta < 1 does not.
             x_prev: the action to score; when None it is sampled as mean + sigma * noise.
             noise: the N(0, I) draw of that sample, shape of x_t; from torch's global RNG when None.
             log_prob_reduction: "sum" over data dimensions (the exact log-density, default) or
                 "mean" (per dimension, as large-image systems use; clip ranges shrink accordingly).
         """
+        check_sampler(sampler, eta)
         t = self._timestep_tensor(t, x_t)
         t_prev = t - 1 if t_prev is None else self._timestep_tensor(t_prev, x_t)
+        # One mean in two forms: a x_t + b eps, and c_x0 x_0 + c_x x_t with x_0 the prediction. The
+        # first is better conditioned (1 / sqrt(abar_t) amplifies rounding in x_0 near t = T); the
+        # second is used where x_0 was clipped.
         if sampler == "ddpm":
-            mean = self._coef("mean_coef_x", t, x_t) * x_t - self._coef("mean_coef_eps", t, x_t) * eps
+            # Ho et al. eq. 11, and the mean of q(x_{t-1} | x_t, x_0), eq. 7
+            a, b, c_x0, c_x = (self._coef(name, t, x_t) for name in ("mean_coef_x", "mean_coef_eps", "posterior_coef_x0", "posterior_coef_x"))
             sigma = self._coef("reverse_sigma", t, x_t)
-        elif sampler == "ddim":
-            abar_t, abar_s = self._coef("abar", t, x_t), self._coef("abar", t_prev, x_t)
-            x0_pred = (x_t - torch.sqrt(1 - abar_t) * eps) / torch.sqrt(abar_t)
-            sigma = eta * torch.sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s))
-            mean = torch.sqrt(abar_s) * x0_pred + torch.sqrt((1 - abar_s - sigma**2).clamp(min=0)) * eps
-            floor = eta * self._coef("reverse_sigma", torch.ones_like(t), x_t)
-            sigma = torch.where(t_prev.reshape(sigma.shape) == 0, floor, sigma)
         else:
-            raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+            # Song et al. eq. 12: mean = sqrt(abar_s) x_0 + sqrt(1 - abar_s - sigma^2) eps. Its coefficients
+            # depend on the pair (t, t_prev), so they are computed here, in float64.
+            abar_t, abar_s = self._coef("abar", t, x_t, torch.float64), self._coef("abar", t_prev, x_t, torch.float64)
+            sigma = eta * torch.sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s))
+            floor = eta * self._coef("reverse_sigma", torch.ones_like(t), x_t, torch.float64)
+            sigma = torch.where(t_prev.reshape(sigma.shape) == 0, floor, sigma)
+            # the floor's sigma^2 exceeds 1 - abar_0 = 0 on the last step: its mean is x_0
+            direction = (1 - abar_s - sigma**2).clamp(min=0).sqrt()
+            a = (abar_s / abar_t).sqrt()
+            b = direction - (abar_s * (1 - abar_t) / abar_t).sqrt()
+            c_x0 = abar_s.sqrt() - direction * (abar_t / (1 - abar_t)).sqrt()  # with eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)
+            c_x = direction / (1 - abar_t).sqrt()
+            a, b, c_x0, c_x, sigma = (v.float() for v in (a, b, c_x0, c_x, sigma))
+        mean = a * x_t + b * eps
+        if self.x0_range is not None:
+            x0 = self.predict_x0(x_t, t, eps)
+            clipped = self.clip_x0(x0)
+            mean = torch.where(clipped != x0, c_x0 * clipped + c_x * x_t, mean)
         if x_prev is None:
             x_prev = mean + sigma * (torch.randn(x_t.shape, device=x_t.device) if noise is None else noise)
         log_prob = None
@@ -180,13 +227,15 @@ class GaussianDiffusion:
     def timesteps(self, sampler: str = "ddpm", sampling_steps: int | None = None) -> list[int]:
         """The decreasing timesteps a chain visits before x_0: all of T..1 for DDPM, K evenly spaced for DDIM."""
         T = self.num_timesteps
+        check_sampler(sampler)
         if sampler == "ddpm":
             if sampling_steps not in (None, T):
                 raise UserError(f"the ddpm sampler takes all {T} steps; use --sampler ddim for --sampling-steps {sampling_steps}")
             return list(range(T, 0, -1))
         K = T if sampling_steps is None else sampling_steps
-        if not 1 <= K <= T:
-            raise UserError(f"--sampling-steps must be between 1 and {T}, got {K}")
+        # K = 1 would take pure noise x_T for x_1 and jump to x_0 from the wrong time
+        if not 2 <= K <= T:
+            raise UserError(f"--sampling-steps must be between 2 and {T}, got {K}")
         return sorted({int(round(x)) for x in np.linspace(1, T, K)}, reverse=True)
 
     def sample(
@@ -243,6 +292,20 @@ class GaussianDiffusion:
             means=torch.stack(means) if record else None,
             c=c,
         )
+
+
+def check_sampler(sampler: str, eta: float = 1.0) -> None:
+    """Refuse an unknown sampler, and a DDIM eta outside [0, 1] (above 1 its sigma^2 exceeds 1 - abar_{t_prev})."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    if sampler == "ddim" and not 0 <= eta <= 1:
+        raise UserError(f"--eta must be in [0, 1], got {eta}: above 1 the DDIM step has no valid mean")
+
+
+def is_memoryless(sampler: str, eta: float) -> bool:
+    """Whether the reference chain forgets x_T, so that the KL-regularised optimum
+    p_pre(x_0) exp(r / beta) / Z is reachable with x_T shared (docs/design.md, section 2)."""
+    return sampler == "ddpm" or eta == 1.0
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, sigma: Tensor, reduction: str = "sum") -> Tensor:

@@ -1,4 +1,4 @@
-"""The denoising MDP (DESIGN.md section 1) as Gymnasium environments, one chain or N in lockstep.
+"""The denoising MDP (docs/design.md, section 1) as Gymnasium environments, one chain or N in lockstep.
 
 State (x_t, t, c), action x_{t_prev}, reward r(x_0, c) at the last step and 0 before; gamma = 1.
 t runs down `GaussianDiffusion.timesteps(sampler, sampling_steps)` (T..1 for DDPM, K spaced
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from rewards import build_reward
 from rl_diffusion.checkpoint import CheckpointManager, read_run_config
-from rl_diffusion.diffusion import SAMPLERS, GaussianDiffusion
+from rl_diffusion.diffusion import GaussianDiffusion, check_sampler
 from rl_diffusion.errors import UserError
 
 def _diffusion_and_shape(
@@ -110,14 +110,11 @@ class DenoisingVectorEnv(VectorEnv):
     ):
         if render_mode is not None:
             raise UserError(f"the denoising env has no render modes, got render_mode={render_mode!r}")
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+        check_sampler(sampler, eta)
         if num_envs < 1:
             raise UserError(f"num_envs must be at least 1, got {num_envs}")
         if not action_bound > 0:
             raise UserError(f"action_bound must be > 0, got {action_bound}")
-        if eta < 0:
-            raise UserError(f"eta must be >= 0, got {eta}")
         self.diffusion, self.data_shape, self.num_classes = _diffusion_and_shape(run, diffusion, data_shape, num_classes)
         self.sampler, self.eta = sampler, eta
         self.timesteps = self.diffusion.timesteps(sampler, sampling_steps)  # K decreasing t's, T first
