@@ -7,16 +7,20 @@ models with reinforcement learning".
 KL to the pretrained model (kl_coef = beta > 0). The objective is
     J(theta) = E[r(x_0)] - beta KL(p_theta || p_ref),   KL = E sum_k kl_k,
     kl_k = ||mu_theta(x_k, t_k) - mu_ref(x_k, t_k)||^2 / (2 sigma_k^2),
-exact because both chains share x_T and sigma (DESIGN.md section 1). Its gradient has two
+exact because both chains share x_T and sigma (docs/design.md, section 2). Its gradient has two
 parts and both are used:
   - the action at step k moves every later state, so it is charged the KL that follows it:
     the return of step k is G_k = r(x_0) - beta sum_{j>k} kl_j (a per-step penalty on the
     reward, with lower variance than charging the whole path KL to every step);
   - kl_k depends on theta directly through mu_theta at the visited state: its exact gradient
     is added to the loss.
-Advantages divide G by its standard deviation; the direct term is divided by the same number,
-so every update follows grad J (scaled), whose fixed point is the KL-regularised optimum
-p_pre(x_0) exp(r(x_0) / beta) / Z.
+The update follows grad J times a positive number, so its fixed point is the KL-regularised
+optimum p_pre(x_0) exp(r(x_0) / beta) / Z, for any batch or group size. Three things make that so
+(docs/design.md, section 4): the baseline of a chain leaves the chain itself out (a baseline that
+includes it shrinks the reward's part of the gradient by 1 - 1/n and not the KL's); the scale
+that advantages are divided by, which the direct KL term is divided by too, never depends on the
+chain it divides; and with `--log-prob-reduction mean` the direct KL term is averaged over data
+dimensions like the log-prob.
 
 Data parallel (torchrun, distributed.py): each rank samples and scores its share of the chains;
 rewards, labels, x_0 and KLs are gathered so every rank computes the same advantages over the
@@ -119,23 +123,62 @@ def path_kls(diffusion: GaussianDiffusion, cfg: FinetuneConfig, policy: torch.nn
     return kl.reshape(K, -1)
 
 
-def advantages(s: Setup, pairs: Pairs, rewards: Tensor, c: Tensor | None, K: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair advantages [K, B] of the whole batch from G_k = r - beta sum_{j>k} kl_j; also kl [K, B]
-    and the std used per chain [B]. `pairs` are this rank's, rewards and labels [B] the whole batch's.
+MIN_GROUP_FOR_OWN_SCALE = 8  # chains a group needs to be scaled by its own spread (its others' spread: >= 7 values)
+SCALE_FLOOR = 0.1  # no group's scale falls below this fraction of the batch's spread
 
-    The baseline is the mean return per timestep; with class labels, per timestep and class, and
-    the std per class too (a class with easy rewards does not drown the others).
+
+def advantages(returns: Tensor, groups: Tensor | None, adv_clip: float) -> tuple[Tensor, Tensor]:
+    """Standardised advantages [K, B] of returns [K, B] (step k, chain b) and the scale of each chain [B].
+
+    Baseline: the mean return of the OTHER chains of the same group (class label) at the same
+    step, leave-one-out, so it is independent of the chain it is subtracted from; a chain alone
+    in its group is compared with the rest of the batch. Returns that are equal within a group
+    give advantages of exactly 0 (they are measured from one member of the group).
+    Scale: the spread of the group's other chains (sample variance, pooled over steps) for groups
+    of at least MIN_GROUP_FOR_OWN_SCALE chains, so a class with easy rewards does not drown the
+    others; smaller groups take the batch's spread. No scale falls below SCALE_FLOOR times the
+    batch's spread, so a group with (nearly) equal returns cannot blow up the direct KL term that
+    is divided by the same scale. Advantages are clipped to [-adv_clip, adv_clip].
+    Computed in float64; returned as float32.
     """
+    G = returns.double()
+    K, B = G.shape
+    groups = torch.zeros(B, dtype=torch.long, device=G.device) if groups is None else groups
+    one_hot = torch.nn.functional.one_hot(groups).double()  # [B, number of groups]
+    n = one_hot.sum(0)[groups]  # [B] chains in each chain's group
+    first = one_hot.argmax(0)  # [number of groups] the first chain of each group
+    d = G - G[:, first[groups]]  # returns measured from one member of the group
+    group_sum, group_sum_sq = (d @ one_hot)[:, groups], (d.square() @ one_hot)[:, groups]  # [K, B]
+    others = (n - 1).clamp(min=1)
+    others_mean = (group_sum - d) / others
+    batch_others_mean = (G.sum(1, keepdim=True) - G) / max(B - 1, 1)
+    centred = torch.where(n > 1, d - others_mean, G - batch_others_mean)
+    batch_scale = G.var(1, correction=0).mean().sqrt()
+    others_var = ((group_sum_sq - d.square()) - (group_sum - d).square() / others) / (n - 2).clamp(min=1)
+    own_scale = others_var.clamp(min=0).mean(0).sqrt()
+    scale = torch.where(n >= MIN_GROUP_FOR_OWN_SCALE, own_scale, batch_scale)
+    # the absolute floor only matters when every return in the batch is equal (then every advantage is 0)
+    scale = torch.maximum(scale, SCALE_FLOOR * batch_scale).clamp(min=torch.finfo(torch.float32).tiny)
+    return (centred / scale).clamp(-adv_clip, adv_clip).float(), scale.float()
+
+
+def batch_advantages(s: Setup, pairs: Pairs, rewards: Tensor, c: Tensor | None, K: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair advantages [K, B] of the whole batch from G_k = r - beta sum_{j>k} kl_j; also kl [K, B]
+    and the scale of each chain [B]. `pairs` are this rank's, rewards and labels [B] the whole batch's."""
     kl = s.ranks.gather(path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, K), dim=1)
     kl_after = kl.flip(0).cumsum(0).flip(0) - kl  # sum_{j > k} kl_j
-    returns = rewards[None, :] - s.config.kl_coef * kl_after
-    groups = torch.zeros_like(rewards, dtype=torch.long) if c is None else c
-    one_hot = torch.nn.functional.one_hot(groups).to(returns.dtype)  # [B, G]
-    counts = one_hot.sum(0).clamp(min=1)
-    centred = returns - (returns @ one_hot / counts) @ one_hot.T  # minus the mean of its timestep and group
-    variance = (centred.pow(2).mean(0) @ one_hot / counts) @ one_hot.T  # population variance of its group, [B]
-    scale = variance.sqrt() + 1e-8
-    return (centred / scale).clamp(-s.config.adv_clip, s.config.adv_clip), kl, scale
+    adv, scale = advantages(rewards[None, :] - s.config.kl_coef * kl_after, c, s.config.adv_clip)
+    return adv, kl, scale
+
+
+def kl_penalty(s: Setup, mean: Tensor, pairs: Pairs, own: Tensor, scale: Tensor) -> Tensor:
+    """The direct KL term of the loss per pair: beta kl_k / scale, with kl_k reduced over data dimensions
+    the way the log-prob is (summed, or averaged for --log-prob-reduction mean), so that the two parts
+    of the gradient stay in the ratio of grad J."""
+    kl = step_kl(s.diffusion, s.config, s.reference, mean, pairs, own)
+    if s.config.log_prob_reduction == "mean":
+        kl = kl / mean[0].numel()
+    return s.config.kl_coef * kl / scale
 
 
 def own_rows(rows: Tensor, B: int, s: Setup) -> tuple[Tensor, Tensor]:
@@ -158,7 +201,7 @@ def update_sf(s: Setup, optimizer, pairs: Pairs, x0: Tensor, c: Tensor | None, r
         ours = policy_step(s.diffusion, cfg, s.synced_policy, pairs, own)
         terms = -adv[rows] * ours.log_prob
         if cfg.kl_coef > 0:
-            terms = terms + cfg.kl_coef * step_kl(s.diffusion, cfg, s.reference, ours.mean, pairs, own) / scale_pairs[rows]
+            terms = terms + kl_penalty(s, ours.mean, pairs, own, scale_pairs[rows])
         (terms.sum() * s.ranks.world_size / (K * B)).backward()  # DDP's mean over ranks: the sum over all pairs / (K B)
         total += terms.detach().sum()
     grad_norm = torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
@@ -197,7 +240,7 @@ def update_is(s: Setup, optimizer, pairs: Pairs, x0: Tensor, c: Tensor | None, r
             ours = policy_step(s.diffusion, cfg, s.synced_policy, pairs, own)
             terms, approx_kl, clipped = ppo_terms(adv[mine], ours.log_prob, pairs.log_prob_old[own], cfg.clip_range)
             if cfg.kl_coef > 0:
-                terms = terms + cfg.kl_coef * step_kl(s.diffusion, cfg, s.reference, ours.mean, pairs, own) / scale_pairs[mine]
+                terms = terms + kl_penalty(s, ours.mean, pairs, own, scale_pairs[mine])
             optimizer.zero_grad(set_to_none=True)
             (terms.sum() * s.ranks.world_size / len(idx)).backward()  # DDP's mean over ranks: the minibatch mean
             torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
@@ -264,7 +307,7 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             if not finite.all():  # --skip-nonfinite-rewards (one rank): drop those chains entirely
                 pairs = pairs.select(finite.repeat(K))
             c_kept = None if c is None else c[finite]
-            adv, kl, scale = advantages(s, pairs, rewards[finite], c_kept, K)
+            adv, kl, scale = batch_advantages(s, pairs, rewards[finite], c_kept, K)
             stats = update(s, optimizer, pairs, x0[finite], c_kept, rewards[finite], adv, scale, generator)
             if not math.isfinite(stats["loss/policy"]):
                 raise UserError(f"the {cfg.algo} loss became {stats['loss/policy']} at epoch {epoch + 1}; the last good checkpoint is kept in {s.out} (try a lower --lr)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from rl_diffusion.checkpoint import (
     prepare_run_dir,
 )
 from rl_diffusion.config import arg
-from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, SAMPLERS, GaussianDiffusion
+from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, GaussianDiffusion, check_sampler, is_memoryless
 from rl_diffusion.distributed import NoWriter, Ranks
 from rl_diffusion.errors import UserError, nearest
 
@@ -55,12 +56,13 @@ class FinetuneConfig:
     minibatch_size: int = arg(1024, "(trajectory, timestep) pairs per gradient step (ddpo-is, rwr, sb3-ppo)")
     timestep_fraction: float = arg(1.0, "fraction of each chain's timesteps trained on per epoch (ddpo-is)")
     kl_coef: float = arg(0.0, "beta of the exact path KL to the pretrained model (0 = off)")
-    rwr_temperature: float = arg(1.0, "softmax temperature on rewards (rwr), reward units")
-    log_prob_reduction: str = arg("sum", "sum (exact log-density) | mean (per dimension; shrink --clip-range)")
+    rwr_temperature: float = arg(1.0, "rwr: softmax temperature on rewards, reward units; each epoch fits p_old exp(r / T), so the tilt "
+                                      "compounds over epochs with nothing holding it to the pretrained model")
+    log_prob_reduction: str = arg("sum", "sum (exact log-density) | mean (per dimension; shrink --clip-range; the KL term is averaged alike)")
     grad_clip: float = arg(1.0, "clip the gradient's global norm to this")
     sampler: str = arg("ddpm", "ddpm | ddim: the reverse chain the policy acts in")
     sampling_steps: int = arg(0, "DDIM steps per chain (0 = all T)")
-    eta: float = arg(1.0, "DDIM stochasticity (> 0: the policy needs a density)")
+    eta: float = arg(1.0, "DDIM stochasticity in (0, 1]; below 1 the chain keeps memory of x_T and the KL optimum is out of reach")
     x_axis: str = arg("epoch", "TensorBoard step axis: epoch | reward_queries (samples scored so far)")
     seed: int = arg(0, "seed of every random draw in the run")
     checkpoint_every: int = arg(5, "epochs between checkpoints")
@@ -83,10 +85,9 @@ class FinetuneConfig:
             raise UserError(f"--timestep-fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.kl_coef < 0:
             raise UserError(f"--kl-coef must be >= 0, got {self.kl_coef}")
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown --sampler '{self.sampler}'; choose one of {', '.join(SAMPLERS)}")
-        if self.eta <= 0:
+        if self.eta == 0:
             raise UserError("--eta must be > 0: a deterministic chain has no log-prob to train")
+        check_sampler(self.sampler, self.eta)
         if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
             raise UserError(f"unknown --log-prob-reduction '{self.log_prob_reduction}'; choose sum or mean")
         if self.x_axis not in ("epoch", "reward_queries"):
@@ -97,7 +98,8 @@ class FinetuneConfig:
             flags = ", ".join(flag for flag, given in sb3_refused.items() if given)
             raise UserError(f"--algo sb3-ppo does not support {flags}; use --algo ddpo-is for them")
         if self.algo == "rwr" and self.kl_coef > 0:
-            raise UserError("--algo rwr regularises through --rwr-temperature (it fits p_old exp(r / T)); --kl-coef applies to ddpo-sf and ddpo-is")
+            raise UserError("--algo rwr has no KL term: each epoch fits p_old exp(r / T), a tilt that compounds over epochs "
+                            "with nothing holding it to the pretrained model; --kl-coef applies to ddpo-sf and ddpo-is")
 
     @property
     def sampling(self) -> dict:
@@ -172,8 +174,14 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     out = Path(out)
     if not resume and ranks.is_main:
         prepare_run_dir(out, json.dumps(dict(kind="finetune", **dataclasses.asdict(config)), indent=2), overwrite)
+    if config.kl_coef > 0 and not is_memoryless(config.sampler, config.eta) and ranks.is_main:
+        print(f"warning: DDIM with --eta {config.eta} keeps memory of x_T, so the KL-regularised optimum "
+              "p_pre exp(r / beta) / Z is out of reach (docs/design.md, section 2); use --eta 1 or --sampler ddpm to aim at it",
+              file=sys.stderr)
     torch.manual_seed(config.seed)
-    policy = copy.deepcopy(pretrained.model).train().requires_grad_(True)
+    # eval mode for good: sampling, rescoring and the update must see one network (dropout would
+    # break ratio = 1 and KL = 0 before the first update)
+    policy = copy.deepcopy(pretrained.model).eval().requires_grad_(True)
     reference = pretrained.model.eval().requires_grad_(False)
     checkpoints = CheckpointManager(out, keep=config.keep_checkpoints)
     resumed = checkpoints.load_latest(map_location=device) if resume else None
