@@ -8,6 +8,7 @@ happens elsewhere. Each description in ``DATASETS_2D`` states its coordinates.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,41 @@ DATASETS_2D: dict[str, str] = {}
 """Name -> one-line description with its coordinates (for ``rl-diffusion datasets``)."""
 
 _SAMPLERS: dict[str, Sampler] = {}
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A mixture of isotropic 2D Gaussians sum_k weights_k N(means_k, std^2 I), in data units."""
+
+    means: np.ndarray  # [K, 2] float64
+    std: float  # per-axis standard deviation of every component
+    weights: np.ndarray  # [K] float64, normalised to sum to 1 on construction
+
+    def __post_init__(self) -> None:
+        means = np.array(self.means, dtype=np.float64)
+        weights = np.array(self.weights, dtype=np.float64)
+        weights /= weights.sum()
+        # Shared by every caller: nobody may change a data set's definition in place.
+        means.setflags(write=False)
+        weights.setflags(write=False)
+        object.__setattr__(self, "means", means)
+        object.__setattr__(self, "weights", weights)
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n points of the mixture, float64 [n, 2]: a component by weight, then its Gaussian."""
+        component = rng.choice(len(self.weights), size=n, p=self.weights)
+        return self.means[component] + rng.normal(0.0, self.std, size=(n, 2))
+
+
+_EIGHT_ANGLES = np.arange(8) * (np.pi / 4)
+_GRID = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+
+MIXTURES: dict[str, Mixture] = {
+    "8gaussians": Mixture(2.0 * np.stack([np.cos(_EIGHT_ANGLES), np.sin(_EIGHT_ANGLES)], axis=1), 0.2, np.ones(8)),
+    "gmm25": Mixture(np.stack(np.meshgrid(_GRID, _GRID, indexing="ij"), axis=-1).reshape(-1, 2),
+                     np.sqrt(0.3) / 5, np.ones(25)),
+}
+"""The data sets that are Gaussian mixtures, by name: their samplers draw from these definitions."""
 
 
 def _dataset(name: str, description: str) -> Callable[[Sampler], Sampler]:
@@ -94,11 +130,14 @@ def _swissroll(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.stack([t * np.cos(t), t * np.sin(t)], axis=1) / 4 + rng.normal(0.0, 0.1, size=(n, 2))
 
 
-@_dataset("8gaussians", "8 Gaussians with std 0.2 centred on a circle of radius 2 at angles k*pi/4; spread 1.4")
-def _eight_gaussians(rng: np.random.Generator, n: int) -> np.ndarray:
-    angle = rng.integers(8, size=n) * (np.pi / 4)
-    centres = 2.0 * np.stack([np.cos(angle), np.sin(angle)], axis=1)
-    return centres + rng.normal(0.0, 0.2, size=(n, 2))
+_dataset("8gaussians", "8 Gaussians with std 0.2 centred on a circle of radius 2 at angles k*pi/4; spread 1.4")(
+    MIXTURES["8gaussians"].sample)
+_dataset(
+    "gmm25",
+    "5 x 5 grid of equal-weight Gaussians at {-2, -1, 0, 1, 2}^2 with std sqrt(0.3)/5 = 0.110: the 2D benchmark "
+    "of Relative Trajectory Balance (Venkatraman et al. 2024; grid {-10, -5, 0, 5, 10}, std sqrt(0.3)) "
+    "scaled by 1/5; spread 1.42",
+)(MIXTURES["gmm25"].sample)
 
 
 @_dataset(
@@ -112,11 +151,12 @@ def _checkerboard(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.stack([x, y], axis=1)
 
 
-def sample_2d(name: str, num_samples: int, seed: int) -> np.ndarray:
+def sample_2d(name: str, num_samples: int, seed: int | np.random.Generator) -> np.ndarray:
     """Draw ``num_samples`` points of data set ``name``: float32 [num_samples, 2].
 
-    Each call draws fresh from ``np.random.default_rng(seed)``: the same seed gives
-    the same points, so use a different seed for an independent draw.
+    An int seed draws fresh from ``np.random.default_rng(seed)``: the same seed gives
+    the same points, so use a different seed for an independent draw. A Generator is
+    drawn from and advanced, for a stream of independent batches.
     """
     if name not in _SAMPLERS:
         raise UserError(

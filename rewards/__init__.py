@@ -4,6 +4,9 @@ A reward maps a batch to one score per sample: ``reward(x0: Tensor[B, ...], c: T
 -> Tensor[B]``. A factory takes keyword arguments and returns such a function. Add one with
 ``@rewards.register("name")``, as a ``"package.module:factory"`` path, or as an entry point in
 the group ``rl_diffusion.rewards``; this module imports nothing from the RL code.
+
+A reward function may declare ``fn.max_value``: a float that bounds its score from above for
+every x0. Evaluation then samples the KL-regularised optimum exactly, by rejection.
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ class Reward:
 
     def __repr__(self) -> str:
         return f"Reward({self.name!r}, {self.kwargs!r})"
+
+    @property
+    def max_value(self) -> float | None:
+        """The reward's declared upper bound over every x0 (``fn.max_value``), or None if it declares none."""
+        bound = getattr(self.fn, "max_value", None)
+        return None if bound is None else float(bound)
 
     def __call__(self, x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         try:

@@ -1,7 +1,8 @@
 """Built-in rewards for 2D points x0 of shape [B, 2], in the data's own units.
 
 Each factory checks its arguments (ValueError) and returns a batched ``reward(x0, c)``; the
-condition ``c`` is ignored. A reward raises ValueError when x0 is not [B, 2].
+condition ``c`` is ignored. A reward raises ValueError when x0 is not [B, 2]. A reward that is
+bounded above declares its bound as ``reward.max_value`` (see ``rewards.Reward.max_value``).
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
+from pretrain.datasets import MIXTURES, Mixture
 from rewards import RewardFn, register
 
 _SHAPES = ("box", "disc")
@@ -34,6 +37,12 @@ def _check_2d(x0: torch.Tensor) -> None:
         raise ValueError(f"this reward is for 2D points: x0 must have shape [B, 2], got {list(x0.shape)}")
 
 
+def _bounded(reward: RewardFn, max_value: float) -> RewardFn:
+    """``reward`` declaring ``max_value``, an upper bound of its score over every x0."""
+    reward.max_value = float(max_value)  # type: ignore[attr-defined]
+    return reward
+
+
 @register("target_point")
 def target_point(point: Sequence[float] = (0.0, 0.0)) -> RewardFn:
     """Negative Euclidean distance from x0 to a point (0 at the point, lower further away).
@@ -46,7 +55,7 @@ def target_point(point: Sequence[float] = (0.0, 0.0)) -> RewardFn:
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         _check_2d(x0)
         return -torch.linalg.vector_norm(x0 - p.to(x0), dim=1)
-    return reward
+    return _bounded(reward, 0.0)
 
 
 def _inside_distance(shape: str, box: Sequence[float], center: Sequence[float],
@@ -86,7 +95,7 @@ def _smooth_indicator(sign: float, shape: str, box: Sequence[float], center: Seq
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         # sigmoid(-z) rather than 1 - sigmoid(z) keeps small scores accurate.
         return torch.sigmoid(sign * sharpness * distance(x0))
-    return reward
+    return _bounded(reward, 1.0)
 
 
 @register("in_region")
@@ -132,7 +141,8 @@ def gmm_log_density(means: Sequence[Sequence[float]] = ((0.0, 0.0),),
                     weights: Sequence[float] | None = None) -> RewardFn:
     """Log density (nats) of x0 under a mixture of K isotropic 2D Gaussians.
 
-    Unbounded below: far from every mean the reward falls like -distance^2 / (2 std^2).
+    Unbounded below: far from every mean the reward falls like -distance^2 / (2 std^2). Bounded
+    above by log sum_k w_k / (2 pi std_k^2), the log of the weighted sum of the component peaks.
 
     Args:
         means: K component means, a [K, 2] list, in data units.
@@ -156,4 +166,80 @@ def gmm_log_density(means: Sequence[Sequence[float]] = ((0.0, 0.0),),
         _check_2d(x0)
         sq = ((x0[:, None, :] - mu.to(x0)) ** 2).sum(dim=2)  # [B, K]
         return torch.logsumexp(const.to(x0) - sq / (2 * sd.to(x0) ** 2), dim=1)
+    return _bounded(reward, torch.logsumexp(const, dim=0).item())
+
+
+@register("linear")
+def linear(a: Sequence[float] = (0.0, 1.0)) -> RewardFn:
+    """Linear score a . x0, unbounded: it tilts a Gaussian mixture into another one in closed form.
+
+    Args:
+        a: the direction (a_x, a_y), in reward units per data unit.
+    """
+    direction = _floats("a", a, (2,))
+
+    def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        _check_2d(x0)
+        return x0 @ direction.to(x0)
     return reward
+
+
+@register("gaussian_bump")
+def gaussian_bump(center: Sequence[float] = (0.0, 0.0), width: float = 0.5, scale: float = 10.0) -> RewardFn:
+    """Gaussian bump scale * exp(-||x0 - center||^2 / (2 width^2)): scale at the center, 0 far away.
+
+    Args:
+        center: the bump's center (x, y), in data units.
+        width: the bump's standard deviation in data units (> 0).
+        scale: the score at the center; a negative scale makes a dip.
+    """
+    ctr = _floats("center", center, (2,))
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+
+    def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        _check_2d(x0)
+        return scale * torch.exp(-((x0 - ctr.to(x0)) ** 2).sum(dim=1) / (2 * width**2))
+    return _bounded(reward, max(scale, 0.0))
+
+
+# Relative Trajectory Balance's posterior modes on their grid {-10, -5, 0, 5, 10}^2, with weights / 61.
+_POSTERIOR_MODES = {(-10, -5): 4, (-5, -10): 10, (-5, 0): 4, (10, -5): 5, (0, 0): 10, (0, 5): 5, (5, -5): 4,
+                    (5, 0): 15, (5, 10): 4}
+GMM25_POSTERIOR = Mixture(
+    MIXTURES["gmm25"].means,
+    MIXTURES["gmm25"].std,
+    np.array([_POSTERIOR_MODES.get(tuple((5 * m).round()), 0) for m in MIXTURES["gmm25"].means]),
+)
+"""The 9-mode posterior of Venkatraman et al. (2024) over the ``gmm25`` prior, scaled like it by 1/5.
+
+Written as a mixture over the prior's 25 components, 16 of them with weight 0.
+"""
+
+
+def _log_mixture(x0: torch.Tensor, mixture: Mixture) -> torch.Tensor:
+    """log sum_k w_k exp(-||x0 - mu_k||^2 / (2 std^2)), float64 [B]: the log density up to a constant."""
+    means, weights = (torch.tensor(a, device=x0.device) for a in (mixture.means, mixture.weights))
+    sq = ((x0.to(torch.float64)[:, None, :] - means) ** 2).sum(dim=2)
+    return torch.logsumexp(torch.log(weights) - sq / (2 * mixture.std**2), dim=1)
+
+
+@register("gmm_posterior")
+def gmm_posterior() -> RewardFn:
+    """log p_post(x0) - log p_prior(x0): the ``gmm25`` prior tilted at kl_coef 1 is the 9-mode posterior.
+
+    The prior is the ``gmm25`` data set; the posterior is ``GMM25_POSTERIOR``, 9 of its 25
+    components with weights (4, 10, 4, 5, 10, 5, 4, 15, 4) / 61 (Venkatraman et al. 2024).
+    Both share one std, so their normalisers cancel; computed in float64 because far from
+    the grid it is a difference of two large numbers. With v the posterior and w the prior
+    weights of the same components, p_post <= max_k (v_k / w_k) p_prior, so the score is at
+    most log max_k (v_k / w_k) = log(25 * 15 / 61).
+    """
+    prior, posterior = MIXTURES["gmm25"], GMM25_POSTERIOR
+
+    def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        _check_2d(x0)
+        return (_log_mixture(x0, posterior) - _log_mixture(x0, prior)).to(x0.dtype)
+    return _bounded(reward, math.log(np.max(posterior.weights / prior.weights)))

@@ -11,6 +11,7 @@ A checkpoint is one torch file holding everything a continuation needs:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -57,6 +58,12 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:

@@ -6,7 +6,6 @@ Every user mistake ends as one line `error: ...` on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
@@ -26,13 +25,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    from rl_diffusion.checkpoint import atomic_write
+    from rl_diffusion.checkpoint import atomic_save_npy
 
     if path.suffix != ".npy":
         raise UserError(f"--out must end in .npy, got {path}")
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    atomic_save_npy(path, array)
 
 
 def _config_and_run_dir(args: argparse.Namespace, cls: type, kind: str, flags: dict, make_config) -> tuple:

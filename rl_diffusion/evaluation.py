@@ -9,23 +9,67 @@ import torch
 
 from pretrain.data import data_of_checkpoint, reference_draws
 from pretrain.train import EVAL_DATA_SEED, draw_samples, quality_metrics, sample_shape_and_labels
-from rl_diffusion.checkpoint import load_run, read_run_config
+from rewards import Reward, build_reward
+from rl_diffusion.checkpoint import LoadedRun, atomic_save_npy, load_run, read_run_config
+from rl_diffusion.diffusion import is_memoryless
 from rl_diffusion.distributed import resolve_device
-from rl_diffusion.metrics import diversity, sliced_wasserstein2
+from rl_diffusion.metrics import diversity, far_fraction, mmd_rbf, mode_mass_l1, mode_masses, sliced_wasserstein2
+from rl_diffusion.targets import ExactTarget, Modes, RejectionTooCostly, dataset_modes, exact_target
 
 TILTED_POOL = 50_000  # pretrained samples importance-resampled into the KL-regularised optimum
+# Below 1,000 effective pool points the resampled target is a few hundred distinct points, each
+# repeated: its distances then measure the pool's luck (see tilted_sw2_floor) more than the model.
+TILTED_MIN_ESS = 1_000
+FAR_RADIUS_FACTOR = 1.5  # far_radius = 1.5 x the largest norm of the data's reference draw
+
+
+def _distances(points: np.ndarray, target: np.ndarray, modes: Modes | None) -> dict[str, float]:
+    """Sliced W2 and MMD^2 (V-statistic, >= 0) of points [N, 2] to a target draw [M, 2], in data units;
+    with modes, also the L1 error of the points' per-mode masses against ``modes.masses``."""
+    out = {"sw2": sliced_wasserstein2(points, target), "mmd": mmd_rbf(points, target, statistic="v")}
+    if modes is not None:
+        out["mode_mass_l1"] = mode_mass_l1(mode_masses(points, modes.means, modes.radius)[0], modes.masses)
+    return out
+
+
+def _point_stats(points: np.ndarray, modes: Modes | None, far_radius: float) -> dict[str, float | list[float]]:
+    """Fraction of points [N, 2] beyond far_radius; with modes, their per-mode masses and the mass outside all modes."""
+    out: dict[str, float | list[float]] = {"far_fraction": far_fraction(points, far_radius)}
+    if modes is not None:
+        masses, outside = mode_masses(points, modes.means, modes.radius)
+        out.update(mode_masses=masses.tolist(), outside_mass=outside)
+    return out
+
+
+def _far_radius(reference: np.ndarray) -> float:
+    """FAR_RADIUS_FACTOR x the largest norm of the data's reference draw [N, 2], in data units."""
+    return FAR_RADIUS_FACTOR * float(np.linalg.norm(reference, axis=1).max())
 
 
 def evaluate_run(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu") -> dict:
-    """Pretrain runs: sample quality against the data set. Finetune runs: see `evaluate_finetuned`."""
+    """Pretrain runs: sample quality against the data set. Finetune runs: see `evaluate_finetuned`.
+
+    2D data sets add the fraction of samples beyond ``far_radius``; mixture data sets add the
+    samples' per-mode masses, their L1 error against the mixture weights (``data_mode_masses``)
+    and the mass outside every mode (within ``mode_radius`` of none).
+    """
     if read_run_config(run_dir).get("kind") == "finetune":
         return evaluate_finetuned(run_dir, num_samples, seed, device)
     device = resolve_device(device)
     run = load_run(run_dir, device)
+    dataset = run.checkpoint["data"]["dataset"]
     reference, again = reference_draws(data_of_checkpoint(run.checkpoint["data"]), num_samples, EVAL_DATA_SEED)
     samples = draw_samples(run.diffusion, run.model, len(reference), seed=seed, device=device)
-    metrics = quality_metrics(samples, reference, again)
-    return {"run": str(run_dir), "kind": "pretrain", "dataset": run.checkpoint["data"]["dataset"], "num_samples": len(reference), **metrics}
+    metrics = {"run": str(run_dir), "kind": "pretrain", "dataset": dataset, "num_samples": len(reference),
+               **quality_metrics(samples, reference, again)}
+    if reference.ndim == 2:
+        modes = dataset_modes(dataset)
+        metrics["far_radius"] = far_radius = _far_radius(reference)
+        metrics.update(_point_stats(samples, modes, far_radius))
+        if modes is not None:
+            metrics.update(mode_radius=modes.radius, data_mode_masses=modes.masses.tolist(),
+                           mode_mass_l1=mode_mass_l1(np.array(metrics["mode_masses"]), modes.masses))
+    return metrics
 
 
 def tilted_target(pool: np.ndarray, pool_rewards: np.ndarray, kl_coef: float, num_samples: int, seed: int) -> tuple[np.ndarray, float]:
@@ -41,10 +85,32 @@ def tilted_target(pool: np.ndarray, pool_rewards: np.ndarray, kl_coef: float, nu
     return pool[idx], float(1.0 / np.sum(w**2))
 
 
+def _finite_mean(r: torch.Tensor) -> float:
+    """Mean of the finite entries of rewards r [B] (a reward built with skip_nonfinite may return nan/inf)."""
+    return r[torch.isfinite(r)].mean().item()
+
+
 def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu") -> dict:
-    """Mean reward, exact path KL to the pretrained model, diversity; with kl_coef > 0 the sliced W2
-    to the KL-regularised optimum next to that target's floor (two independent resamplings)."""
-    from rewards import build_reward
+    """Metrics of a fine-tuned run's samples, each beside the pretrained model's ("..._pretrained").
+
+    Always: mean reward, exact path KL to the pretrained model, diversity. 2D data sets add
+    ``far_fraction`` (beyond ``far_radius``) and the yardstick ``pretrained_data_sw2`` /
+    ``pretrained_data_mmd`` (the pretrained model against its data, with floors): how close
+    the pretrained model, not the exact data distribution, is to its own target.
+
+    With kl_coef > 0 on 2D data, distances to the KL-regularised optimum p_data exp(r / beta) / Z:
+    - ``target_*``: to exact samples (`rl_diffusion.targets.exact_target`) where they exist:
+      sliced W2 and MMD^2 (V-statistic) with floors (``_floor``: between two independent exact
+      draws), E[r] and far fraction of the target; on mixtures the target's per-mode masses,
+      the samples' ``mode_masses`` and ``outside_mass``, and the per-mode mass L1 error.
+      ``target_note`` says why they are missing when rejection sampling accepts too rarely.
+    - ``tilted_*``: to the pretrained model's own tilt, TILTED_POOL pretrained samples
+      importance-resampled by exp(r / beta), with its effective sample size; pool samples with
+      a non-finite reward are dropped (``tilted_nonfinite_dropped``), and below TILTED_MIN_ESS
+      ``tilted_reliable`` is false.
+    The optimum is reachable only by a memoryless reference chain (DDPM, or DDIM with eta = 1);
+    otherwise ``memoryless`` is false and ``note`` says so.
+    """
     from rl_diffusion.ddpo import Pairs, path_kls
     from rl_diffusion.finetune import FinetuneConfig
 
@@ -61,27 +127,92 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
         before = pretrained.diffusion.sample(pretrained.model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed + 1),
                                              device=device, **cfg.sampling).xs[-1]
     samples = traj.xs[-1]
+    memoryless = is_memoryless(cfg.sampler, cfg.eta)
     metrics = {
         "run": str(run_dir), "kind": "finetune", "algo": cfg.algo, "reward": cfg.reward, "num_samples": num_samples,
-        "reward_mean": reward(samples, c).nanmean().item(),
-        "reward_mean_pretrained": reward(before, c).nanmean().item(),
+        "memoryless": memoryless,
+        "reward_mean": _finite_mean(reward(samples, c)),
+        "reward_mean_pretrained": _finite_mean(reward(before, c)),
         "kl_to_pretrained": kl.mean().item(),
         "diversity": diversity(samples),
         "diversity_pretrained": diversity(before),
     }
-    if cfg.kl_coef > 0 and len(run.checkpoint["data"]["shape"]) == 1:
-        targets, esses = [], []  # two independent resamplings: the target, and its floor's partner
-        for i in range(2):
-            pool = draw_samples(pretrained.diffusion, pretrained.model, TILTED_POOL, seed=seed + 2 + i, device=device, **cfg.sampling)
-            pool_rewards = reward(torch.from_numpy(pool).to(device)).cpu().numpy()
-            target, ess = tilted_target(pool, pool_rewards, cfg.kl_coef, num_samples, seed=seed + i)
-            targets.append(target)
-            esses.append(ess)
-        metrics.update({
-            "tilted_sw2": sliced_wasserstein2(samples, targets[0]),
-            "tilted_sw2_pretrained": sliced_wasserstein2(before, targets[0]),
-            "tilted_sw2_floor": sliced_wasserstein2(targets[1], targets[0]),
-            "tilted_ess": esses[0],  # of the pool behind the target every distance is measured to
-            "tilted_reward_mean": reward(torch.from_numpy(targets[0]).to(device)).mean().item(),
-        })
+    if not memoryless and cfg.kl_coef > 0:
+        metrics["note"] = (f"sampler {cfg.sampler} with eta {cfg.eta} does not forget x_T: p_pre exp(r / kl_coef) / Z "
+                           "is not reachable (docs/design.md, section 2), so distances to it are not distances to a "
+                           "reachable target")
+    if len(run.checkpoint["data"]["shape"]) != 1:
+        return metrics
+    samples, before = samples.cpu().numpy(), before.cpu().numpy()
+    dataset = run.checkpoint["data"]["dataset"]
+    reference, again = reference_draws(data_of_checkpoint(run.checkpoint["data"]), num_samples, EVAL_DATA_SEED)
+    metrics.update({f"pretrained_data_{k}": v for k, v in _distances(before, reference, None).items()})
+    metrics.update({f"pretrained_data_{k}_floor": v for k, v in _distances(again, reference, None).items()})
+    target = None
+    if cfg.kl_coef > 0:
+        try:
+            target = exact_target(dataset, cfg.reward, cfg.reward_args, cfg.kl_coef, 2 * num_samples, seed)
+        except RejectionTooCostly as e:
+            metrics["target_note"] = f"no exact target: {e}; only tilted_* is reported"
+    metrics["far_radius"] = far_radius = _far_radius(reference)
+    modes = None if target is None else target.modes
+    for suffix, points in (("", samples), ("_pretrained", before)):
+        metrics.update({f"{k}{suffix}": v for k, v in _point_stats(points, modes, far_radius).items()})
+    if target is not None:
+        metrics.update(_exact_target_metrics(target, samples, before, reward, far_radius))
+    if cfg.kl_coef > 0:
+        pools = [pretrained_pool(Path(cfg.run), pretrained, seed + 2 + i, device, cfg.sampling) for i in range(2)]
+        metrics.update(_tilted_metrics(pools, reward, cfg.kl_coef, samples, before, seed))
     return metrics
+
+
+def pretrained_pool(run_dir: Path, run: LoadedRun, seed: int, device: torch.device, sampling: dict) -> np.ndarray:
+    """TILTED_POOL samples [N, 2] of a pretrained run, drawn once per (checkpoint, sampler, seed) and kept in
+    RUN/cache/: every evaluation of every run fine-tuned from it needs the same pool."""
+    step = run.checkpoint["train_state"]["step"]
+    key = "_".join(f"{k}{v}" for k, v in sorted(sampling.items()))
+    path = run_dir / "cache" / f"pool_step{step}_{key}_n{TILTED_POOL}_seed{seed}.npy"
+    if path.exists():
+        return np.load(path)
+    pool = draw_samples(run.diffusion, run.model, TILTED_POOL, seed=seed, device=device, **sampling)
+    atomic_save_npy(path, pool)
+    return pool
+
+def _exact_target_metrics(target: ExactTarget, samples: np.ndarray, before: np.ndarray, reward: Reward,
+                          far_radius: float) -> dict:
+    """The ``target_*`` block: fine-tuned and pretrained samples [N, 2] against the first half of the
+    exact target's samples, and the second half against the first (the floors)."""
+    draw, again = np.split(target.samples, 2)
+    out = {"target_method": target.description,
+           "target_reward_mean": _finite_mean(reward(torch.from_numpy(draw))),
+           "target_far_fraction": far_fraction(draw, far_radius)}
+    for suffix, points in (("", samples), ("_pretrained", before), ("_floor", again)):
+        out.update({f"target_{k}{suffix}": v for k, v in _distances(points, draw, target.modes).items()})
+    if target.modes is not None:
+        out.update(mode_radius=target.modes.radius, target_mode_masses=target.modes.masses.tolist(),
+                   target_outside_mass=mode_masses(draw, target.modes.means, target.modes.radius)[1])
+    return out
+
+
+def _tilted_metrics(pools: list[np.ndarray], reward: Reward, kl_coef: float, samples: np.ndarray,
+                    before: np.ndarray, seed: int) -> dict:
+    """The ``tilted_*`` block: samples [N, 2] against the first pool's importance-resampled tilt, and the
+    second pool's tilt against it (the floor); pool samples with a non-finite reward are dropped."""
+    targets, esses, dropped = [], [], 0
+    for i, pool in enumerate(pools):
+        pool_rewards = reward(torch.from_numpy(pool)).numpy()
+        finite = np.isfinite(pool_rewards)
+        target, ess = tilted_target(pool[finite], pool_rewards[finite], kl_coef, len(samples), seed=seed + i)
+        targets.append(target)
+        esses.append(ess)
+        dropped += int((~finite).sum())
+    reliable = min(esses) >= TILTED_MIN_ESS
+    out = {"tilted_ess": esses[0], "tilted_reliable": reliable, "tilted_nonfinite_dropped": dropped,
+           "tilted_reward_mean": _finite_mean(reward(torch.from_numpy(targets[0])))}
+    for suffix, points in (("", samples), ("_pretrained", before), ("_floor", targets[1])):
+        out.update({f"tilted_{k}{suffix}": v for k, v in _distances(points, targets[0], None).items()})
+    if not reliable:
+        out["tilted_note"] = (f"effective sample size {min(esses):.0f} of a pool of {len(pools[0]):,} is below "
+                              f"{TILTED_MIN_ESS:,}: the resampled target repeats a few pool points, so tilted_* "
+                              "distances are unreliable")
+    return out

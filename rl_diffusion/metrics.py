@@ -22,10 +22,13 @@ Points = Tensor | np.ndarray
 Kernel = Callable[[Tensor], Tensor]
 
 MAX_PAIRWISE_POINTS = 2000
+STATISTICS = ("u", "v")  # pairwise means without self-pairs (unbiased) or with them (biased, >= 0 for MMD)
 
 
 def _as_points(a: Points) -> Tensor:
     """numpy or torch [N, ...] -> float64 tensor [N, d], detached, on the input's device."""
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        a = a.copy()  # torch warns on wrapping a read-only array
     a = torch.as_tensor(a).detach().to(torch.float64)
     return a.reshape(len(a), -1)
 
@@ -66,38 +69,46 @@ def _subsample(a: Tensor, generator: torch.Generator) -> Tensor:
     return a[torch.randperm(len(a), generator=generator)[:MAX_PAIRWISE_POINTS].to(a.device)]
 
 
-def _mean_within(a: Tensor, kernel: Kernel) -> float:
-    """Mean of kernel(||a_i - a_j||) over pairs i != j (a U-statistic)."""
+def _mean_within(a: Tensor, kernel: Kernel, statistic: str = "u") -> float:
+    """Mean of kernel(||a_i - a_j||) over pairs i != j ("u") or over all pairs i, j ("v")."""
     n = len(a)
     if n < 2:
         raise ValueError(f"a pairwise metric needs at least 2 points, got {n}")
     k = kernel(torch.cdist(a, a))
+    if statistic == "v":
+        return k.mean().item()
     return ((k.sum() - k.diagonal().sum()) / (n * (n - 1))).item()
 
 
-def _two_sample(x: Points, y: Points, kernel: Kernel) -> float:
-    """E k(X, X') + E k(Y, Y') - 2 E k(X, Y), unbiased, on subsamples of each set."""
+def _two_sample(x: Points, y: Points, kernel: Kernel, statistic: str = "u") -> float:
+    """E k(X, X') + E k(Y, Y') - 2 E k(X, Y), as a U- or V-statistic, on subsamples of each set."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown statistic {statistic!r}; expected one of {', '.join(map(repr, STATISTICS))}")
     generator = torch.Generator().manual_seed(0)
     x = _subsample(_as_points(x), generator)
     y = _subsample(_as_points(y).to(x.device), generator)
     between = kernel(torch.cdist(x, y)).mean().item()
-    return _mean_within(x, kernel) + _mean_within(y, kernel) - 2 * between
+    return _mean_within(x, kernel, statistic) + _mean_within(y, kernel, statistic) - 2 * between
 
 
-def mmd_rbf(x: Points, y: Points, bandwidths: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> float:
+def mmd_rbf(x: Points, y: Points, bandwidths: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            statistic: str = "u") -> float:
     """Squared MMD between x [N, d] and y [M, d] with a sum of RBF kernels.
 
     k(a, b) = sum_h exp(-||a - b||^2 / (2 h^2)), bandwidths h in data units (the
-    defaults suit data with spread 1-2). The unbiased U-statistic: self-pairs are
-    excluded, so two draws of one distribution give values scattered around 0,
-    negative ones included. Uses at most MAX_PAIRWISE_POINTS points per set.
+    defaults suit data with spread 1-2). ``statistic`` "u" is the unbiased
+    U-statistic: self-pairs are excluded, so two draws of one distribution give
+    values scattered around 0, negative ones included. "v" is the biased
+    V-statistic, the squared MMD between the two empirical distributions: self-pairs
+    included, always >= 0, so two independent draws give a positive floor to
+    compare a distance with. Uses at most MAX_PAIRWISE_POINTS points per set.
     """
 
     def kernel(distance: Tensor) -> Tensor:
         squared = distance.square()
         return sum(torch.exp(-squared / (2 * h * h)) for h in bandwidths)
 
-    return _two_sample(x, y, kernel)
+    return _two_sample(x, y, kernel, statistic)
 
 
 def energy_distance(x: Points, y: Points) -> float:
@@ -115,6 +126,31 @@ def diversity(x: Points) -> float:
     Uses at most MAX_PAIRWISE_POINTS points, like the other pairwise metrics.
     """
     return _mean_within(_subsample(_as_points(x), torch.Generator().manual_seed(0)), lambda distance: distance)
+
+
+def mode_masses(samples: Points, means: Points, radius: float) -> tuple[np.ndarray, float]:
+    """Mass of samples [N, 2] at each mode of means [M, 2], and the mass outside all modes.
+
+    A sample counts for its nearest mode when it lies within ``radius`` (data units)
+    of it. Returns the per-mode fractions of samples, float64 [M], and the fraction
+    of samples within ``radius`` of no mode; together they sum to 1.
+    """
+    x, mu = _as_points(samples), _as_points(means)
+    distance = torch.cdist(x, mu.to(x.device))  # [N, M]
+    nearest_distance, nearest = distance.min(dim=1)
+    inside = nearest_distance <= radius
+    counts = torch.bincount(nearest[inside], minlength=len(mu)).cpu().numpy()
+    return counts / len(x), 1.0 - inside.double().mean().item()
+
+
+def mode_mass_l1(masses: np.ndarray, target_masses: np.ndarray) -> float:
+    """sum_k |masses_k - target_masses_k|: the per-mode mass error, between 0 and 2."""
+    return float(np.abs(np.asarray(masses) - np.asarray(target_masses)).sum())
+
+
+def far_fraction(samples: Points, radius: float) -> float:
+    """Fraction of samples [N, d] farther than ``radius`` (data units) from the origin."""
+    return (_as_points(samples).norm(dim=1) > radius).double().mean().item()
 
 
 def sample_quality(samples: Points, data: Points, data_again: Points) -> dict[str, float]:

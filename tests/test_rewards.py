@@ -257,3 +257,80 @@ def test_parse_reward_args() -> None:
 def test_parse_reward_args_malformed(item: str) -> None:
     with pytest.raises(UserError, match=f"--reward-arg expects key=value, got '{item}'"):
         parse_reward_args([item])
+
+
+# Rewards with known-answer targets, and declared upper bounds.
+
+def test_linear_and_gaussian_bump_hand_computed() -> None:
+    x = torch.tensor([[1.0, 2.0], [-3.0, 0.5]])
+    assert build_reward("linear")(x).tolist() == [2.0, 0.5]
+    assert build_reward("linear", {"a": [2.0, -1.0]})(x).tolist() == [0.0, -6.5]
+    bump = build_reward("gaussian_bump", {"center": [1.0, 1.0], "width": 0.5, "scale": 3.0})
+    # At the center: scale; one width away: scale * exp(-1/2); two widths: scale * exp(-2).
+    x = torch.tensor([[1.0, 1.0], [1.5, 1.0], [1.0, 0.0]])
+    assert torch.allclose(bump(x), torch.tensor([3.0, 3.0 * math.exp(-0.5), 3.0 * math.exp(-2.0)]))
+
+
+def test_gmm_posterior_tilts_the_gmm25_prior_into_the_posterior() -> None:
+    d = torch.distributions
+    std = math.sqrt(0.3) / 5
+
+    def mixture(means: list[tuple[int, int]], weights: list[float]) -> d.Distribution:
+        return d.MixtureSameFamily(d.Categorical(probs=torch.tensor(weights, dtype=torch.float64)), d.Independent(
+            d.Normal(torch.tensor(means, dtype=torch.float64) / 5, torch.full((len(means), 2), std, dtype=torch.float64)), 1))
+    grid = [(i, j) for i in (-10, -5, 0, 5, 10) for j in (-10, -5, 0, 5, 10)]
+    prior = mixture(grid, [1 / 25] * 25)
+    posterior = mixture([(-10, -5), (-5, -10), (-5, 0), (10, -5), (0, 0), (0, 5), (5, -5), (5, 0), (5, 10)],
+                        [w / 61 for w in (4, 10, 4, 5, 10, 5, 4, 15, 4)])
+    # Near the grid, where both log-densities are moderate: log p_prior + r = log p_post.
+    x = (torch.rand(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5) * 5
+    x = x[posterior.log_prob(x) > -50]
+    r = build_reward("gmm_posterior")(x).double()
+    assert len(x) > 500
+    torch.testing.assert_close(prior.log_prob(x) + r, posterior.log_prob(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name, kwargs, bound, peak", [
+    ("target_point", {"point": [1.0, -0.5]}, 0.0, [1.0, -0.5]),
+    ("in_region", {"shape": "disc", "radius": 2.0}, 1.0, [0.0, 0.0]),
+    ("avoid_region", {"sharpness": 3.0}, 1.0, [5.0, 5.0]),
+    ("gaussian_bump", {"center": [0.5, 0.5], "scale": 4.0}, 4.0, [0.5, 0.5]),
+    ("gaussian_bump", {"scale": -2.0}, 0.0, [100.0, 0.0]),
+    ("gmm_log_density", {}, -math.log(2 * math.pi), [0.0, 0.0]),
+    # log sum_k w_k / (2 pi s_k^2) = log((0.75 + 0.25 / 0.25) / (2 pi)); the peaks are apart, so it is not reached.
+    ("gmm_log_density", {"means": [[0, 0], [2, -1]], "stds": [1.0, 0.5], "weights": [3, 1]},
+     math.log(1.75 / (2 * math.pi)), None),
+    ("gmm_posterior", {}, math.log(25 * 15 / 61), [1.0, 0.0]),  # the weight-15 posterior mode
+])
+def test_declared_max_value_bounds_the_reward(name: str, kwargs: dict, bound: float, peak: list[float] | None) -> None:
+    r = build_reward(name, kwargs)
+    assert r.max_value == pytest.approx(bound, abs=1e-12)
+    u = torch.linspace(-6, 6, 241)
+    far = torch.tensor([[1e3, 0.0], [-1e3, 1e3], [0.0, -1e4], [37.0, -21.0]])
+    x = torch.cat([torch.stack(torch.meshgrid(u, u, indexing="ij"), dim=-1).reshape(-1, 2), far])
+    assert r(x).max().item() <= bound + 1e-6
+    if peak is not None:
+        assert r(torch.tensor([peak])).item() == pytest.approx(bound, abs=1e-4)
+
+
+def test_max_value_is_none_when_undeclared() -> None:
+    assert build_reward("linear").max_value is None
+    assert _reward(lambda x0, c: x0[:, 0]).max_value is None
+
+
+@pytest.mark.parametrize("name, kwargs, fragment", [
+    ("linear", {"a": [1.0]}, "a must have shape (2,)"),
+    ("gaussian_bump", {"width": 0.0}, "width must be > 0"),
+    ("gaussian_bump", {"scale": math.inf}, "scale must be finite"),
+    ("gaussian_bump", {"center": [0, 0, 0]}, "center must have shape (2,)"),
+])
+def test_linear_and_bump_bad_arguments(name: str, kwargs: dict, fragment: str) -> None:
+    with pytest.raises(UserError, match=f"reward '{name}'") as e:
+        build_reward(name, kwargs)
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["linear", "gaussian_bump", "gmm_posterior"])
+def test_new_builtins_reject_non_2d_data(name: str) -> None:
+    with pytest.raises(RewardError, match=f"reward '{name}' raised ValueError: .*shape \\[B, 2\\]"):
+        build_reward(name)(torch.zeros(4, 3))
