@@ -38,25 +38,40 @@ class LinearGaussianEps(torch.nn.Module):
         return self.slope[t, None] * x + self.offset[t, None] + self.theta[t]
 
 
-def optimal_theta(diffusion: GaussianDiffusion, beta: float) -> torch.Tensor:
-    """theta*_t = sigma_t^2 (a / beta) C_{t-1} / b_t for t = 1..T (row 0 unused)."""
-    d = diffusion.np
-    abar = d["abar"]
+def step_coefficients(diffusion: GaussianDiffusion, sampling: dict) -> list[tuple[int, float, float, float]]:
+    """(t, a_t, b_t, sigma_t) of each step of the chain: mean = a_t x_t + b_t eps, read off `reverse_step`."""
+    steps = diffusion.timesteps(sampling.get("sampler", "ddpm"), sampling.get("sampling_steps"))
+    out = []
+    for t, t_prev in zip(steps, steps[1:] + [0]):
+        def mean(x: float, eps: float) -> float:
+            kwargs = {k: v for k, v in sampling.items() if k != "sampling_steps"}
+            return diffusion.reverse_step(torch.full((1, 1), eps), torch.full((1, 1), x), t, t_prev=t_prev, **kwargs).mean.item()
+        step = diffusion.reverse_step(torch.zeros(1, 1), torch.zeros(1, 1), t, t_prev=t_prev,
+                                      **{k: v for k, v in sampling.items() if k != "sampling_steps"})
+        out.append((t, mean(1.0, 0.0) - mean(0.0, 0.0), mean(0.0, 1.0) - mean(0.0, 0.0), step.sigma.item()))
+    return out
+
+
+def optimal_theta(diffusion: GaussianDiffusion, beta: float, sampling: dict | None = None) -> torch.Tensor:
+    """theta*_t = sigma_t^2 (a / beta) C_{t_prev} / b_t at the chain's timesteps (other rows unused)."""
+    abar = diffusion.np["abar"]
     slope = np.sqrt(1 - abar) / (abar * S**2 + 1 - abar)
-    step_slope = d["mean_coef_x"] + d["mean_coef_eps"] * slope  # x_{t-1} = step_slope[t] x_t + ... + sigma_t z
+    steps = step_coefficients(diffusion, sampling or {})
     theta = torch.zeros(T + 1, D, dtype=torch.float64)
-    for t in range(1, T + 1):
-        C = np.prod(step_slope[1:t])  # slope of E[x_0 | x_{t-1}]; 1 for t = 1
-        theta[t] = d["reverse_sigma"][t] ** 2 * A.double() / beta * C / d["mean_coef_eps"][t]
+    C = 1.0  # slope of E[x_0 | x_{t_prev}], built from the last step backwards
+    for t, a, b, sigma in reversed(steps):
+        theta[t] = sigma**2 * A.double() / beta * C / b
+        C *= a + b * slope[t]  # x_{t_prev} = (a + b slope_t) x_t + ... + sigma_t z
     return theta.float()
 
 
 def closed_form_setup(beta: float, **config) -> types.SimpleNamespace:
     diffusion = GaussianDiffusion("linear", T)
     cfg = FinetuneConfig(run="unused", kl_coef=beta, grad_clip=1e9, minibatch_size=1 << 20, **config)
+    K = len(diffusion.timesteps(cfg.sampler, cfg.sampling_steps or None))
     policy, reference = LinearGaussianEps(diffusion), LinearGaussianEps(diffusion).requires_grad_(False)
     return types.SimpleNamespace(config=cfg, diffusion=diffusion, policy=policy, synced_policy=policy, reference=reference,
-                                 ranks=Ranks(), device=torch.device("cpu"))
+                                 ranks=Ranks(), device=torch.device("cpu"), steps_per_chain=K)
 
 
 class NoStep:
@@ -77,10 +92,10 @@ def expected_update(s, group_size: int, chains: int, repeats: int, seed: int) ->
     for _ in range(repeats):
         with torch.no_grad():
             traj = s.diffusion.sample(s.policy, (chains, D), c=c, generator=generator, record=True,
-                                      log_prob_reduction=s.config.log_prob_reduction)
+                                      log_prob_reduction=s.config.log_prob_reduction, **s.config.sampling)
         pairs, x0 = ddpo.Pairs.from_trajectory(traj), traj.xs[-1]
         rewards = x0 @ A
-        adv, _, scale = ddpo.batch_advantages(s, pairs, rewards, c, T)
+        adv, _, scale = ddpo.batch_advantages(s, pairs, rewards, c, s.steps_per_chain)
         s.policy.theta.grad = None
         ddpo.update_sf(s, NoStep(), pairs, x0, c, rewards, adv, scale, generator)
         total += s.policy.theta.grad
@@ -103,6 +118,13 @@ def test_expected_update_vanishes_at_the_closed_form_optimum(group_size):
     s = closed_form_setup(beta, adv_clip=1e9)
     lam = fixed_point(s, optimal_theta(s.diffusion, beta), group_size)
     assert lam == pytest.approx(1.0, abs=0.08)
+
+
+def test_ddim_with_skipped_steps_aims_at_the_optimum_too():
+    beta = 0.5
+    s = closed_form_setup(beta, adv_clip=1e9, sampler="ddim", sampling_steps=4, eta=1.0)
+    optimum = optimal_theta(s.diffusion, beta, s.config.sampling)
+    assert fixed_point(s, optimum, group_size=256) == pytest.approx(1.0, abs=0.08)
 
 
 def test_mean_log_prob_reduction_keeps_the_optimum_of_beta():
