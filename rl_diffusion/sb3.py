@@ -3,7 +3,9 @@
 Three pieces connect SB3 to the shared code, and nothing here re-derives the math:
   - `DiffusionPolicy`: an SB3 actor-critic whose actor IS the pretrained epsilon network. Its
     Gaussian (mean, fixed sigma, log-prob) comes from `GaussianDiffusion.reverse_step`, the one
-    function the sampler and the native trainer also call, so log-probs agree exactly.
+    function the sampler and the native trainer also call, so log-probs agree exactly. It
+    clamps its actions to the action box itself and scores the clamped action, so the rollout
+    buffer holds what the env executed; and its eps network never leaves eval mode.
   - `DenoisingVecEnvAdapter`: an SB3 VecEnv over ONE `DenoisingVectorEnv`, so all chains step as
     one tensor op.
   - `EpochCallback`: per-rollout logging and checkpoints through the shared helpers of
@@ -86,6 +88,15 @@ class DiffusionPolicy(ActorCriticPolicy):
     action head, no orthogonal re-initialisation: the pretrained weights are used as they are.
     The critic V(x_t, t / T) is a separate small MLP with PyTorch's default init.
 
+    Actions are clamped to the action box (the env's +-action_bound) and the log-prob is that of
+    the clamped action under the same Gaussian: SB3's collect_rollouts clips actions only on the
+    way to env.step and stores the unclipped action and its log-prob, so without the clamp here
+    the update would train on actions the env never took. SB3's clip is then a no-op.
+
+    The eps network stays in eval mode, also while SB3 trains (`set_training_mode`): dropout or
+    batch norm in train mode would make the update's log-probs differ from the rollout's, so the
+    PPO ratio would not be 1 before the first step. Only the critic follows SB3's mode.
+
     Observations are the env's dict {x, t (, c)}. Fresh from the env t is int64 [N, 1]; out of
     SB3's rollout buffer it has the dtype of the t box (int64 here, float in other SB3 versions):
     the actor reads it as long either way (exact: t is a small integer).
@@ -93,7 +104,8 @@ class DiffusionPolicy(ActorCriticPolicy):
     Args:
         observation_space, action_space, lr_schedule: given by SB3.
         eps_model: eps_theta(x, t, c), called as eps_model(x [B, *shape], t long [B], c long [B] or None).
-            Registered as a submodule and trained in place: the caller's module is the policy.
+            Registered as a submodule and trained in place: the caller's module is the policy
+            (and is put in eval mode).
         diffusion: the process whose `reverse_step` defines the Gaussian.
         timesteps: the decreasing diffusion times a chain visits (`diffusion.timesteps(...)`);
             the step from timesteps[k] lands on timesteps[k + 1], the last one on 0.
@@ -125,12 +137,14 @@ class DiffusionPolicy(ActorCriticPolicy):
             observation_space, action_space, lr_schedule, activation_fn=activation_fn, ortho_init=False,
             features_extractor_class=CriticFeatures, **kwargs,
         )
-        self.eps_model = eps_model
+        self.eps_model = eps_model.eval()
         self.diffusion = diffusion
         self.sampler, self.eta, self.log_prob_reduction = sampler, eta, log_prob_reduction
         prev_timestep = torch.zeros(diffusion.num_timesteps + 1, dtype=torch.long)
         prev_timestep[list(timesteps)] = torch.tensor(list(timesteps[1:]) + [0])
         self.register_buffer("prev_timestep", prev_timestep)  # t -> t_prev, moves with .to(device)
+        self.register_buffer("action_low", torch.as_tensor(action_space.low))
+        self.register_buffer("action_high", torch.as_tensor(action_space.high))
         self.value_net = nn.Sequential(*create_mlp(self.features_dim, 1, list(critic_arch), activation_fn))
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
@@ -143,19 +157,25 @@ class DiffusionPolicy(ActorCriticPolicy):
         c = obs["c"].reshape(-1).long() if "c" in obs else None
         return obs["x"].float(), obs["t"].reshape(-1).long(), c
 
-    def reverse_step(self, obs: PyTorchObs, actions: Tensor | None = None, deterministic: bool = False) -> ReverseStep:
-        """The shared reverse step at these states: scores `actions`, or samples (the mean if deterministic).
+    def set_training_mode(self, mode: bool) -> None:
+        """SB3's train/eval switch for the critic; the eps network stays in eval mode (see the class docstring)."""
+        super().set_training_mode(mode)
+        self.eps_model.eval()
 
-        One eps network call; actions may come flattened ([B, D] from SB3's buffer).
+    def reverse_step(self, obs: PyTorchObs, actions: Tensor | None = None, deterministic: bool = False) -> ReverseStep:
+        """The shared reverse step at these states: scores `actions`, or takes an action and scores it.
+
+        A taken action is a sample (the mean if deterministic) clamped to the action box; its
+        log-prob is that of the clamped action. One eps network call; actions may come flattened
+        ([B, D] from SB3's buffer).
         """
         x, t, c = self._state(obs)
         eps = self.eps_model(x, t, c)
         kwargs = dict(t_prev=self.prev_timestep[t], sampler=self.sampler, eta=self.eta, log_prob_reduction=self.log_prob_reduction)
-        x_prev = None if actions is None else actions.reshape(x.shape)
-        step = self.diffusion.reverse_step(eps, x, t, x_prev=x_prev, **kwargs)
-        if deterministic and actions is None:  # the mode of the Gaussian, scored as the action taken
-            step = self.diffusion.reverse_step(eps, x, t, x_prev=step.mean, **kwargs)
-        return step
+        if actions is None:
+            sampled = self.diffusion.reverse_step(eps, x, t, **kwargs)
+            actions = (sampled.mean if deterministic else sampled.x_prev).clamp(self.action_low, self.action_high)
+        return self.diffusion.reverse_step(eps, x, t, x_prev=actions.reshape(x.shape), **kwargs)
 
     def entropy(self, step: ReverseStep) -> Tensor:
         """Entropy [B] of N(mean, sigma^2 I) in nats, reduced over dimensions like the log-prob; constant in theta."""
@@ -192,7 +212,7 @@ class DenoisingVecEnvAdapter(VecEnv):
     rewards stay in `x0` [N, *shape] and `rewards` [N] (torch, on the env's device) for logging.
 
     The chains are one env: get_attr/set_attr/env_method act on it once, whatever the indices.
-    Actions arrive as numpy (already clipped by SB3 to the action box) and are converted here.
+    Actions arrive as numpy (inside the action box: the policy clamps them) and are converted here.
     Seeding (`seed(s)`, applied at the next reset) seeds the one generator that draws every x_T.
     """
 
@@ -295,13 +315,13 @@ class EpochCallback(BaseCallback):
     """One epoch per rollout: log it with the shared `log_epoch`, checkpoint with the shared `save`.
 
     At the end of rollout e it logs the rollout's x_0 and rewards, "env/clipped_fraction" (action
-    coordinates SB3 clipped to the action box / all action coordinates of the rollout), the exact
-    path KL to the pretrained model, and PPO's losses. The losses (loss/policy, loss/value,
-    ppo/approx_kl, ppo/clipfrac) are those of the update made after rollout e - 1, i.e. of the
-    update that produced the policy sampled in rollout e: SB3 logs an update after the rollout
-    that feeds it, so epoch 1 has none and the last update's are not logged (native ddpo logs
-    the update of the same epoch). perf/steps_per_sec counts the time since the previous epoch was
-    logged: that update, this rollout and its logging.
+    coordinates the policy clamped to the action box, i.e. those on its boundary / all action
+    coordinates of the rollout), the exact path KL to the pretrained model, and PPO's losses.
+    The losses (loss/policy, loss/value, ppo/approx_kl, ppo/clipfrac) are those of the update
+    made after rollout e - 1, i.e. of the update that produced the policy sampled in rollout e:
+    SB3 logs an update after the rollout that feeds it, so epoch 1 has none and the last
+    update's are not logged (native ddpo logs the update of the same epoch). perf/steps_per_sec
+    counts the time since the previous epoch was logged: that update, this rollout and its logging.
 
     Checkpoints hold the state between an update and the next rollout (as ddpo.train saves after
     its update): taken at the start of a rollout, or at the end of training. On SIGINT/SIGTERM
@@ -357,7 +377,8 @@ class EpochCallback(BaseCallback):
         self.clipped = 0
 
     def _on_step(self) -> bool:
-        self.clipped += int(np.count_nonzero(self.locals["clipped_actions"] != self.locals["actions"]))
+        actions, box = self.locals["actions"], self.model.action_space
+        self.clipped += int(np.count_nonzero((actions <= box.low) | (actions >= box.high)))
         return self.stop.received is None
 
     def _on_rollout_end(self) -> None:

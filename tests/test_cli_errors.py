@@ -32,7 +32,7 @@ def test_unknown_dataset_suggests_the_nearest(capsys, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["pretrain", "--steps", "abc"], "invalid int value"),
     (["pretrain", "--out", "X", "--beta-schedule", "cosin"], "did you mean 'cosine'"),
-    (["pretrain", "--out", "X", "--time-embedding", "sinus"], "time embedding"),
+    (["pretrain", "--out", "X", "--time-embedding", "sinus"], "unknown time embedding 'sinus'"),
     (["pretrain", "--out", "X", "--lr", "-1"], "--lr must be positive"),
     (["pretrain", "--out", "X", "--device", "cuda:7"], "device"),
     (["sample", "--run", "no/such/run", "--out", "x.npy"], "not a run directory"),
@@ -72,7 +72,7 @@ def test_foreign_checkpoint_says_what_it_expected(capsys, pretrained_moons, tmp_
 
 @pytest.mark.parametrize("reward_args, fragment", [
     (["--reward", "targt_point"], "did you mean 'target_point'"),
-    (["--reward", "target_point", "--reward-arg", "pont=[1,1]"], "point"),
+    (["--reward", "target_point", "--reward-arg", "pont=[1,1]"], "got unknown argument(s) pont (did you mean 'point'?)"),
     (["--reward", "target_point", "--reward-arg", "point"], "key=value"),
     (["--reward", "no_such_module_xyz:factory"], "could not be imported"),
     (["--reward", "tests.reward_plugin_example:broken_after", "--reward-arg", "calls=0", "--reward-arg", "mode=raise"], "reward 'tests.reward_plugin_example:broken_after' raised RuntimeError"),

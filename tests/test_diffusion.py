@@ -78,16 +78,44 @@ def test_ddim_eta_1_with_all_steps_equals_ddpm():
     torch.testing.assert_close(ddpm.xs[-1], ddim.xs[-1], rtol=1e-3, atol=1e-4)
 
 
-def test_ddim_with_fewer_steps_and_eta_0_is_deterministic():
-    d = GaussianDiffusion("linear", 100)
-    model = ConstantEps(100)
+def test_ddim_eta_0_is_the_closed_form_flow_of_gaussian_data_whatever_the_step_noise():
+    # Data x_0 ~ N(m, I): x_t ~ N(sqrt(abar_t) m, I) and the exact noise prediction is
+    # eps = sqrt(1 - abar_t) z with z = x_t - sqrt(abar_t) m. With abar = cos^2(theta), Song et al.'s
+    # eq. 12 at eta = 0 maps z_t to (cos th_s cos th_t + sin th_s sin th_t) z_t = cos(th_t - th_s) z_t,
+    # so the chain ends at x_0 = m + prod_k cos(th_{t_k} - th_{s_k}) z_T.
+    T, m = 100, torch.tensor([1.5, -0.5])
+    d = GaussianDiffusion("linear", T)
+    abar = torch.tensor(d.np["abar"], dtype=torch.float32)
+
+    def eps_model(x, t, c=None):
+        a = abar[t][:, None]
+        return (1 - a).sqrt() * (x - a.sqrt() * m)
+
     steps = d.timesteps("ddim", 10)
     assert len(steps) == 10 and steps[0] == 100 and steps[-1] == 1
-    a = d.sample(model, (8, 2), sampler="ddim", sampling_steps=10, eta=0.0, generator=torch.Generator().manual_seed(0), record=True)
-    assert a.log_probs is None and a.xs.shape == (11, 8, 2)
-    # eta = 0 uses noise only for x_T: same x_T, same x_0
-    b = d.sample(model, (8, 2), sampler="ddim", sampling_steps=10, eta=0.0, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(a.xs[-1], b.xs[-1])
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+
+    def chain(eta: float, noise_seed: int) -> torch.Tensor:
+        """The reverse chain from x_T, its per-step noise drawn from a generator of its own."""
+        g, x = torch.Generator().manual_seed(noise_seed), x_T
+        for t, s in zip(steps, steps[1:] + [0]):
+            x = d.reverse_step(eps_model(x, torch.full((8,), t)), x, t, t_prev=s, sampler="ddim", eta=eta,
+                               noise=torch.randn(x.shape, generator=g)).x_prev
+        return x
+
+    theta = np.arccos(np.sqrt(d.np["abar"][steps + [0]]))
+    shrink = np.prod(np.cos(theta[:-1] - theta[1:]))  # 0.82
+    expected = m + shrink * (x_T - math.sqrt(d.np["abar"][T]) * m)
+    quiet = chain(0.0, noise_seed=1)
+    assert torch.equal(quiet, chain(0.0, noise_seed=2))
+    torch.testing.assert_close(quiet, expected, rtol=1e-5, atol=1e-5)
+    # eta = 1 from the same x_T: the step noise moves x_0 by about the data's spread
+    assert (chain(1.0, noise_seed=1) - chain(1.0, noise_seed=2)).abs().mean().item() > 0.5
+    # sample(): x_T is its generator's first draw; at eta = 0 nothing else is random and there is no log-prob
+    traj = d.sample(eps_model, (8, 2), sampler="ddim", sampling_steps=10, eta=0.0, generator=torch.Generator().manual_seed(0), record=True)
+    assert traj.log_probs is None and traj.xs.shape == (11, 8, 2)
+    torch.testing.assert_close(traj.xs[0], x_T, rtol=0, atol=0)
+    torch.testing.assert_close(traj.xs[-1], quiet, rtol=0, atol=0)
 
 
 def test_recorded_trajectory_log_probs_rescore_exactly():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.digit_classifier import DigitCNN, split_digits, train_digit_classifier
+from rewards.digit_classifier import split_digits, train_digit_classifier
 from rl_diffusion.image_metrics import frechet_distance, image_quality, kernel_inception_distance
 
 
@@ -42,7 +42,10 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift() -> None:
     same = kernel_inception_distance(a, b, subsets=20, subset_size=500)
     shifted = kernel_inception_distance(a, b + 0.5, subsets=20, subset_size=500)
     assert abs(same) < 0.005
-    assert shifted > 0.2
+    # x ~ N(0, I), y ~ N(mu 1, I) in d dimensions, q = mu^2: summing the cumulants of the x_i y_i
+    # gives MMD^2 = (1 + q)^3 - 1 + (3q + 6q^2) / d + 6q / d^2 for this kernel, 143/128 at d = 8,
+    # mu = 0.5. The estimate carries about 5% sampling noise at 1000 points.
+    assert shifted == pytest.approx(143 / 128, rel=0.15)
     # Seeded subsets: the same inputs give the same number.
     assert kernel_inception_distance(a, b, subsets=20, subset_size=500) == same
     # One subset of everything with a cubic kernel: the U-statistic written out by hand.
@@ -68,10 +71,28 @@ def test_image_quality_floors_beat_a_shifted_set() -> None:
     assert quality["mode_coverage"] == 10
 
 
+class PixelClassifier(torch.nn.Module):
+    """A DigitCNN stand-in: features are the first 10 pixels, the head is the identity, so an
+    image is classified as the index of its brightest pixel among those 10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(10, 10, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(10))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :10]
+
+
 def test_mode_coverage_counts_classes_with_half_their_share() -> None:
-    # An untrained CNN puts every image in one or two classes: coverage far below 10.
-    torch.manual_seed(0)
-    images = split_digits(seed=0)[2]
-    quality = image_quality(images, images, images, DigitCNN().eval(), kid_subsets=2, kid_subset_size=50)
-    fractions = np.array(quality["label_distribution"])
-    assert quality["mode_coverage"] == int((fractions >= 0.05).sum()) < 10
+    # 100 images labelled 0 x 40, 1 x 30, 2 x 10, 3 x 5, 4 x 5 and 5..9 x 2 each. Half the uniform
+    # share is 1 / 20 = 5 images: classes 0 to 4 reach it (3 and 4 exactly), 5 to 9 do not.
+    counts = [40, 30, 10, 5, 5, 2, 2, 2, 2, 2]
+    labels = torch.repeat_interleave(torch.arange(10), torch.tensor(counts))
+    images = -torch.ones(100, 1, 8, 8)
+    images.view(100, -1)[torch.arange(100), labels] = 1.0
+    images += 0.01 * torch.rand(images.shape, generator=torch.Generator().manual_seed(0))  # features with full-rank covariance
+    quality = image_quality(images, images, images, PixelClassifier(), kid_subsets=2, kid_subset_size=50)
+    assert quality["label_distribution"] == pytest.approx([0.4, 0.3, 0.1, 0.05, 0.05, 0.02, 0.02, 0.02, 0.02, 0.02], abs=1e-12)
+    assert quality["mode_coverage"] == 5

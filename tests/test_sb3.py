@@ -1,5 +1,6 @@
 """stable-baselines3 PPO on the denoising MDP: exact log-probs, the VecEnv adapter, a tiny real run."""
 
+import functools
 import os
 import signal
 from pathlib import Path
@@ -7,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stable_baselines3 import PPO
 from stable_baselines3.common.env_checker import check_env
+from stable_baselines3.common.logger import Logger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rl_diffusion.checkpoint import CheckpointManager, load_run
@@ -122,6 +125,75 @@ def test_ppo_ratio_is_exactly_one_before_the_first_update(pretrained, tmp_path):
     assert len(ratio) == 20 * 32
     assert (ratio - 1).abs().max() < 1e-5
     assert torch.equal(ratio, torch.ones_like(ratio))
+
+
+def bounded_env(monkeypatch, action_bound: float) -> list[torch.Tensor]:
+    """make_ppo's env with +-action_bound; returns the list that collects the state x after every env step."""
+    executed = []
+    step_tensor = DenoisingVectorEnv.step_tensor
+
+    def record(self, action):
+        out = step_tensor(self, action)
+        executed.append(self.x.clone())
+        return out
+
+    monkeypatch.setattr("rl_diffusion.sb3.DenoisingVectorEnv", functools.partial(DenoisingVectorEnv, action_bound=action_bound))
+    monkeypatch.setattr(DenoisingVectorEnv, "step_tensor", record)
+    return executed
+
+
+def test_the_rollout_buffer_holds_the_executed_actions_and_their_log_probs(pretrained, tmp_path, monkeypatch):
+    executed = bounded_env(monkeypatch, action_bound=0.5)  # x_T ~ N(0, I): most chains start outside the box
+    s = make_setup(pretrained, tmp_path, chains=16, sampler="ddim", sampling_steps=5, eta=0.8)
+    model = make_ppo(s)
+    _, callback = model._setup_learn(model.n_steps * 16)
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    buffer = model.rollout_buffer
+    actions = torch.as_tensor(buffer.actions)  # [steps, chains, 2]
+    torch.testing.assert_close(actions, torch.stack(executed), rtol=0, atol=0)
+    on_bound = (actions.abs() == 0.5).float().mean().item()
+    assert on_bound > 0.25  # the clamp was exercised (measured: 0.54)
+    x, t = torch.as_tensor(buffer.observations["x"]).flatten(0, 1), torch.as_tensor(buffer.observations["t"]).flatten().long()
+    with torch.no_grad():
+        expected = s.diffusion.reverse_step(s.policy(x, t), x, t, t_prev=model.policy.prev_timestep[t], sampler="ddim", eta=0.8,
+                                            x_prev=actions.flatten(0, 1))
+    torch.testing.assert_close(torch.as_tensor(buffer.log_probs).flatten(), expected.log_prob)
+
+
+def test_clipped_fraction_counts_the_coordinates_the_policy_clamped(pretrained, tmp_path, monkeypatch):
+    monkeypatch.setattr("rl_diffusion.sb3.finish", lambda s: s.writer.close() or {})
+    executed = bounded_env(monkeypatch, action_bound=0.5)
+    s = make_setup(pretrained, tmp_path / "run", chains=16, sampler="ddim", sampling_steps=5)
+    train(s, progress=False)
+    on_bound = (torch.stack(executed).abs() == 0.5).float().mean().item()
+    assert on_bound > 0.25  # measured: 0.58
+    assert s.history[0]["env/clipped_fraction"] == pytest.approx(on_bound, rel=1e-6)
+
+
+class DropoutEps(torch.nn.Module):
+    """An eps network with a Dropout layer: in train mode two calls on one input differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = MLPEps(num_timesteps=10, hidden_size=32, hidden_layers=1, emb_size=8)
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x, t, c=None):
+        return self.dropout(self.net(x, t, c))
+
+
+def test_the_eps_network_stays_in_eval_mode_so_a_dropout_network_starts_at_ratio_one():
+    diffusion = GaussianDiffusion("linear", 10)
+    vec = DenoisingVectorEnv(num_envs=8, diffusion=diffusion, data_shape=(2,))
+    eps_model = DropoutEps()
+    # one minibatch of the whole rollout and one pass: the update's ratios are all taken before its step
+    model = PPO(DiffusionPolicy, DenoisingVecEnvAdapter(vec), n_steps=10, batch_size=80, n_epochs=1, clip_range=1e-4, seed=0,
+                policy_kwargs=dict(eps_model=eps_model, diffusion=diffusion, timesteps=vec.timesteps))
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    model.learn(80)
+    assert model.logger.name_to_value["train/clip_fraction"] == 0.0  # every |ratio - 1| <= 1e-4
+    assert model.logger.name_to_value["train/approx_kl"] < 1e-8
+    assert model.policy.value_net.training and not any(m.training for m in eps_model.modules())
 
 
 def test_adapter_steps_all_chains_in_one_call_and_ends_every_chain_at_x0():

@@ -17,9 +17,18 @@ def test_linear_golden_values_match_ddpm_at_T_1000():
     assert np.prod(1 - betas) == pytest.approx(math.exp(-10.05), rel=1e-9)
 
 
-def test_cosine_and_sigmoid_golden_values():
-    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    assert abar_continuous("cosine", 0.5) == pytest.approx(f(0.5) / f(0.0))
+def test_cosine_golden_values_of_nichol_and_dhariwal_eq_17():
+    # abar(t) = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) * pi / 2), s = 0.008; evaluated to 30 digits
+    # and written here to 12. At t = (1 - s) / 2 the angle is pi / 4, so abar = 0.5 / f(0) = 0.5 / 0.999844591000.
+    assert abar_continuous("cosine", 0.496) == pytest.approx(0.500077716578, rel=1e-10)
+    assert abar_continuous("cosine", 0.25) == pytest.approx(0.847012161327, rel=1e-10)
+    assert abar_continuous("cosine", 0.5) == pytest.approx(0.493843590441, rel=1e-10)
+    assert abar_continuous("cosine", 1.0) == pytest.approx(0.0, abs=1e-15)  # the angle reaches pi / 2 exactly
+    # improved-diffusion's cosine schedule at T = 1000 starts at beta_1 = 1 - abar(1/1000) = 4.128e-5
+    assert betas_for("cosine", 1000)[0] == pytest.approx(4.12842248218e-5, rel=1e-8)
+
+
+def test_sigmoid_and_quadratic_golden_values():
     # sigmoid schedule is symmetric around t = 0.5 with start = -3, end = 3: abar(0.5) = 1/2
     assert abar_continuous("sigmoid", 0.5) == pytest.approx(0.5)
     assert abar_continuous("quadratic", 1.0) == pytest.approx(math.exp(-(0.1 + math.sqrt(2.0) + 20.0) / 3))
