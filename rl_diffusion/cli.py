@@ -122,7 +122,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from rl_diffusion.evaluation import evaluate_run
 
-    print(json.dumps(evaluate_run(Path(args.run), num_samples=args.num_samples, seed=args.seed, device=args.device), indent=2))
+    print(json.dumps(evaluate_run(Path(args.run), num_samples=args.num_samples, seed=args.seed, device=args.device, kl_coef=args.kl_coef), indent=2))
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="print a run's metrics as JSON")
     p.add_argument("--run", required=True)
+    p.add_argument("--kl-coef", type=float, default=None,
+                   help="fine-tuning runs: the beta of the tilted optimum p exp(r / beta) / Z to measure against (default: the run's own)")
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

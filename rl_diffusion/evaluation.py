@@ -12,6 +12,7 @@ from pretrain.train import EVAL_DATA_SEED, draw_samples, quality_metrics, sample
 from rewards import Reward, build_reward
 from rl_diffusion.checkpoint import LoadedRun, atomic_save_npy, load_run, read_run_config
 from rl_diffusion.diffusion import is_memoryless
+from rl_diffusion.errors import UserError
 from rl_diffusion.distributed import resolve_device
 from rl_diffusion.metrics import diversity, far_fraction, mmd_rbf, mode_mass_l1, mode_masses, sliced_wasserstein2
 from rl_diffusion.targets import ExactTarget, Modes, RejectionTooCostly, dataset_modes, exact_target
@@ -46,7 +47,7 @@ def _far_radius(reference: np.ndarray) -> float:
     return FAR_RADIUS_FACTOR * float(np.linalg.norm(reference, axis=1).max())
 
 
-def evaluate_run(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu") -> dict:
+def evaluate_run(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu", kl_coef: float | None = None) -> dict:
     """Pretrain runs: sample quality against the data set. Finetune runs: see `evaluate_finetuned`.
 
     2D data sets add the fraction of samples beyond ``far_radius``; mixture data sets add the
@@ -54,7 +55,9 @@ def evaluate_run(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: 
     and the mass outside every mode (within ``mode_radius`` of none).
     """
     if read_run_config(run_dir).get("kind") == "finetune":
-        return evaluate_finetuned(run_dir, num_samples, seed, device)
+        return evaluate_finetuned(run_dir, num_samples, seed, device, kl_coef)
+    if kl_coef is not None:
+        raise UserError(f"--kl-coef measures a fine-tuning run against its tilted optimum; {run_dir} is a pretraining run")
     device = resolve_device(device)
     run = load_run(run_dir, device)
     dataset = run.checkpoint["data"]["dataset"]
@@ -90,7 +93,7 @@ def _finite_mean(r: torch.Tensor) -> float:
     return r[torch.isfinite(r)].mean().item()
 
 
-def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu") -> dict:
+def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu", kl_coef: float | None = None) -> dict:
     """Metrics of a fine-tuned run's samples, each beside the pretrained model's ("..._pretrained").
 
     Always: mean reward, exact path KL to the pretrained model, diversity. 2D data sets add
@@ -110,6 +113,9 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
       ``tilted_reliable`` is false.
     The optimum is reachable only by a memoryless reference chain (DDPM, or DDIM with eta = 1);
     otherwise ``memoryless`` is false and ``note`` says so.
+
+    ``kl_coef`` is the beta of the optimum measured against: the run's own --kl-coef by default;
+    give one to measure a run trained without a KL term (rwr, or kl_coef 0) against a tilt.
     """
     from rl_diffusion.ddpo import Pairs, path_kls
     from rl_diffusion.finetune import FinetuneConfig
@@ -117,6 +123,9 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
     device = resolve_device(device)
     saved = read_run_config(run_dir)
     cfg = FinetuneConfig(**{k: v for k, v in saved.items() if k != "kind"})
+    beta = cfg.kl_coef if kl_coef is None else kl_coef
+    if beta < 0:
+        raise UserError(f"--kl-coef must be >= 0, got {beta}")
     run, pretrained = load_run(run_dir, device), load_run(Path(cfg.run), device)
     reward = build_reward(cfg.reward, cfg.reward_args, skip_nonfinite=True)
     shape, c = sample_shape_and_labels(run.model, num_samples, device)
@@ -137,7 +146,7 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
         "diversity": diversity(samples),
         "diversity_pretrained": diversity(before),
     }
-    if not memoryless and cfg.kl_coef > 0:
+    if not memoryless and beta > 0:
         metrics["note"] = (f"sampler {cfg.sampler} with eta {cfg.eta} does not forget x_T: p_pre exp(r / kl_coef) / Z "
                            "is not reachable (docs/design.md, section 2), so distances to it are not distances to a "
                            "reachable target")
@@ -149,9 +158,10 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
     metrics.update({f"pretrained_data_{k}": v for k, v in _distances(before, reference, None).items()})
     metrics.update({f"pretrained_data_{k}_floor": v for k, v in _distances(again, reference, None).items()})
     target = None
-    if cfg.kl_coef > 0:
+    if beta > 0:
+        metrics["kl_coef"] = beta
         try:
-            target = exact_target(dataset, cfg.reward, cfg.reward_args, cfg.kl_coef, 2 * num_samples, seed)
+            target = exact_target(dataset, cfg.reward, cfg.reward_args, beta, 2 * num_samples, seed)
         except RejectionTooCostly as e:
             metrics["target_note"] = f"no exact target: {e}; only tilted_* is reported"
     metrics["far_radius"] = far_radius = _far_radius(reference)
@@ -160,9 +170,9 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
         metrics.update({f"{k}{suffix}": v for k, v in _point_stats(points, modes, far_radius).items()})
     if target is not None:
         metrics.update(_exact_target_metrics(target, samples, before, reward, far_radius))
-    if cfg.kl_coef > 0:
+    if beta > 0:
         pools = [pretrained_pool(Path(cfg.run), pretrained, seed + 2 + i, device, cfg.sampling) for i in range(2)]
-        metrics.update(_tilted_metrics(pools, reward, cfg.kl_coef, samples, before, seed))
+        metrics.update(_tilted_metrics(pools, reward, beta, samples, before, seed))
     return metrics
 
 

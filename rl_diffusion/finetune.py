@@ -85,21 +85,21 @@ class FinetuneConfig:
             raise UserError(f"--timestep-fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.kl_coef < 0:
             raise UserError(f"--kl-coef must be >= 0, got {self.kl_coef}")
-        if self.eta == 0:
+        if self.eta <= 0:
             raise UserError("--eta must be > 0: a deterministic chain has no log-prob to train")
         check_sampler(self.sampler, self.eta)
         if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
             raise UserError(f"unknown --log-prob-reduction '{self.log_prob_reduction}'; choose sum or mean")
         if self.x_axis not in ("epoch", "reward_queries"):
             raise UserError(f"unknown --x-axis '{self.x_axis}'; choose epoch or reward_queries")
-        sb3_refused = {"--kl-coef": self.kl_coef > 0, "--timestep-fraction": self.timestep_fraction < 1,
+        sb3_refused = {"--timestep-fraction": self.timestep_fraction < 1,
                        "--skip-nonfinite-rewards": self.skip_nonfinite_rewards}
         if self.algo == "sb3-ppo" and any(sb3_refused.values()):
             flags = ", ".join(flag for flag, given in sb3_refused.items() if given)
             raise UserError(f"--algo sb3-ppo does not support {flags}; use --algo ddpo-is for them")
         if self.algo == "rwr" and self.kl_coef > 0:
             raise UserError("--algo rwr has no KL term: each epoch fits p_old exp(r / T), a tilt that compounds over epochs "
-                            "with nothing holding it to the pretrained model; --kl-coef applies to ddpo-sf and ddpo-is")
+                            "with nothing holding it to the pretrained model; --kl-coef applies to ddpo-sf, ddpo-is and sb3-ppo")
 
     @property
     def sampling(self) -> dict:

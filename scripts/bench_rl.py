@@ -21,8 +21,10 @@ pretrained here into a temporary directory unless --pretrained gives one.
    mean of perf/steps_per_sec. An algorithm that never reaches the target reports null and its
    best reward. A second, higher target is reported in the JSON only.
 3. ddpo-is with kl_coef 0.1 and 1.0 for the same budget, then `evaluate_finetuned` with 5,000
-   samples (what `train()` returns): sliced W2 to the tilted optimum p_pre exp(r / beta) / Z
-   next to that of the pretrained model and the floor of the target against itself.
+   samples (what `train()` returns): sliced W2 and MMD to exact samples of the tilted optimum
+   p_data exp(r / beta) / Z (rejection sampling: in_region is bounded by 1) next to those of the
+   pretrained model and the floor of the target against itself; and sliced W2 to the pretrained
+   model's own tilt p_pre exp(r / beta) / Z (importance resampling).
 
 One torch thread by default (--threads): on 2 cores any other busy process (a test suite) makes
 torch's 2 OpenMP threads spin against it and slows these small networks down 20x or more, while
@@ -295,7 +297,10 @@ def main() -> int:
             run = finetune_run(pretrained, tmp / f"kl-{beta}", args.device, targets, algo="ddpo-is", kl_coef=beta, **common)
             e = run["eval"]
             kl[str(beta)] = {
-                **{k: e[k] for k in ("tilted_sw2", "tilted_sw2_pretrained", "tilted_sw2_floor", "tilted_ess", "tilted_reward_mean",
+                **{k: e[k] for k in ("target_sw2", "target_sw2_pretrained", "target_sw2_floor", "target_mmd", "target_mmd_pretrained",
+                                     "target_mmd_floor", "target_reward_mean", "far_fraction", "far_fraction_pretrained",
+                                     "pretrained_data_sw2", "pretrained_data_sw2_floor",
+                                     "tilted_sw2", "tilted_sw2_pretrained", "tilted_sw2_floor", "tilted_ess", "tilted_reward_mean",
                                      "reward_mean", "reward_mean_pretrained", "kl_to_pretrained", "diversity", "diversity_pretrained")},
                 "tilted_sw2_over_floor": e["tilted_sw2"] / e["tilted_sw2_floor"],
                 "final_epoch_reward": run["final_reward"],
@@ -334,9 +339,10 @@ def main() -> int:
         },
         "kl_to_pretrained": {
             "algo": "ddpo-is", "epochs": args.epochs, "lr": args.lr, "chains": 256, "eval_num_samples": 5000,
-            "note": "evaluate_finetuned(num_samples=5000, seed=0) as returned by train(). Tilted target p_pre(x) exp(r(x) / kl_coef) / Z "
-                    "by importance resampling of 50,000 pretrained samples; tilted_sw2_floor is the sliced W2 between two "
-                    "independent resamplings",
+            "note": "evaluate_finetuned(num_samples=5000, seed=0) as returned by train(). target_*: exact samples of "
+                    "p_data(x) exp(r(x) / kl_coef) / Z by rejection, floors between two independent exact draws; tilted_*: the "
+                    "pretrained model's own tilt p_pre(x) exp(r(x) / kl_coef) / Z by importance resampling of 50,000 pretrained "
+                    "samples; tilted_sw2_floor is the sliced W2 between two independent resamplings",
             "by_kl_coef": kl,
         },
         "markdown_table": table,

@@ -1,5 +1,6 @@
 """Bad input: one line `error: ...` on stderr, exit status 2, no traceback, nothing lost."""
 
+import json
 import subprocess
 import sys
 
@@ -38,6 +39,8 @@ def test_unknown_dataset_suggests_the_nearest(capsys, tmp_path):
     (["sample", "--run", "no/such/run", "--out", "x.npy"], "not a run directory"),
     (["evaluate", "--run", "no/such/run"], "not a run directory"),
     (["data", "moon", "--out", "x.npy"], "did you mean 'moons'"),
+    (["finetune", "--run", "r", "--out", "X", "--sampler", "ddim", "--eta", "1.5"], "--eta must be in [0, 1], got 1.5"),
+    (["finetune", "--run", "r", "--out", "X", "--algo", "rwr", "--kl-coef", "0.1"], "tilt that compounds over epochs"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_flags_and_names(capsys, tmp_path, monkeypatch, args, fragment):
@@ -83,6 +86,22 @@ def test_bad_rewards_fail_before_any_work(capsys, pretrained_moons, tmp_path, re
     code, err = run_cli(capsys, "finetune", "--run", str(pretrained_moons), "--out", str(out), *reward_args)
     assert_one_line_error(code, err, fragment)
     assert not out.exists()
+
+
+def test_one_step_ddim_is_refused_before_any_work(capsys, pretrained_moons, tmp_path):
+    out = tmp_path / "ft"
+    code, err = run_cli(capsys, "finetune", "--run", str(pretrained_moons), "--out", str(out), "--sampler", "ddim", "--sampling-steps", "1")
+    assert_one_line_error(code, err, "--sampling-steps must be between 2 and 20, got 1")
+    assert not out.exists()
+
+
+def test_a_kl_run_on_a_sampler_that_remembers_x_T_is_warned_and_flagged(capsys, pretrained_moons, tmp_path):
+    out = tmp_path / "ft"
+    code, err = run_cli(capsys, "finetune", "--run", str(pretrained_moons), "--out", str(out), "--sampler", "ddim", "--sampling-steps", "5",
+                        "--eta", "0.5", "--kl-coef", "0.3", "--chains", "16", "--epochs", "1", "--quiet")
+    assert code == 0 and len(err) == 1 and err[0].startswith("warning: DDIM with --eta 0.5 keeps memory of x_T"), err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["memoryless"] is False and "not reachable" in metrics["note"]
 
 
 def test_reward_turning_nan_mid_run_keeps_the_last_good_checkpoint(capsys, pretrained_moons, tmp_path):

@@ -19,6 +19,7 @@ def make_setup(pretrained, tmp_path, **overrides):
 
 def test_ratio_is_exactly_one_before_the_first_update(pretrained_moons, tmp_path):
     s = make_setup(pretrained_moons, tmp_path, minibatch_size=100)
+    assert not s.policy.training  # sampling and rescoring see one network (no dropout noise between them)
     pairs, x0, _ = ddpo.sample_batch(s, torch.Generator().manual_seed(0))
     assert len(pairs) == 32 * 20 and x0.shape == (32, 2)
     idx = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))[:100]

@@ -40,6 +40,12 @@ def test_finetuning_towards_the_posterior_lowers_the_mode_mass_error(pretrained_
     mass_left_out = {k: sum(x for x, out in zip(m[k], left_out) if out) for k in ("mode_masses", "mode_masses_pretrained")}
     assert mass_left_out["mode_masses_pretrained"] > 0.5 and mass_left_out["mode_masses"] < 0.2, mass_left_out
 
+    # the same run against the sharper tilt of beta 0.5: the posterior's heaviest mode holds 15^2 / sum of v^2
+    sharper = evaluation.evaluate_finetuned(out, num_samples=2000, kl_coef=0.5)
+    assert sharper["kl_coef"] == 0.5 and max(sharper["target_mode_masses"]) == pytest.approx(225 / 539, abs=0.01)
+    # the pretrained model's pools behind tilted_* are drawn once and kept with it
+    assert len(list((pretrained_gmm25 / "cache").glob("pool_*.npy"))) == 2
+
 
 def test_evaluate_of_the_pretrained_mixture_reports_its_mode_masses(pretrained_gmm25, capsys):
     assert main(["evaluate", "--run", str(pretrained_gmm25), "--num-samples", "2000"]) == 0
