@@ -57,7 +57,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from rewards import parse_reward_args
-    from rl_diffusion.finetune import FinetuneConfig, setup
+    from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig, setup
 
     flags = given_flags(FinetuneConfig, args)
     if args.reward_arg:
@@ -66,6 +66,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     s = setup(config, out, overwrite=args.overwrite, resume=bool(args.resume))
     if config.algo == "sb3-ppo":
         from rl_diffusion.sb3 import train
+    elif config.algo in AGENT_ALGOS:
+        from rl_diffusion.agents import train
     else:
         from rl_diffusion.ddpo import train
     metrics = train(s, resume=bool(args.resume), progress=not args.quiet)
@@ -100,6 +102,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from rl_diffusion import figures
     from rl_diffusion.checkpoint import load_run
     from rl_diffusion.distributed import resolve_device
+    from rl_diffusion.finetune import AGENT_ALGOS
 
     device = resolve_device(args.device)
     run = load_run(Path(args.run), device)
@@ -109,14 +112,29 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError(f"--num-samples must be positive, got {args.num_samples}")
     if args.guidance_scale != 1.0 and not getattr(run.model, "num_classes", 0):
         raise UserError(f"--guidance-scale needs a class-conditional model; {args.run} has no labels")
-    samples = draw_samples(run.diffusion, run.model, args.num_samples, seed=args.seed, device=device, guidance_scale=args.guidance_scale,
-                           sampler=args.sampler, sampling_steps=args.sampling_steps, eta=args.eta)
+    if run.config.get("algo") in AGENT_ALGOS:
+        samples = _agent_samples(args, run.config["algo"], device)
+    else:
+        samples = draw_samples(run.diffusion, run.model, args.num_samples, seed=args.seed, device=device,
+                               guidance_scale=args.guidance_scale, sampler=args.sampler, sampling_steps=args.sampling_steps, eta=args.eta)
     out = Path(args.out)
     _save_npy(out, samples)
     print(f"wrote {args.num_samples} samples to {out}")
     if samples.ndim == 4:
         figures.save_image_grid(samples[:64], out.with_suffix(".png"))
         print(f"and a grid of the first {min(64, args.num_samples)} to {out.with_suffix('.png')}")
+
+
+def _agent_samples(args: argparse.Namespace, algo: str, device) -> np.ndarray:
+    """Samples of a run fine-tuned by an SB3 agent: the pretrained network plus the agent, on the chain it was trained on."""
+    from rl_diffusion.agents import draw
+
+    defaults = {"--sampler": args.sampler == "ddpm", "--sampling-steps": args.sampling_steps is None, "--eta": args.eta == 1.0,
+                "--no-clip-denoised": args.clip_denoised, "--guidance-scale": args.guidance_scale == 1.0}
+    given = [flag for flag, default in defaults.items() if not default]
+    if given:
+        raise UserError(f"{args.run} was fine-tuned by --algo {algo}, which samples on the chain it was trained on; drop {', '.join(given)}")
+    return draw(Path(args.run), args.num_samples, args.seed, device)[0].cpu().numpy()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

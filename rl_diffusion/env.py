@@ -1,13 +1,40 @@
 """The denoising MDP (docs/design.md, section 1) as Gymnasium environments, one chain or N in lockstep.
 
-State (x_t, t, c), action x_{t_prev}, reward r(x_0, c) at the last step and 0 before; gamma = 1.
-t runs down `GaussianDiffusion.timesteps(sampler, sampling_steps)` (T..1 for DDPM, K spaced
-steps for DDIM) and the chain ends at x_0. The environments never call the epsilon network:
-the agent (the diffusion policy) chooses x_{t_prev}; they only need the data shape, the
-timestep sequence and the reward.
+t runs down `GaussianDiffusion.timesteps(sampler, sampling_steps)` (T..1 for DDPM, K spaced steps
+for DDIM) and the chain ends at x_0 with the reward r(x_0, c); gamma = 1. Three action modes
+expose the same chain to different agents (`ACTION_MODES`):
 
-`DenoisingVectorEnv` holds the chains as torch tensors and steps all of them with one tensor
-op; `DenoisingEnv` is a thin view of it with one chain and numpy in and out.
+  sample    the action is x_{t_prev} itself: the agent is a diffusion policy (ours, sb3.py). The
+            env never calls a network. Observation {x: x_t, t, c}.
+  residual  the action a (in units of the step's sigma, in a box) shifts the frozen pretrained
+            step's mean: x_{t_prev} = mu_pre(x_t, t, c) + sigma_t (a + z), z ~ N(0, I) drawn by
+            the env. a = 0 is exactly the pretrained sampler, so a freshly initialised standard
+            policy starts from the pretrained model. Per-step KL to it: kl_k = ||a||^2 / 2, exact
+            for the step given a (both Gaussians share sigma_t); for an agent that draws a at
+            random, the step's KL is at most E ||a||^2 / 2 (convexity), so the penalised objective
+            is a lower bound on the KL-regularised one, tight for a deterministic agent. Observation {x: x_t, t, x0_hat, c}; x0_hat is the
+            pretrained model's prediction of x_0 at (x_t, t), clipped as the step clips it.
+  noise     one step per episode: the action is x_T (in a box) and the env runs the pretrained
+            sampler deterministically (DDIM, eta = 0) to x_0, steering the frozen model in its
+            noise space (DSRL, Wagenmaker et al. 2025). Observation {x: the x_T ~ N(0, I) the
+            pretrained sampler would start from (taking it as the action reproduces that
+            sampler), t = T, c}. x_T rather than per-step noises: with eta = 0 x_0 is a function
+            of x_T alone, so the episode is a one-step decision with a deterministic reward.
+
+The pretrained network lives inside the env in the residual and noise modes, and is called once
+per denoising step for all chains. Every step goes through `GaussianDiffusion.reverse_step`.
+
+`kl_coef` adds -kl_coef * kl_k to each step's reward where kl_k has a closed form (residual). In
+sample mode kl_k depends on the agent's own mean and in noise mode on the agent's density over x_T,
+which the env does not see: there `kl_coef` is refused (sb3-ppo adds the sample-mode KL itself).
+
+Randomness: x_T and the residual step noises come from one torch generator that `reset(seed=s)`
+seeds with s, in the order of `GaussianDiffusion.sample(..., generator=torch.Generator().manual_seed(s))`,
+so a seeded residual env with zero actions reproduces that sampler's samples exactly. Labels c come
+from gymnasium's `np_random`.
+
+`DenoisingVectorEnv` holds the chains as torch tensors and steps all of them with one tensor op;
+`DenoisingEnv` is a thin view of it with one chain and numpy in and out.
 """
 
 from __future__ import annotations
@@ -21,71 +48,109 @@ import torch
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
-from torch import Tensor
+from torch import Tensor, nn
 
 from rewards import build_reward
-from rl_diffusion.checkpoint import CheckpointManager, read_run_config
+from rl_diffusion.checkpoint import CheckpointManager, load_run, read_run_config
 from rl_diffusion.diffusion import GaussianDiffusion, check_sampler
 from rl_diffusion.errors import UserError
 
-def _diffusion_and_shape(
-    run: str | Path | None, diffusion: GaussianDiffusion | None, data_shape: tuple | None, num_classes: int
-) -> tuple[GaussianDiffusion, tuple[int, ...], int]:
-    """The process the env follows: from a run's newest checkpoint, or given directly."""
+ACTION_MODES = ("sample", "residual", "noise")
+# Default half-width of the action box per mode: sample in data units (far outside the data, so
+# clipping flags a broken policy rather than shaping a working one), residual in sigma units,
+# noise in N(0, I) units (x_T beyond 3 is rare under the pretrained model).
+ACTION_BOUNDS = {"sample": 100.0, "residual": 3.0, "noise": 3.0}
+
+
+def _process(
+    run: str | Path | None, diffusion: GaussianDiffusion | None, data_shape: tuple | None, num_classes: int,
+    eps_model: nn.Module | None, needs_network: bool, device: torch.device,
+) -> tuple[GaussianDiffusion, tuple[int, ...], int, nn.Module | None]:
+    """(diffusion, data shape, number of classes, eps network or None): from a run's newest checkpoint, or given directly."""
     if run is None:
         if diffusion is None or data_shape is None:
             raise UserError("the denoising env needs a run directory (run=...) or both diffusion= and data_shape=")
-        return diffusion, tuple(int(n) for n in data_shape), num_classes
-    if diffusion is not None or data_shape is not None:
-        raise UserError("give the denoising env either run= or diffusion= with data_shape=, not both")
+        if needs_network and eps_model is None:
+            raise UserError("the residual and noise action modes run the pretrained network: give run= or eps_model=")
+        return diffusion, tuple(int(n) for n in data_shape), num_classes, eps_model if needs_network else None
+    if diffusion is not None or data_shape is not None or eps_model is not None:
+        raise UserError("give the denoising env either run= or diffusion= with data_shape= (and eps_model=), not both")
     read_run_config(run)  # a clear error for a directory that is not a run
-    # The checkpoint alone, not load_run: the env never needs the network.
-    ckpt = CheckpointManager(run).load_latest()
+    if needs_network:
+        loaded = load_run(Path(run), device)
+        ckpt, model = loaded.checkpoint, loaded.model.requires_grad_(False)
+    else:
+        ckpt, model = CheckpointManager(run).load_latest(), None
     try:
         return (
             GaussianDiffusion(**ckpt["diffusion_config"]),
             tuple(int(n) for n in ckpt["data"]["shape"]),
             int(ckpt["model_config"].get("num_classes") or 0),
+            model,
         )
     except (KeyError, TypeError) as e:
         raise UserError(f"the checkpoint of {run} lacks {e}; give the --out of an rl-diffusion pretrain or finetune run") from None
+
+
+def _mode_sampler(action_mode: str, sampler: str | None, eta: float | None) -> tuple[str, float]:
+    """The reverse chain of a mode: DDPM (eta 1) by default, DDIM with eta = 0 for noise (no other choice there)."""
+    if action_mode not in ACTION_MODES:
+        raise UserError(f"unknown action_mode '{action_mode}'; choose one of {', '.join(ACTION_MODES)}")
+    if action_mode == "noise":
+        if sampler not in (None, "ddim") or eta not in (None, 0.0):
+            raise UserError(f"the noise action mode runs DDIM with eta = 0 (x_0 a function of x_T); got sampler={sampler!r}, eta={eta}")
+        return "ddim", 0.0
+    sampler, eta = sampler or "ddpm", 1.0 if eta is None else eta
+    check_sampler(sampler, eta)
+    if action_mode == "residual" and sampler == "ddim" and eta == 0:
+        raise UserError("the residual action mode shifts the step in units of its sigma, which is 0 for DDIM with eta = 0; use eta > 0")
+    return sampler, eta
 
 
 class DenoisingVectorEnv(VectorEnv):
     """N denoising chains stepped together as one torch op; all chains share t (fixed-length episodes).
 
     Autoreset is SAME_STEP (`metadata["autoreset_mode"]`): every chain ends at the same step, and
-    that step returns the NEW episode's x_T as the observation, terminated = True for all, the
-    rewards r(x_0, c), and the finished samples in the info as
+    that step returns the NEW episode's first observation, terminated = True for all, the rewards,
+    and the finished samples in the info as
         "x0":         float32 [N, *data_shape], the final x_0 of every chain;
         "final_obs":  gymnasium's SAME_STEP convention, an object array of per-chain observation
-                      dicts (x = x_0, t = [0], c), with the all-True mask "_final_obs".
-    Every step's info also has "clipped" (int [N], action coordinates clipped this step) and,
-    for the returned state, "t_prev" (int [N], where the next action lands).
+                      dicts (x = x_0, t = [0], ...), with the all-True mask "_final_obs".
+    Every step's info also has "clipped" (int [N], action coordinates clipped this step), "kl"
+    (float32 [N], this step's closed-form KL to the pretrained model; residual mode only) and,
+    for the returned state, "t_prev" (int [N], where the next action lands; 0 in noise mode).
 
     Torch-level use (no numpy round-trips, e.g. a stable-baselines3 adapter): `reset_tensor()`,
     then `step_tensor(action)` until it returns done = True; it does not autoreset. The state is
     `self.x` (float32 [N, *data_shape] on `device`), `self.c` (long [N] or None) and `self.t`.
 
     Args:
-        run: a pretrain or finetune run directory; the diffusion schedule, data shape and number
-            of classes are read from its newest checkpoint. Leave None to pass `diffusion` and
-            `data_shape` instead.
+        run: a pretrain or finetune run directory; the diffusion schedule, data shape, number of
+            classes and (residual, noise) the eps network are read from its newest checkpoint.
+            Leave None to pass `diffusion`, `data_shape` (and `eps_model`) instead.
         reward: a reward name, 'package.module:factory' path or entry point (see `rewards`).
         reward_kwargs: keyword arguments of the reward factory.
-        sampler: "ddpm" (all T steps) or "ddim" (`sampling_steps` spaced steps).
+        sampler: "ddpm" (all T steps) or "ddim" (`sampling_steps` spaced steps); None: "ddpm", and
+            "ddim" in noise mode (the only choice there).
         sampling_steps: K for "ddim"; None means all T.
-        eta: DDIM stochasticity. The transition ignores it (the action is the agent's); it is
-            kept so the policy acting here knows which reverse step it takes.
+        eta: DDIM stochasticity; None: 1, and 0 in noise mode (the only choice there). In sample
+            mode the transition ignores it (the action is the agent's); it is kept so the policy
+            acting there knows which reverse step it takes.
         num_envs: N, the number of chains.
-        device: where `self.x`, actions and rewards live.
+        action_mode: "sample", "residual" (default) or "noise"; see the module docstring.
+        kl_coef: beta >= 0; each step's reward gets -beta kl_k (residual mode: kl_k = ||a||^2 / 2
+            nats, a in sigma units). Refused in the other modes, which have no closed form here.
+        device: where the chains, the network's calls, actions and rewards live.
         diffusion: the process, when there is no run directory.
         data_shape: shape of one sample, e.g. (2,), when there is no run directory.
         num_classes: labels c drawn uniformly at reset; 0 for unconditional. Read from the run
             when `run` is given.
-        action_bound: actions are clipped to [-action_bound, action_bound] per coordinate, in
-            data units. Far outside the data (about +-5) so clipping flags a broken policy
-            rather than shaping a working one; clipped coordinates are counted.
+        eps_model: eps(x [N, *shape], t long [N], c long [N] or None), the frozen pretrained
+            network of residual and noise mode when there is no run directory; called as it is
+            (put it in eval mode) under no_grad, on `device`.
+        action_bound: actions are clipped to [-action_bound, action_bound] per coordinate (data
+            units in sample mode, sigma units in residual mode, N(0, I) units in noise mode);
+            clipped coordinates are counted. None: `ACTION_BOUNDS[action_mode]`.
         render_mode: must be None; there is nothing to render.
     """
 
@@ -96,38 +161,47 @@ class DenoisingVectorEnv(VectorEnv):
         run: str | Path | None = None,
         reward: str = "target_point",
         reward_kwargs: dict | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         sampling_steps: int | None = None,
-        eta: float = 1.0,
+        eta: float | None = None,
         *,
         num_envs: int,
+        action_mode: str = "residual",
+        kl_coef: float = 0.0,
         device: str | torch.device = "cpu",
         diffusion: GaussianDiffusion | None = None,
         data_shape: tuple | None = None,
         num_classes: int = 0,
-        action_bound: float = 100.0,
+        eps_model: nn.Module | None = None,
+        action_bound: float | None = None,
         render_mode: str | None = None,
     ):
         if render_mode is not None:
             raise UserError(f"the denoising env has no render modes, got render_mode={render_mode!r}")
-        check_sampler(sampler, eta)
+        self.sampler, self.eta = _mode_sampler(action_mode, sampler, eta)
         if num_envs < 1:
             raise UserError(f"num_envs must be at least 1, got {num_envs}")
+        action_bound = ACTION_BOUNDS[action_mode] if action_bound is None else float(action_bound)
         if not action_bound > 0:
             raise UserError(f"action_bound must be > 0, got {action_bound}")
-        self.diffusion, self.data_shape, self.num_classes = _diffusion_and_shape(run, diffusion, data_shape, num_classes)
-        self.sampler, self.eta = sampler, eta
-        self.timesteps = self.diffusion.timesteps(sampler, sampling_steps)  # K decreasing t's, T first
+        if kl_coef < 0:
+            raise UserError(f"kl_coef must be >= 0, got {kl_coef}")
+        if kl_coef > 0 and action_mode != "residual":
+            raise UserError(f"kl_coef needs a closed-form per-step KL, which only the residual action mode has; in {action_mode} mode "
+                            "it depends on the agent's own density (for a diffusion policy, --algo sb3-ppo --kl-coef adds it)")
+        self.action_mode, self.kl_coef, self.action_bound = action_mode, float(kl_coef), action_bound
+        self.device = torch.device(device)
+        self.diffusion, self.data_shape, self.num_classes, self.eps_model = _process(
+            run, diffusion, data_shape, num_classes, eps_model, action_mode != "sample", self.device)
+        self.timesteps = self.diffusion.timesteps(self.sampler, sampling_steps)  # K decreasing t's, T first
         self.prev_timesteps = self.timesteps[1:] + [0]  # where step k lands
         self.reward = build_reward(reward, reward_kwargs)
-        self.action_bound = float(action_bound)
         self.num_envs = num_envs
-        self.device = torch.device(device)
 
-        obs = {
-            "x": spaces.Box(-np.inf, np.inf, self.data_shape, np.float32),
-            "t": spaces.Box(0, self.diffusion.num_timesteps, (1,), np.int64),
-        }
+        box = spaces.Box(-np.inf, np.inf, self.data_shape, np.float32)
+        obs = {"x": box, "t": spaces.Box(0, self.diffusion.num_timesteps, (1,), np.int64)}
+        if action_mode == "residual":
+            obs["x0_hat"] = box
         if self.num_classes > 0:
             obs["c"] = spaces.Discrete(self.num_classes)
         self.single_observation_space = spaces.Dict(obs)
@@ -135,54 +209,111 @@ class DenoisingVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
 
+        self.generator = torch.Generator(device=self.device)
+        self._generator_seeded = False
         # Until the first reset the chains count as finished, so stepping them is refused.
         self.x = torch.zeros(num_envs, *self.data_shape, device=self.device)
         self.c: Tensor | None = None
-        self.t = len(self.timesteps)  # step index k in 0..K (0: x_T, K: x_0), not the diffusion time
+        self.t = self.steps_per_episode  # step index k (0: the first decision), not the diffusion time
+        self.eps: Tensor | None = None  # residual mode: the pretrained eps at the current state
         self.last_clipped = torch.zeros(num_envs, dtype=torch.long, device=self.device)
+        self.last_kl = torch.zeros(num_envs, device=self.device)
+        self.episode_kl = torch.zeros(num_envs, device=self.device)  # sum of kl_k over the episode so far
+        self.final_rewards: Tensor | None = None  # r(x_0, c) [N] of the last finished episode, without the KL penalty
         # Summed on the device so that stepping never waits for it; int(...) to read.
         self.clipped_actions = torch.zeros((), dtype=torch.long, device=self.device)
 
     @property
+    def steps_per_episode(self) -> int:
+        """Decisions per episode: one per denoising step, or one in noise mode."""
+        return 1 if self.action_mode == "noise" else len(self.timesteps)
+
+    @property
     def timestep(self) -> int:
         """The diffusion time t of the current state (T at x_T, 0 at x_0)."""
-        return self.timesteps[self.t] if self.t < len(self.timesteps) else 0
+        return self.timesteps[self.t] if self.t < self.steps_per_episode else 0
 
     # Torch level
 
-    def reset_tensor(self, rng: np.random.Generator | None = None) -> None:
-        """Start every chain at x_T ~ N(0, I) (with c ~ U{0..num_classes-1}) drawn from rng.
+    def seed_generator(self, seed: int | None) -> None:
+        """Seed the generator of x_T and step noises with `seed`; once from `np_random` when None and never seeded."""
+        if seed is None and self._generator_seeded:
+            return
+        self.generator.manual_seed(int(self.np_random.integers(2**63 - 1)) if seed is None else seed)
+        self._generator_seeded = True
 
-        rng defaults to `self.np_random`, so a seeded `reset` reproduces x_T and c.
-        """
-        rng = self.np_random if rng is None else rng
-        x = rng.standard_normal((self.num_envs, *self.data_shape), dtype=np.float32)
-        self.x = torch.from_numpy(x).to(self.device)
+    def _standard_normal(self) -> Tensor:
+        return torch.randn((self.num_envs, *self.data_shape), generator=self.generator, device=self.device)
+
+    def _pretrained_eps(self, x: Tensor, k: int) -> Tensor:
+        """eps_pre(x, t_k, c) for all chains: one network call."""
+        t = torch.full((self.num_envs,), self.timesteps[k], dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            return self.eps_model(x, t, self.c)
+
+    def _pretrained_step(self, x: Tensor, eps: Tensor, k: int, noise: Tensor) -> Tensor:
+        """The pretrained reverse step k from x: mu_pre + sigma_k * noise."""
+        return self.diffusion.reverse_step(eps, x, self.timesteps[k], t_prev=self.prev_timesteps[k], sampler=self.sampler,
+                                           eta=self.eta, noise=noise).x_prev
+
+    def _observe(self) -> None:
+        """Residual mode: the pretrained eps at the new state, for the next step and for x0_hat."""
+        if self.action_mode == "residual" and self.t < self.steps_per_episode:
+            self.eps = self._pretrained_eps(self.x, self.t)
+
+    def reset_tensor(self) -> None:
+        """Start every chain at x_T ~ N(0, I) from `self.generator` (with c ~ U{0..num_classes-1} from `np_random`)."""
+        c = None
+        x = self._standard_normal()
         if self.num_classes > 0:
-            self.c = torch.from_numpy(rng.integers(self.num_classes, size=self.num_envs)).to(self.device)
-        self.t = 0
+            c = torch.from_numpy(self.np_random.integers(self.num_classes, size=self.num_envs)).to(self.device)
+        self.start(x, c)
 
-    def step_tensor(self, action: Tensor) -> tuple[Tensor | None, bool]:
-        """Move every chain to x_{t_prev} = action, clipped to +-action_bound.
+    def start(self, x_T: Tensor, c: Tensor | None) -> None:
+        """Start every chain at the given x_T [N, *data_shape] and labels [N] (or None), e.g. a checkpoint's."""
+        self.x, self.c, self.t = x_T.to(self.device), None if c is None else c.to(self.device), 0
+        self.episode_kl = torch.zeros(self.num_envs, device=self.device)
+        self._observe()
+
+    def step_tensor(self, action: Tensor) -> tuple[Tensor, bool]:
+        """Take one decision for every chain with the action clipped to +-action_bound.
 
         action: [N, *data_shape], any float dtype and device; it is detached, so the state never
-        holds the policy's graph. Returns (rewards float32 [N] on `device`, True) after the last
-        step, else (None, False). No autoreset: after done, `self.x` holds x_0 until
-        `reset_tensor()`.
+        holds the policy's graph. Returns (rewards float32 [N] on `device`, done): r(x_0, c) at the
+        last step and 0 before, minus kl_coef * kl_k. No autoreset: after done, `self.x` holds x_0
+        until `reset_tensor()`.
         """
-        if self.t >= len(self.timesteps):
+        if self.t >= self.steps_per_episode:
             raise RuntimeError("the chains have reached x_0 (or were never reset); call reset() or reset_tensor() first")
         action = action.detach().to(device=self.device, dtype=torch.float32)
         if action.shape != self.x.shape:
             raise ValueError(f"action must have shape {tuple(self.x.shape)} ([num_envs, *data_shape]), got {tuple(action.shape)}")
         self.last_clipped = (action.abs() > self.action_bound).flatten(1).sum(1)
         self.clipped_actions += self.last_clipped.sum()
-        self.x = action.clamp(-self.action_bound, self.action_bound)
+        action = action.clamp(-self.action_bound, self.action_bound)
+        if self.action_mode == "sample":
+            self.x = action
+        elif self.action_mode == "residual":
+            # x_{t_prev} = mu_pre + sigma (a + z): the step's own Gaussian, its mean moved by sigma a
+            self.x = self._pretrained_step(self.x, self.eps, self.t, noise=action + self._standard_normal())
+            self.last_kl = action.square().flatten(1).sum(1) / 2
+            self.episode_kl += self.last_kl
+        else:
+            x, zero = action, torch.zeros_like(action)  # eta = 0: sigma is 0, and no draw from any generator
+            for k in range(len(self.timesteps)):
+                x = self._pretrained_step(x, self._pretrained_eps(x, k), k, noise=zero)
+            self.x = x
         self.t += 1
-        if self.t < len(self.timesteps):
-            return None, False
-        with torch.no_grad():
-            return self.reward(self.x, self.c), True
+        self._observe()
+        done = self.t == self.steps_per_episode
+        if done:
+            with torch.no_grad():
+                rewards = self.final_rewards = self.reward(self.x, self.c).float()
+        else:
+            rewards = torch.zeros(self.num_envs, device=self.device)
+        if self.kl_coef > 0:
+            rewards = rewards - self.kl_coef * self.last_kl
+        return rewards, done
 
     def observation(self) -> dict[str, np.ndarray]:
         """The batched observation of the current state, as numpy copies (safe to modify)."""
@@ -190,42 +321,55 @@ class DenoisingVectorEnv(VectorEnv):
             "x": self.x.to("cpu", copy=True).numpy(),
             "t": np.full((self.num_envs, 1), self.timestep, dtype=np.int64),
         }
+        if self.action_mode == "residual":
+            x0_hat = self.x
+            if self.t < self.steps_per_episode:
+                t = torch.full((self.num_envs,), self.timestep, dtype=torch.long, device=self.device)
+                x0_hat = self.diffusion.predict_x0(self.x, t, self.eps)
+                if self.diffusion.x0_range is not None:
+                    x0_hat = self.diffusion.clip_x0(x0_hat)
+            obs["x0_hat"] = x0_hat.to("cpu", copy=True).numpy()
         if self.c is not None:
             obs["c"] = self.c.to("cpu", copy=True).numpy()
         return obs
 
-    def _state_info(self) -> dict[str, np.ndarray]:
-        return {"t_prev": np.full(self.num_envs, self.prev_timesteps[self.t], dtype=np.int64)}
+    def state_info(self) -> dict[str, np.ndarray]:
+        """{"t_prev": int [N]}: where the next action lands (0 in noise mode: the chain runs to x_0)."""
+        t_prev = self.prev_timesteps[self.t] if self.action_mode != "noise" else 0
+        return {"t_prev": np.full(self.num_envs, t_prev, dtype=np.int64)}
 
     # Gymnasium vector API
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
+        self.seed_generator(seed)
         self.reset_tensor()
-        return self.observation(), self._state_info()
+        return self.observation(), self.state_info()
 
     def step(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        reward, done = self.step_tensor(torch.as_tensor(actions))
+        rewards, done = self.step_tensor(torch.as_tensor(actions))
         info: dict[str, Any] = {"clipped": self.last_clipped.cpu().numpy()}
+        if self.action_mode == "residual":
+            info["kl"] = self.last_kl.cpu().numpy()
         if done:
             final = self.observation()
             final_obs = np.empty(self.num_envs, dtype=object)
             final_obs[:] = [{key: value[i] for key, value in final.items()} for i in range(self.num_envs)]
             info.update(x0=final["x"], final_obs=final_obs, _final_obs=np.ones(self.num_envs, dtype=bool))
             self.reset_tensor()
-        info.update(self._state_info())
-        rewards = reward.cpu().numpy() if done else np.zeros(self.num_envs, dtype=np.float32)
-        return self.observation(), rewards, np.full(self.num_envs, done), np.zeros(self.num_envs, dtype=bool), info
+        info.update(self.state_info())
+        return self.observation(), rewards.cpu().numpy(), np.full(self.num_envs, done), np.zeros(self.num_envs, dtype=bool), info
 
 
 class DenoisingEnv(gymnasium.Env):
     """One denoising chain: a numpy view of a one-chain `DenoisingVectorEnv` on the CPU.
 
-    reset() draws x_T ~ N(0, I) (and c) from `self.np_random`; info["t_prev"] is where the first
-    action lands. step(action) makes the clipped action the new x and moves t on; the step that
-    reaches x_0 returns reward r(x_0, c), terminated = True and info["x0"]; every other step
-    returns reward 0.0 and info["t_prev"]. Never truncated. info["clipped"] counts the action
-    coordinates clipped this step, `clipped_actions` all of them so far.
+    reset(seed=s) starts the chain (x_T from a generator seeded with s, c from `np_random`);
+    info["t_prev"] is where the first action lands. A step that reaches x_0 returns reward
+    r(x_0, c), terminated = True and info["x0"]; every other step returns reward 0.0 and
+    info["t_prev"]; in residual mode each reward is lowered by kl_coef * info["kl"]. Never
+    truncated. info["clipped"] counts the action coordinates clipped this step,
+    `clipped_actions` all of them so far.
 
     Arguments as for `DenoisingVectorEnv` (without num_envs and device).
     """
@@ -237,19 +381,22 @@ class DenoisingEnv(gymnasium.Env):
         run: str | Path | None = None,
         reward: str = "target_point",
         reward_kwargs: dict | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         sampling_steps: int | None = None,
-        eta: float = 1.0,
+        eta: float | None = None,
         *,
+        action_mode: str = "residual",
+        kl_coef: float = 0.0,
         diffusion: GaussianDiffusion | None = None,
         data_shape: tuple | None = None,
         num_classes: int = 0,
-        action_bound: float = 100.0,
+        eps_model: nn.Module | None = None,
+        action_bound: float | None = None,
         render_mode: str | None = None,
     ):
         self.chains = DenoisingVectorEnv(
-            run, reward, reward_kwargs, sampler, sampling_steps, eta, num_envs=1,
-            diffusion=diffusion, data_shape=data_shape, num_classes=num_classes,
+            run, reward, reward_kwargs, sampler, sampling_steps, eta, num_envs=1, action_mode=action_mode, kl_coef=kl_coef,
+            diffusion=diffusion, data_shape=data_shape, num_classes=num_classes, eps_model=eps_model,
             action_bound=action_bound, render_mode=render_mode,
         )
         self.observation_space = self.chains.single_observation_space
@@ -265,15 +412,17 @@ class DenoisingEnv(gymnasium.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
-        self.chains.reset_tensor(self.np_random)
-        return self._observation(), {"t_prev": self.chains.prev_timesteps[0]}
+        self.chains.reset(seed=seed)
+        return self._observation(), {"t_prev": int(self.chains.state_info()["t_prev"][0])}
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         reward, done = self.chains.step_tensor(torch.as_tensor(action).unsqueeze(0))
         obs = self._observation()
         info: dict[str, Any] = {"clipped": int(self.chains.last_clipped[0])}
+        if self.chains.action_mode == "residual":
+            info["kl"] = float(self.chains.last_kl[0])
         if done:
             info["x0"] = obs["x"]
             return obs, float(reward[0]), True, False, info
-        info["t_prev"] = self.chains.prev_timesteps[self.chains.t]
-        return obs, 0.0, False, False, info
+        info["t_prev"] = int(self.chains.state_info()["t_prev"][0])
+        return obs, float(reward[0]), False, False, info

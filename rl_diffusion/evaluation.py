@@ -117,8 +117,9 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
     ``kl_coef`` is the beta of the optimum measured against: the run's own --kl-coef by default;
     give one to measure a run trained without a KL term (rwr, or kl_coef 0) against a tilt.
     """
+    from rl_diffusion import agents
     from rl_diffusion.ddpo import Pairs, path_kls
-    from rl_diffusion.finetune import FinetuneConfig
+    from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig
 
     device = resolve_device(device)
     saved = read_run_config(run_dir)
@@ -130,19 +131,22 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
     reward = build_reward(cfg.reward, cfg.reward_args, skip_nonfinite=True)
     shape, c = sample_shape_and_labels(run.model, num_samples, device)
     with torch.no_grad():
-        traj = run.diffusion.sample(run.model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed),
-                                    device=device, record=True, log_prob_reduction=cfg.log_prob_reduction, **cfg.sampling)
-        kl = path_kls(run.diffusion, cfg, run.model, pretrained.model, Pairs.from_trajectory(traj), len(traj.timesteps)).sum(0)
+        if cfg.algo in AGENT_ALGOS:  # the pretrained network steered by a stable-baselines3 agent
+            samples, _, kl = agents.draw(run_dir, num_samples, seed, device, c)
+        else:
+            traj = run.diffusion.sample(run.model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed),
+                                        device=device, record=True, log_prob_reduction=cfg.log_prob_reduction, **cfg.sampling)
+            kl = path_kls(run.diffusion, cfg, run.model, pretrained.model, Pairs.from_trajectory(traj), len(traj.timesteps)).sum(0)
+            samples = traj.xs[-1]
         before = pretrained.diffusion.sample(pretrained.model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed + 1),
                                              device=device, **cfg.sampling).xs[-1]
-    samples = traj.xs[-1]
     memoryless = is_memoryless(cfg.sampler, cfg.eta)
     metrics = {
         "run": str(run_dir), "kind": "finetune", "algo": cfg.algo, "reward": cfg.reward, "num_samples": num_samples,
         "memoryless": memoryless,
         "reward_mean": _finite_mean(reward(samples, c)),
         "reward_mean_pretrained": _finite_mean(reward(before, c)),
-        "kl_to_pretrained": kl.mean().item(),
+        "kl_to_pretrained": None if kl is None else kl.mean().item(),  # None: an agent in noise mode (no closed form)
         "diversity": diversity(samples),
         "diversity_pretrained": diversity(before),
     }

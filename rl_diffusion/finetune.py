@@ -1,8 +1,10 @@
 """`rl-diffusion finetune`: config, run directory, shared setup and per-epoch logging.
 
 The algorithms live elsewhere and share everything here: `ddpo.py` (ddpo-sf,
-ddpo-is, rwr) and `sb3.py` (sb3-ppo). A run directory of a fine-tuning run holds
-a checkpoint in the same format as pretraining, so `sample` and `evaluate` accept it.
+ddpo-is, rwr), `sb3.py` (sb3-ppo: the diffusion policy) and `agents.py` (SB3's
+own algorithms with its default policy, steering the frozen pretrained model).
+A run directory of a fine-tuning run holds a checkpoint in the same format as
+pretraining, so `sample` and `evaluate` accept it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, GaussianDiffusion, check
 from rl_diffusion.distributed import NoWriter, Ranks
 from rl_diffusion.errors import UserError, nearest
 
-ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "sb3-ppo")
+AGENT_ALGOS = ("sb3-sac", "sb3-td3", "sb3-a2c", "sb3-ppo-mlp")  # SB3's MultiInputPolicy on the residual or noise env
+ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "sb3-ppo", *AGENT_ALGOS)
+AGENT_ACTION_MODES = ("residual", "noise")
 
 
 @dataclass
@@ -45,14 +49,17 @@ class FinetuneConfig:
     run: str = arg("", "pretrained run directory to start from (also --pretrained)", aliases=("--pretrained",))
     reward: str = arg("target_point", "reward name, module:factory, or entry point (see `rl-diffusion rewards`)")
     reward_args: dict = dataclasses.field(default_factory=dict, metadata={"help": "reward keyword arguments"})
-    algo: str = arg("ddpo-is", "ddpo-sf | ddpo-is | rwr | sb3-ppo")
+    algo: str = arg("ddpo-is", "ddpo-sf | ddpo-is | rwr | sb3-ppo (diffusion policies) | sb3-sac | sb3-td3 | sb3-a2c | sb3-ppo-mlp "
+                                "(SB3's default policy steering the frozen pretrained model, see --action-mode)")
+    action_mode: str = arg("residual", "sb3-sac, sb3-td3, sb3-a2c, sb3-ppo-mlp: residual (shift each pretrained step's mean, in units "
+                                       "of its sigma) | noise (choose x_T of deterministic DDIM over --sampling-steps)")
     chains: int = arg(256, "denoising chains sampled per epoch (the batch; SB3: parallel envs)")
     epochs: int = arg(30, "sampling rounds")
     total_steps: int = arg(0, "budget in denoising steps (chains x steps per chain x epochs); overrides --epochs when > 0")
     lr: float = arg(1e-3, "AdamW learning rate of the policy")
     clip_range: float = arg(0.2, "PPO clip on the ratio pi/pi_old (log-prob units: see --log-prob-reduction)")
     adv_clip: float = arg(5.0, "clip standardised advantages to [-adv_clip, adv_clip]")
-    inner_epochs: int = arg(1, "passes over each sampled batch (ddpo-is, rwr, sb3-ppo)")
+    inner_epochs: int = arg(1, "passes over each sampled batch (ddpo-is, rwr, sb3-ppo, sb3-ppo-mlp); gradient steps per env step (sb3-sac, sb3-td3)")
     minibatch_size: int = arg(1024, "(trajectory, timestep) pairs per gradient step (ddpo-is, rwr, sb3-ppo)")
     timestep_fraction: float = arg(1.0, "fraction of each chain's timesteps trained on per epoch (ddpo-is)")
     kl_coef: float = arg(0.0, "beta of the exact path KL to the pretrained model (0 = off)")
@@ -85,8 +92,12 @@ class FinetuneConfig:
             raise UserError(f"--timestep-fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.kl_coef < 0:
             raise UserError(f"--kl-coef must be >= 0, got {self.kl_coef}")
+        if self.algo in AGENT_ALGOS:
+            self.validate_agent()
+        elif self.action_mode != "residual":
+            raise UserError(f"--action-mode applies to {', '.join(AGENT_ALGOS)}; --algo {self.algo} acts on x_{{t-1}} itself")
         if self.eta <= 0:
-            raise UserError("--eta must be > 0: a deterministic chain has no log-prob to train")
+            raise UserError("--eta must be > 0: a deterministic chain has no log-prob to train (noise mode runs DDIM with eta 0 by itself)")
         check_sampler(self.sampler, self.eta)
         if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
             raise UserError(f"unknown --log-prob-reduction '{self.log_prob_reduction}'; choose sum or mean")
@@ -101,9 +112,24 @@ class FinetuneConfig:
             raise UserError("--algo rwr has no KL term: each epoch fits p_old exp(r / T), a tilt that compounds over epochs "
                             "with nothing holding it to the pretrained model; --kl-coef applies to ddpo-sf, ddpo-is and sb3-ppo")
 
+    def validate_agent(self) -> None:
+        if self.action_mode not in AGENT_ACTION_MODES:
+            raise UserError(f"unknown --action-mode '{self.action_mode}' for --algo {self.algo}; choose residual or noise")
+        if self.action_mode == "noise" and self.kl_coef > 0:
+            raise UserError("--kl-coef needs a closed-form KL per step, which --action-mode residual has and noise does not")
+        refused = {"--timestep-fraction": self.timestep_fraction < 1, "--skip-nonfinite-rewards": self.skip_nonfinite_rewards,
+                   "--log-prob-reduction": self.log_prob_reduction != "sum"}
+        if any(refused.values()):
+            raise UserError(f"--algo {self.algo} does not support {', '.join(flag for flag, given in refused.items() if given)}")
+
     @property
     def sampling(self) -> dict:
-        """Keyword arguments of GaussianDiffusion.sample/reverse_step for the policy's chain."""
+        """Keyword arguments of GaussianDiffusion.sample/reverse_step for the chain the run samples with.
+
+        Noise mode runs DDIM with eta = 0 over --sampling-steps, whatever --sampler and --eta say.
+        """
+        if self.algo in AGENT_ALGOS and self.action_mode == "noise":
+            return {"sampler": "ddim", "sampling_steps": self.sampling_steps or None, "eta": 0.0}
         return {"sampler": self.sampler, "sampling_steps": self.sampling_steps or None, "eta": self.eta}
 
 
@@ -133,7 +159,7 @@ class Setup:
 
     @property
     def steps_per_chain(self) -> int:
-        return len(self.diffusion.timesteps(self.config.sampler, self.config.sampling_steps or None))
+        return len(self.diffusion.timesteps(self.config.sampling["sampler"], self.config.sampling_steps or None))
 
     def checkpoint_payload(self, train_state: dict) -> dict:
         ckpt = self.pretrained.checkpoint
@@ -153,8 +179,8 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     config.validate()
     ranks, device = distributed.init(config.device)
     if ranks.world_size > 1:
-        if config.algo == "sb3-ppo":
-            raise UserError("--algo sb3-ppo runs in one process; under torchrun use ddpo-sf, ddpo-is or rwr")
+        if config.algo.startswith("sb3-"):
+            raise UserError(f"--algo {config.algo} runs in one process; under torchrun use ddpo-sf, ddpo-is or rwr")
         if config.skip_nonfinite_rewards:
             raise UserError("--skip-nonfinite-rewards would leave the ranks with unequal batches; it needs a single process")
     ranks.shard(config.chains, "--chains")  # an uneven split is refused before anything is written
@@ -167,7 +193,7 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     probe_labels = torch.zeros(2, dtype=torch.long, device=device) if num_classes else None
     reward(torch.zeros((2, *data_shape), device=device), probe_labels)  # a reward that fails on its input fails now
     diffusion = pretrained.diffusion
-    steps = len(diffusion.timesteps(config.sampler, config.sampling_steps or None))
+    steps = len(diffusion.timesteps(config.sampling["sampler"], config.sampling_steps or None))
     epochs = config.epochs
     if config.total_steps > 0:
         epochs = max(1, config.total_steps // (config.chains * steps))

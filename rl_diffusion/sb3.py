@@ -19,7 +19,16 @@ entropy is a constant); vf_coef = 0.5 (SB3's default).
 Differences from the native ddpo-is (PPO-clip too): a learned critic V(x_t, t) is the baseline
 (native: the batch mean per timestep); `--grad-clip` clips the joint gradient norm of actor and
 critic (SB3 clips all policy parameters together); advantages are not clipped (`--adv-clip` is
-unused); `--kl-coef`, `--timestep-fraction` and `--skip-nonfinite-rewards` are refused.
+unused); `--timestep-fraction` and `--skip-nonfinite-rewards` are refused.
+
+`--kl-coef beta` lowers each step's reward by beta L_k after the rollout (returns and advantages
+are then recomputed), with L_k = log pi_theta(a_k | x_k) - log p_pre(a_k | x_k). Both steps share
+sigma, so L_k = kl_k + (a_k - mu_theta) . (mu_theta - mu_pre) / sigma^2: the exact per-step KL
+kl_k = ||mu_theta - mu_pre||^2 / (2 sigma^2) of ddpo.step_kl plus a term of mean zero at x_k. The
+exact kl_k charges each action the KL of the steps after it; the zero-mean term is what carries
+the gradient of kl_k itself through mu_theta (the native trainer's direct term) into a
+score-function update. With both, PPO follows the gradient of E[r] - beta KL(path), the native
+trainer's objective (docs/design.md, section 2).
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rl_diffusion.checkpoint import StopSignal, rng_state, set_rng_state
-from rl_diffusion.ddpo import Pairs, path_kls
+from rl_diffusion.ddpo import Pairs, path_kls, policy_step
 from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep
 from rl_diffusion.env import DenoisingVectorEnv
 from rl_diffusion.errors import UserError
@@ -207,19 +216,21 @@ class DenoisingVecEnvAdapter(VecEnv):
     """SB3's VecEnv interface over one `DenoisingVectorEnv`: its N chains are SB3's N envs.
 
     Every step is one `step_tensor` call for all chains. The step that reaches x_0 returns the
-    rewards r(x_0), dones all True, and per env info["terminal_observation"] (x = x_0, t = [0]);
-    then it resets every chain and returns the new x_T (SB3's autoreset). That step's x_0 and
-    rewards stay in `x0` [N, *shape] and `rewards` [N] (torch, on the env's device) for logging.
+    rewards, dones all True, and per env info["terminal_observation"] (x = x_0, t = [0]); then it
+    resets every chain and returns the new first observation (SB3's autoreset). That episode's x_0,
+    task rewards r(x_0, c) (without a KL penalty) and summed per-step KL stay in `x0`
+    [N, *shape], `rewards` [N] and `kl` [N] (torch, on the env's device) for logging.
 
     The chains are one env: get_attr/set_attr/env_method act on it once, whatever the indices.
     Actions arrive as numpy (inside the action box: the policy clamps them) and are converted here.
-    Seeding (`seed(s)`, applied at the next reset) seeds the one generator that draws every x_T.
+    Seeding (`seed(s)`, applied at the next reset) seeds the env's generators (x_T, and labels).
     """
 
     def __init__(self, env: DenoisingVectorEnv):
         self.env = env
         self.x0: Tensor | None = None
         self.rewards: Tensor | None = None
+        self.kl: Tensor | None = None
         self._actions: Tensor | None = None
         super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
 
@@ -235,8 +246,8 @@ class DenoisingVecEnvAdapter(VecEnv):
     def step_wait(self) -> VecEnvStepReturn:
         rewards, done = self.env.step_tensor(self._actions)
         if not done:
-            return self.env.observation(), np.zeros(self.num_envs, dtype=np.float32), np.zeros(self.num_envs, dtype=bool), [{} for _ in range(self.num_envs)]
-        self.x0, self.rewards = self.env.x, rewards
+            return self.env.observation(), rewards.cpu().numpy(), np.zeros(self.num_envs, dtype=bool), [{} for _ in range(self.num_envs)]
+        self.x0, self.rewards, self.kl = self.env.x, self.env.final_rewards, self.env.episode_kl
         final = self.env.observation()
         infos = [{"terminal_observation": {key: value[i] for key, value in final.items()}} for i in range(self.num_envs)]
         self.env.reset_tensor()
@@ -274,7 +285,7 @@ def make_ppo(s: Setup) -> PPO:
     cfg = s.config
     env = DenoisingVectorEnv(
         reward=cfg.reward, reward_kwargs=cfg.reward_args, sampler=cfg.sampler, sampling_steps=cfg.sampling_steps or None,
-        eta=cfg.eta, num_envs=cfg.chains, device=s.device, diffusion=s.diffusion, data_shape=s.data_shape,
+        eta=cfg.eta, num_envs=cfg.chains, action_mode="sample", device=s.device, diffusion=s.diffusion, data_shape=s.data_shape,
         num_classes=int(s.pretrained.checkpoint["model_config"].get("num_classes") or 0),
     )
     n_steps = s.steps_per_chain
@@ -302,13 +313,32 @@ def rollout_pairs(buffer: DictRolloutBuffer, prev_timestep: Tensor, data_shape: 
     """A filled rollout buffer ([n_steps, n_envs], step-major, before SB3 flattens it) as ddpo's Pairs."""
     device = prev_timestep.device
     t = torch.as_tensor(buffer.observations["t"], device=device).flatten().long()
+    c = buffer.observations.get("c")
     return Pairs(
         x_t=torch.as_tensor(buffer.observations["x"], device=device).reshape(-1, *data_shape),
         t=t,
         t_prev=prev_timestep[t],
         x_prev=torch.as_tensor(buffer.actions, device=device).reshape(-1, *data_shape),
         log_prob_old=torch.as_tensor(buffer.log_probs, device=device).flatten(),
+        c=None if c is None else torch.as_tensor(c, device=device).flatten().long(),
     )
+
+
+def log_ratios_to_pretrained(s: Setup, pairs: Pairs) -> Tensor:
+    """L_k = log pi_theta(a_k | x_k) - log p_pre(a_k | x_k) of every pair [N], in nats summed over data dimensions.
+
+    Computed from the two means of the shared reverse step (one sigma):
+    L_k = (||a - mu_pre||^2 - ||a - mu_theta||^2) / (2 sigma^2), whose mean at x_k is kl_k.
+    """
+    with torch.no_grad():
+        ratios = []
+        for idx in torch.arange(len(pairs), device=pairs.t.device).split(s.config.minibatch_size):
+            ours = policy_step(s.diffusion, s.config, s.policy, pairs, idx)
+            ref = policy_step(s.diffusion, s.config, s.reference, pairs, idx)
+            action = pairs.x_prev[idx]
+            squared = ((action - ref.mean) ** 2 - (action - ours.mean) ** 2).flatten(1).sum(1)
+            ratios.append(squared / (2 * ref.sigma**2))
+    return torch.cat(ratios)
 
 
 class EpochCallback(BaseCallback):
@@ -351,6 +381,7 @@ class EpochCallback(BaseCallback):
             "optimizer": self.model.policy.optimizer.state_dict(),
             "rng": rng_state(),
             "env_rng": env.np_random.bit_generator.state,
+            "env_generator": env.generator.get_state(),
             "x_T": env.x,
             "c": env.c,
             "reward_queries": self.reward_queries,
@@ -385,8 +416,12 @@ class EpochCallback(BaseCallback):
         s, model = self.s, self.model
         rewards = self.adapter.rewards
         self.reward_queries += len(rewards)
-        pairs = rollout_pairs(model.rollout_buffer, model.policy.prev_timestep, s.data_shape)
+        buffer = model.rollout_buffer
+        pairs = rollout_pairs(buffer, model.policy.prev_timestep, s.data_shape)
         kl = path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, model.n_steps).sum(0)
+        if s.config.kl_coef > 0:  # SB3 computed the returns before this callback: recompute them with the penalty
+            buffer.rewards -= s.config.kl_coef * log_ratios_to_pretrained(s, pairs).reshape(buffer.rewards.shape).cpu().numpy()
+            buffer.compute_returns_and_advantage(last_values=self.locals["values"], dones=self.locals["dones"])
         scalars = {
             "env/clipped_fraction": self.clipped / pairs.x_prev.numel(),
             "kl/to_pretrained": kl.mean().item(),
@@ -408,11 +443,15 @@ class EpochCallback(BaseCallback):
 def load_train_state(model: PPO, state: dict) -> None:
     """Put a checkpoint's critic, optimizer, RNGs and next x_T back, so `learn` continues without a reset."""
     env = model.env.env
+    if "env_generator" not in state:
+        raise UserError("this sb3-ppo checkpoint was written by an earlier version of rl-diffusion, which did not keep the env's "
+                        "noise generator; it cannot continue bit-identically: start the run again")
     model.policy.value_net.load_state_dict(state["critic"])
     model.policy.optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     env.np_random.bit_generator.state = state["env_rng"]
-    env.x, env.c, env.t = state["x_T"], state["c"], 0
+    env.generator.set_state(state["env_generator"])
+    env.start(state["x_T"], state["c"])
     model._last_obs = env.observation()
     model._last_episode_starts = np.ones(env.num_envs, dtype=bool)
 
@@ -441,9 +480,15 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
         # reset_num_timesteps=False keeps the restored x_T instead of resetting the env
         model.learn((s.epochs - start) * steps_per_epoch, callback=callback, reset_num_timesteps=not resume, progress_bar=False)
         callback.checkpoint()
-    if stop.received:
-        s.writer.close()
-        if callback.saved == 0:
-            raise UserError(f"stopped by signal {stop.received} before the first epoch finished; nothing was saved in {s.out}")
-        raise UserError(f"stopped by signal {stop.received} after epoch {callback.epoch}; checkpoint saved, continue with --resume {s.out}")
-    return finish(s)
+    return end_of_training(s, stop, callback.saved)
+
+
+def end_of_training(s: Setup, stop: StopSignal, saved: int) -> dict:
+    """The final metrics or, after SIGINT/SIGTERM, the UserError that says how many epochs the
+    checkpoint holds (`saved`) and how to continue."""
+    if not stop.received:
+        return finish(s)
+    s.writer.close()
+    if saved == 0:
+        raise UserError(f"stopped by signal {stop.received} before the first epoch finished; nothing was saved in {s.out}")
+    raise UserError(f"stopped by signal {stop.received} after epoch {saved}; checkpoint saved, continue with --resume {s.out}")

@@ -50,13 +50,17 @@ from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 
 from pretrain.train import PretrainConfig, pretrain  # noqa: E402
-from rl_diffusion import ddpo, sb3  # noqa: E402
+from rl_diffusion import agents, ddpo, sb3  # noqa: E402
 from rl_diffusion.env import DenoisingEnv  # noqa: E402
-from rl_diffusion.finetune import FinetuneConfig, setup  # noqa: E402
+from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig, setup  # noqa: E402
 
 SAMPLING = {"sampler": "ddim", "sampling_steps": 50, "eta": 1.0}
 REWARD = {"reward": "in_region", "reward_args": {"shape": "disc", "center": [2.0, -1.0], "radius": 1.0}}
 ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "sb3-ppo")
+# SB3's own algorithms with their default MultiInputPolicy, steering the frozen pretrained model (env.py's
+# action modes). Noise-mode episodes are one step long: 50 gradient steps per epoch there, as in residual mode.
+AGENT_RUNS = {f"{algo} {mode}": {"algo": algo, "action_mode": mode, "inner_epochs": 50 if mode == "noise" else 1}
+              for algo in ("sb3-sac", "sb3-ppo-mlp") for mode in ("residual", "noise")}
 SIZES = (16, 256, 1024)
 
 
@@ -144,7 +148,7 @@ def finetune_run(pretrained: Path, out: Path, device: str, targets: list[float],
     """One fine-tuning run with progress=False: its curve, what it took to reach each target, final metrics."""
     cfg = config(pretrained, device, **overrides)
     s = setup(cfg, out)
-    train = sb3.train if cfg.algo == "sb3-ppo" else ddpo.train
+    train = {"sb3-ppo": sb3.train, **{algo: agents.train for algo in AGENT_ALGOS}}.get(cfg.algo, ddpo.train)
     started = time.perf_counter()
     s.history = history = TimedHistory(started)
     metrics = train(s, progress=False)
@@ -176,7 +180,8 @@ def finetune_run(pretrained: Path, out: Path, device: str, targets: list[float],
 def single_envs(s, n: int) -> DummyVecEnv:
     """n single `DenoisingEnv`s in SB3's DummyVecEnv: numpy per env, SB3 batching their observations."""
     return DummyVecEnv([
-        lambda: DenoisingEnv(reward=REWARD["reward"], reward_kwargs=REWARD["reward_args"], **SAMPLING, diffusion=s.diffusion, data_shape=s.data_shape)
+        lambda: DenoisingEnv(reward=REWARD["reward"], reward_kwargs=REWARD["reward_args"], **SAMPLING, diffusion=s.diffusion, data_shape=s.data_shape,
+                             action_mode="sample")
         for _ in range(n)
     ])
 
@@ -289,6 +294,9 @@ def main() -> int:
             race[algo] = finetune_run(pretrained, tmp / algo, args.device, targets, algo=algo, **common, **extra)
         log("race: sb3-ppo over a DummyVecEnv of single envs ...")
         race["sb3-ppo-dummyvecenv"] = stock_sb3_run(pretrained, tmp / "sb3-dummy", args.device, targets, args.epochs, args.lr)
+        for name, settings in AGENT_RUNS.items():
+            log(f"race: {name} ...")
+            race[name] = finetune_run(pretrained, tmp / name.replace(" ", "-"), args.device, targets, **{**common, **settings})
         seconds["race"] = time.perf_counter() - t0
         kl = {}
         t0 = time.perf_counter()

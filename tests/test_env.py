@@ -28,12 +28,14 @@ POINT = [1.0, -2.0]
 
 
 def make_env(**kwargs) -> DenoisingEnv:
-    return DenoisingEnv(reward_kwargs={"point": POINT}, diffusion=GaussianDiffusion("linear", T), data_shape=(2,), **kwargs)
+    """A sample-mode env (the action is x_{t-1}) unless told otherwise."""
+    return DenoisingEnv(reward_kwargs={"point": POINT}, diffusion=GaussianDiffusion("linear", T), data_shape=(2,),
+                        **{"action_mode": "sample", **kwargs})
 
 
 def make_vector_env(num_envs: int, **kwargs) -> DenoisingVectorEnv:
-    return DenoisingVectorEnv(reward_kwargs={"point": POINT}, num_envs=num_envs,
-                              diffusion=GaussianDiffusion("linear", T), data_shape=(2,), **kwargs)
+    return DenoisingVectorEnv(reward_kwargs={"point": POINT}, num_envs=num_envs, diffusion=GaussianDiffusion("linear", T),
+                              data_shape=(2,), **{"action_mode": "sample", **kwargs})
 
 
 @pytest.fixture
@@ -164,8 +166,9 @@ def test_step_tensor_returns_rewards_once_and_refuses_to_pass_x0():
     vec = make_vector_env(2, sampler="ddim", sampling_steps=2)
     with pytest.raises(RuntimeError):  # never reset
         vec.step_tensor(torch.zeros(2, 2))
-    vec.reset_tensor(np.random.default_rng(0))
-    assert vec.step_tensor(torch.zeros(2, 2)) == (None, False)
+    vec.reset(seed=0)
+    reward, done = vec.step_tensor(torch.zeros(2, 2))
+    assert not done and torch.equal(reward, torch.zeros(2))
     reward, done = vec.step_tensor(torch.tensor([[1.0, -2.0], [1.0, 1.0]], requires_grad=True))
     assert done and not vec.x.requires_grad
     torch.testing.assert_close(reward, torch.tensor([0.0, -3.0]))
@@ -176,7 +179,8 @@ def test_step_tensor_returns_rewards_once_and_refuses_to_pass_x0():
 
 def test_run_directory_and_make_and_make_vec(run_dir):
     assert rl_diffusion.ENV_ID in gymnasium.registry
-    env = gymnasium.make("RLDiffusion/Denoise-v0", run=str(run_dir), reward="target_point", reward_kwargs={"point": POINT})
+    env = gymnasium.make("RLDiffusion/Denoise-v0", run=str(run_dir), reward="target_point", reward_kwargs={"point": POINT},
+                         action_mode="sample")
     assert env.spec.max_episode_steps is None
     obs, _ = env.reset(seed=0)
     assert obs["x"].shape == (2,) and int(obs["t"][0]) == T and "c" not in obs
@@ -186,10 +190,23 @@ def test_run_directory_and_make_and_make_vec(run_dir):
     assert terminated and reward == pytest.approx(-4.0)
 
     # With no vectorization_mode, make_vec picks the registered vector_entry_point.
-    vec = gymnasium.make_vec("RLDiffusion/Denoise-v0", num_envs=8, run=run_dir, reward_kwargs={"point": POINT})
+    vec = gymnasium.make_vec("RLDiffusion/Denoise-v0", num_envs=8, run=run_dir, reward_kwargs={"point": POINT}, action_mode="sample")
     assert isinstance(vec.unwrapped, DenoisingVectorEnv) and vec.num_envs == 8
     obs, _ = vec.reset(seed=0)
     assert obs["x"].shape == (8, 2) and vec.action_space.shape == (8, 2)
+
+
+def test_the_default_action_mode_is_residual_with_the_run_network_inside(run_dir):
+    env = gymnasium.make("RLDiffusion/Denoise-v0", run=str(run_dir), reward_kwargs={"point": POINT})
+    assert env.unwrapped.chains.action_mode == "residual" and env.unwrapped.chains.eps_model is not None
+    assert env.action_space == gymnasium.spaces.Box(-3.0, 3.0, (2,), np.float32)
+    obs, _ = env.reset(seed=0)
+    assert set(obs) == {"x", "t", "x0_hat"}
+    vec = gymnasium.make_vec("RLDiffusion/Denoise-v0", num_envs=4, run=run_dir, reward_kwargs={"point": POINT}, action_mode="noise")
+    obs, _ = vec.reset(seed=0)
+    assert vec.unwrapped.action_mode == "noise" and obs["x"].shape == (4, 2) and (obs["t"] == T).all()
+    _, rewards, terminated, _, info = vec.step(obs["x"])
+    assert terminated.all() and np.isfinite(rewards).all() and info["x0"].shape == (4, 2)
 
 
 @pytest.mark.parametrize("kwargs", [

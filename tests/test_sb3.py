@@ -1,6 +1,7 @@
 """stable-baselines3 PPO on the denoising MDP: exact log-probs, the VecEnv adapter, a tiny real run."""
 
 import functools
+import json
 import os
 import signal
 from pathlib import Path
@@ -51,8 +52,9 @@ def make_setup(pretrained: Path, out: Path, resume: bool = False, **overrides) -
 
 
 @pytest.mark.filterwarnings("ignore:.*symmetric and normalized.*", "ignore:.*infinity.*")
-def test_sb3_check_env_passes_on_the_env_of_a_pretrained_run(pretrained):
-    check_env(DenoisingEnv(run=pretrained, reward_kwargs={"point": TARGET}))
+@pytest.mark.parametrize("action_mode", ["sample", "residual", "noise"])
+def test_sb3_check_env_passes_on_the_env_of_a_pretrained_run(pretrained, action_mode):
+    check_env(DenoisingEnv(run=pretrained, reward_kwargs={"point": TARGET}, action_mode=action_mode))
 
 
 @pytest.mark.parametrize("sampler, sampling_steps", [("ddpm", 0), ("ddim", 5)])
@@ -82,7 +84,7 @@ def test_policy_log_prob_is_the_reverse_step_log_prob_at_every_t(pretrained, tmp
 
 def test_a_conditional_policy_reads_the_label_from_env_or_buffer_observations():
     diffusion, eps_model = GaussianDiffusion("linear", 10), MLPEps(num_timesteps=10, hidden_size=16, emb_size=8, num_classes=3)
-    vec = DenoisingVectorEnv(num_envs=4, diffusion=diffusion, data_shape=(2,), num_classes=3)
+    vec = DenoisingVectorEnv(num_envs=4, action_mode="sample", diffusion=diffusion, data_shape=(2,), num_classes=3)
     policy = DiffusionPolicy(vec.single_observation_space, vec.single_action_space, lambda _: 1e-3,
                              eps_model=eps_model, diffusion=diffusion, timesteps=vec.timesteps)
     vec.reset(seed=0)
@@ -184,7 +186,7 @@ class DropoutEps(torch.nn.Module):
 
 def test_the_eps_network_stays_in_eval_mode_so_a_dropout_network_starts_at_ratio_one():
     diffusion = GaussianDiffusion("linear", 10)
-    vec = DenoisingVectorEnv(num_envs=8, diffusion=diffusion, data_shape=(2,))
+    vec = DenoisingVectorEnv(num_envs=8, action_mode="sample", diffusion=diffusion, data_shape=(2,))
     eps_model = DropoutEps()
     # one minibatch of the whole rollout and one pass: the update's ratios are all taken before its step
     model = PPO(DiffusionPolicy, DenoisingVecEnvAdapter(vec), n_steps=10, batch_size=80, n_epochs=1, clip_range=1e-4, seed=0,
@@ -199,7 +201,7 @@ def test_the_eps_network_stays_in_eval_mode_so_a_dropout_network_starts_at_ratio
 def test_adapter_steps_all_chains_in_one_call_and_ends_every_chain_at_x0():
     point, K, N = np.array([1.0, -2.0], dtype=np.float32), 4, 3
     vec = DenoisingVectorEnv(reward_kwargs={"point": point.tolist()}, sampler="ddim", sampling_steps=K, num_envs=N,
-                             diffusion=GaussianDiffusion("linear", 10), data_shape=(2,))
+                             action_mode="sample", diffusion=GaussianDiffusion("linear", 10), data_shape=(2,))
     calls = []
     step_tensor = vec.step_tensor
     vec.step_tensor = lambda action: calls.append(tuple(action.shape)) or step_tensor(action)
@@ -272,8 +274,8 @@ def test_ppo_run_directory_logs_checkpoints_and_evaluates(ppo_run, capsys):
 
 
 def test_refused_options_are_user_errors(pretrained, tmp_path):
-    with pytest.raises(UserError, match="--kl-coef"):
-        train(make_setup(pretrained, tmp_path, kl_coef=0.1), progress=False)
+    with pytest.raises(UserError, match="--timestep-fraction"):
+        train(make_setup(pretrained, tmp_path, timestep_fraction=0.5), progress=False)
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, monkeypatch):
@@ -303,3 +305,49 @@ def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, monkeyp
     assert [h["reward/mean"] for h in resumed.history] == [h["reward/mean"] for h in straight.history]
     expected = straight.policy.state_dict()
     assert all(torch.equal(w, expected[name]) for name, w in resumed.policy.state_dict().items())
+
+
+def test_kl_coef_lowers_each_step_reward_by_the_log_ratio_to_the_pretrained_step(pretrained, tmp_path):
+    from tqdm import tqdm
+
+    from rl_diffusion.sb3 import EpochCallback
+
+    beta = 0.5
+    s = make_setup(pretrained, tmp_path, chains=8, sampler="ddim", sampling_steps=5, kl_coef=beta)
+    with torch.no_grad():  # a policy away from the pretrained one, so that the penalty is not 0
+        for p in s.policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    model = make_ppo(s)
+    stop = type("NoSignal", (), {"received": None})()
+    _, callback = model._setup_learn(model.n_steps * 8, callback=EpochCallback(s, 0, 0, stop, tqdm(disable=True)))
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    buffer = model.rollout_buffer
+    x, t = torch.as_tensor(buffer.observations["x"]).flatten(0, 1), torch.as_tensor(buffer.observations["t"]).flatten().long()
+    step = dict(x_prev=torch.as_tensor(buffer.actions).flatten(0, 1), t_prev=model.policy.prev_timestep[t], sampler="ddim", eta=1.0)
+    with torch.no_grad():
+        log_ratio = (s.diffusion.reverse_step(s.policy(x, t), x, t, **step).log_prob
+                     - s.diffusion.reverse_step(s.reference(x, t), x, t, **step).log_prob).reshape(5, 8)
+    task = torch.zeros(5, 8)
+    task[-1] = model.env.rewards
+    rewards = torch.as_tensor(buffer.rewards)
+    torch.testing.assert_close(rewards, task - beta * log_ratio, rtol=0, atol=1e-4)
+    assert log_ratio.abs().mean() > 0.05  # the check has teeth: the penalty is not negligible
+    # gamma = lambda = 1: every step's return is the sum of its rewards from there on
+    torch.testing.assert_close(torch.as_tensor(buffer.returns), rewards.flip(0).cumsum(0).flip(0), rtol=0, atol=1e-5)
+    s.writer.close()
+
+
+def test_sb3_ppo_with_kl_coef_runs_and_its_evaluation_reports_the_path_kl(pretrained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("rl_diffusion.sb3.finish", lambda s: s.writer.close() or {})
+    monkeypatch.setattr("rl_diffusion.evaluation.TILTED_POOL", 2000)  # the default 2 x 50,000 pool samples take 5 s
+    out = tmp_path / "kl"
+    s = make_setup(pretrained, out, chains=32, epochs=3, lr=3e-4, minibatch_size=256, kl_coef=0.3)
+    train(s, progress=False)
+    assert all(h["kl/to_pretrained"] > 0 for h in s.history[1:])
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out), "--num-samples", "500"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    # measured: path KL 1.2 nats, mean reward -2.34 -> -1.57 (5000 samples)
+    assert metrics["algo"] == "sb3-ppo" and 0.1 < metrics["kl_to_pretrained"] < 20
+    assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 0.3
+    assert metrics["kl_coef"] == 0.3 and "tilted_sw2" in metrics

@@ -1,0 +1,223 @@
+"""`--algo sb3-sac | sb3-td3 | sb3-a2c | sb3-ppo-mlp`: stable-baselines3's algorithms with its default
+`MultiInputPolicy`, steering the frozen pretrained model through the env's residual or noise action mode.
+
+The agent is SB3's, unchanged. The pretrained network lives in the env (`DenoisingVectorEnv` with the
+pretrained eps network), all chains step as one batch through `DenoisingVecEnvAdapter`, and one epoch
+is one episode of all `--chains` chains. The fine-tuned sampler is the pretrained network plus the
+agent's deterministic action (`draw`). With `--kl-coef` the residual env lowers each step's reward by
+beta ||a||^2 / 2 (env.py).
+
+Settings are SB3's defaults except: learning_rate = --lr, gamma = 1 (the reward comes at x_0), seed,
+device; on-policy (a2c, ppo-mlp): n_steps = one episode, gae_lambda = 1, max_grad_norm = --grad-clip,
+and for PPO batch_size = --minibatch-size, n_epochs = --inner-epochs, clip_range = --clip-range;
+off-policy (sac, td3): gradient_steps = --inner-epochs per env step and a replay buffer that holds the
+whole run, so it is never overwritten and a checkpoint records it with its fill level.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from stable_baselines3 import A2C, PPO, SAC, TD3
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from torch import Tensor
+from tqdm import tqdm
+
+from rl_diffusion.checkpoint import CheckpointManager, LoadedRun, StopSignal, load_run, read_run_config, rng_state, set_rng_state
+from rl_diffusion.env import DenoisingVectorEnv
+from rl_diffusion.finetune import FinetuneConfig, Setup, log_epoch, restore, save, write_hyperparameters
+from rl_diffusion.sb3 import DenoisingVecEnvAdapter, end_of_training
+
+AGENTS: dict[str, type[BaseAlgorithm]] = {"sb3-sac": SAC, "sb3-td3": TD3, "sb3-a2c": A2C, "sb3-ppo-mlp": PPO}
+
+
+def make_env(cfg: FinetuneConfig, pretrained: LoadedRun, num_envs: int, device: torch.device) -> DenoisingVectorEnv:
+    """The env of `cfg.action_mode` around the frozen pretrained network, `num_envs` chains in one batch."""
+    ckpt = pretrained.checkpoint
+    return DenoisingVectorEnv(
+        reward=cfg.reward, reward_kwargs=cfg.reward_args, **cfg.sampling, num_envs=num_envs, action_mode=cfg.action_mode,
+        kl_coef=cfg.kl_coef, device=device, diffusion=pretrained.diffusion, data_shape=tuple(ckpt["data"]["shape"]),
+        num_classes=int(ckpt["model_config"].get("num_classes") or 0), eps_model=pretrained.model,
+    )
+
+
+def make_agent(s: Setup) -> BaseAlgorithm:
+    """The SB3 algorithm of `s.config.algo` with its default MultiInputPolicy on `s.config.chains` chains."""
+    cfg = s.config
+    env = DenoisingVecEnvAdapter(make_env(cfg, s.pretrained, cfg.chains, s.device))
+    episode = env.env.steps_per_episode
+    kwargs: dict = dict(learning_rate=cfg.lr, gamma=1.0, seed=cfg.seed, device=s.device)
+    if issubclass(AGENTS[cfg.algo], OffPolicyAlgorithm):
+        kwargs.update(gradient_steps=cfg.inner_epochs, buffer_size=s.epochs * episode * cfg.chains)
+    else:
+        kwargs.update(n_steps=episode, gae_lambda=1.0, max_grad_norm=cfg.grad_clip)
+        if cfg.algo == "sb3-ppo-mlp":
+            kwargs.update(batch_size=min(cfg.minibatch_size, episode * cfg.chains), n_epochs=cfg.inner_epochs, clip_range=cfg.clip_range)
+    with warnings.catch_warnings():
+        # a smaller last minibatch when minibatch_size does not divide the rollout is intended, as in ddpo.py
+        warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
+        model = AGENTS[cfg.algo]("MultiInputPolicy", env, **kwargs)
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
+
+
+class AgentCallback(BaseCallback):
+    """One epoch per episode of all chains: logged with the shared `log_epoch`, checkpointed with the shared `save`.
+
+    An episode ends inside an env step and the agent's update for that step comes after it, so the
+    epoch boundary (what a checkpoint holds) is the state before the next step: the start of the
+    next rollout, or the end of training. Logged per epoch besides the rewards: kl/to_pretrained
+    (the episode's summed closed-form KL, residual mode), env/clipped_fraction and SB3's own
+    train/* values as sb3/* (those of the updates so far). On SIGINT/SIGTERM `_on_step` returns
+    False and `train` saves the last boundary.
+    """
+
+    def __init__(self, s: Setup, start: int, reward_queries: int, stop: StopSignal, bar: tqdm):
+        super().__init__()
+        self.s, self.stop, self.bar = s, stop, bar
+        self.epoch = self.saved = start  # epochs finished / checkpointed
+        self.reward_queries = reward_queries
+        self.pending = False  # an episode ended and its boundary is not reached yet
+        self.boundary: dict = {}
+        self.clipped_before = 0
+        self.started = time.perf_counter()
+
+    def _on_training_start(self) -> None:
+        self.clipped_before = int(self.model.env.env.clipped_actions)
+
+    def _on_step(self) -> bool:
+        if self.locals["dones"].all():
+            adapter, s = self.model.env, self.s
+            clipped = int(adapter.env.clipped_actions)
+            scalars = {
+                "kl/to_pretrained": adapter.kl.mean().item(),
+                "kl/to_pretrained_max": adapter.kl.max().item(),
+                "env/clipped_fraction": (clipped - self.clipped_before) / (adapter.env.steps_per_episode * adapter.x0.numel()),
+                **{f"sb3/{key[len('train/'):]}": float(v) for key, v in self.model.logger.name_to_value.items() if key.startswith("train/")},
+            }
+            self.clipped_before = clipped
+            self.reward_queries += len(adapter.rewards)
+            now = time.perf_counter()
+            log_epoch(s, self.epoch, self.reward_queries, adapter.x0, adapter.rewards, scalars, now - self.started)
+            self.started = now
+            self.epoch += 1
+            self.pending = True
+            self.bar.update(1)
+            self.bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}")
+        return self.stop.received is None
+
+    def _at_boundary(self) -> None:
+        self.pending = False
+        self.boundary = train_state(self.model, self.reward_queries, len(self.s.history))
+        if self.epoch % self.s.config.checkpoint_every == 0 or self.epoch == self.s.epochs:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Save the last epoch boundary, unless it is saved already (or no epoch has finished)."""
+        epoch = self.boundary.get("epochs_logged", 0)
+        if epoch > self.saved:
+            del self.s.history[epoch:], self.s.frames[epoch:]  # epochs logged after the boundary are run again on resume
+            save(self.s, epoch - 1, self.boundary)
+            self.saved = epoch
+
+    def _on_rollout_start(self) -> None:
+        if self.pending:
+            self._at_boundary()
+
+    def _on_training_end(self) -> None:
+        if self.pending and self.stop.received is None:
+            self._at_boundary()
+
+
+def train_state(model: BaseAlgorithm, reward_queries: int, epochs_logged: int) -> dict:
+    """What a continuation needs: the SB3 model (policy, optimizers, counters, next observation) as bytes, the
+    replay buffer and its fill level, every RNG (SB3's action space's too) and the chains' next x_T."""
+    agent = io.BytesIO()
+    model.save(agent)
+    env = model.env.env
+    buffer = getattr(model, "replay_buffer", None)
+    return {
+        "agent": agent.getvalue(),
+        "replay_buffer": buffer,
+        "replay_fill": None if buffer is None else (buffer.pos, buffer.full),
+        "rng": rng_state(),
+        "action_space_rng": model.action_space.np_random.bit_generator.state,
+        "env_rng": env.np_random.bit_generator.state,
+        "env_generator": env.generator.get_state(),
+        "x_T": env.x,
+        "c": env.c,
+        "reward_queries": reward_queries,
+        "epochs_logged": epochs_logged,
+    }
+
+
+def load_agent(algo: str, agent: bytes, env: DenoisingVecEnvAdapter | None, device: torch.device) -> BaseAlgorithm:
+    """An SB3 model saved by `train_state`; with env, ready to continue on it without a reset."""
+    model = AGENTS[algo].load(io.BytesIO(agent), env=env, device=device, force_reset=False)
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
+
+
+def load_train_state(s: Setup, model: BaseAlgorithm, state: dict) -> BaseAlgorithm:
+    """The model of a checkpoint on `model`'s env, with its replay buffer, RNGs and next x_T put back."""
+    env = model.env
+    model = load_agent(s.config.algo, state["agent"], env, s.device)
+    if state["replay_buffer"] is not None:
+        model.replay_buffer = state["replay_buffer"]
+        model.replay_buffer.pos, model.replay_buffer.full = state["replay_fill"]
+    set_rng_state(state["rng"])
+    model.action_space.np_random.bit_generator.state = state["action_space_rng"]
+    env.env.np_random.bit_generator.state = state["env_rng"]
+    env.env.generator.set_state(state["env_generator"])
+    env.env.start(state["x_T"], state["c"])
+    return model
+
+
+def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
+    """Train the agent for s.epochs episodes of all chains; returns the final metrics.
+
+    resume=True continues from the newest checkpoint as if the run had never stopped (on CPU).
+    """
+    cfg = s.config
+    model = make_agent(s)
+    start, reward_queries = 0, 0
+    if resume:
+        state = restore(s)
+        model = load_train_state(s, model, state)
+        start, reward_queries = state["epoch"], state["reward_queries"]
+    else:
+        write_hyperparameters(s)
+    steps_per_epoch = model.env.env.steps_per_episode * cfg.chains
+    with StopSignal() as stop, tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not progress) as bar:
+        callback = AgentCallback(s, start, reward_queries, stop, bar)
+        model.learn((s.epochs - start) * steps_per_epoch, callback=callback, reset_num_timesteps=not resume, progress_bar=False)
+        callback.checkpoint()
+    return end_of_training(s, stop, callback.saved)
+
+
+def draw(run_dir: Path, num_samples: int, seed: int, device: torch.device, c: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """num_samples samples of an agent run's fine-tuned sampler: the pretrained network plus the agent's
+    deterministic action, from x_T (and labels, unless `c` [N] gives them) drawn with `seed`.
+
+    Returns x_0 [N, *shape], the labels [N] or None, and each chain's path KL to the pretrained model
+    [N], sum_k ||a_k||^2 / 2 (exact for this deterministic agent; None in noise mode, which has no
+    closed form).
+    """
+    cfg = FinetuneConfig(**{k: v for k, v in read_run_config(run_dir).items() if k != "kind"})
+    state = CheckpointManager(run_dir).load_latest(map_location=device)["train_state"]
+    env = make_env(cfg, load_run(Path(cfg.run), device), num_samples, device)
+    agent = load_agent(cfg.algo, state["agent"], None, device)
+    env.reset(seed=seed)
+    if c is not None:
+        env.start(env.x, c)
+    while env.t < env.steps_per_episode:
+        actions, _ = agent.predict(env.observation(), deterministic=True)
+        env.step_tensor(torch.as_tensor(actions))
+    return env.x, env.c, env.episode_kl if cfg.action_mode == "residual" else None
