@@ -132,12 +132,40 @@ def main() -> int:
         cells = [("pretrained", sample_of(runs / name / "ddpo-is_beta1.0_seed0", pretrained=True))]
         cells += [(algo, sample_of(runs / name / f"{algo}_beta1.0_seed0")) for algo in ALGOS]
         rows.append((f"{name}, beta = 1", [("exact target", exact.samples), *cells], exact.samples))
+    results["markdown"] = "\n\n".join(markdown(name, r) for name, r in results["targets"].items())
+    print(results["markdown"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     if rows:
         figures.plot_grid(rows, args.figure, title="samples (black) over the exact tilted target (grey)")
     print(f"wrote {args.out} and {args.figure}")
     return 0
+
+
+def markdown(name: str, result: dict) -> str:
+    """One README table per target: mean +- spread over seeds of the main numbers, by beta and algorithm."""
+    def cell(stats: dict | None, spec: str = ".3f") -> str:
+        return "-" if stats is None else f"{stats['mean']:{spec}} +- {stats['std']:{spec}}"
+
+    runs = result["runs"]
+    first = next(iter(runs.values()))
+    modes = "target_mode_mass_l1" in first
+    head = ["beta", "algorithm", "SW2 (floor)", "MMD^2 (floor)"] + (["mode L1 (floor)", "outside modes"] if modes else []) + \
+           ["E[r] (optimum)", "path KL", "train s"]
+    lines = [f"**{name}** ({result['dataset']}, reward {result['reward']}): pretrained model SW2 "
+             f"{result['pretrained']['target_sw2']:.3f}, MMD^2 {result['pretrained']['target_mmd']:.4f}"
+             + (f", mode L1 {result['pretrained']['target_mode_mass_l1']:.3f}" if modes else ""), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in runs.items():
+        algo, beta = label.split(" beta=")
+        row = [beta, algo, f"{cell(r['target_sw2'])} ({r['target_sw2_floor']['mean']:.3f})",
+               f"{cell(r['target_mmd'], '.4f')} ({r['target_mmd_floor']['mean']:.4f})"]
+        if modes:
+            row += [f"{cell(r['target_mode_mass_l1'])} ({r['target_mode_mass_l1_floor']['mean']:.3f})", cell(r.get("outside_mass"))]
+        row += [f"{cell(r['reward_mean'], '.2f')} ({r['target_reward_mean']['mean']:.2f})",
+                cell(r.get("kl_to_pretrained"), ".2f"), f"{r['train_seconds']['mean']:.0f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def sample_of(run: Path, pretrained: bool = False) -> np.ndarray:
