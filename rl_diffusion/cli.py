@@ -1,4 +1,4 @@
-"""The `rl-diffusion` command: pretrain, finetune, sample, evaluate, data, datasets, rewards.
+"""The `rl-diffusion` command: pretrain, finetune, ablate, frontier, sample, evaluate, data, datasets, rewards.
 
 Every user mistake ends as one line `error: ...` on stderr with exit status 2.
 """
@@ -97,12 +97,28 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     print(f"figures: {Path(opts.out) / 'grid.png'}, {Path(opts.out) / 'curves.png'}; tensorboard --logdir {opts.out}")
 
 
+def cmd_frontier(args: argparse.Namespace) -> None:
+    from rl_diffusion.frontier import frontier
+
+    try:
+        kl_coefs = [float(v) for v in args.kl_coefs.split(",") if v.strip()]
+    except ValueError as e:
+        raise UserError(f"--kl-coefs: {e}") from None
+    finetune_args = build_parser().parse_args(["finetune", "--out", "unused", *args.finetune_flags])  # a bad flag is an error before any run
+    if finetune_args.kl_coef is not None or finetune_args.kl_target is not None:
+        raise UserError("frontier sets each run's --kl-coef from --kl-coefs; drop --kl-coef and --kl-target")
+    summary = frontier(kl_coefs, Path(args.out), args.finetune_flags, jobs=args.jobs, device=finetune_args.device or "cpu")
+    print(json.dumps(summary, indent=2))
+    print(f"figure: {Path(args.out) / 'frontier.png'}; numbers: {Path(args.out) / 'frontier.json'}")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from pretrain.train import draw_samples
     from rl_diffusion import figures
     from rl_diffusion.checkpoint import load_run
     from rl_diffusion.distributed import resolve_device
     from rl_diffusion.finetune import AGENT_ALGOS
+    from rl_diffusion.frontier import load_mixed
 
     device = resolve_device(args.device)
     run = load_run(Path(args.run), device)
@@ -112,10 +128,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError(f"--num-samples must be positive, got {args.num_samples}")
     if args.guidance_scale != 1.0 and not getattr(run.model, "num_classes", 0):
         raise UserError(f"--guidance-scale needs a class-conditional model; {args.run} has no labels")
-    if run.config.get("algo") in AGENT_ALGOS:
+    if run.config.get("algo") in AGENT_ALGOS and args.mix is None:
         samples = _agent_samples(args, run.config["algo"], device)
     else:
-        samples = draw_samples(run.diffusion, run.model, args.num_samples, seed=args.seed, device=device,
+        model = run.model if args.mix is None else load_mixed(Path(args.run), args.mix, device)[2]
+        samples = draw_samples(run.diffusion, model, args.num_samples, seed=args.seed, device=device,
                                guidance_scale=args.guidance_scale, sampler=args.sampler, sampling_steps=args.sampling_steps, eta=args.eta)
     out = Path(args.out)
     _save_npy(out, samples)
@@ -196,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="--param NAME --values V1,V2 --out DIR [--jobs N] and flags of the command")
     p.set_defaults(func=cmd_ablate)
 
+    p = sub.add_parser("frontier", help="fine-tune at several betas and draw mean reward against path KL",
+                       description="rl-diffusion frontier --run PRETRAINED --reward NAME --kl-coefs 0.03,0.1,0.3,1 --out DIR [--jobs N] "
+                                   "[flags of finetune]", allow_abbrev=False)  # --kl-coef is finetune's, not short for --kl-coefs
+    p.add_argument("--kl-coefs", required=True, help="comma-separated betas, one fine-tuning run each")
+    p.add_argument("--out", required=True, help="folder holding one run directory per beta, frontier.png and frontier.json")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, in parallel processes")
+    p.set_defaults(func=cmd_frontier)
+
     p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("--run", required=True, help="run directory (pretrain or finetune)")
     p.add_argument("--num-samples", type=int, default=1000)
@@ -207,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip each step's predicted x_0 to the range the run recorded (pretrain --clip-denoised)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance of a class-conditional model (0 unconditional, 1 conditional, >1 sharper)")
+    p.add_argument("--mix", type=float, default=None, metavar="LAMBDA",
+                   help="finetune runs: sample with eps = (1 - LAMBDA) eps_pretrained + LAMBDA eps_finetuned, LAMBDA in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)
@@ -234,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if args.command == "frontier":  # the flags it does not know are finetune's, passed to every run
+            args.finetune_flags = unknown
+        elif unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.func(args)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun every rank's line stays whole

@@ -22,6 +22,11 @@ that advantages are divided by, which the direct KL term is divided by too, neve
 chain it divides; and with `--log-prob-reduction mean` the direct KL term is averaged over data
 dimensions like the log-prob.
 
+Adaptive beta (--kl-target, Ziegler et al. 2019, "Fine-tuning language models from human
+preferences"): after each epoch beta <- beta (1 + K_beta e), e = clip(KL / KL_target - 1, -0.2, 0.2),
+with KL the batch's mean path KL per chain. The update reads beta from s.config.kl_coef, which the
+loop replaces with the adapted value (config.json keeps the starting one; checkpoints the current one).
+
 Data parallel (torchrun, distributed.py): each rank samples and scores its share of the chains;
 rewards, labels, x_0 and KLs are gathered so every rank computes the same advantages over the
 whole batch; minibatches are drawn over the whole batch's pairs and each rank computes the loss
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -273,6 +278,18 @@ def update_rwr(s: Setup, optimizer, pairs: Pairs, x0: Tensor, c: Tensor | None, 
     return {"loss/policy": s.ranks.sum(losses).mean().item() / s.ranks.world_size, "rwr/weight_max": weights.max().item()}
 
 
+KL_ERROR_CLIP = 0.2  # Ziegler et al.: a KL far off target moves beta no faster than one 20% off
+
+
+def adapted_kl_coef(kl_coef: float, kl: float, kl_target: float, kl_gain: float) -> float:
+    """beta (1 + K_beta e), e = clip(KL / KL_target - 1, -0.2, 0.2): proportional control of log beta.
+
+    kl and kl_target in nats of path KL per chain; a KL above the target raises beta, below lowers it.
+    """
+    error = min(max(kl / kl_target - 1, -KL_ERROR_CLIP), KL_ERROR_CLIP)
+    return kl_coef * (1 + kl_gain * error)
+
+
 UPDATES = {"ddpo-sf": update_sf, "ddpo-is": update_is, "rwr": update_rwr}
 
 
@@ -288,11 +305,13 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], generator)
         start, reward_queries = state["epoch"], state["reward_queries"]
+        s.config = replace(cfg, kl_coef=state.get("kl_coef", cfg.kl_coef))
     else:
         write_hyperparameters(s)
 
     def train_state() -> dict:
-        return {"optimizer": optimizer.state_dict(), "rng": rng_state(generator), "reward_queries": reward_queries}
+        return {"optimizer": optimizer.state_dict(), "rng": rng_state(generator), "reward_queries": reward_queries,
+                "kl_coef": s.config.kl_coef}
 
     with StopSignal() as stop, tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not (progress and s.ranks.is_main)) as bar:
         for epoch in range(start, s.epochs):
@@ -312,7 +331,10 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             if not math.isfinite(stats["loss/policy"]):
                 raise UserError(f"the {cfg.algo} loss became {stats['loss/policy']} at epoch {epoch + 1}; the last good checkpoint is kept in {s.out} (try a lower --lr)")
             kl_path = kl.sum(0)
-            stats.update({"kl/to_pretrained": kl_path.mean().item(), "kl/to_pretrained_max": kl_path.max().item()})
+            stats.update({"kl/to_pretrained": kl_path.mean().item(), "kl/to_pretrained_max": kl_path.max().item(), "kl/beta": s.config.kl_coef})
+            if cfg.kl_target > 0:
+                beta = adapted_kl_coef(s.config.kl_coef, stats["kl/to_pretrained"], cfg.kl_target, cfg.kl_gain)
+                s.config = replace(s.config, kl_coef=beta)
             log_epoch(s, epoch, reward_queries, x0, rewards, stats, time.perf_counter() - started)
             bar.update(1)
             bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}", kl=f"{stats['kl/to_pretrained']:.3f}")

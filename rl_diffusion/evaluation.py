@@ -118,26 +118,23 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
     give one to measure a run trained without a KL term (rwr, or kl_coef 0) against a tilt.
     """
     from rl_diffusion import agents
-    from rl_diffusion.ddpo import Pairs, path_kls
     from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig
 
     device = resolve_device(device)
     saved = read_run_config(run_dir)
     cfg = FinetuneConfig(**{k: v for k, v in saved.items() if k != "kind"})
-    beta = cfg.kl_coef if kl_coef is None else kl_coef
+    run, pretrained = load_run(run_dir, device), load_run(Path(cfg.run), device)
+    # a --kl-target run adapts beta: its checkpoint holds the last one, the tilt its policy aims at
+    beta = run.checkpoint["train_state"].get("kl_coef", cfg.kl_coef) if kl_coef is None else kl_coef
     if beta < 0:
         raise UserError(f"--kl-coef must be >= 0, got {beta}")
-    run, pretrained = load_run(run_dir, device), load_run(Path(cfg.run), device)
     reward = build_reward(cfg.reward, cfg.reward_args, skip_nonfinite=True)
     shape, c = sample_shape_and_labels(run.model, num_samples, device)
     with torch.no_grad():
         if cfg.algo in AGENT_ALGOS:  # the pretrained network steered by a stable-baselines3 agent
             samples, _, kl = agents.draw(run_dir, num_samples, seed, device, c)
         else:
-            traj = run.diffusion.sample(run.model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed),
-                                        device=device, record=True, log_prob_reduction=cfg.log_prob_reduction, **cfg.sampling)
-            kl = path_kls(run.diffusion, cfg, run.model, pretrained.model, Pairs.from_trajectory(traj), len(traj.timesteps)).sum(0)
-            samples = traj.xs[-1]
+            samples, kl = sample_with_path_kl(run.model, run, pretrained, cfg, shape, c, seed, device)
         before = pretrained.diffusion.sample(pretrained.model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed + 1),
                                              device=device, **cfg.sampling).xs[-1]
     memoryless = is_memoryless(cfg.sampler, cfg.eta)
@@ -178,6 +175,19 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
         pools = [pretrained_pool(Path(cfg.run), pretrained, seed + 2 + i, device, cfg.sampling) for i in range(2)]
         metrics.update(_tilted_metrics(pools, reward, beta, samples, before, seed))
     return metrics
+
+
+def sample_with_path_kl(model: torch.nn.Module, run: LoadedRun, pretrained: LoadedRun, cfg, shape: tuple[int, ...],
+                        c: torch.Tensor | None, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_0 [N, ...] of `model` on the chain the run was trained on (cfg.sampling), and each chain's exact
+    path KL to the pretrained model [N] in nats: `model` is scored as a policy, whatever it is."""
+    from rl_diffusion.ddpo import Pairs, path_kls
+
+    with torch.no_grad():
+        traj = run.diffusion.sample(model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed), device=device,
+                                    record=True, log_prob_reduction=cfg.log_prob_reduction, **cfg.sampling)
+        kl = path_kls(run.diffusion, cfg, model, pretrained.model, Pairs.from_trajectory(traj), len(traj.timesteps)).sum(0)
+    return traj.xs[-1], kl
 
 
 def pretrained_pool(run_dir: Path, run: LoadedRun, seed: int, device: torch.device, sampling: dict) -> np.ndarray:

@@ -272,3 +272,29 @@ def save_image_grid(images: Points, path: str | Path, columns: int = 8, scale: i
     grid = image_grid(images, columns)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def plot_frontier(summary: dict, path: str | Path) -> None:
+    """`rl-diffusion frontier`'s figure (rl_diffusion/frontier.py): mean reward against path KL (nats per
+    chain), each run's epochs as a line ending in its final evaluation, labelled with beta; the mixed
+    curve dashed, each point labelled with lambda."""
+    fig, (ax,) = _row(1, "reward against KL to the pretrained model")
+    fig.set_size_inches(5, 3.5)
+    for beta, run in summary["runs"].items():
+        # the epochs' batches, then the end point: the evaluation of the final network
+        kl = [*run["curve"]["kl_to_pretrained"], run["kl_to_pretrained"]]
+        reward = [*run["curve"]["reward_mean"], run["reward_mean"]]
+        line, = ax.plot(kl, reward, marker="o", markersize=2, alpha=0.6, label=f"beta={beta}")
+        ax.plot(kl[-1], reward[-1], marker="o", markersize=6, color=line.get_color())
+        ax.annotate(f"beta={beta}", (kl[-1], reward[-1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if summary["mix"] is not None:
+        points = summary["mix"]["points"]
+        ax.plot([p["kl_to_pretrained"] for p in points], [p["reward_mean"] for p in points], "k--", marker="s", markersize=3,
+                label=f"mix of beta={summary['mix']['kl_coef']} with pretrained")
+        for p in points:
+            ax.annotate(f"{p['mix']:g}", (p["kl_to_pretrained"], p["reward_mean"]), textcoords="offset points", xytext=(-10, -9), fontsize=6)
+    ax.set_xlabel("path KL to pretrained (nats per chain)")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)

@@ -62,7 +62,11 @@ class FinetuneConfig:
     inner_epochs: int = arg(1, "passes over each sampled batch (ddpo-is, rwr, sb3-ppo, sb3-ppo-mlp); gradient steps per env step (sb3-sac, sb3-td3)")
     minibatch_size: int = arg(1024, "(trajectory, timestep) pairs per gradient step (ddpo-is, rwr, sb3-ppo)")
     timestep_fraction: float = arg(1.0, "fraction of each chain's timesteps trained on per epoch (ddpo-is)")
-    kl_coef: float = arg(0.0, "beta of the exact path KL to the pretrained model (0 = off)")
+    kl_coef: float = arg(0.0, "beta of the exact path KL to the pretrained model (0 = off); with --kl-target, beta's starting value")
+    kl_target: float = arg(0.0, "ddpo-sf, ddpo-is: nats of mean path KL per chain to hold by adapting beta after each epoch "
+                                "(Ziegler et al. 2019; logged as kl/beta); 0 = beta fixed at --kl-coef")
+    kl_gain: float = arg(0.5, "--kl-target: K_beta, in (0, 5); beta changes by at most a factor 1 +- 0.2 K_beta per epoch, "
+                              "so 1 / K_beta epochs is the controller's horizon")
     rwr_temperature: float = arg(1.0, "rwr: softmax temperature on rewards, reward units; each epoch fits p_old exp(r / T), so the tilt "
                                       "compounds over epochs with nothing holding it to the pretrained model")
     log_prob_reduction: str = arg("sum", "sum (exact log-density) | mean (per dimension; shrink --clip-range; the KL term is averaged alike)")
@@ -92,6 +96,8 @@ class FinetuneConfig:
             raise UserError(f"--timestep-fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.kl_coef < 0:
             raise UserError(f"--kl-coef must be >= 0, got {self.kl_coef}")
+        if self.kl_target:
+            self.validate_kl_target()
         if self.algo in AGENT_ALGOS:
             self.validate_agent()
         elif self.action_mode != "residual":
@@ -111,6 +117,16 @@ class FinetuneConfig:
         if self.algo == "rwr" and self.kl_coef > 0:
             raise UserError("--algo rwr has no KL term: each epoch fits p_old exp(r / T), a tilt that compounds over epochs "
                             "with nothing holding it to the pretrained model; --kl-coef applies to ddpo-sf, ddpo-is and sb3-ppo")
+
+    def validate_kl_target(self) -> None:
+        if self.kl_target < 0:
+            raise UserError(f"--kl-target must be >= 0 nats, got {self.kl_target}")
+        if self.algo not in ("ddpo-sf", "ddpo-is"):
+            raise UserError(f"--kl-target adapts the beta of ddpo-sf and ddpo-is; --algo {self.algo} does not support it")
+        if self.kl_coef <= 0:
+            raise UserError("--kl-target adapts beta multiplicatively from --kl-coef; give a starting --kl-coef > 0")
+        if not 0 < self.kl_gain < 5:
+            raise UserError(f"--kl-gain must be in (0, 5) so that beta stays positive, got {self.kl_gain}")
 
     def validate_agent(self) -> None:
         if self.action_mode not in AGENT_ACTION_MODES:

@@ -122,7 +122,7 @@ def main() -> int:
                 l1, sw2 = table[f"{algo} beta={beta}"].get("target_mode_mass_l1"), table[f"{algo} beta={beta}"]["target_sw2"]
                 print(f"  {algo:8s} beta={beta:<4} SW2 {sw2['mean']:.3f} +- {sw2['std']:.3f}"
                       + (f"  mode L1 {l1['mean']:.3f} +- {l1['std']:.3f}" if l1 else ""), flush=True)
-        pre = json.loads((runs / name / f"ddpo-is_beta1.0_seed0" / "metrics.json").read_text())
+        pre = json.loads((runs / name / "ddpo-is_beta1.0_seed0" / "metrics.json").read_text())
         results["targets"][name] = {**target, "yardstick": {k: pre.get(k) for k in ("pretrained_data_sw2", "pretrained_data_sw2_floor",
                                                                                     "pretrained_data_mmd", "pretrained_data_mmd_floor")},
                                     "pretrained": {k: pre.get(f"{k}_pretrained") for k in ("target_sw2", "target_mmd", "target_mode_mass_l1")},
