@@ -14,7 +14,7 @@ import numpy as np
 
 from rl_diffusion import distributed
 from rl_diffusion.config import add_config_args, given_flags, resume_config
-from rl_diffusion.errors import UserError
+from rl_diffusion.errors import UserError, nearest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +62,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     flags = given_flags(FinetuneConfig, args)
     if args.reward_arg:
         flags["reward_args"] = parse_reward_args(args.reward_arg)
+    if args.eval_reward or args.eval_reward_arg:
+        flags["eval_rewards"] = _eval_rewards(args.eval_reward or [], args.eval_reward_arg or [])
     config, out = _config_and_run_dir(args, FinetuneConfig, "finetune", flags, lambda f: FinetuneConfig(**f))
     s = setup(config, out, overwrite=args.overwrite, resume=bool(args.resume))
     if config.algo == "sb3-ppo":
@@ -75,6 +77,31 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         return
     print(json.dumps(metrics, indent=2))
     print(f"run written to {out}; figures in {out / 'figures'}; watch it with: tensorboard --logdir {out.parent}")
+
+
+def _eval_rewards(specs: list[str], items: list[str]) -> dict:
+    """FinetuneConfig.eval_rewards from --eval-reward [LABEL=]REWARD and --eval-reward-arg LABEL:KEY=VALUE items."""
+    from rewards import parse_reward_args
+
+    rewards: dict = {}
+    for spec in specs:
+        label, sep, name = spec.partition("=")
+        label, name = (label, name) if sep else (spec, spec)
+        if not label or not name:
+            raise UserError(f"--eval-reward expects [LABEL=]REWARD, got '{spec}'")
+        if label in rewards:
+            raise UserError(f"--eval-reward label '{label}' is given twice; name each one, e.g. --eval-reward left={name}")
+        rewards[label] = {"reward": name, "reward_args": {}}
+    for item in items:
+        key, sep, value = item.partition("=")
+        label, colon, key = key.rpartition(":")  # the label itself may be a module:factory path
+        if not sep or not colon:
+            raise UserError(f"--eval-reward-arg expects LABEL:KEY=VALUE, got '{item}'")
+        if label not in rewards:
+            raise UserError(f"--eval-reward-arg '{item}' names no --eval-reward{nearest(label, list(rewards))}; "
+                            f"given: {', '.join(rewards) or 'none'}")
+        rewards[label]["reward_args"].update(parse_reward_args([f"{key}={value}"]))
+    return rewards
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -204,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--reward-arg", action="append", metavar="KEY=VALUE", help="reward keyword argument (repeatable; JSON values)")
-    add_config_args(p, FinetuneConfig, skip=("reward_args",))
+    p.add_argument("--eval-reward", action="append", metavar="[LABEL=]REWARD",
+                   help="held-out reward: scored on every epoch's samples and logged as eval_reward/LABEL/mean, never trained on; "
+                        "evaluate reports it too (repeatable; LABEL defaults to REWARD, e.g. --eval-reward left=target_point)")
+    p.add_argument("--eval-reward-arg", action="append", metavar="LABEL:KEY=VALUE",
+                   help="keyword argument of the held-out reward LABEL (repeatable; JSON values), e.g. left:point=[-2,0]")
+    add_config_args(p, FinetuneConfig, skip=("reward_args", "eval_rewards"))
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("ablate", help="run one hyperparameter at several values and draw the grid",

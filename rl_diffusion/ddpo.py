@@ -36,6 +36,7 @@ of its own pairs in them, scaled so that DDP's mean over ranks is the one-proces
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, fields, replace
 
@@ -46,7 +47,7 @@ from tqdm import tqdm
 from rl_diffusion.checkpoint import StopSignal, rng_state, set_rng_state
 from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep, Trajectory
 from rl_diffusion.errors import UserError
-from rl_diffusion.finetune import FinetuneConfig, Setup, finish, log_epoch, restore, save, score, write_hyperparameters
+from rl_diffusion.finetune import FinetuneConfig, Setup, early_stop, finish, log_epoch, restore, save, score, write_hyperparameters
 
 
 @dataclass
@@ -335,12 +336,17 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             if cfg.kl_target > 0:
                 beta = adapted_kl_coef(s.config.kl_coef, stats["kl/to_pretrained"], cfg.kl_target, cfg.kl_gain)
                 s.config = replace(s.config, kl_coef=beta)
-            log_epoch(s, epoch, reward_queries, x0, rewards, stats, time.perf_counter() - started)
+            log_epoch(s, epoch, reward_queries, x0, rewards, stats, time.perf_counter() - started, c)
             bar.update(1)
             bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}", kl=f"{stats['kl/to_pretrained']:.3f}")
             stopping = s.ranks.any(stop.received is not None)
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == s.epochs or stopping:
+            new_best, early_stop_reason = early_stop(s)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == s.epochs or stopping or new_best or early_stop_reason:
                 save(s, epoch, train_state())
+            if early_stop_reason and not stopping:
+                if s.ranks.is_main:
+                    print(early_stop_reason, file=sys.stderr)
+                break
             if stopping:
                 s.writer.close()
                 raise UserError(f"stopped by signal {stop.received} after epoch {epoch + 1}; checkpoint saved, continue with --resume {s.out}")

@@ -14,7 +14,7 @@ from rl_diffusion.checkpoint import LoadedRun, atomic_save_npy, load_run, read_r
 from rl_diffusion.diffusion import is_memoryless
 from rl_diffusion.errors import UserError
 from rl_diffusion.distributed import resolve_device
-from rl_diffusion.metrics import diversity, far_fraction, mmd_rbf, mode_mass_l1, mode_masses, sliced_wasserstein2
+from rl_diffusion.metrics import diversity, far_fraction, vendi_score, mmd_rbf, mode_mass_l1, mode_masses, sliced_wasserstein2
 from rl_diffusion.targets import ExactTarget, Modes, RejectionTooCostly, dataset_modes, exact_target
 
 TILTED_POOL = 50_000  # pretrained samples importance-resampled into the KL-regularised optimum
@@ -96,8 +96,10 @@ def _finite_mean(r: torch.Tensor) -> float:
 def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu", kl_coef: float | None = None) -> dict:
     """Metrics of a fine-tuned run's samples, each beside the pretrained model's ("..._pretrained").
 
-    Always: mean reward, exact path KL to the pretrained model, diversity. 2D data sets add
-    ``far_fraction`` (beyond ``far_radius``) and the yardstick ``pretrained_data_sw2`` /
+    Always: mean reward, exact path KL to the pretrained model, diversity (mean pairwise
+    distance), and ``eval_reward/<label>``: the mean of each held-out reward of the run
+    (--eval-reward). 2D data sets add ``vendi`` (metrics.vendi_score: effective number of
+    distinct samples), ``far_fraction`` (beyond ``far_radius``) and the yardstick ``pretrained_data_sw2`` /
     ``pretrained_data_mmd`` (the pretrained model against its data, with floors): how close
     the pretrained model, not the exact data distribution, is to its own target.
 
@@ -118,7 +120,7 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
     give one to measure a run trained without a KL term (rwr, or kl_coef 0) against a tilt.
     """
     from rl_diffusion import agents
-    from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig
+    from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig, build_eval_rewards
 
     device = resolve_device(device)
     saved = read_run_config(run_dir)
@@ -147,6 +149,9 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
         "diversity": diversity(samples),
         "diversity_pretrained": diversity(before),
     }
+    for label, eval_reward in build_eval_rewards(cfg.eval_rewards).items():
+        metrics[f"eval_reward/{label}"] = _finite_mean(eval_reward(samples, c))
+        metrics[f"eval_reward/{label}_pretrained"] = _finite_mean(eval_reward(before, c))
     if not memoryless and beta > 0:
         metrics["note"] = (f"sampler {cfg.sampler} with eta {cfg.eta} does not forget x_T: p_pre exp(r / kl_coef) / Z "
                            "is not reachable (docs/design.md, section 2), so distances to it are not distances to a "
@@ -154,6 +159,7 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
     if len(run.checkpoint["data"]["shape"]) != 1:
         return metrics
     samples, before = samples.cpu().numpy(), before.cpu().numpy()
+    metrics.update(vendi=vendi_score(samples), vendi_pretrained=vendi_score(before))
     dataset = run.checkpoint["data"]["dataset"]
     reference, again = reference_draws(data_of_checkpoint(run.checkpoint["data"]), num_samples, EVAL_DATA_SEED)
     metrics.update({f"pretrained_data_{k}": v for k, v in _distances(before, reference, None).items()})

@@ -37,10 +37,13 @@ from rl_diffusion.config import arg
 from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, GaussianDiffusion, check_sampler, is_memoryless
 from rl_diffusion.distributed import NoWriter, Ranks
 from rl_diffusion.errors import UserError, nearest
+from rl_diffusion.metrics import mode_masses, vendi_score
+from rl_diffusion.targets import Modes, dataset_modes
 
 AGENT_ALGOS = ("sb3-sac", "sb3-td3", "sb3-a2c", "sb3-ppo-mlp")  # SB3's MultiInputPolicy on the residual or noise env
 ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "sb3-ppo", *AGENT_ALGOS)
 AGENT_ACTION_MODES = ("residual", "noise")
+MODE_HELD_MASS = 0.01  # a mode holds samples when at least this fraction of the batch lies in it (diversity/modes_held)
 
 
 @dataclass
@@ -49,6 +52,11 @@ class FinetuneConfig:
     run: str = arg("", "pretrained run directory to start from (also --pretrained)", aliases=("--pretrained",))
     reward: str = arg("target_point", "reward name, module:factory, or entry point (see `rl-diffusion rewards`)")
     reward_args: dict = dataclasses.field(default_factory=dict, metadata={"help": "reward keyword arguments"})
+    eval_rewards: dict = dataclasses.field(default_factory=dict, metadata={
+        "help": "held-out rewards, scored on every epoch's x_0 and never trained on: {label: {'reward': spec, 'reward_args': {...}}}"})
+    early_stop_on: str = arg("", "label of an --eval-reward: stop once its mean has not improved on its best for --patience epochs; "
+                                 "the best checkpoint is then elected by it (ddpo-sf, ddpo-is, rwr)")
+    patience: int = arg(0, "--early-stop-on: epochs without a new best held-out mean before the run stops")
     algo: str = arg("ddpo-is", "ddpo-sf | ddpo-is | rwr | sb3-ppo (diffusion policies) | sb3-sac | sb3-td3 | sb3-a2c | sb3-ppo-mlp "
                                 "(SB3's default policy steering the frozen pretrained model, see --action-mode)")
     action_mode: str = arg("residual", "sb3-sac, sb3-td3, sb3-a2c, sb3-ppo-mlp: residual (shift each pretrained step's mean, in units "
@@ -98,6 +106,8 @@ class FinetuneConfig:
             raise UserError(f"--kl-coef must be >= 0, got {self.kl_coef}")
         if self.kl_target:
             self.validate_kl_target()
+        if self.early_stop_on or self.patience:
+            self.validate_early_stop()
         if self.algo in AGENT_ALGOS:
             self.validate_agent()
         elif self.action_mode != "residual":
@@ -127,6 +137,18 @@ class FinetuneConfig:
             raise UserError("--kl-target adapts beta multiplicatively from --kl-coef; give a starting --kl-coef > 0")
         if not 0 < self.kl_gain < 5:
             raise UserError(f"--kl-gain must be in (0, 5) so that beta stays positive, got {self.kl_gain}")
+
+    def validate_early_stop(self) -> None:
+        if not self.early_stop_on:
+            raise UserError("--patience applies to --early-stop-on LABEL; give both or neither")
+        if self.early_stop_on not in self.eval_rewards:
+            labels = list(self.eval_rewards)
+            raise UserError(f"--early-stop-on '{self.early_stop_on}' names no --eval-reward{nearest(self.early_stop_on, labels)}; "
+                            f"given: {', '.join(labels) or 'none'}")
+        if self.patience < 1:
+            raise UserError(f"--early-stop-on needs --patience of at least 1 epoch, got {self.patience}")
+        if self.algo.startswith("sb3-"):
+            raise UserError(f"--early-stop-on stops the loop of ddpo-sf, ddpo-is and rwr; --algo {self.algo} does not support it")
 
     def validate_agent(self) -> None:
         if self.action_mode not in AGENT_ACTION_MODES:
@@ -172,6 +194,8 @@ class Setup:
     frames: list = dataclasses.field(default_factory=list)  # (label, samples) per epoch, for the GIF
     history: list = dataclasses.field(default_factory=list)  # per-epoch logged scalars
     resumed: dict | None = None  # the checkpoint a --resume continues from
+    eval_rewards: dict[str, Reward] = dataclasses.field(default_factory=dict)  # held-out rewards by label: logged, never trained on
+    modes: Modes | None = None  # a mixture data set's modes, for diversity/modes_held
 
     @property
     def steps_per_chain(self) -> int:
@@ -204,10 +228,12 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     if pretrained.checkpoint["kind"] != "pretrain":
         raise UserError(f"--run {config.run} is a {pretrained.checkpoint['kind']} run; fine-tune from a pretrain run")
     reward = build_reward(config.reward, config.reward_args, skip_nonfinite=config.skip_nonfinite_rewards)
+    eval_rewards = build_eval_rewards(config.eval_rewards)
     data_shape = tuple(pretrained.checkpoint["data"]["shape"])
     num_classes = int(pretrained.checkpoint["model_config"].get("num_classes") or 0)
     probe_labels = torch.zeros(2, dtype=torch.long, device=device) if num_classes else None
-    reward(torch.zeros((2, *data_shape), device=device), probe_labels)  # a reward that fails on its input fails now
+    for r in (reward, *eval_rewards.values()):  # a reward that fails on its input fails now
+        r(torch.zeros((2, *data_shape), device=device), probe_labels)
     diffusion = pretrained.diffusion
     steps = len(diffusion.timesteps(config.sampling["sampler"], config.sampling_steps or None))
     epochs = config.epochs
@@ -238,7 +264,26 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         pretrained=pretrained, reward=reward, data_shape=data_shape, epochs=epochs, writer=writer,
         checkpoints=checkpoints, resumed=resumed,
         eval_data=eval_data, picture=figures.samples_picture(eval_data), ranks=ranks, synced_policy=ranks.wrap(policy),
+        eval_rewards=eval_rewards, modes=dataset_modes(pretrained.checkpoint["data"]["dataset"]),
     )
+
+
+def build_eval_rewards(eval_rewards: dict) -> dict[str, Reward]:
+    """The held-out rewards of FinetuneConfig.eval_rewards by label; a non-finite value is left out of their means."""
+    return {label: build_reward(spec["reward"], spec["reward_args"], skip_nonfinite=True) for label, spec in eval_rewards.items()}
+
+
+def diversity_scalars(x0: Tensor, modes: Modes | None) -> dict[str, float]:
+    """diversity/vendi of 2D samples x0 [B, 2] (metrics.vendi_score, data units) and, with a mixture's
+    modes, diversity/modes_held (modes holding at least MODE_HELD_MASS of the samples) and
+    diversity/outside_mass (the fraction within the mode radius of none). Images: {}."""
+    if x0.dim() != 2:
+        return {}
+    values = {"diversity/vendi": vendi_score(x0)}
+    if modes is not None:
+        masses, outside = mode_masses(x0, modes.means, modes.radius)
+        values.update({"diversity/modes_held": float((masses >= MODE_HELD_MASS).sum()), "diversity/outside_mass": outside})
+    return values
 
 
 def score(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
@@ -256,10 +301,15 @@ def score(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
     return rewards
 
 
-def log_epoch(s: Setup, epoch: int, reward_queries: int, x0: Tensor, rewards: Tensor, scalars: dict[str, float], seconds: float) -> None:
-    """Per-epoch TensorBoard scalars (reward/, kl/, loss/, ppo/, perf/), a reward histogram and a scatter of samples."""
+def log_epoch(s: Setup, epoch: int, reward_queries: int, x0: Tensor, rewards: Tensor, scalars: dict[str, float], seconds: float,
+              c: Tensor | None = None) -> None:
+    """Per-epoch TensorBoard scalars (reward/, eval_reward/, diversity/, kl/, loss/, ppo/, perf/), a reward
+    histogram and a scatter of samples. x0 [B, ...] are the epoch's samples, rewards [B] their training
+    rewards, c [B] their labels (held-out rewards see them; None: unlabelled)."""
     step = epoch + 1 if s.config.x_axis == "epoch" else reward_queries
     finite = rewards[torch.isfinite(rewards)]
+    with torch.no_grad():
+        held_out = {label: reward(x0, c) for label, reward in s.eval_rewards.items()}
     values = {
         "reward/mean": finite.mean().item(),
         "reward/std": finite.std().item() if len(finite) > 1 else 0.0,
@@ -268,6 +318,8 @@ def log_epoch(s: Setup, epoch: int, reward_queries: int, x0: Tensor, rewards: Te
         "reward/nonfinite": float(len(rewards) - len(finite)),
         "perf/steps_per_sec": len(rewards) * s.steps_per_chain / seconds,
         "perf/reward_queries": float(reward_queries),
+        **{f"eval_reward/{label}/mean": r[torch.isfinite(r)].mean().item() for label, r in held_out.items()},
+        **diversity_scalars(x0.detach(), s.modes),
         **scalars,
     }
     for tag, value in values.items():
@@ -284,13 +336,36 @@ def write_hyperparameters(s: Setup) -> None:
     s.writer.add_text("hyperparameters", to_markdown_table(dataclasses.asdict(s.config)), 0)
 
 
+def best_tag(config: FinetuneConfig) -> str:
+    """The history entry that elects the best checkpoint: the --early-stop-on held-out mean, else the training reward's mean."""
+    return f"eval_reward/{config.early_stop_on}/mean" if config.early_stop_on else "reward/mean"
+
+
 def save(s: Setup, epoch: int, train_state: dict) -> None:
-    """Checkpoint after `epoch` (0-based) with the algorithm's own train state; the best by mean reward. Rank 0 only."""
+    """Checkpoint after `epoch` (0-based) with the algorithm's own train state; the best by `best_tag`. Rank 0 only."""
     if not s.ranks.is_main:
         return
-    mean = s.history[-1]["reward/mean"] if s.history else None
+    mean = s.history[-1][best_tag(s.config)] if s.history else None
     state = {"epoch": epoch + 1, "frames": s.frames, "history": s.history, **train_state}
     s.checkpoints.save(s.checkpoint_payload(state), epoch + 1, mean)
+
+
+def best_epoch(s: Setup) -> int:
+    """The logged epoch (1-based) with the highest `best_tag` value; the first of equal values, so a tie is no improvement."""
+    return 1 + int(np.argmax([h[best_tag(s.config)] for h in s.history]))
+
+
+def early_stop(s: Setup) -> tuple[bool, str | None]:
+    """Under --early-stop-on, after an epoch is logged: (that epoch set a new best held-out mean, so it
+    must be checkpointed; why the run stops now, once the best is --patience epochs old, else None)."""
+    if not s.config.early_stop_on:
+        return False, None
+    best, last = best_epoch(s), len(s.history)
+    if last - best < s.config.patience:
+        return best == last, None
+    return False, (f"early stop after epoch {last}: held-out reward '{s.config.early_stop_on}' has not improved on its "
+                   f"best {s.history[best - 1][best_tag(s.config)]:.4g} (epoch {best}) for {s.config.patience} epochs; "
+                   f"the best checkpoint by it is that of step {best} in {s.checkpoints.dir}")
 
 
 def restore(s: Setup) -> dict:
@@ -312,6 +387,8 @@ def finish(s: Setup) -> dict:
     # Images: 500 samples, not 5,000. Each sample costs a U-Net call per step for the policy, the
     # pretrained model and the path KL, with every step kept: 5,000 took minutes on a CPU at T = 20.
     metrics = evaluate_finetuned(s.out, num_samples=5000 if len(s.data_shape) == 1 else 500, device=str(s.device))
+    if s.config.early_stop_on:
+        metrics["best_epoch"] = best_epoch(s)
     atomic_write_text(s.out / "metrics.json", json.dumps(metrics, indent=2))
     if s.frames:
         lim = figures.limits(s.eval_data)

@@ -62,11 +62,11 @@ def sliced_wasserstein2(x: Points, y: Points, num_projections: int = 500, seed: 
     return math.sqrt(w2_squared.mean().item())
 
 
-def _subsample(a: Tensor, generator: torch.Generator) -> Tensor:
-    """At most MAX_PAIRWISE_POINTS rows of a, drawn without replacement."""
-    if len(a) <= MAX_PAIRWISE_POINTS:
+def _subsample(a: Tensor, generator: torch.Generator, max_points: int = MAX_PAIRWISE_POINTS) -> Tensor:
+    """At most max_points rows of a, drawn without replacement."""
+    if len(a) <= max_points:
         return a
-    return a[torch.randperm(len(a), generator=generator)[:MAX_PAIRWISE_POINTS].to(a.device)]
+    return a[torch.randperm(len(a), generator=generator)[:max_points].to(a.device)]
 
 
 def _mean_within(a: Tensor, kernel: Kernel, statistic: str = "u") -> float:
@@ -126,6 +126,28 @@ def diversity(x: Points) -> float:
     Uses at most MAX_PAIRWISE_POINTS points, like the other pairwise metrics.
     """
     return _mean_within(_subsample(_as_points(x), torch.Generator().manual_seed(0)), lambda distance: distance)
+
+
+VENDI_MAX_POINTS = 1000  # the score eigendecomposes an n x n matrix, O(n^3): about 0.1 s at 1,000 points
+# Below the spacing of the gmm25 (1) and 8gaussians (1.53) modes, above their stds (0.11, 0.2):
+# on those data sets the score counts occupied modes.
+VENDI_BANDWIDTH = 0.3
+
+
+def vendi_score(x: Points, bandwidth: float = VENDI_BANDWIDTH) -> float:
+    """Vendi score of x [N, d] (Friedman & Dieng 2023): the effective number of distinct samples.
+
+    exp(-sum_i lambda_i log lambda_i), lambda_i the eigenvalues of K / n, with the RBF kernel
+    K_ab = exp(-||a - b||^2 / (2 h^2)), h = ``bandwidth`` in data units. K has a unit diagonal,
+    so the lambda_i sum to 1 and the score lies in [1, n]: 1 when every point is within << h of
+    the others, k for k equal clusters each << h wide and >> h apart. Uses at most
+    VENDI_MAX_POINTS points, chosen by a fixed-seed generator.
+    """
+    x = _subsample(_as_points(x), torch.Generator().manual_seed(0), VENDI_MAX_POINTS)
+    kernel = torch.exp(-torch.cdist(x, x).square() / (2 * bandwidth**2))
+    eigenvalues = torch.linalg.eigvalsh(kernel / len(x))
+    positive = eigenvalues[eigenvalues > 0]  # 0 log 0 = 0; round-off leaves tiny negative ones
+    return math.exp(-(positive * positive.log()).sum().item())
 
 
 def mode_masses(samples: Points, means: Points, radius: float) -> tuple[np.ndarray, float]:
