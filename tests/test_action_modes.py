@@ -12,11 +12,6 @@ from rl_diffusion.env import DenoisingEnv, DenoisingVectorEnv
 from rl_diffusion.errors import UserError
 from rl_diffusion.models import MLPEps
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*symmetric and normalized.*"),
-    pytest.mark.filterwarnings("ignore:.*infinity.*"),
-    pytest.mark.filterwarnings("ignore:.*alternative render modes.*"),
-]
 
 T = 10
 POINT = [1.0, -2.0]

@@ -15,13 +15,6 @@ from rl_diffusion.env import DenoisingEnv, DenoisingVectorEnv
 from rl_diffusion.errors import UserError
 from rl_diffusion.models import build_model
 
-# The checkers advise a [-1, 1] action box and finite observation bounds; both are deliberate here
-# (actions are data points, x_T is unbounded Gaussian noise).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*symmetric and normalized.*"),
-    pytest.mark.filterwarnings("ignore:.*infinity.*"),
-    pytest.mark.filterwarnings("ignore:.*alternative render modes.*"),
-]
 
 T = 10
 POINT = [1.0, -2.0]

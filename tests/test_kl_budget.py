@@ -1,12 +1,12 @@
 """--kl-target: beta adapted after each epoch (Ziegler et al. 2019) holds the mean path KL near a budget."""
 
 import pytest
-import torch
 
 from rl_diffusion import ddpo, evaluation
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
 from rl_diffusion.finetune import FinetuneConfig, setup
+from tests.test_resume import assert_same_weights, finetuned_straight_and_resumed
 
 
 def test_adapted_kl_coef_follows_the_clipped_proportional_rule():
@@ -46,15 +46,8 @@ def test_kl_target_run_resumed_mid_run_is_bit_identical(pretrained_moons, tmp_pa
     args = ["--run", str(pretrained_moons), "--algo", "ddpo-sf", "--reward", "target_point", "--reward-arg", "point=[1,1]",
             "--chains", "16", "--epochs", "4", "--checkpoint-every", "1", "--keep-checkpoints", "10", "--lr", "3e-3",
             "--kl-coef", "0.1", "--kl-target", "0.05", "--kl-gain", "2", "--quiet"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert main(["finetune", "--out", str(full), *args]) == 0
-    assert main(["finetune", "--out", str(cut), *args]) == 0
-    for path in CheckpointManager(cut).paths()[-2:]:
-        path.unlink()
-    assert main(["finetune", "--resume", str(cut)]) == 0
-    a, b = (CheckpointManager(run).load_latest() for run in (full, cut))
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
+    a, b = finetuned_straight_and_resumed(args, tmp_path)
+    assert_same_weights(a["model"], b["model"])
     betas = [h["kl/beta"] for h in a["train_state"]["history"]]
     assert betas == [h["kl/beta"] for h in b["train_state"]["history"]]
     assert len(set(betas)) == 4 and a["train_state"]["kl_coef"] == b["train_state"]["kl_coef"] != betas[-1]

@@ -20,6 +20,17 @@ def final_state(run):
     return ckpt["model"], ckpt["train_state"]["model"]
 
 
+def finetuned_straight_and_resumed(args: list[str], tmp_path) -> tuple[dict, dict]:
+    """The last checkpoints of a finetune run straight through and of one resumed after losing its last two."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["finetune", "--out", str(full), *args]) == 0
+    assert main(["finetune", "--out", str(cut), *args]) == 0
+    for path in CheckpointManager(cut).paths()[-2:]:
+        path.unlink()
+    assert main(["finetune", "--resume", str(cut)]) == 0
+    return CheckpointManager(full).load_latest(), CheckpointManager(cut).load_latest()
+
+
 def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for name in a:
@@ -70,13 +81,7 @@ def test_ddpo_is_resumed_from_a_mid_run_checkpoint_is_bit_identical(pretrained_m
     args = ["--run", str(pretrained_moons), "--algo", "ddpo-is", "--reward", "target_point", "--reward-arg", "point=[1,1]",
             "--chains", "16", "--epochs", "4", "--checkpoint-every", "1", "--keep-checkpoints", "10",
             "--minibatch-size", "64", "--inner-epochs", "2", "--timestep-fraction", "0.5", "--kl-coef", "0.1", "--quiet"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert main(["finetune", "--out", str(full), *args]) == 0
-    assert main(["finetune", "--out", str(cut), *args]) == 0
-    for path in CheckpointManager(cut).paths()[-2:]:
-        path.unlink()
-    assert main(["finetune", "--resume", str(cut)]) == 0
-    a, b = (CheckpointManager(run).load_latest() for run in (full, cut))
+    a, b = finetuned_straight_and_resumed(args, tmp_path)
     assert_same_weights(a["model"], b["model"])
     assert [h["reward/mean"] for h in a["train_state"]["history"]] == [h["reward/mean"] for h in b["train_state"]["history"]]
 
