@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    completed = False
     try:
         parser = build_parser()
         args, unknown = parser.parse_known_args(argv)
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         elif unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.func(args)
+        completed = True
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun every rank's line stays whole
         return 2
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     finally:
-        distributed.shutdown()
+        distributed.shutdown(completed)
     return 0
 
 

@@ -123,7 +123,15 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a command), if one was joined."""
+def shutdown(completed: bool) -> None:
+    """Leave the process group (at the end of a command), if one was joined.
+
+    After a command that `completed` on this rank, the ranks first wait for each other: a gloo rank
+    that leaves while another still works (rank 0 writing the figures) can abort at exit
+    ("terminate called without an active exception"). After an error there is no waiting: the other
+    ranks may be anywhere, and torchrun ends them.
+    """
     if dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()

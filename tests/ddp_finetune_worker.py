@@ -22,4 +22,4 @@ s = setup(config, Path(run_dir))
 ddpo.train(s, progress=False)
 torch.save({"history": s.history, "policy": s.policy.state_dict(), "world_size": s.ranks.world_size},
            Path(dump_dir) / f"rank{s.ranks.rank}.pt")
-distributed.shutdown()
+distributed.shutdown(completed=True)
