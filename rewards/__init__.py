@@ -84,6 +84,11 @@ class Reward:
         return r
 
 
+def finite_mean(rewards: torch.Tensor) -> float:
+    """Mean of the finite entries of rewards [B] (a reward built with skip_nonfinite may return nan/inf)."""
+    return rewards[torch.isfinite(rewards)].mean().item()
+
+
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 

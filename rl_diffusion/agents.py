@@ -30,7 +30,8 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from torch import Tensor
 from tqdm import tqdm
 
-from rl_diffusion.checkpoint import CheckpointManager, LoadedRun, StopSignal, load_run, read_run_config, rng_state, set_rng_state
+from rl_diffusion.checkpoint import CheckpointManager, LoadedRun, StopSignal, load_run, rng_state, set_rng_state
+from rl_diffusion.config import saved_config
 from rl_diffusion.env import DenoisingVectorEnv
 from rl_diffusion.finetune import FinetuneConfig, Setup, log_epoch, restore, save, write_hyperparameters
 from rl_diffusion.sb3 import DenoisingVecEnvAdapter, end_of_training
@@ -210,7 +211,7 @@ def draw(run_dir: Path, num_samples: int, seed: int, device: torch.device, c: Te
     [N], sum_k ||a_k||^2 / 2 (exact for this deterministic agent; None in noise mode, which has no
     closed form).
     """
-    cfg = FinetuneConfig(**{k: v for k, v in read_run_config(run_dir).items() if k != "kind"})
+    cfg = saved_config(FinetuneConfig, run_dir)
     state = CheckpointManager(run_dir).load_latest(map_location=device)["train_state"]
     env = make_env(cfg, load_run(Path(cfg.run), device), num_samples, device)
     agent = load_agent(cfg.algo, state["agent"], None, device)

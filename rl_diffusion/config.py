@@ -55,6 +55,13 @@ def resume_config(cls: type[C], kind: str, run_dir, overrides: dict[str, Any]) -
     return config_from_dict(cls, fields)
 
 
+def saved_config(cls: type[C], run_dir) -> C:
+    """The config a run directory was started with (its config.json)."""
+    from rl_diffusion.checkpoint import read_run_config
+
+    return config_from_dict(cls, {k: v for k, v in read_run_config(run_dir).items() if k != "kind"})
+
+
 def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names

@@ -325,9 +325,7 @@ class DenoisingVectorEnv(VectorEnv):
             x0_hat = self.x
             if self.t < self.steps_per_episode:
                 t = torch.full((self.num_envs,), self.timestep, dtype=torch.long, device=self.device)
-                x0_hat = self.diffusion.predict_x0(self.x, t, self.eps)
-                if self.diffusion.x0_range is not None:
-                    x0_hat = self.diffusion.clip_x0(x0_hat)
+                x0_hat = self.diffusion.clip_x0(self.diffusion.predict_x0(self.x, t, self.eps))
             obs["x0_hat"] = x0_hat.to("cpu", copy=True).numpy()
         if self.c is not None:
             obs["c"] = self.c.to("cpu", copy=True).numpy()

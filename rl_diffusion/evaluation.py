@@ -9,8 +9,9 @@ import torch
 
 from pretrain.data import data_of_checkpoint, reference_draws
 from pretrain.train import EVAL_DATA_SEED, draw_samples, quality_metrics, sample_shape_and_labels
-from rewards import Reward, build_reward
+from rewards import Reward, build_reward, finite_mean
 from rl_diffusion.checkpoint import LoadedRun, atomic_save_npy, load_run, read_run_config
+from rl_diffusion.config import saved_config
 from rl_diffusion.diffusion import is_memoryless
 from rl_diffusion.errors import UserError
 from rl_diffusion.distributed import resolve_device
@@ -88,11 +89,6 @@ def tilted_target(pool: np.ndarray, pool_rewards: np.ndarray, kl_coef: float, nu
     return pool[idx], float(1.0 / np.sum(w**2))
 
 
-def _finite_mean(r: torch.Tensor) -> float:
-    """Mean of the finite entries of rewards r [B] (a reward built with skip_nonfinite may return nan/inf)."""
-    return r[torch.isfinite(r)].mean().item()
-
-
 def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu", kl_coef: float | None = None) -> dict:
     """Metrics of a fine-tuned run's samples, each beside the pretrained model's ("..._pretrained").
 
@@ -123,8 +119,7 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
     from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig, build_eval_rewards
 
     device = resolve_device(device)
-    saved = read_run_config(run_dir)
-    cfg = FinetuneConfig(**{k: v for k, v in saved.items() if k != "kind"})
+    cfg = saved_config(FinetuneConfig, run_dir)
     run, pretrained = load_run(run_dir, device), load_run(Path(cfg.run), device)
     # a --kl-target run adapts beta: its checkpoint holds the last one, the tilt its policy aims at
     beta = run.checkpoint["train_state"].get("kl_coef", cfg.kl_coef) if kl_coef is None else kl_coef
@@ -143,15 +138,15 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
     metrics = {
         "run": str(run_dir), "kind": "finetune", "algo": cfg.algo, "reward": cfg.reward, "num_samples": num_samples,
         "memoryless": memoryless,
-        "reward_mean": _finite_mean(reward(samples, c)),
-        "reward_mean_pretrained": _finite_mean(reward(before, c)),
+        "reward_mean": finite_mean(reward(samples, c)),
+        "reward_mean_pretrained": finite_mean(reward(before, c)),
         "kl_to_pretrained": None if kl is None else kl.mean().item(),  # None: an agent in noise mode (no closed form)
         "diversity": diversity(samples),
         "diversity_pretrained": diversity(before),
     }
     for label, eval_reward in build_eval_rewards(cfg.eval_rewards).items():
-        metrics[f"eval_reward/{label}"] = _finite_mean(eval_reward(samples, c))
-        metrics[f"eval_reward/{label}_pretrained"] = _finite_mean(eval_reward(before, c))
+        metrics[f"eval_reward/{label}"] = finite_mean(eval_reward(samples, c))
+        metrics[f"eval_reward/{label}_pretrained"] = finite_mean(eval_reward(before, c))
     if not memoryless and beta > 0:
         metrics["note"] = (f"sampler {cfg.sampler} with eta {cfg.eta} does not forget x_T: p_pre exp(r / kl_coef) / Z "
                            "is not reachable (docs/design.md, section 2), so distances to it are not distances to a "
@@ -214,7 +209,7 @@ def _exact_target_metrics(target: ExactTarget, samples: np.ndarray, before: np.n
     exact target's samples, and the second half against the first (the floors)."""
     draw, again = np.split(target.samples, 2)
     out = {"target_method": target.description,
-           "target_reward_mean": _finite_mean(reward(torch.from_numpy(draw))),
+           "target_reward_mean": finite_mean(reward(torch.from_numpy(draw))),
            "target_far_fraction": far_fraction(draw, far_radius)}
     for suffix, points in (("", samples), ("_pretrained", before), ("_floor", again)):
         out.update({f"target_{k}{suffix}": v for k, v in _distances(points, draw, target.modes).items()})
@@ -238,7 +233,7 @@ def _tilted_metrics(pools: list[np.ndarray], reward: Reward, kl_coef: float, sam
         dropped += int((~finite).sum())
     reliable = min(esses) >= TILTED_MIN_ESS
     out = {"tilted_ess": esses[0], "tilted_reliable": reliable, "tilted_nonfinite_dropped": dropped,
-           "tilted_reward_mean": _finite_mean(reward(torch.from_numpy(targets[0])))}
+           "tilted_reward_mean": finite_mean(reward(torch.from_numpy(targets[0])))}
     for suffix, points in (("", samples), ("_pretrained", before), ("_floor", targets[1])):
         out.update({f"tilted_{k}{suffix}": v for k, v in _distances(points, targets[0], None).items()})
     if not reliable:

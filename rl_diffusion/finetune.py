@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from pretrain.data import data_of_checkpoint, reference_draws
 from pretrain.train import EVAL_DATA_SEED, to_markdown_table
-from rewards import Reward, RewardError, build_reward
+from rewards import Reward, RewardError, build_reward, finite_mean
 from rl_diffusion import distributed, figures
 from rl_diffusion.checkpoint import (
     CheckpointManager,
@@ -318,7 +318,7 @@ def log_epoch(s: Setup, epoch: int, reward_queries: int, x0: Tensor, rewards: Te
         "reward/nonfinite": float(len(rewards) - len(finite)),
         "perf/steps_per_sec": len(rewards) * s.steps_per_chain / seconds,
         "perf/reward_queries": float(reward_queries),
-        **{f"eval_reward/{label}/mean": r[torch.isfinite(r)].mean().item() for label, r in held_out.items()},
+        **{f"eval_reward/{label}/mean": finite_mean(r) for label, r in held_out.items()},
         **diversity_scalars(x0.detach(), s.modes),
         **scalars,
     }

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from rl_diffusion import figures
 from rl_diffusion.ablate import ablate, setting_dir
 from rl_diffusion.checkpoint import CheckpointManager, LoadedRun, atomic_write_text, load_run, read_run_config
+from rl_diffusion.config import saved_config
 from rl_diffusion.errors import UserError
 
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the lambdas of the mixed curve
@@ -63,16 +64,16 @@ def mixed_point(run_dir: Path, mix: float, num_samples: int, seed: int, device: 
     """Mean reward and exact mean path KL to the pretrained model of the mixed sampler, on the chain the
     run was trained on; the mixed eps is scored as a policy, as `evaluate` scores the fine-tuned one."""
     from pretrain.train import sample_shape_and_labels
-    from rewards import build_reward
+    from rewards import build_reward, finite_mean
     from rl_diffusion.evaluation import sample_with_path_kl
     from rl_diffusion.finetune import FinetuneConfig
 
     run, pretrained, mixed = load_mixed(run_dir, mix, device)
-    cfg = FinetuneConfig(**{k: v for k, v in run.config.items() if k != "kind"})
+    cfg = saved_config(FinetuneConfig, run_dir)
     shape, c = sample_shape_and_labels(run.model, num_samples, device)
     samples, kl = sample_with_path_kl(mixed, run, pretrained, cfg, shape, c, seed, device)
     rewards = build_reward(cfg.reward, cfg.reward_args, skip_nonfinite=True)(samples, c)
-    return {"mix": mix, "reward_mean": rewards[torch.isfinite(rewards)].mean().item(), "kl_to_pretrained": kl.mean().item()}
+    return {"mix": mix, "reward_mean": finite_mean(rewards), "kl_to_pretrained": kl.mean().item()}
 
 
 def frontier(kl_coefs: list[float], out: Path, flags: list[str], jobs: int = 1, device: str = "cpu", progress: bool = True) -> dict:
