@@ -59,7 +59,7 @@ def reference_draws(data: TrainingData, n: int, seed: int) -> tuple[np.ndarray, 
         return sample_2d(data.name, n, seed), sample_2d(data.name, n, seed + 1)
     n = min(n, len(data.x) // 2)
     order = torch.randperm(len(data.x), generator=torch.Generator().manual_seed(seed))
-    return data.x[order[:n]].numpy(), data.x[order[n: 2 * n]].numpy()
+    return data.x[order[:n]].numpy(), data.x[order[n : 2 * n]].numpy()
 
 
 def data_of_checkpoint(info: dict) -> TrainingData:

@@ -55,8 +55,9 @@ _GRID = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
 
 MIXTURES: dict[str, Mixture] = {
     "8gaussians": Mixture(2.0 * np.stack([np.cos(_EIGHT_ANGLES), np.sin(_EIGHT_ANGLES)], axis=1), 0.2, np.ones(8)),
-    "gmm25": Mixture(np.stack(np.meshgrid(_GRID, _GRID, indexing="ij"), axis=-1).reshape(-1, 2),
-                     np.sqrt(0.3) / 5, np.ones(25)),
+    "gmm25": Mixture(
+        np.stack(np.meshgrid(_GRID, _GRID, indexing="ij"), axis=-1).reshape(-1, 2), np.sqrt(0.3) / 5, np.ones(25)
+    ),
 }
 """The data sets that are Gaussian mixtures, by name: their samplers draw from these definitions."""
 
@@ -131,7 +132,8 @@ def _swissroll(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 _dataset("8gaussians", "8 Gaussians with std 0.2 centred on a circle of radius 2 at angles k*pi/4; spread 1.4")(
-    MIXTURES["8gaussians"].sample)
+    MIXTURES["8gaussians"].sample
+)
 _dataset(
     "gmm25",
     "5 x 5 grid of equal-weight Gaussians at {-2, -1, 0, 1, 2}^2 with std sqrt(0.3)/5 = 0.110: the 2D benchmark "
@@ -159,9 +161,7 @@ def sample_2d(name: str, num_samples: int, seed: int | np.random.Generator) -> n
     drawn from and advanced, for a stream of independent batches.
     """
     if name not in _SAMPLERS:
-        raise UserError(
-            f"unknown data set '{name}'{nearest(name, DATASETS_2D)}; available: {', '.join(DATASETS_2D)}"
-        )
+        raise UserError(f"unknown data set '{name}'{nearest(name, DATASETS_2D)}; available: {', '.join(DATASETS_2D)}")
     if num_samples < 1:
         raise UserError(f"num_samples must be at least 1, got {num_samples}")
     return _SAMPLERS[name](np.random.default_rng(seed), num_samples).astype(np.float32)

@@ -20,11 +20,11 @@ from rl_diffusion.errors import UserError, nearest
 IMAGE_DATASETS: dict[str, str] = {
     "digits": "scikit-learn's 1,797 handwritten digits, 8x8 grey (resized bilinearly for other sizes), 10 classes; built in",
     "image-folder": "your PNG/JPEG files under root, flat (unlabelled) or root/<class>/<image> (labels by sorted "
-                    "folder name); shorter side resized, center-cropped to image_size (default 32), RGB",
+    "folder name); shorter side resized, center-cropped to image_size (default 32), RGB",
     "mnist": "MNIST training set, 60,000 28x28 grey digits, 10 classes; IDX files under root/MNIST/raw/ "
-             "(torchvision's layout, .gz or not)",
+    "(torchvision's layout, .gz or not)",
     "cifar10": "CIFAR-10 training set, 50,000 32x32 RGB images, 10 classes; python pickles under "
-               "root/cifar-10-batches-py/",
+    "root/cifar-10-batches-py/",
 }
 """Name -> one-line description (for ``rl-diffusion datasets``)."""
 
@@ -125,15 +125,22 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3) -> t
     class_files = {d.name: _image_files(d, recursive=True) for d in sorted(root.iterdir()) if d.is_dir()}
     class_files = {name: files for name, files in class_files.items() if files}
     if loose and class_files:
-        raise UserError(f"{root} has images both directly inside it and in class folders "
-                        f"({', '.join(class_files)}); put every image in a class folder, or none")
+        raise UserError(
+            f"{root} has images both directly inside it and in class folders "
+            f"({', '.join(class_files)}); put every image in a class folder, or none"
+        )
     if not loose and not class_files:
-        raise UserError(f"no {'/'.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images in {root} "
-                        f"(looked for root/<image> and root/<class>/<image>)")
+        raise UserError(
+            f"no {'/'.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images in {root} "
+            f"(looked for root/<image> and root/<class>/<image>)"
+        )
     class_names = list(class_files)
     files = loose or [f for name in class_names for f in class_files[name]]
-    labels = np.zeros(len(files), dtype=np.int64) if loose else np.concatenate(
-        [np.full(len(class_files[name]), k, dtype=np.int64) for k, name in enumerate(class_names)])
+    labels = (
+        np.zeros(len(files), dtype=np.int64)
+        if loose
+        else np.concatenate([np.full(len(class_files[name]), k, dtype=np.int64) for k, name in enumerate(class_names)])
+    )
     pixels = np.stack([_read_image(f, image_size, channels) for f in files])
     return _to_unit_range(pixels.transpose(0, 3, 1, 2), 255.0), labels, class_names
 
@@ -142,16 +149,20 @@ def _read_idx(stream: BinaryIO, path: Path, expected_dims: int) -> np.ndarray:
     """An IDX array of unsigned bytes: magic 0x00 0x00 0x08 <ndim>, ndim big-endian uint32 sizes, data."""
     header = stream.read(4)
     if len(header) < 4 or header[:3] != b"\x00\x00\x08" or header[3] != expected_dims:
-        raise UserError(f"{path} is not an IDX file of unsigned bytes with {expected_dims} dimension(s) "
-                        f"(magic number {header.hex() or 'missing'}); re-download it")
+        raise UserError(
+            f"{path} is not an IDX file of unsigned bytes with {expected_dims} dimension(s) "
+            f"(magic number {header.hex() or 'missing'}); re-download it"
+        )
     sizes = stream.read(4 * expected_dims)
     if len(sizes) < 4 * expected_dims:
         raise UserError(f"{path} ends inside its IDX header; re-download it")
     dims = tuple(int(d) for d in np.frombuffer(sizes, dtype=">u4"))
     data = np.frombuffer(stream.read(), dtype=np.uint8)
     if data.size != int(np.prod(dims)):
-        raise UserError(f"{path} is truncated: its header promises {dims} = {int(np.prod(dims))} values, "
-                        f"it holds {data.size}; re-download it")
+        raise UserError(
+            f"{path} is truncated: its header promises {dims} = {int(np.prod(dims))} values, "
+            f"it holds {data.size}; re-download it"
+        )
     return data.reshape(dims)
 
 
@@ -164,8 +175,10 @@ def _open_idx(raw: Path, name: str, expected_dims: int) -> np.ndarray:
     if packed.is_file():
         with gzip.open(packed, "rb") as f:
             return _read_idx(f, packed, expected_dims)
-    raise UserError(f"MNIST file missing: expected {plain} (or {packed.name}); point root at the folder "
-                    f"that holds MNIST/raw/, as torchvision.datasets.MNIST(root, download=True) creates it")
+    raise UserError(
+        f"MNIST file missing: expected {plain} (or {packed.name}); point root at the folder "
+        f"that holds MNIST/raw/, as torchvision.datasets.MNIST(root, download=True) creates it"
+    )
 
 
 def load_mnist(root: str | Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -188,9 +201,12 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: a pickle can otherwise run any code."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
     }
 
     def find_class(self, module: str, name: str) -> type:
@@ -209,8 +225,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path} is not a CIFAR-10 python batch ({e}); re-download it") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise UserError(f"{path}: expected data [N, 3072] and N labels, got data {list(data.shape)} "
-                        f"and {len(labels)} labels")
+        raise UserError(
+            f"{path}: expected data [N, 3072] and N labels, got data {list(data.shape)} and {len(labels)} labels"
+        )
     return data, labels
 
 
@@ -227,15 +244,18 @@ def load_cifar10(root: str | Path, split: str = "train") -> tuple[np.ndarray, np
     paths = [folder / name for name in _CIFAR_BATCHES[split]]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise UserError(f"CIFAR-10 file(s) missing: {', '.join(map(str, missing))}; point root at the folder "
-                        f"that holds cifar-10-batches-py/ (the extracted cifar-10-python.tar.gz)")
+        raise UserError(
+            f"CIFAR-10 file(s) missing: {', '.join(map(str, missing))}; point root at the folder "
+            f"that holds cifar-10-batches-py/ (the extracted cifar-10-python.tar.gz)"
+        )
     data, labels = zip(*(_read_cifar_batch(p) for p in paths))
     images = np.concatenate(data).reshape(-1, 3, 32, 32)
     return _to_unit_range(images, 255.0), np.concatenate(labels)
 
 
-def load_image_dataset(name: str, root: str | Path | None = None,
-                       image_size: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+def load_image_dataset(
+    name: str, root: str | Path | None = None, image_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
     """(images float32 [N, C, S, S] in [-1, 1], labels int64 [N], num_classes) of data set ``name``.
 
     ``image_size`` None keeps the native size (digits 8, mnist 28, cifar10 32; image-folder 32);
@@ -243,8 +263,9 @@ def load_image_dataset(name: str, root: str | Path | None = None,
     ignored by digits. num_classes is 0 for an unlabelled (flat) image folder.
     """
     if name not in IMAGE_DATASETS:
-        raise UserError(f"unknown image data set '{name}'{nearest(name, IMAGE_DATASETS)}; "
-                        f"available: {', '.join(IMAGE_DATASETS)}")
+        raise UserError(
+            f"unknown image data set '{name}'{nearest(name, IMAGE_DATASETS)}; available: {', '.join(IMAGE_DATASETS)}"
+        )
     if image_size is not None:
         _check_size(image_size)
     if name == "digits":

@@ -64,8 +64,11 @@ class PretrainConfig:
     attention: bool = arg(False, "U-Net (images): self-attention at the lowest resolution")
     class_conditional: bool = arg(True, "use the data set's labels: a class-conditional model (images)")
     label_dropout: float = arg(0.1, "probability of training without the label, for classifier-free guidance")
-    clip_denoised: bool = arg(True, "clip each sampling step's predicted x_0 to the data's range (images [-1, 1]; points: "
-                                    "per coordinate, widened by 10% of its width on each side); recorded in the checkpoint")
+    clip_denoised: bool = arg(
+        True,
+        "clip each sampling step's predicted x_0 to the data's range (images [-1, 1]; points: "
+        "per coordinate, widened by 10% of its width on each side); recorded in the checkpoint",
+    )
     seed: int = arg(0, "seed of every random draw in the run")
     eval_every: int = arg(500, "steps between sample-quality evaluations (TensorBoard, training GIF)")
     eval_samples: int = arg(2000, "samples per evaluation")
@@ -106,7 +109,16 @@ class PretrainConfig:
 
     def validate(self) -> TrainingData:
         """Check every field before any work; returns the loaded data."""
-        for name in ("steps", "batch_size", "num_timesteps", "hidden_size", "emb_size", "eval_every", "eval_samples", "checkpoint_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "num_timesteps",
+            "hidden_size",
+            "emb_size",
+            "eval_every",
+            "eval_samples",
+            "checkpoint_every",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
@@ -123,8 +135,15 @@ class PretrainConfig:
 
 
 # Defaults that differ for image data sets (a U-Net step costs ~100x an MLP step on a CPU).
-IMAGE_DEFAULTS = {"steps": 2000, "batch_size": 128, "lr": 2e-3, "num_timesteps": 100, "eval_every": 500, "eval_samples": 500,
-                  "checkpoint_every": 500}
+IMAGE_DEFAULTS = {
+    "steps": 2000,
+    "batch_size": 128,
+    "lr": 2e-3,
+    "num_timesteps": 100,
+    "eval_every": 500,
+    "eval_samples": 500,
+    "checkpoint_every": 500,
+}
 
 
 def config_for(flags: dict) -> PretrainConfig:
@@ -145,7 +164,9 @@ def lr_lambda(config: PretrainConfig):
     return factor
 
 
-def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Path:
+def pretrain(
+    config: PretrainConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True
+) -> Path:
     """Train (or resume) a DDPM on config.dataset into the run directory `out`; returns `out`."""
     data = config.validate()
     ranks, device = distributed.init(config.device)
@@ -156,7 +177,9 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
         prepare_run_dir(out, json.dumps(saved, indent=2), overwrite)
 
     torch.manual_seed(config.seed)
-    diffusion = GaussianDiffusion(config.beta_schedule, config.num_timesteps, x0_range(data) if config.clip_denoised else None)
+    diffusion = GaussianDiffusion(
+        config.beta_schedule, config.num_timesteps, x0_range(data) if config.clip_denoised else None
+    )
     model_config = config.model_config(data)
     model = build_model(model_config).to(device)
     ema = build_model(model_config).to(device)
@@ -209,24 +232,38 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
             score,
         )
 
-    writer = distributed.summary_writer(ranks, out, purge_step=step + 1 if resume else None)  # drop points logged after the checkpoint
+    writer = distributed.summary_writer(
+        ranks, out, purge_step=step + 1 if resume else None
+    )  # drop points logged after the checkpoint
     if not resume:
         writer.add_text("hyperparameters", to_markdown_table(dataclasses.asdict(config)), 0)
     sampler_model = ema if config.ema_decay > 0 else model
     started, start_step, train_seconds = time.perf_counter(), step, 0.0
-    with StopSignal() as stop, tqdm(total=config.steps, initial=step, desc=f"pretrain {config.dataset}", disable=not (progress and ranks.is_main)) as bar:
+    with (
+        StopSignal() as stop,
+        tqdm(
+            total=config.steps,
+            initial=step,
+            desc=f"pretrain {config.dataset}",
+            disable=not (progress and ranks.is_main),
+        ) as bar,
+    ):
         while step < config.steps:
             step_started = time.perf_counter()
             idx = torch.randint(0, len(pool), (config.batch_size,), device=device, generator=generator)
             c = None if labels is None else drop_labels(labels[idx], data.num_classes, config.label_dropout, generator)
             loss = diffusion.training_loss(synced, pool[idx], c, generator=generator, shard=shard)
             if not torch.isfinite(loss):
-                raise UserError(f"the training loss became {loss.item()} at step {step}; the last good checkpoint is kept in {out} (try a lower --lr)")
+                raise UserError(
+                    f"the training loss became {loss.item()} at step {step}; the last good checkpoint is kept in {out} (try a lower --lr)"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             if not torch.isfinite(grad_norm):
-                raise UserError(f"the gradient norm became {grad_norm.item()} at step {step}; the last good checkpoint is kept in {out} (try a lower --lr)")
+                raise UserError(
+                    f"the gradient norm became {grad_norm.item()} at step {step}; the last good checkpoint is kept in {out} (try a lower --lr)"
+                )
             optimizer.step()
             scheduler.step()
             if config.ema_decay > 0:
@@ -258,7 +295,9 @@ def pretrain(config: PretrainConfig, out: Path, overwrite: bool = False, resume:
                 checkpoint(score)
             if stopping:
                 writer.close()
-                raise UserError(f"stopped by signal {stop.received} at step {step}; checkpoint saved, continue with --resume {out}")
+                raise UserError(
+                    f"stopped by signal {stop.received} at step {step}; checkpoint saved, continue with --resume {out}"
+                )
     writer.close()
     if ranks.is_main:
         finish(out, diffusion, sampler_model, config, data, frames, device)
@@ -280,12 +319,25 @@ def x0_range(data: TrainingData) -> tuple[float | list[float], float | list[floa
 
 def data_info(config: PretrainConfig, data: TrainingData) -> dict:
     """What a checkpoint records about its data: enough to draw it again and to shape samples."""
-    return {"dataset": config.dataset, "shape": list(data.shape), "num_classes": data.num_classes if config.class_conditional else 0,
-            "root": config.data_root, "image_size": config.image_size, "seed": config.seed}
+    return {
+        "dataset": config.dataset,
+        "shape": list(data.shape),
+        "num_classes": data.num_classes if config.class_conditional else 0,
+        "root": config.data_root,
+        "image_size": config.image_size,
+        "seed": config.seed,
+    }
 
 
-def draw_samples(diffusion: GaussianDiffusion, model: torch.nn.Module, num_samples: int, seed: int, device: torch.device,
-                 guidance_scale: float = 1.0, **sampling) -> np.ndarray:
+def draw_samples(
+    diffusion: GaussianDiffusion,
+    model: torch.nn.Module,
+    num_samples: int,
+    seed: int,
+    device: torch.device,
+    guidance_scale: float = 1.0,
+    **sampling,
+) -> np.ndarray:
     """num_samples samples (DDPM, or as `sampling` says) as numpy, in the data's shape.
 
     A class-conditional model gets balanced labels 0, 1, ..., K-1, 0, 1, ...; guidance_scale != 1
@@ -294,13 +346,21 @@ def draw_samples(diffusion: GaussianDiffusion, model: torch.nn.Module, num_sampl
     generator = torch.Generator(device=device).manual_seed(seed)
     shape, c = sample_shape_and_labels(model, num_samples, device)
     with torch.inference_mode():
-        traj = diffusion.sample(guided(model, guidance_scale), shape, c=c, generator=generator, device=device, **sampling)
+        traj = diffusion.sample(
+            guided(model, guidance_scale), shape, c=c, generator=generator, device=device, **sampling
+        )
     return traj.xs[-1].cpu().numpy()
 
 
-def sample_shape_and_labels(model: torch.nn.Module, num_samples: int, device: torch.device) -> tuple[tuple[int, ...], torch.Tensor | None]:
+def sample_shape_and_labels(
+    model: torch.nn.Module, num_samples: int, device: torch.device
+) -> tuple[tuple[int, ...], torch.Tensor | None]:
     """The batch shape a network produces, and balanced labels when it is class-conditional."""
-    shape = (num_samples, model.in_channels, model.image_size, model.image_size) if hasattr(model, "image_size") else (num_samples, model.data_dim)
+    shape = (
+        (num_samples, model.in_channels, model.image_size, model.image_size)
+        if hasattr(model, "image_size")
+        else (num_samples, model.data_dim)
+    )
     c = torch.arange(num_samples, device=device) % model.num_classes if model.num_classes else None
     return shape, c
 
@@ -317,7 +377,15 @@ def guided(model: torch.nn.Module, guidance_scale: float) -> torch.nn.Module:
     return Guided()
 
 
-def finish(out: Path, diffusion: GaussianDiffusion, model: torch.nn.Module, config: PretrainConfig, data: TrainingData, frames: list, device: torch.device) -> None:
+def finish(
+    out: Path,
+    diffusion: GaussianDiffusion,
+    model: torch.nn.Module,
+    config: PretrainConfig,
+    data: TrainingData,
+    frames: list,
+    device: torch.device,
+) -> None:
     """Final metrics and figures of a pretraining run."""
     reference, again = reference_draws(data, 5000, EVAL_DATA_SEED)
     samples = draw_samples(diffusion, model, len(reference), seed=config.seed + 1, device=device)
@@ -339,7 +407,16 @@ def quality_metrics(samples: np.ndarray, reference: np.ndarray, again: np.ndarra
     return metrics
 
 
-def draw_figures(fig_dir: Path, diffusion: GaussianDiffusion, model: torch.nn.Module, dataset: str, samples: np.ndarray, data: np.ndarray, device: torch.device, seed: int = 0) -> None:
+def draw_figures(
+    fig_dir: Path,
+    diffusion: GaussianDiffusion,
+    model: torch.nn.Module,
+    dataset: str,
+    samples: np.ndarray,
+    data: np.ndarray,
+    device: torch.device,
+    seed: int = 0,
+) -> None:
     """samples vs data, the forward process q(x_t | x_0), and the reverse process (PNG and GIF)."""
     T = diffusion.num_timesteps
     shown = sorted({0, T // 10, T // 4, T // 2, T})
@@ -351,15 +428,26 @@ def draw_figures(fig_dir: Path, diffusion: GaussianDiffusion, model: torch.nn.Mo
         figures.plot_samples_vs_data(samples, data, fig_dir / "samples_vs_data.png", title=dataset)
     x0 = torch.from_numpy(data[:n])
     g = torch.Generator().manual_seed(seed)
-    forward = [(t, diffusion.q_sample(x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=g)).numpy()) for t in shown]
+    forward = [
+        (t, diffusion.q_sample(x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=g)).numpy())
+        for t in shown
+    ]
     figures.plot_process(forward, fig_dir / "forward_process.png", title="forward process q(x_t | x_0)")
     shape, c = sample_shape_and_labels(model, n, device)
     with torch.inference_mode():
-        traj = diffusion.sample(model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed), device=device, record=True)
+        traj = diffusion.sample(
+            model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed), device=device, record=True
+        )
     xs = traj.xs.cpu().numpy()  # xs[k] is x at t = T - k
-    figures.plot_process([(t, xs[T - t]) for t in reversed(shown)], fig_dir / "reverse_process.png", title="reverse process p(x_{t-1} | x_t)")
+    figures.plot_process(
+        [(t, xs[T - t]) for t in reversed(shown)],
+        fig_dir / "reverse_process.png",
+        title="reverse process p(x_{t-1} | x_t)",
+    )
     gif_ts = sorted({int(t) for t in np.linspace(T, 0, 26)}, reverse=True)
-    figures.save_gif([(f"t = {t}", xs[T - t]) for t in gif_ts], fig_dir / "reverse_process.gif", lim=figures.limits(data))
+    figures.save_gif(
+        [(f"t = {t}", xs[T - t]) for t in gif_ts], fig_dir / "reverse_process.gif", lim=figures.limits(data)
+    )
 
 
 def to_markdown_table(values: dict) -> str:

@@ -41,6 +41,7 @@ def register(name: str) -> Callable[[Factory], Factory]:
             raise ValueError(f"reward '{name}' is already registered")
         _REGISTRY[name] = factory
         return factory
+
     return decorate
 
 
@@ -51,8 +52,9 @@ class Reward:
     scores are returned instead of raising; the caller must mask them with ``torch.isfinite``.
     """
 
-    def __init__(self, name: str, fn: RewardFn, kwargs: dict[str, Any] | None = None,
-                 skip_nonfinite: bool = False) -> None:
+    def __init__(
+        self, name: str, fn: RewardFn, kwargs: dict[str, Any] | None = None, skip_nonfinite: bool = False
+    ) -> None:
         self.name = name
         self.fn = fn
         self.kwargs = dict(kwargs or {})
@@ -79,8 +81,10 @@ class Reward:
         r = r.to(torch.float32)
         bad = int((~torch.isfinite(r)).sum())
         if bad and not self.skip_nonfinite:
-            raise RewardError(f"reward '{self.name}' returned {bad} non-finite value(s) (nan/inf) in a "
-                              f"batch of {expected[0]}; fix the reward, or pass --skip-nonfinite-rewards to drop such samples")
+            raise RewardError(
+                f"reward '{self.name}' returned {bad} non-finite value(s) (nan/inf) in a "
+                f"batch of {expected[0]}; fix the reward, or pass --skip-nonfinite-rewards to drop such samples"
+            )
         return r
 
 
@@ -106,8 +110,9 @@ def _import_factory(spec: str) -> Factory:
     except Exception as e:  # a plugin's import can fail in any way; report it, not crash
         raise UserError(f"reward plugin '{spec}' could not be imported: {_one_line(e)}") from e
     if not hasattr(module, attr):
-        raise UserError(f"reward plugin '{spec}': module '{module_name}' has no attribute '{attr}'"
-                        f"{nearest(attr, dir(module))}")
+        raise UserError(
+            f"reward plugin '{spec}': module '{module_name}' has no attribute '{attr}'{nearest(attr, dir(module))}"
+        )
     return getattr(module, attr)
 
 
@@ -115,8 +120,9 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint) -> Factory:
     try:
         return ep.load()
     except Exception as e:
-        raise UserError(f"reward plugin '{ep.name}' (entry point '{ep.value}') could not be "
-                        f"imported: {_one_line(e)}") from e
+        raise UserError(
+            f"reward plugin '{ep.name}' (entry point '{ep.value}') could not be imported: {_one_line(e)}"
+        ) from e
 
 
 def _find_factory(spec: str) -> Factory:
@@ -128,9 +134,11 @@ def _find_factory(spec: str) -> Factory:
     if spec in eps:
         return _load_entry_point(eps[spec])
     names = reward_names()
-    raise UserError(f"unknown reward '{spec}'{nearest(spec, names)}; known: {', '.join(names)}; add one "
-                    f"with @rewards.register('name'), a 'package.module:factory' path, or an entry "
-                    f"point in group '{ENTRY_POINT_GROUP}'")
+    raise UserError(
+        f"unknown reward '{spec}'{nearest(spec, names)}; known: {', '.join(names)}; add one "
+        f"with @rewards.register('name'), a 'package.module:factory' path, or an entry "
+        f"point in group '{ENTRY_POINT_GROUP}'"
+    )
 
 
 def _check_kwargs(name: str, factory: Factory, kwargs: dict[str, Any]) -> None:
@@ -143,12 +151,13 @@ def _check_kwargs(name: str, factory: Factory, kwargs: dict[str, Any]) -> None:
     accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise UserError(f"reward '{name}' got unknown argument(s) {', '.join(unknown)}"
-                        f"{nearest(unknown[0], accepted)}; it accepts: {', '.join(accepted) or 'none'}")
+        raise UserError(
+            f"reward '{name}' got unknown argument(s) {', '.join(unknown)}"
+            f"{nearest(unknown[0], accepted)}; it accepts: {', '.join(accepted) or 'none'}"
+        )
 
 
-def build_reward(spec: str, kwargs: dict[str, Any] | None = None, *,
-                 skip_nonfinite: bool = False) -> Reward:
+def build_reward(spec: str, kwargs: dict[str, Any] | None = None, *, skip_nonfinite: bool = False) -> Reward:
     """Build the reward ``spec`` (registered name, 'package.module:factory', or entry point).
 
     A registered name wins over an entry point of the same name. Every user mistake (unknown
@@ -178,7 +187,7 @@ def _arg_docs(doc: str) -> dict[str, str]:
         return {}
     docs: dict[str, str] = {}
     indent, current = 0, ""
-    for line in lines[lines.index("Args:") + 1:]:
+    for line in lines[lines.index("Args:") + 1 :]:
         depth = len(line) - len(line.lstrip())
         if line.strip() and depth == 0:
             break  # an unindented line starts the next section

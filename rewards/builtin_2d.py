@@ -55,11 +55,11 @@ def target_point(point: Sequence[float] = (0.0, 0.0)) -> RewardFn:
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         _check_2d(x0)
         return -torch.linalg.vector_norm(x0 - p.to(x0), dim=1)
+
     return _bounded(reward, 0.0)
 
 
-def _inside_distance(shape: str, box: Sequence[float], center: Sequence[float],
-                     radius: float) -> RewardFn:
+def _inside_distance(shape: str, box: Sequence[float], center: Sequence[float], radius: float) -> RewardFn:
     """Signed distance to the region's boundary in data units: positive inside, 0 on it."""
     if shape == "box":
         b = _floats("box", box, (4,))
@@ -73,6 +73,7 @@ def _inside_distance(shape: str, box: Sequence[float], center: Sequence[float],
             q = (x0 - mid.to(x0)).abs() - half.to(x0)
             outside = torch.linalg.vector_norm(q.clamp(min=0), dim=1)
             return -(outside + q.max(dim=1).values.clamp(max=0))
+
         return distance
     if shape == "disc":
         ctr = _floats("center", center, (2,))
@@ -82,12 +83,14 @@ def _inside_distance(shape: str, box: Sequence[float], center: Sequence[float],
         def distance(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
             _check_2d(x0)
             return radius - torch.linalg.vector_norm(x0 - ctr.to(x0), dim=1)
+
         return distance
     raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(map(repr, _SHAPES))}")
 
 
-def _smooth_indicator(sign: float, shape: str, box: Sequence[float], center: Sequence[float],
-                      radius: float, sharpness: float) -> RewardFn:
+def _smooth_indicator(
+    sign: float, shape: str, box: Sequence[float], center: Sequence[float], radius: float, sharpness: float
+) -> RewardFn:
     if not sharpness > 0:
         raise ValueError(f"sharpness must be > 0, got {sharpness!r}")
     distance = _inside_distance(shape, box, center, radius)
@@ -95,13 +98,18 @@ def _smooth_indicator(sign: float, shape: str, box: Sequence[float], center: Seq
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         # sigmoid(-z) rather than 1 - sigmoid(z) keeps small scores accurate.
         return torch.sigmoid(sign * sharpness * distance(x0))
+
     return _bounded(reward, 1.0)
 
 
 @register("in_region")
-def in_region(shape: str = "box", box: Sequence[float] = (-1.0, -1.0, 1.0, 1.0),
-              center: Sequence[float] = (0.0, 0.0), radius: float = 1.0,
-              sharpness: float = 10.0) -> RewardFn:
+def in_region(
+    shape: str = "box",
+    box: Sequence[float] = (-1.0, -1.0, 1.0, 1.0),
+    center: Sequence[float] = (0.0, 0.0),
+    radius: float = 1.0,
+    sharpness: float = 10.0,
+) -> RewardFn:
     """Smooth indicator in [0, 1] of being inside a box or a disc: 0.5 on the boundary.
 
     The score is sigmoid(sharpness * d) with d the signed distance to the boundary, positive
@@ -119,9 +127,13 @@ def in_region(shape: str = "box", box: Sequence[float] = (-1.0, -1.0, 1.0, 1.0),
 
 
 @register("avoid_region")
-def avoid_region(shape: str = "box", box: Sequence[float] = (-1.0, -1.0, 1.0, 1.0),
-                 center: Sequence[float] = (0.0, 0.0), radius: float = 1.0,
-                 sharpness: float = 10.0) -> RewardFn:
+def avoid_region(
+    shape: str = "box",
+    box: Sequence[float] = (-1.0, -1.0, 1.0, 1.0),
+    center: Sequence[float] = (0.0, 0.0),
+    radius: float = 1.0,
+    sharpness: float = 10.0,
+) -> RewardFn:
     """Smooth indicator in [0, 1] of being outside a box or a disc: 1 - in_region.
 
     Args:
@@ -136,9 +148,11 @@ def avoid_region(shape: str = "box", box: Sequence[float] = (-1.0, -1.0, 1.0, 1.
 
 
 @register("gmm_log_density")
-def gmm_log_density(means: Sequence[Sequence[float]] = ((0.0, 0.0),),
-                    stds: Sequence[float] = (1.0,),
-                    weights: Sequence[float] | None = None) -> RewardFn:
+def gmm_log_density(
+    means: Sequence[Sequence[float]] = ((0.0, 0.0),),
+    stds: Sequence[float] = (1.0,),
+    weights: Sequence[float] | None = None,
+) -> RewardFn:
     """Log density (nats) of x0 under a mixture of K isotropic 2D Gaussians.
 
     Unbounded below: far from every mean the reward falls like -distance^2 / (2 std^2). Bounded
@@ -166,6 +180,7 @@ def gmm_log_density(means: Sequence[Sequence[float]] = ((0.0, 0.0),),
         _check_2d(x0)
         sq = ((x0[:, None, :] - mu.to(x0)) ** 2).sum(dim=2)  # [B, K]
         return torch.logsumexp(const.to(x0) - sq / (2 * sd.to(x0) ** 2), dim=1)
+
     return _bounded(reward, torch.logsumexp(const, dim=0).item())
 
 
@@ -181,6 +196,7 @@ def linear(a: Sequence[float] = (0.0, 1.0)) -> RewardFn:
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         _check_2d(x0)
         return x0 @ direction.to(x0)
+
     return reward
 
 
@@ -202,12 +218,22 @@ def gaussian_bump(center: Sequence[float] = (0.0, 0.0), width: float = 0.5, scal
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         _check_2d(x0)
         return scale * torch.exp(-((x0 - ctr.to(x0)) ** 2).sum(dim=1) / (2 * width**2))
+
     return _bounded(reward, max(scale, 0.0))
 
 
 # Relative Trajectory Balance's posterior modes on their grid {-10, -5, 0, 5, 10}^2, with weights / 61.
-_POSTERIOR_MODES = {(-10, -5): 4, (-5, -10): 10, (-5, 0): 4, (10, -5): 5, (0, 0): 10, (0, 5): 5, (5, -5): 4,
-                    (5, 0): 15, (5, 10): 4}
+_POSTERIOR_MODES = {
+    (-10, -5): 4,
+    (-5, -10): 10,
+    (-5, 0): 4,
+    (10, -5): 5,
+    (0, 0): 10,
+    (0, 5): 5,
+    (5, -5): 4,
+    (5, 0): 15,
+    (5, 10): 4,
+}
 GMM25_POSTERIOR = Mixture(
     MIXTURES["gmm25"].means,
     MIXTURES["gmm25"].std,
@@ -242,4 +268,5 @@ def gmm_posterior() -> RewardFn:
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         _check_2d(x0)
         return (_log_mixture(x0, posterior) - _log_mixture(x0, prior)).to(x0.dtype)
+
     return _bounded(reward, math.log(np.max(posterior.weights / prior.weights)))

@@ -22,8 +22,9 @@ from rewards.digit_classifier import load_digit_classifier
 
 def _check_images(x0: torch.Tensor) -> None:
     if x0.dim() != 4 or x0.shape[1] not in (1, 3):
-        raise ValueError(f"this reward is for images: x0 must have shape [B, C, H, W] with C = 1 or 3, "
-                         f"got {list(x0.shape)}")
+        raise ValueError(
+            f"this reward is for images: x0 must have shape [B, C, H, W] with C = 1 or 3, got {list(x0.shape)}"
+        )
 
 
 def _to_uint8(x0: torch.Tensor) -> np.ndarray:
@@ -42,7 +43,9 @@ def jpeg_size_kb(x0: torch.Tensor, quality: int) -> torch.Tensor:
     sizes = []
     for pixels in _to_uint8(x0):  # the encoder takes one image at a time
         buffer = io.BytesIO()
-        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="JPEG", quality=quality)
+        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(
+            buffer, format="JPEG", quality=quality
+        )
         sizes.append(buffer.tell() / 1000)
     return torch.tensor(sizes, dtype=torch.float32, device=x0.device)
 
@@ -64,6 +67,7 @@ def jpeg_compressibility(quality: int = 95) -> RewardFn:
 
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         return -jpeg_size_kb(x0, quality)
+
     return reward
 
 
@@ -78,6 +82,7 @@ def jpeg_incompressibility(quality: int = 95) -> RewardFn:
 
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         return jpeg_size_kb(x0, quality)
+
     return reward
 
 
@@ -88,6 +93,7 @@ def brightness() -> RewardFn:
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         _check_images(x0)
         return ((x0.clamp(-1, 1) + 1) / 2).mean(dim=(1, 2, 3))
+
     return reward
 
 
@@ -103,6 +109,7 @@ def _class_log_prob(model: nn.Module, class_index: int, what: str) -> RewardFn:
         if class_index >= logits.shape[1]:
             raise ValueError(f"class_index {class_index} is out of range: {what} has {logits.shape[1]} classes")
         return torch.log_softmax(logits.float(), dim=1)[:, class_index]
+
     return reward
 
 
@@ -150,11 +157,16 @@ def classifier(checkpoint: str, class_index: int = 0) -> RewardFn:
     if not isinstance(class_index, int) or class_index < 0:
         raise ValueError(f"class_index must be a non-negative integer, got {class_index!r}")
     try:
-        model = (torch.jit.load(str(path), map_location="cpu") if _is_torchscript(path)
-                 else torch.load(path, map_location="cpu", weights_only=False))
+        model = (
+            torch.jit.load(str(path), map_location="cpu")
+            if _is_torchscript(path)
+            else torch.load(path, map_location="cpu", weights_only=False)
+        )
     except Exception as e:  # unpickling can fail in any way (missing class, foreign file)
         raise ValueError(f"cannot load classifier {path}: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
-        raise ValueError(f"{path} holds an object of type {type(model).__name__}, not a model; save the whole "
-                         f"module with torch.save(model, path) or torch.jit.save(torch.jit.script(model), path)")
+        raise ValueError(
+            f"{path} holds an object of type {type(model).__name__}, not a model; save the whole "
+            f"module with torch.save(model, path) or torch.jit.save(torch.jit.script(model), path)"
+        )
     return _class_log_prob(model.eval(), class_index, f"classifier {path}")

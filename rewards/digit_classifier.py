@@ -39,10 +39,15 @@ class DigitCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),    # 8x8 -> 4x4
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 4x4 -> 2x2
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 4x4 -> 2x2
             nn.Flatten(),
-            nn.Linear(64 * 2 * 2, FEATURE_DIM), nn.ReLU(),
+            nn.Linear(64 * 2 * 2, FEATURE_DIM),
+            nn.ReLU(),
         )
         self.head = nn.Linear(FEATURE_DIM, 10)
         self.register_buffer("held_out_accuracy", torch.tensor(float("nan")))
@@ -150,6 +155,7 @@ def load_digit_classifier(cache_dir: str | Path | None = None) -> DigitCNN:
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # torch raises many types for a damaged or foreign file
-        raise UserError(f"cannot load the cached digit classifier {path} ({type(e).__name__}); "
-                        f"delete it and it will be retrained") from None
+        raise UserError(
+            f"cannot load the cached digit classifier {path} ({type(e).__name__}); delete it and it will be retrained"
+        ) from None
     return model.eval()

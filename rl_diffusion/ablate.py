@@ -36,7 +36,9 @@ def parse_values(cls: type, param: str, values: str) -> list:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if param not in fields or param in ("run", "reward_args", "device"):
         raise UserError(f"--param '{param}' is not an ablatable setting{nearest(param, fields)}")
-    kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}[str(fields[param].type)]
+    kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}[
+        str(fields[param].type)
+    ]
     items = [v.strip() for v in values.split(",") if v.strip()]
     if len(items) < 1:
         raise UserError("--values needs at least one value, comma-separated")
@@ -57,7 +59,16 @@ def run_setting(kind: str, run_dir: Path, param: str, value, flags: list[str], t
     if CheckpointManager(run_dir).paths():
         args = [kind, "--resume", str(run_dir), "--quiet"]
     else:
-        args = [kind, "--out", str(run_dir), "--overwrite", "--quiet", *flags, f"--{param.replace('_', '-')}", str(value)]
+        args = [
+            kind,
+            "--out",
+            str(run_dir),
+            "--overwrite",
+            "--quiet",
+            *flags,
+            f"--{param.replace('_', '-')}",
+            str(value),
+        ]
     env = {"OMP_NUM_THREADS": str(threads), **os.environ}  # a thread count the user set wins
     proc = subprocess.run([sys.executable, "-m", "rl_diffusion.cli", *args], capture_output=True, text=True, env=env)
     last = (proc.stderr.strip().splitlines() or [""])[-1]
@@ -71,7 +82,9 @@ def scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
     return [e.step for e in events], [e.value for e in events]
 
 
-def ablate(kind: str, param: str, values: list, out: Path, flags: list[str], jobs: int = 1, progress: bool = True) -> dict:
+def ablate(
+    kind: str, param: str, values: list, out: Path, flags: list[str], jobs: int = 1, progress: bool = True
+) -> dict:
     """Run every setting, then draw the grid and the curves; returns the summary written to ablation.json."""
     if kind not in ("pretrain", "finetune"):
         raise UserError(f"ablate takes pretrain or finetune, got '{kind}'")

@@ -43,9 +43,17 @@ def make_env(cfg: FinetuneConfig, pretrained: LoadedRun, num_envs: int, device: 
     """The env of `cfg.action_mode` around the frozen pretrained network, `num_envs` chains in one batch."""
     ckpt = pretrained.checkpoint
     return DenoisingVectorEnv(
-        reward=cfg.reward, reward_kwargs=cfg.reward_args, **cfg.sampling, num_envs=num_envs, action_mode=cfg.action_mode,
-        kl_coef=cfg.kl_coef, device=device, diffusion=pretrained.diffusion, data_shape=tuple(ckpt["data"]["shape"]),
-        num_classes=int(ckpt["model_config"].get("num_classes") or 0), eps_model=pretrained.model,
+        reward=cfg.reward,
+        reward_kwargs=cfg.reward_args,
+        **cfg.sampling,
+        num_envs=num_envs,
+        action_mode=cfg.action_mode,
+        kl_coef=cfg.kl_coef,
+        device=device,
+        diffusion=pretrained.diffusion,
+        data_shape=tuple(ckpt["data"]["shape"]),
+        num_classes=int(ckpt["model_config"].get("num_classes") or 0),
+        eps_model=pretrained.model,
     )
 
 
@@ -60,7 +68,11 @@ def make_agent(s: Setup) -> BaseAlgorithm:
     else:
         kwargs.update(n_steps=episode, gae_lambda=1.0, max_grad_norm=cfg.grad_clip)
         if cfg.algo == "sb3-ppo-mlp":
-            kwargs.update(batch_size=min(cfg.minibatch_size, episode * cfg.chains), n_epochs=cfg.inner_epochs, clip_range=cfg.clip_range)
+            kwargs.update(
+                batch_size=min(cfg.minibatch_size, episode * cfg.chains),
+                n_epochs=cfg.inner_epochs,
+                clip_range=cfg.clip_range,
+            )
     with warnings.catch_warnings():
         # a smaller last minibatch when minibatch_size does not divide the rollout is intended, as in ddpo.py
         warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
@@ -100,8 +112,13 @@ class AgentCallback(BaseCallback):
             scalars = {
                 "kl/to_pretrained": adapter.kl.mean().item(),
                 "kl/to_pretrained_max": adapter.kl.max().item(),
-                "env/clipped_fraction": (clipped - self.clipped_before) / (adapter.env.steps_per_episode * adapter.x0.numel()),
-                **{f"sb3/{key[len('train/'):]}": float(v) for key, v in self.model.logger.name_to_value.items() if key.startswith("train/")},
+                "env/clipped_fraction": (clipped - self.clipped_before)
+                / (adapter.env.steps_per_episode * adapter.x0.numel()),
+                **{
+                    f"sb3/{key[len('train/') :]}": float(v)
+                    for key, v in self.model.logger.name_to_value.items()
+                    if key.startswith("train/")
+                },
             }
             self.clipped_before = clipped
             self.reward_queries += len(adapter.rewards)
@@ -124,7 +141,10 @@ class AgentCallback(BaseCallback):
         """Save the last epoch boundary, unless it is saved already (or no epoch has finished)."""
         epoch = self.boundary.get("epochs_logged", 0)
         if epoch > self.saved:
-            del self.s.history[epoch:], self.s.frames[epoch:]  # epochs logged after the boundary are run again on resume
+            del (
+                self.s.history[epoch:],
+                self.s.frames[epoch:],
+            )  # epochs logged after the boundary are run again on resume
             save(self.s, epoch - 1, self.boundary)
             self.saved = epoch
 
@@ -196,14 +216,21 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
     else:
         write_hyperparameters(s)
     steps_per_epoch = model.env.env.steps_per_episode * cfg.chains
-    with StopSignal() as stop, tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not progress) as bar:
+    with (
+        StopSignal() as stop,
+        tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not progress) as bar,
+    ):
         callback = AgentCallback(s, start, reward_queries, stop, bar)
-        model.learn((s.epochs - start) * steps_per_epoch, callback=callback, reset_num_timesteps=not resume, progress_bar=False)
+        model.learn(
+            (s.epochs - start) * steps_per_epoch, callback=callback, reset_num_timesteps=not resume, progress_bar=False
+        )
         callback.checkpoint()
     return end_of_training(s, stop, callback.saved)
 
 
-def draw(run_dir: Path, num_samples: int, seed: int, device: torch.device, c: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def draw(
+    run_dir: Path, num_samples: int, seed: int, device: torch.device, c: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """num_samples samples of an agent run's fine-tuned sampler: the pretrained network plus the agent's
     deterministic action, from x_T (and labels, unless `c` [N] gives them) drawn with `seed`.
 

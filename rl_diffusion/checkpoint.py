@@ -71,7 +71,9 @@ def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise UserError(f"{out} already holds files; pass --resume {out} to continue it, --overwrite to replace it, or pick another --out")
+            raise UserError(
+                f"{out} already holds files; pass --resume {out} to continue it, --overwrite to replace it, or pick another --out"
+            )
         if not (out / CONFIG_FILE).exists():
             raise UserError(f"{out} is not a run directory (no {CONFIG_FILE}); refusing to --overwrite it")
         shutil.rmtree(out)
@@ -83,7 +85,9 @@ def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:
 def read_run_config(run_dir: Path) -> dict:
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
-        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); give the --out of an earlier pretrain or finetune")
+        raise UserError(
+            f"{run_dir} is not a run directory (no {CONFIG_FILE}); give the --out of an earlier pretrain or finetune"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -136,7 +140,10 @@ class CheckpointManager:
             try:
                 return torch.load(path, map_location=map_location, weights_only=False)
             except Exception as e:  # a half-written or damaged file: fall back to the one before
-                print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); using the previous one", file=sys.stderr)
+                print(
+                    f"warning: checkpoint {path} is unreadable ({type(e).__name__}); using the previous one",
+                    file=sys.stderr,
+                )
         raise UserError(f"every checkpoint in {self.dir} is unreadable; the run cannot be loaded")
 
 
@@ -157,7 +164,9 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
     model = build_model(ckpt["model_config"]).to(device)
     load_weights(model, ckpt["model"], source=str(run_dir))
     model.eval()
-    return LoadedRun(model=model, diffusion=GaussianDiffusion(**ckpt["diffusion_config"]), checkpoint=ckpt, config=config)
+    return LoadedRun(
+        model=model, diffusion=GaussianDiffusion(**ckpt["diffusion_config"]), checkpoint=ckpt, config=config
+    )
 
 
 def load_weights(model: nn.Module, state: dict, source: str) -> None:
@@ -171,7 +180,9 @@ def load_weights(model: nn.Module, state: dict, source: str) -> None:
             )
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
-        raise UserError(f"checkpoint {source} is from another model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        raise UserError(
+            f"checkpoint {source} is from another model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
     model.load_state_dict(state)
 
 

@@ -90,7 +90,9 @@ def _eval_rewards(specs: list[str], items: list[str]) -> dict:
         if not label or not name:
             raise UserError(f"--eval-reward expects [LABEL=]REWARD, got '{spec}'")
         if label in rewards:
-            raise UserError(f"--eval-reward label '{label}' is given twice; name each one, e.g. --eval-reward left={name}")
+            raise UserError(
+                f"--eval-reward label '{label}' is given twice; name each one, e.g. --eval-reward left={name}"
+            )
         rewards[label] = {"reward": name, "reward_args": {}}
     for item in items:
         key, sep, value = item.partition("=")
@@ -98,16 +100,18 @@ def _eval_rewards(specs: list[str], items: list[str]) -> dict:
         if not sep or not colon:
             raise UserError(f"--eval-reward-arg expects LABEL:KEY=VALUE, got '{item}'")
         if label not in rewards:
-            raise UserError(f"--eval-reward-arg '{item}' names no --eval-reward{nearest(label, list(rewards))}; "
-                            f"given: {', '.join(rewards) or 'none'}")
+            raise UserError(
+                f"--eval-reward-arg '{item}' names no --eval-reward{nearest(label, list(rewards))}; "
+                f"given: {', '.join(rewards) or 'none'}"
+            )
         rewards[label]["reward_args"].update(parse_reward_args([f"{key}={value}"]))
     return rewards
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
+    from pretrain.train import PretrainConfig
     from rl_diffusion.ablate import ablate, parse_values
     from rl_diffusion.finetune import FinetuneConfig
-    from pretrain.train import PretrainConfig
 
     own = _Parser(prog=f"rl-diffusion ablate {args.kind}")
     own.add_argument("--param", required=True, help="the config field to vary, e.g. lr or kl_coef")
@@ -117,7 +121,9 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     opts, flags = own.parse_known_args(args.rest)
     if args.kind not in ("pretrain", "finetune"):
         raise UserError(f"ablate takes pretrain or finetune, got '{args.kind}'")
-    values = parse_values(PretrainConfig if args.kind == "pretrain" else FinetuneConfig, opts.param.replace("-", "_"), opts.values)
+    values = parse_values(
+        PretrainConfig if args.kind == "pretrain" else FinetuneConfig, opts.param.replace("-", "_"), opts.values
+    )
     build_parser().parse_args([args.kind, "--out", "unused", *flags])  # a bad flag is an error before any run
     summary = ablate(args.kind, opts.param.replace("-", "_"), values, Path(opts.out), flags, jobs=opts.jobs)
     print(json.dumps(summary, indent=2))
@@ -131,10 +137,14 @@ def cmd_frontier(args: argparse.Namespace) -> None:
         kl_coefs = [float(v) for v in args.kl_coefs.split(",") if v.strip()]
     except ValueError as e:
         raise UserError(f"--kl-coefs: {e}") from None
-    finetune_args = build_parser().parse_args(["finetune", "--out", "unused", *args.finetune_flags])  # a bad flag is an error before any run
+    finetune_args = build_parser().parse_args(
+        ["finetune", "--out", "unused", *args.finetune_flags]
+    )  # a bad flag is an error before any run
     if finetune_args.kl_coef is not None or finetune_args.kl_target is not None:
         raise UserError("frontier sets each run's --kl-coef from --kl-coefs; drop --kl-coef and --kl-target")
-    summary = frontier(kl_coefs, Path(args.out), args.finetune_flags, jobs=args.jobs, device=finetune_args.device or "cpu")
+    summary = frontier(
+        kl_coefs, Path(args.out), args.finetune_flags, jobs=args.jobs, device=finetune_args.device or "cpu"
+    )
     print(json.dumps(summary, indent=2))
     print(f"figure: {Path(args.out) / 'frontier.png'}; numbers: {Path(args.out) / 'frontier.json'}")
 
@@ -159,8 +169,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
         samples = _agent_samples(args, run.config["algo"], device)
     else:
         model = run.model if args.mix is None else load_mixed(Path(args.run), args.mix, device)[2]
-        samples = draw_samples(run.diffusion, model, args.num_samples, seed=args.seed, device=device,
-                               guidance_scale=args.guidance_scale, sampler=args.sampler, sampling_steps=args.sampling_steps, eta=args.eta)
+        samples = draw_samples(
+            run.diffusion,
+            model,
+            args.num_samples,
+            seed=args.seed,
+            device=device,
+            guidance_scale=args.guidance_scale,
+            sampler=args.sampler,
+            sampling_steps=args.sampling_steps,
+            eta=args.eta,
+        )
     out = Path(args.out)
     _save_npy(out, samples)
     print(f"wrote {args.num_samples} samples to {out}")
@@ -173,18 +192,32 @@ def _agent_samples(args: argparse.Namespace, algo: str, device) -> np.ndarray:
     """Samples of a run fine-tuned by an SB3 agent: the pretrained network plus the agent, on the chain it was trained on."""
     from rl_diffusion.agents import draw
 
-    defaults = {"--sampler": args.sampler == "ddpm", "--sampling-steps": args.sampling_steps is None, "--eta": args.eta == 1.0,
-                "--no-clip-denoised": args.clip_denoised, "--guidance-scale": args.guidance_scale == 1.0}
+    defaults = {
+        "--sampler": args.sampler == "ddpm",
+        "--sampling-steps": args.sampling_steps is None,
+        "--eta": args.eta == 1.0,
+        "--no-clip-denoised": args.clip_denoised,
+        "--guidance-scale": args.guidance_scale == 1.0,
+    }
     given = [flag for flag, default in defaults.items() if not default]
     if given:
-        raise UserError(f"{args.run} was fine-tuned by --algo {algo}, which samples on the chain it was trained on; drop {', '.join(given)}")
+        raise UserError(
+            f"{args.run} was fine-tuned by --algo {algo}, which samples on the chain it was trained on; drop {', '.join(given)}"
+        )
     return draw(Path(args.run), args.num_samples, args.seed, device)[0].cpu().numpy()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from rl_diffusion.evaluation import evaluate_run
 
-    print(json.dumps(evaluate_run(Path(args.run), num_samples=args.num_samples, seed=args.seed, device=args.device, kl_coef=args.kl_coef), indent=2))
+    print(
+        json.dumps(
+            evaluate_run(
+                Path(args.run), num_samples=args.num_samples, seed=args.seed, device=args.device, kl_coef=args.kl_coef
+            ),
+            indent=2,
+        )
+    )
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -215,9 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rl-diffusion", description="Pretrain DDPMs and fine-tune them with reinforcement learning.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("pretrain", help="train a DDPM on a data set",
-                       description="Image data sets default to --steps 2000 --batch-size 128 --lr 2e-3 --num-timesteps 100 "
-                                   "--eval-every 500 --eval-samples 500 --checkpoint-every 500.")
+    p = sub.add_parser(
+        "pretrain",
+        help="train a DDPM on a data set",
+        description="Image data sets default to --steps 2000 --batch-size 128 --lr 2e-3 --num-timesteps 100 "
+        "--eval-every 500 --eval-samples 500 --checkpoint-every 500.",
+    )
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -230,26 +266,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--reward-arg", action="append", metavar="KEY=VALUE", help="reward keyword argument (repeatable; JSON values)")
-    p.add_argument("--eval-reward", action="append", metavar="[LABEL=]REWARD",
-                   help="held-out reward: scored on every epoch's samples and logged as eval_reward/LABEL/mean, never trained on; "
-                        "evaluate reports it too (repeatable; LABEL defaults to REWARD, e.g. --eval-reward left=target_point)")
-    p.add_argument("--eval-reward-arg", action="append", metavar="LABEL:KEY=VALUE",
-                   help="keyword argument of the held-out reward LABEL (repeatable; JSON values), e.g. left:point=[-2,0]")
+    p.add_argument(
+        "--reward-arg", action="append", metavar="KEY=VALUE", help="reward keyword argument (repeatable; JSON values)"
+    )
+    p.add_argument(
+        "--eval-reward",
+        action="append",
+        metavar="[LABEL=]REWARD",
+        help="held-out reward: scored on every epoch's samples and logged as eval_reward/LABEL/mean, never trained on; "
+        "evaluate reports it too (repeatable; LABEL defaults to REWARD, e.g. --eval-reward left=target_point)",
+    )
+    p.add_argument(
+        "--eval-reward-arg",
+        action="append",
+        metavar="LABEL:KEY=VALUE",
+        help="keyword argument of the held-out reward LABEL (repeatable; JSON values), e.g. left:point=[-2,0]",
+    )
     add_config_args(p, FinetuneConfig, skip=("reward_args", "eval_rewards"))
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("ablate", help="run one hyperparameter at several values and draw the grid",
-                       description="rl-diffusion ablate pretrain|finetune --param NAME --values V1,V2 --out DIR [--jobs N] [flags of that command]")
+    p = sub.add_parser(
+        "ablate",
+        help="run one hyperparameter at several values and draw the grid",
+        description="rl-diffusion ablate pretrain|finetune --param NAME --values V1,V2 --out DIR [--jobs N] [flags of that command]",
+    )
     p.add_argument("kind", help="pretrain | finetune")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="--param NAME --values V1,V2 --out DIR [--jobs N] and flags of the command")
+    p.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        help="--param NAME --values V1,V2 --out DIR [--jobs N] and flags of the command",
+    )
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("frontier", help="fine-tune at several betas and draw mean reward against path KL",
-                       description="rl-diffusion frontier --run PRETRAINED --reward NAME --kl-coefs 0.03,0.1,0.3,1 --out DIR [--jobs N] "
-                                   "[flags of finetune]", allow_abbrev=False)  # --kl-coef is finetune's, not short for --kl-coefs
+    p = sub.add_parser(
+        "frontier",
+        help="fine-tune at several betas and draw mean reward against path KL",
+        description="rl-diffusion frontier --run PRETRAINED --reward NAME --kl-coefs 0.03,0.1,0.3,1 --out DIR [--jobs N] "
+        "[flags of finetune]",
+        allow_abbrev=False,
+    )  # --kl-coef is finetune's, not short for --kl-coefs
     p.add_argument("--kl-coefs", required=True, help="comma-separated betas, one fine-tuning run each")
-    p.add_argument("--out", required=True, help="folder holding one run directory per beta, frontier.png and frontier.json")
+    p.add_argument(
+        "--out", required=True, help="folder holding one run directory per beta, frontier.png and frontier.json"
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs at once, in parallel processes")
     p.set_defaults(func=cmd_frontier)
 
@@ -260,20 +319,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="ddpm", help="ddpm | ddim")
     p.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (default: all T)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity in [0, 1] (0 = deterministic)")
-    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=True,
-                   help="clip each step's predicted x_0 to the range the run recorded (pretrain --clip-denoised)")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="classifier-free guidance of a class-conditional model (0 unconditional, 1 conditional, >1 sharper)")
-    p.add_argument("--mix", type=float, default=None, metavar="LAMBDA",
-                   help="finetune runs: sample with eps = (1 - LAMBDA) eps_pretrained + LAMBDA eps_finetuned, LAMBDA in [0, 1]")
+    p.add_argument(
+        "--clip-denoised",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clip each step's predicted x_0 to the range the run recorded (pretrain --clip-denoised)",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance of a class-conditional model (0 unconditional, 1 conditional, >1 sharper)",
+    )
+    p.add_argument(
+        "--mix",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help="finetune runs: sample with eps = (1 - LAMBDA) eps_pretrained + LAMBDA eps_finetuned, LAMBDA in [0, 1]",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="print a run's metrics as JSON")
     p.add_argument("--run", required=True)
-    p.add_argument("--kl-coef", type=float, default=None,
-                   help="fine-tuning runs: the beta of the tilted optimum p exp(r / beta) / Z to measure against (default: the run's own)")
+    p.add_argument(
+        "--kl-coef",
+        type=float,
+        default=None,
+        help="fine-tuning runs: the beta of the tilted optimum p exp(r / beta) / Z to measure against (default: the run's own)",
+    )
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

@@ -26,7 +26,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         if f.type in (bool, "bool"):
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            kind = {"int": int, "float": float, "str": str}.get(
+                f.type if isinstance(f.type, str) else f.type.__name__, str
+            )
             parser.add_argument(*flags, type=kind, default=None, help=help_text, metavar=f.name.upper())
 
 

@@ -47,7 +47,17 @@ from tqdm import tqdm
 from rl_diffusion.checkpoint import StopSignal, rng_state, set_rng_state
 from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep, Trajectory
 from rl_diffusion.errors import UserError
-from rl_diffusion.finetune import FinetuneConfig, Setup, early_stop, finish, log_epoch, restore, save, score, write_hyperparameters
+from rl_diffusion.finetune import (
+    FinetuneConfig,
+    Setup,
+    early_stop,
+    finish,
+    log_epoch,
+    restore,
+    save,
+    score,
+    write_hyperparameters,
+)
 
 
 @dataclass
@@ -88,38 +98,72 @@ def sample_batch(s: Setup, generator: torch.Generator) -> tuple[Pairs, Tensor, T
     cfg = s.config
     shard = s.ranks.shard(cfg.chains, "--chains")
     num_classes = getattr(s.policy, "num_classes", 0)
-    c = torch.randint(0, num_classes, (cfg.chains,), generator=generator, device=s.device)[shard] if num_classes else None
+    c = (
+        torch.randint(0, num_classes, (cfg.chains,), generator=generator, device=s.device)[shard]
+        if num_classes
+        else None
+    )
     # no_grad, not inference_mode: these tensors are inputs to the update's autograd graph.
     with torch.no_grad():
         traj = s.diffusion.sample(
-            s.policy, (cfg.chains, *s.data_shape), c=c, generator=generator, device=s.device, record=True,
-            log_prob_reduction=cfg.log_prob_reduction, shard=shard, **cfg.sampling,
+            s.policy,
+            (cfg.chains, *s.data_shape),
+            c=c,
+            generator=generator,
+            device=s.device,
+            record=True,
+            log_prob_reduction=cfg.log_prob_reduction,
+            shard=shard,
+            **cfg.sampling,
         )
     return Pairs.from_trajectory(traj), traj.xs[-1], c
 
 
-def policy_step(diffusion: GaussianDiffusion, cfg: FinetuneConfig, model: torch.nn.Module, pairs: Pairs, idx: Tensor) -> ReverseStep:
+def policy_step(
+    diffusion: GaussianDiffusion, cfg: FinetuneConfig, model: torch.nn.Module, pairs: Pairs, idx: Tensor
+) -> ReverseStep:
     """The shared reverse step of `model` on the chosen pairs: one network call, the actions scored."""
     x_t, t = pairs.x_t[idx], pairs.t[idx]
     return diffusion.reverse_step(
-        model(x_t, t, None if pairs.c is None else pairs.c[idx]), x_t, t, t_prev=pairs.t_prev[idx], sampler=cfg.sampler, eta=cfg.eta,
-        x_prev=pairs.x_prev[idx], log_prob_reduction=cfg.log_prob_reduction,
+        model(x_t, t, None if pairs.c is None else pairs.c[idx]),
+        x_t,
+        t,
+        t_prev=pairs.t_prev[idx],
+        sampler=cfg.sampler,
+        eta=cfg.eta,
+        x_prev=pairs.x_prev[idx],
+        log_prob_reduction=cfg.log_prob_reduction,
     )
 
 
-def step_kl(diffusion: GaussianDiffusion, cfg: FinetuneConfig, reference: torch.nn.Module, mean: Tensor, pairs: Pairs, idx: Tensor) -> Tensor:
+def step_kl(
+    diffusion: GaussianDiffusion,
+    cfg: FinetuneConfig,
+    reference: torch.nn.Module,
+    mean: Tensor,
+    pairs: Pairs,
+    idx: Tensor,
+) -> Tensor:
     """kl_k = ||mu_theta - mu_ref||^2 / (2 sigma^2) at the chosen pairs, for the policy mean `mean` (differentiable in theta)."""
     with torch.no_grad():
         ref = policy_step(diffusion, cfg, reference, pairs, idx)
     return ((mean - ref.mean) ** 2).flatten(1).sum(1) / (2 * ref.sigma**2)
 
 
-def path_kls(diffusion: GaussianDiffusion, cfg: FinetuneConfig, policy: torch.nn.Module, reference: torch.nn.Module, pairs: Pairs, K: int) -> Tensor:
+def path_kls(
+    diffusion: GaussianDiffusion,
+    cfg: FinetuneConfig,
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    pairs: Pairs,
+    K: int,
+) -> Tensor:
     """kl_k of every pair as [K, B]; summed over k it is the exact path KL of each chain.
 
     The policy's means are those recorded while sampling when the pairs have them (then only the
     reference is called), else the policy is called (sb3-ppo's rollout buffer keeps no means).
     """
+
     def policy_mean(idx: Tensor) -> Tensor:
         return policy_step(diffusion, cfg, policy, pairs, idx).mean if pairs.mean_old is None else pairs.mean_old[idx]
 
@@ -168,7 +212,9 @@ def advantages(returns: Tensor, groups: Tensor | None, adv_clip: float) -> tuple
     return (centred / scale).clamp(-adv_clip, adv_clip).float(), scale.float()
 
 
-def batch_advantages(s: Setup, pairs: Pairs, rewards: Tensor, c: Tensor | None, K: int) -> tuple[Tensor, Tensor, Tensor]:
+def batch_advantages(
+    s: Setup, pairs: Pairs, rewards: Tensor, c: Tensor | None, K: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair advantages [K, B] of the whole batch from G_k = r - beta sum_{j>k} kl_j; also kl [K, B]
     and the scale of each chain [B]. `pairs` are this rank's, rewards and labels [B] the whole batch's."""
     kl = s.ranks.gather(path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, K), dim=1)
@@ -196,7 +242,17 @@ def own_rows(rows: Tensor, B: int, s: Setup) -> tuple[Tensor, Tensor]:
     return rows[mine], k[mine] * (shard.stop - shard.start) + b[mine] - shard.start
 
 
-def update_sf(s: Setup, optimizer, pairs: Pairs, x0: Tensor, c: Tensor | None, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
+def update_sf(
+    s: Setup,
+    optimizer,
+    pairs: Pairs,
+    x0: Tensor,
+    c: Tensor | None,
+    rewards: Tensor,
+    adv: Tensor,
+    scale: Tensor,
+    generator,
+) -> dict[str, float]:
     """DDPO-SF: REINFORCE, -A * log pi, gradients accumulated over all pairs, one optimizer step."""
     cfg = s.config
     K, B = adv.shape
@@ -228,7 +284,17 @@ def ppo_terms(adv: Tensor, log_prob: Tensor, log_prob_old: Tensor, clip_range: f
     return loss, approx_kl, clipped
 
 
-def update_is(s: Setup, optimizer, pairs: Pairs, x0: Tensor, c: Tensor | None, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
+def update_is(
+    s: Setup,
+    optimizer,
+    pairs: Pairs,
+    x0: Tensor,
+    c: Tensor | None,
+    rewards: Tensor,
+    adv: Tensor,
+    scale: Tensor,
+    generator,
+) -> dict[str, float]:
     """DDPO-IS: PPO-clip over inner epochs of shuffled minibatches of (trajectory, timestep) pairs."""
     cfg = s.config
     K, B = adv.shape
@@ -262,7 +328,17 @@ def rwr_weights(rewards: Tensor, temperature: float) -> Tensor:
     return torch.softmax(rewards / temperature, dim=0)
 
 
-def update_rwr(s: Setup, optimizer, pairs: Pairs, x0: Tensor, c: Tensor | None, rewards: Tensor, adv: Tensor, scale: Tensor, generator) -> dict[str, float]:
+def update_rwr(
+    s: Setup,
+    optimizer,
+    pairs: Pairs,
+    x0: Tensor,
+    c: Tensor | None,
+    rewards: Tensor,
+    adv: Tensor,
+    scale: Tensor,
+    generator,
+) -> dict[str, float]:
     """RWR: the denoising loss on the policy's own samples x_0, weighted by softmax(r / temperature)."""
     cfg = s.config
     weights = rwr_weights(rewards, cfg.rwr_temperature)
@@ -276,7 +352,10 @@ def update_rwr(s: Setup, optimizer, pairs: Pairs, x0: Tensor, c: Tensor | None, 
         torch.nn.utils.clip_grad_norm_(s.policy.parameters(), cfg.grad_clip)
         optimizer.step()
         losses[step] = loss.detach()
-    return {"loss/policy": s.ranks.sum(losses).mean().item() / s.ranks.world_size, "rwr/weight_max": weights.max().item()}
+    return {
+        "loss/policy": s.ranks.sum(losses).mean().item() / s.ranks.world_size,
+        "rwr/weight_max": weights.max().item(),
+    }
 
 
 KL_ERROR_CLIP = 0.2  # Ziegler et al.: a KL far off target moves beta no faster than one 20% off
@@ -311,10 +390,22 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
         write_hyperparameters(s)
 
     def train_state() -> dict:
-        return {"optimizer": optimizer.state_dict(), "rng": rng_state(generator), "reward_queries": reward_queries,
-                "kl_coef": s.config.kl_coef}
+        return {
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(generator),
+            "reward_queries": reward_queries,
+            "kl_coef": s.config.kl_coef,
+        }
 
-    with StopSignal() as stop, tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not (progress and s.ranks.is_main)) as bar:
+    with (
+        StopSignal() as stop,
+        tqdm(
+            total=s.epochs,
+            initial=start,
+            desc=f"{cfg.algo} {s.reward.name}",
+            disable=not (progress and s.ranks.is_main),
+        ) as bar,
+    ):
         for epoch in range(start, s.epochs):
             started = time.perf_counter()
             pairs, x0, c = sample_batch(s, generator)  # this rank's chains
@@ -330,9 +421,17 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             adv, kl, scale = batch_advantages(s, pairs, rewards[finite], c_kept, K)
             stats = update(s, optimizer, pairs, x0[finite], c_kept, rewards[finite], adv, scale, generator)
             if not math.isfinite(stats["loss/policy"]):
-                raise UserError(f"the {cfg.algo} loss became {stats['loss/policy']} at epoch {epoch + 1}; the last good checkpoint is kept in {s.out} (try a lower --lr)")
+                raise UserError(
+                    f"the {cfg.algo} loss became {stats['loss/policy']} at epoch {epoch + 1}; the last good checkpoint is kept in {s.out} (try a lower --lr)"
+                )
             kl_path = kl.sum(0)
-            stats.update({"kl/to_pretrained": kl_path.mean().item(), "kl/to_pretrained_max": kl_path.max().item(), "kl/beta": s.config.kl_coef})
+            stats.update(
+                {
+                    "kl/to_pretrained": kl_path.mean().item(),
+                    "kl/to_pretrained_max": kl_path.max().item(),
+                    "kl/beta": s.config.kl_coef,
+                }
+            )
             if cfg.kl_target > 0:
                 beta = adapted_kl_coef(s.config.kl_coef, stats["kl/to_pretrained"], cfg.kl_target, cfg.kl_gain)
                 s.config = replace(s.config, kl_coef=beta)
@@ -341,7 +440,13 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}", kl=f"{stats['kl/to_pretrained']:.3f}")
             stopping = s.ranks.any(stop.received is not None)
             new_best, early_stop_reason = early_stop(s)
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == s.epochs or stopping or new_best or early_stop_reason:
+            if (
+                (epoch + 1) % cfg.checkpoint_every == 0
+                or epoch + 1 == s.epochs
+                or stopping
+                or new_best
+                or early_stop_reason
+            ):
                 save(s, epoch, train_state())
             if early_stop_reason and not stopping:
                 if s.ranks.is_main:
@@ -349,5 +454,7 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
                 break
             if stopping:
                 s.writer.close()
-                raise UserError(f"stopped by signal {stop.received} after epoch {epoch + 1}; checkpoint saved, continue with --resume {s.out}")
+                raise UserError(
+                    f"stopped by signal {stop.received} after epoch {epoch + 1}; checkpoint saved, continue with --resume {s.out}"
+                )
     return finish(s)

@@ -94,13 +94,17 @@ class GaussianDiffusion:
             reverse_sigma=np.sqrt(reverse_variance),
             # Ho et al. eq. 11: mu = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
             mean_coef_x=1.0 / np.sqrt(alphas),
-            mean_coef_eps=-np.divide(betas, np.sqrt(1.0 - abar) * np.sqrt(alphas), where=betas > 0, out=np.zeros(T + 1)),
+            mean_coef_eps=-np.divide(
+                betas, np.sqrt(1.0 - abar) * np.sqrt(alphas), where=betas > 0, out=np.zeros(T + 1)
+            ),
             # x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): Ho et al. eq. 4 solved for x_0
             x0_coef_x=1.0 / np.sqrt(abar),
             x0_coef_eps=np.sqrt(1.0 / abar - 1.0),
             # the mean of q(x_{t-1} | x_t, x_0), Ho et al. eq. 7
             posterior_coef_x0=np.divide(betas * np.sqrt(abar_prev), 1.0 - abar, where=betas > 0, out=np.zeros(T + 1)),
-            posterior_coef_x=np.divide((1.0 - abar_prev) * np.sqrt(alphas), 1.0 - abar, where=betas > 0, out=np.zeros(T + 1)),
+            posterior_coef_x=np.divide(
+                (1.0 - abar_prev) * np.sqrt(alphas), 1.0 - abar, where=betas > 0, out=np.zeros(T + 1)
+            ),
         )
         self._tensors: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
 
@@ -141,8 +145,13 @@ class GaussianDiffusion:
         return self._coef("sqrt_abar", t, x0) * x0 + self._coef("sqrt_one_minus_abar", t, x0) * noise
 
     def training_loss(
-        self, model: nn.Module, x0: Tensor, c: Tensor | None = None, generator: torch.Generator | None = None,
-        weights: Tensor | None = None, shard: slice | None = None,
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        c: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        weights: Tensor | None = None,
+        shard: slice | None = None,
     ) -> Tensor:
         """Ho et al.'s simple loss E_{t, eps} ||eps - eps_theta(x_t, t, c)||^2 / D with t ~ U{1..T}.
 
@@ -198,7 +207,10 @@ class GaussianDiffusion:
         # second is used where x_0 was clipped.
         if sampler == "ddpm":
             # Ho et al. eq. 11, and the mean of q(x_{t-1} | x_t, x_0), eq. 7
-            a, b, c_x0, c_x = (self._coef(name, t, x_t) for name in ("mean_coef_x", "mean_coef_eps", "posterior_coef_x0", "posterior_coef_x"))
+            a, b, c_x0, c_x = (
+                self._coef(name, t, x_t)
+                for name in ("mean_coef_x", "mean_coef_eps", "posterior_coef_x0", "posterior_coef_x")
+            )
             sigma = self._coef("reverse_sigma", t, x_t)
         else:
             # Song et al. eq. 12: mean = sqrt(abar_s) x_0 + sqrt(1 - abar_s - sigma^2) eps. Its coefficients
@@ -211,7 +223,9 @@ class GaussianDiffusion:
             direction = (1 - abar_s - sigma**2).clamp(min=0).sqrt()
             a = (abar_s / abar_t).sqrt()
             b = direction - (abar_s * (1 - abar_t) / abar_t).sqrt()
-            c_x0 = abar_s.sqrt() - direction * (abar_t / (1 - abar_t)).sqrt()  # with eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)
+            c_x0 = (
+                abar_s.sqrt() - direction * (abar_t / (1 - abar_t)).sqrt()
+            )  # with eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)
             c_x = direction / (1 - abar_t).sqrt()
             a, b, c_x0, c_x, sigma = (v.float() for v in (a, b, c_x0, c_x, sigma))
         mean = a * x_t + b * eps
@@ -232,7 +246,9 @@ class GaussianDiffusion:
         check_sampler(sampler)
         if sampler == "ddpm":
             if sampling_steps not in (None, T):
-                raise UserError(f"the ddpm sampler takes all {T} steps; use --sampler ddim for --sampling-steps {sampling_steps}")
+                raise UserError(
+                    f"the ddpm sampler takes all {T} steps; use --sampler ddim for --sampling-steps {sampling_steps}"
+                )
             return list(range(T, 0, -1))
         K = T if sampling_steps is None else sampling_steps
         # K = 1 would take pure noise x_T for x_1 and jump to x_0 from the wrong time
@@ -278,8 +294,14 @@ class GaussianDiffusion:
         for t, t_prev in zip(steps, prevs):
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
             out = self.reverse_step(
-                model(x, t_batch, c), x, t_batch, t_prev=t_prev, sampler=sampler, eta=eta,
-                noise=standard_normal(), log_prob_reduction=log_prob_reduction,
+                model(x, t_batch, c),
+                x,
+                t_batch,
+                t_prev=t_prev,
+                sampler=sampler,
+                eta=eta,
+                noise=standard_normal(),
+                log_prob_reduction=log_prob_reduction,
             )
             x = out.x_prev
             if record:

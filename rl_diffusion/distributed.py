@@ -45,7 +45,9 @@ class Ranks:
     def shard(self, batch: int, what: str) -> slice:
         """This rank's rows of a global batch of `batch` rows; an uneven split is a UserError naming `what`."""
         if batch % self.world_size:
-            raise UserError(f"{what} {batch} does not split evenly over {self.world_size} ranks; use a multiple of {self.world_size}")
+            raise UserError(
+                f"{what} {batch} does not split evenly over {self.world_size} ranks; use a multiple of {self.world_size}"
+            )
         size = batch // self.world_size
         return slice(self.rank * size, (self.rank + 1) * size)
 
@@ -73,7 +75,9 @@ class Ranks:
         """`model` under DistributedDataParallel (gradients averaged over ranks in backward), or itself on 1 rank."""
         if self.world_size == 1:
             return model
-        return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,7 +114,9 @@ def init(device_name: str) -> tuple[Ranks, torch.device]:
         return Ranks(), device
     if device.type == "cuda":
         if device.index is not None:
-            raise UserError(f"--device {device_name} under torchrun: pass --device cuda, each rank takes the GPU of its LOCAL_RANK")
+            raise UserError(
+                f"--device {device_name} under torchrun: pass --device cuda, each rank takes the GPU of its LOCAL_RANK"
+            )
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():

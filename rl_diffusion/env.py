@@ -63,8 +63,13 @@ ACTION_BOUNDS = {"sample": 100.0, "residual": 3.0, "noise": 3.0}
 
 
 def _process(
-    run: str | Path | None, diffusion: GaussianDiffusion | None, data_shape: tuple | None, num_classes: int,
-    eps_model: nn.Module | None, needs_network: bool, device: torch.device,
+    run: str | Path | None,
+    diffusion: GaussianDiffusion | None,
+    data_shape: tuple | None,
+    num_classes: int,
+    eps_model: nn.Module | None,
+    needs_network: bool,
+    device: torch.device,
 ) -> tuple[GaussianDiffusion, tuple[int, ...], int, nn.Module | None]:
     """(diffusion, data shape, number of classes, eps network or None): from a run's newest checkpoint, or given directly."""
     if run is None:
@@ -89,7 +94,9 @@ def _process(
             model,
         )
     except (KeyError, TypeError) as e:
-        raise UserError(f"the checkpoint of {run} lacks {e}; give the --out of an rl-diffusion pretrain or finetune run") from None
+        raise UserError(
+            f"the checkpoint of {run} lacks {e}; give the --out of an rl-diffusion pretrain or finetune run"
+        ) from None
 
 
 def _mode_sampler(action_mode: str, sampler: str | None, eta: float | None) -> tuple[str, float]:
@@ -98,12 +105,16 @@ def _mode_sampler(action_mode: str, sampler: str | None, eta: float | None) -> t
         raise UserError(f"unknown action_mode '{action_mode}'; choose one of {', '.join(ACTION_MODES)}")
     if action_mode == "noise":
         if sampler not in (None, "ddim") or eta not in (None, 0.0):
-            raise UserError(f"the noise action mode runs DDIM with eta = 0 (x_0 a function of x_T); got sampler={sampler!r}, eta={eta}")
+            raise UserError(
+                f"the noise action mode runs DDIM with eta = 0 (x_0 a function of x_T); got sampler={sampler!r}, eta={eta}"
+            )
         return "ddim", 0.0
     sampler, eta = sampler or "ddpm", 1.0 if eta is None else eta
     check_sampler(sampler, eta)
     if action_mode == "residual" and sampler == "ddim" and eta == 0:
-        raise UserError("the residual action mode shifts the step in units of its sigma, which is 0 for DDIM with eta = 0; use eta > 0")
+        raise UserError(
+            "the residual action mode shifts the step in units of its sigma, which is 0 for DDIM with eta = 0; use eta > 0"
+        )
     return sampler, eta
 
 
@@ -187,12 +198,15 @@ class DenoisingVectorEnv(VectorEnv):
         if kl_coef < 0:
             raise UserError(f"kl_coef must be >= 0, got {kl_coef}")
         if kl_coef > 0 and action_mode != "residual":
-            raise UserError(f"kl_coef needs a closed-form per-step KL, which only the residual action mode has; in {action_mode} mode "
-                            "it depends on the agent's own density (for a diffusion policy, --algo sb3-ppo --kl-coef adds it)")
+            raise UserError(
+                f"kl_coef needs a closed-form per-step KL, which only the residual action mode has; in {action_mode} mode "
+                "it depends on the agent's own density (for a diffusion policy, --algo sb3-ppo --kl-coef adds it)"
+            )
         self.action_mode, self.kl_coef, self.action_bound = action_mode, float(kl_coef), action_bound
         self.device = torch.device(device)
         self.diffusion, self.data_shape, self.num_classes, self.eps_model = _process(
-            run, diffusion, data_shape, num_classes, eps_model, action_mode != "sample", self.device)
+            run, diffusion, data_shape, num_classes, eps_model, action_mode != "sample", self.device
+        )
         self.timesteps = self.diffusion.timesteps(self.sampler, sampling_steps)  # K decreasing t's, T first
         self.prev_timesteps = self.timesteps[1:] + [0]  # where step k lands
         self.reward = build_reward(reward, reward_kwargs)
@@ -253,8 +267,9 @@ class DenoisingVectorEnv(VectorEnv):
 
     def _pretrained_step(self, x: Tensor, eps: Tensor, k: int, noise: Tensor) -> Tensor:
         """The pretrained reverse step k from x: mu_pre + sigma_k * noise."""
-        return self.diffusion.reverse_step(eps, x, self.timesteps[k], t_prev=self.prev_timesteps[k], sampler=self.sampler,
-                                           eta=self.eta, noise=noise).x_prev
+        return self.diffusion.reverse_step(
+            eps, x, self.timesteps[k], t_prev=self.prev_timesteps[k], sampler=self.sampler, eta=self.eta, noise=noise
+        ).x_prev
 
     def _observe(self) -> None:
         """Residual mode: the pretrained eps at the new state, for the next step and for x0_hat."""
@@ -284,10 +299,14 @@ class DenoisingVectorEnv(VectorEnv):
         until `reset_tensor()`.
         """
         if self.t >= self.steps_per_episode:
-            raise RuntimeError("the chains have reached x_0 (or were never reset); call reset() or reset_tensor() first")
+            raise RuntimeError(
+                "the chains have reached x_0 (or were never reset); call reset() or reset_tensor() first"
+            )
         action = action.detach().to(device=self.device, dtype=torch.float32)
         if action.shape != self.x.shape:
-            raise ValueError(f"action must have shape {tuple(self.x.shape)} ([num_envs, *data_shape]), got {tuple(action.shape)}")
+            raise ValueError(
+                f"action must have shape {tuple(self.x.shape)} ([num_envs, *data_shape]), got {tuple(action.shape)}"
+            )
         self.last_clipped = (action.abs() > self.action_bound).flatten(1).sum(1)
         self.clipped_actions += self.last_clipped.sum()
         action = action.clamp(-self.action_bound, self.action_bound)
@@ -338,13 +357,17 @@ class DenoisingVectorEnv(VectorEnv):
 
     # Gymnasium vector API
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
         self.seed_generator(seed)
         self.reset_tensor()
         return self.observation(), self.state_info()
 
-    def step(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         rewards, done = self.step_tensor(torch.as_tensor(actions))
         info: dict[str, Any] = {"clipped": self.last_clipped.cpu().numpy()}
         if self.action_mode == "residual":
@@ -356,7 +379,13 @@ class DenoisingVectorEnv(VectorEnv):
             info.update(x0=final["x"], final_obs=final_obs, _final_obs=np.ones(self.num_envs, dtype=bool))
             self.reset_tensor()
         info.update(self.state_info())
-        return self.observation(), rewards.cpu().numpy(), np.full(self.num_envs, done), np.zeros(self.num_envs, dtype=bool), info
+        return (
+            self.observation(),
+            rewards.cpu().numpy(),
+            np.full(self.num_envs, done),
+            np.zeros(self.num_envs, dtype=bool),
+            info,
+        )
 
 
 class DenoisingEnv(gymnasium.Env):
@@ -393,9 +422,21 @@ class DenoisingEnv(gymnasium.Env):
         render_mode: str | None = None,
     ):
         self.chains = DenoisingVectorEnv(
-            run, reward, reward_kwargs, sampler, sampling_steps, eta, num_envs=1, action_mode=action_mode, kl_coef=kl_coef,
-            diffusion=diffusion, data_shape=data_shape, num_classes=num_classes, eps_model=eps_model,
-            action_bound=action_bound, render_mode=render_mode,
+            run,
+            reward,
+            reward_kwargs,
+            sampler,
+            sampling_steps,
+            eta,
+            num_envs=1,
+            action_mode=action_mode,
+            kl_coef=kl_coef,
+            diffusion=diffusion,
+            data_shape=data_shape,
+            num_classes=num_classes,
+            eps_model=eps_model,
+            action_bound=action_bound,
+            render_mode=render_mode,
         )
         self.observation_space = self.chains.single_observation_space
         self.action_space = self.chains.single_action_space
@@ -408,7 +449,9 @@ class DenoisingEnv(gymnasium.Env):
     def _observation(self) -> dict[str, np.ndarray]:
         return {key: value[0] for key, value in self.chains.observation().items()}
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
         self.chains.reset(seed=seed)
         return self._observation(), {"t_prev": int(self.chains.state_info()["t_prev"][0])}

@@ -13,9 +13,17 @@ from rewards import Reward, build_reward, finite_mean
 from rl_diffusion.checkpoint import LoadedRun, atomic_save_npy, load_run, read_run_config
 from rl_diffusion.config import saved_config
 from rl_diffusion.diffusion import is_memoryless
-from rl_diffusion.errors import UserError
 from rl_diffusion.distributed import resolve_device
-from rl_diffusion.metrics import diversity, far_fraction, vendi_score, mmd_rbf, mode_mass_l1, mode_masses, sliced_wasserstein2
+from rl_diffusion.errors import UserError
+from rl_diffusion.metrics import (
+    diversity,
+    far_fraction,
+    mmd_rbf,
+    mode_mass_l1,
+    mode_masses,
+    sliced_wasserstein2,
+    vendi_score,
+)
 from rl_diffusion.targets import ExactTarget, Modes, RejectionTooCostly, dataset_modes, exact_target
 
 TILTED_POOL = 50_000  # pretrained samples importance-resampled into the KL-regularised optimum
@@ -48,7 +56,9 @@ def _far_radius(reference: np.ndarray) -> float:
     return FAR_RADIUS_FACTOR * float(np.linalg.norm(reference, axis=1).max())
 
 
-def evaluate_run(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu", kl_coef: float | None = None) -> dict:
+def evaluate_run(
+    run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu", kl_coef: float | None = None
+) -> dict:
     """Pretrain runs: sample quality against the data set. Finetune runs: see `evaluate_finetuned`.
 
     2D data sets add the fraction of samples beyond ``far_radius``; mixture data sets add the
@@ -58,25 +68,37 @@ def evaluate_run(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: 
     if read_run_config(run_dir).get("kind") == "finetune":
         return evaluate_finetuned(run_dir, num_samples, seed, device, kl_coef)
     if kl_coef is not None:
-        raise UserError(f"--kl-coef measures a fine-tuning run against its tilted optimum; {run_dir} is a pretraining run")
+        raise UserError(
+            f"--kl-coef measures a fine-tuning run against its tilted optimum; {run_dir} is a pretraining run"
+        )
     device = resolve_device(device)
     run = load_run(run_dir, device)
     dataset = run.checkpoint["data"]["dataset"]
     reference, again = reference_draws(data_of_checkpoint(run.checkpoint["data"]), num_samples, EVAL_DATA_SEED)
     samples = draw_samples(run.diffusion, run.model, len(reference), seed=seed, device=device)
-    metrics = {"run": str(run_dir), "kind": "pretrain", "dataset": dataset, "num_samples": len(reference),
-               **quality_metrics(samples, reference, again)}
+    metrics = {
+        "run": str(run_dir),
+        "kind": "pretrain",
+        "dataset": dataset,
+        "num_samples": len(reference),
+        **quality_metrics(samples, reference, again),
+    }
     if reference.ndim == 2:
         modes = dataset_modes(dataset)
         metrics["far_radius"] = far_radius = _far_radius(reference)
         metrics.update(_point_stats(samples, modes, far_radius))
         if modes is not None:
-            metrics.update(mode_radius=modes.radius, data_mode_masses=modes.masses.tolist(),
-                           mode_mass_l1=mode_mass_l1(np.array(metrics["mode_masses"]), modes.masses))
+            metrics.update(
+                mode_radius=modes.radius,
+                data_mode_masses=modes.masses.tolist(),
+                mode_mass_l1=mode_mass_l1(np.array(metrics["mode_masses"]), modes.masses),
+            )
     return metrics
 
 
-def tilted_target(pool: np.ndarray, pool_rewards: np.ndarray, kl_coef: float, num_samples: int, seed: int) -> tuple[np.ndarray, float]:
+def tilted_target(
+    pool: np.ndarray, pool_rewards: np.ndarray, kl_coef: float, num_samples: int, seed: int
+) -> tuple[np.ndarray, float]:
     """Samples of p_pre(x) exp(r(x) / beta) / Z by importance-resampling a pool of pretrained samples.
 
     Returns the samples and the effective sample size of the weights (small: the pool is too
@@ -89,7 +111,9 @@ def tilted_target(pool: np.ndarray, pool_rewards: np.ndarray, kl_coef: float, nu
     return pool[idx], float(1.0 / np.sum(w**2))
 
 
-def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu", kl_coef: float | None = None) -> dict:
+def evaluate_finetuned(
+    run_dir: Path, num_samples: int = 5000, seed: int = 0, device: str = "cpu", kl_coef: float | None = None
+) -> dict:
     """Metrics of a fine-tuned run's samples, each beside the pretrained model's ("..._pretrained").
 
     Always: mean reward, exact path KL to the pretrained model, diversity (mean pairwise
@@ -132,11 +156,21 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
             samples, _, kl = agents.draw(run_dir, num_samples, seed, device, c)
         else:
             samples, kl = sample_with_path_kl(run.model, run, pretrained, cfg, shape, c, seed, device)
-        before = pretrained.diffusion.sample(pretrained.model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed + 1),
-                                             device=device, **cfg.sampling).xs[-1]
+        before = pretrained.diffusion.sample(
+            pretrained.model,
+            shape,
+            c=c,
+            generator=torch.Generator(device=device).manual_seed(seed + 1),
+            device=device,
+            **cfg.sampling,
+        ).xs[-1]
     memoryless = is_memoryless(cfg.sampler, cfg.eta)
     metrics = {
-        "run": str(run_dir), "kind": "finetune", "algo": cfg.algo, "reward": cfg.reward, "num_samples": num_samples,
+        "run": str(run_dir),
+        "kind": "finetune",
+        "algo": cfg.algo,
+        "reward": cfg.reward,
+        "num_samples": num_samples,
         "memoryless": memoryless,
         "reward_mean": finite_mean(reward(samples, c)),
         "reward_mean_pretrained": finite_mean(reward(before, c)),
@@ -148,9 +182,11 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
         metrics[f"eval_reward/{label}"] = finite_mean(eval_reward(samples, c))
         metrics[f"eval_reward/{label}_pretrained"] = finite_mean(eval_reward(before, c))
     if not memoryless and beta > 0:
-        metrics["note"] = (f"sampler {cfg.sampler} with eta {cfg.eta} does not forget x_T: p_pre exp(r / kl_coef) / Z "
-                           "is not reachable (docs/design.md, section 2), so distances to it are not distances to a "
-                           "reachable target")
+        metrics["note"] = (
+            f"sampler {cfg.sampler} with eta {cfg.eta} does not forget x_T: p_pre exp(r / kl_coef) / Z "
+            "is not reachable (docs/design.md, section 2), so distances to it are not distances to a "
+            "reachable target"
+        )
     if len(run.checkpoint["data"]["shape"]) != 1:
         return metrics
     samples, before = samples.cpu().numpy(), before.cpu().numpy()
@@ -178,16 +214,34 @@ def evaluate_finetuned(run_dir: Path, num_samples: int = 5000, seed: int = 0, de
     return metrics
 
 
-def sample_with_path_kl(model: torch.nn.Module, run: LoadedRun, pretrained: LoadedRun, cfg, shape: tuple[int, ...],
-                        c: torch.Tensor | None, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_with_path_kl(
+    model: torch.nn.Module,
+    run: LoadedRun,
+    pretrained: LoadedRun,
+    cfg,
+    shape: tuple[int, ...],
+    c: torch.Tensor | None,
+    seed: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x_0 [N, ...] of `model` on the chain the run was trained on (cfg.sampling), and each chain's exact
     path KL to the pretrained model [N] in nats: `model` is scored as a policy, whatever it is."""
     from rl_diffusion.ddpo import Pairs, path_kls
 
     with torch.no_grad():
-        traj = run.diffusion.sample(model, shape, c=c, generator=torch.Generator(device=device).manual_seed(seed), device=device,
-                                    record=True, log_prob_reduction=cfg.log_prob_reduction, **cfg.sampling)
-        kl = path_kls(run.diffusion, cfg, model, pretrained.model, Pairs.from_trajectory(traj), len(traj.timesteps)).sum(0)
+        traj = run.diffusion.sample(
+            model,
+            shape,
+            c=c,
+            generator=torch.Generator(device=device).manual_seed(seed),
+            device=device,
+            record=True,
+            log_prob_reduction=cfg.log_prob_reduction,
+            **cfg.sampling,
+        )
+        kl = path_kls(
+            run.diffusion, cfg, model, pretrained.model, Pairs.from_trajectory(traj), len(traj.timesteps)
+        ).sum(0)
     return traj.xs[-1], kl
 
 
@@ -203,24 +257,32 @@ def pretrained_pool(run_dir: Path, run: LoadedRun, seed: int, device: torch.devi
     atomic_save_npy(path, pool)
     return pool
 
-def _exact_target_metrics(target: ExactTarget, samples: np.ndarray, before: np.ndarray, reward: Reward,
-                          far_radius: float) -> dict:
+
+def _exact_target_metrics(
+    target: ExactTarget, samples: np.ndarray, before: np.ndarray, reward: Reward, far_radius: float
+) -> dict:
     """The ``target_*`` block: fine-tuned and pretrained samples [N, 2] against the first half of the
     exact target's samples, and the second half against the first (the floors)."""
     draw, again = np.split(target.samples, 2)
-    out = {"target_method": target.description,
-           "target_reward_mean": finite_mean(reward(torch.from_numpy(draw))),
-           "target_far_fraction": far_fraction(draw, far_radius)}
+    out = {
+        "target_method": target.description,
+        "target_reward_mean": finite_mean(reward(torch.from_numpy(draw))),
+        "target_far_fraction": far_fraction(draw, far_radius),
+    }
     for suffix, points in (("", samples), ("_pretrained", before), ("_floor", again)):
         out.update({f"target_{k}{suffix}": v for k, v in _distances(points, draw, target.modes).items()})
     if target.modes is not None:
-        out.update(mode_radius=target.modes.radius, target_mode_masses=target.modes.masses.tolist(),
-                   target_outside_mass=mode_masses(draw, target.modes.means, target.modes.radius)[1])
+        out.update(
+            mode_radius=target.modes.radius,
+            target_mode_masses=target.modes.masses.tolist(),
+            target_outside_mass=mode_masses(draw, target.modes.means, target.modes.radius)[1],
+        )
     return out
 
 
-def _tilted_metrics(pools: list[np.ndarray], reward: Reward, kl_coef: float, samples: np.ndarray,
-                    before: np.ndarray, seed: int) -> dict:
+def _tilted_metrics(
+    pools: list[np.ndarray], reward: Reward, kl_coef: float, samples: np.ndarray, before: np.ndarray, seed: int
+) -> dict:
     """The ``tilted_*`` block: samples [N, 2] against the first pool's importance-resampled tilt, and the
     second pool's tilt against it (the floor); pool samples with a non-finite reward are dropped."""
     targets, esses, dropped = [], [], 0
@@ -232,12 +294,18 @@ def _tilted_metrics(pools: list[np.ndarray], reward: Reward, kl_coef: float, sam
         esses.append(ess)
         dropped += int((~finite).sum())
     reliable = min(esses) >= TILTED_MIN_ESS
-    out = {"tilted_ess": esses[0], "tilted_reliable": reliable, "tilted_nonfinite_dropped": dropped,
-           "tilted_reward_mean": finite_mean(reward(torch.from_numpy(targets[0])))}
+    out = {
+        "tilted_ess": esses[0],
+        "tilted_reliable": reliable,
+        "tilted_nonfinite_dropped": dropped,
+        "tilted_reward_mean": finite_mean(reward(torch.from_numpy(targets[0]))),
+    }
     for suffix, points in (("", samples), ("_pretrained", before), ("_floor", targets[1])):
         out.update({f"tilted_{k}{suffix}": v for k, v in _distances(points, targets[0], None).items()})
     if not reliable:
-        out["tilted_note"] = (f"effective sample size {min(esses):.0f} of a pool of {len(pools[0]):,} is below "
-                              f"{TILTED_MIN_ESS:,}: the resampled target repeats a few pool points, so tilted_* "
-                              "distances are unreliable")
+        out["tilted_note"] = (
+            f"effective sample size {min(esses):.0f} of a pool of {len(pools[0]):,} is below "
+            f"{TILTED_MIN_ESS:,}: the resampled target repeats a few pool points, so tilted_* "
+            "distances are unreliable"
+        )
     return out

@@ -45,7 +45,9 @@ def limits(*point_sets: Points, margin: float = 0.1) -> Limits:
 
     Pass the result as ``lim`` to keep several figures (or a GIF) on the same axes.
     """
-    values = np.concatenate([_as_numpy(points).ravel() for points in point_sets if np.ndim(points) == 2] or [np.zeros(0)])
+    values = np.concatenate(
+        [_as_numpy(points).ravel() for points in point_sets if np.ndim(points) == 2] or [np.zeros(0)]
+    )
     values = values[np.isfinite(values)]
     if values.size == 0:
         return (-1.0, 1.0)
@@ -194,7 +196,13 @@ def save_gif(frames: Sequence[tuple[str, Points]], path: str | Path, lim: Limits
 
 
 def plot_finetune_summary(
-    before: Points, after: Points, data: Points, epochs: Sequence[int], mean_rewards: Sequence[float], path: str | Path, title: str = ""
+    before: Points,
+    after: Points,
+    data: Points,
+    epochs: Sequence[int],
+    mean_rewards: Sequence[float],
+    path: str | Path,
+    title: str = "",
 ) -> None:
     """Samples before and after fine-tuning over the data, and the mean reward per epoch."""
     fig, (ax_before, ax_after, ax_curve) = _row(3, title)
@@ -208,7 +216,9 @@ def plot_finetune_summary(
     _save(fig, path)
 
 
-def plot_grid(rows: Sequence[tuple[str, Sequence[tuple[str, Points]], Points]], path: str | Path, title: str = "") -> int:
+def plot_grid(
+    rows: Sequence[tuple[str, Sequence[tuple[str, Points]], Points]], path: str | Path, title: str = ""
+) -> int:
     """A grid of panels: one row per (row label, [(column label, points), ...], the row's data); returns the cell count.
 
     Each row is drawn over its own data with the data's limits (samples far off are cut off,
@@ -236,7 +246,14 @@ def plot_grid(rows: Sequence[tuple[str, Sequence[tuple[str, Points]], Points]], 
     return cells
 
 
-def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, xlabel: str, ylabel: str, title: str = "", log_y: bool = False) -> None:
+def plot_curves(
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    log_y: bool = False,
+) -> None:
     """One line per label: {label: (xs, ys)}."""
     fig, (ax,) = _row(1, title)
     fig.set_size_inches(5, 3.5)
@@ -263,7 +280,9 @@ def image_grid(images: Points, columns: int = 8, pad: int = 1) -> np.ndarray:
     grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, columns)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = x[i].transpose(1, 2, 0)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = x[
+            i
+        ].transpose(1, 2, 0)
     return grid
 
 
@@ -284,15 +303,27 @@ def plot_frontier(summary: dict, path: str | Path) -> None:
         # the epochs' batches, then the end point: the evaluation of the final network
         kl = [*run["curve"]["kl_to_pretrained"], run["kl_to_pretrained"]]
         reward = [*run["curve"]["reward_mean"], run["reward_mean"]]
-        line, = ax.plot(kl, reward, marker="o", markersize=2, alpha=0.6, label=f"beta={beta}")
+        (line,) = ax.plot(kl, reward, marker="o", markersize=2, alpha=0.6, label=f"beta={beta}")
         ax.plot(kl[-1], reward[-1], marker="o", markersize=6, color=line.get_color())
         ax.annotate(f"beta={beta}", (kl[-1], reward[-1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if summary["mix"] is not None:
         points = summary["mix"]["points"]
-        ax.plot([p["kl_to_pretrained"] for p in points], [p["reward_mean"] for p in points], "k--", marker="s", markersize=3,
-                label=f"mix of beta={summary['mix']['kl_coef']} with pretrained")
+        ax.plot(
+            [p["kl_to_pretrained"] for p in points],
+            [p["reward_mean"] for p in points],
+            "k--",
+            marker="s",
+            markersize=3,
+            label=f"mix of beta={summary['mix']['kl_coef']} with pretrained",
+        )
         for p in points:
-            ax.annotate(f"{p['mix']:g}", (p["kl_to_pretrained"], p["reward_mean"]), textcoords="offset points", xytext=(-10, -9), fontsize=6)
+            ax.annotate(
+                f"{p['mix']:g}",
+                (p["kl_to_pretrained"], p["reward_mean"]),
+                textcoords="offset points",
+                xytext=(-10, -9),
+                fontsize=6,
+            )
     ax.set_xlabel("path KL to pretrained (nats per chain)")
     ax.set_ylabel("mean reward")
     ax.grid(alpha=0.3)

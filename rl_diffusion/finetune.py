@@ -52,46 +52,83 @@ class FinetuneConfig:
     run: str = arg("", "pretrained run directory to start from (also --pretrained)", aliases=("--pretrained",))
     reward: str = arg("target_point", "reward name, module:factory, or entry point (see `rl-diffusion rewards`)")
     reward_args: dict = dataclasses.field(default_factory=dict, metadata={"help": "reward keyword arguments"})
-    eval_rewards: dict = dataclasses.field(default_factory=dict, metadata={
-        "help": "held-out rewards, scored on every epoch's x_0 and never trained on: {label: {'reward': spec, 'reward_args': {...}}}"})
-    early_stop_on: str = arg("", "label of an --eval-reward: stop once its mean has not improved on its best for --patience epochs; "
-                                 "the best checkpoint is then elected by it (ddpo-sf, ddpo-is, rwr)")
+    eval_rewards: dict = dataclasses.field(
+        default_factory=dict,
+        metadata={
+            "help": "held-out rewards, scored on every epoch's x_0 and never trained on: {label: {'reward': spec, 'reward_args': {...}}}"
+        },
+    )
+    early_stop_on: str = arg(
+        "",
+        "label of an --eval-reward: stop once its mean has not improved on its best for --patience epochs; "
+        "the best checkpoint is then elected by it (ddpo-sf, ddpo-is, rwr)",
+    )
     patience: int = arg(0, "--early-stop-on: epochs without a new best held-out mean before the run stops")
-    algo: str = arg("ddpo-is", "ddpo-sf | ddpo-is | rwr | sb3-ppo (diffusion policies) | sb3-sac | sb3-td3 | sb3-a2c | sb3-ppo-mlp "
-                                "(SB3's default policy steering the frozen pretrained model, see --action-mode)")
-    action_mode: str = arg("residual", "sb3-sac, sb3-td3, sb3-a2c, sb3-ppo-mlp: residual (shift each pretrained step's mean, in units "
-                                       "of its sigma) | noise (choose x_T of deterministic DDIM over --sampling-steps)")
+    algo: str = arg(
+        "ddpo-is",
+        "ddpo-sf | ddpo-is | rwr | sb3-ppo (diffusion policies) | sb3-sac | sb3-td3 | sb3-a2c | sb3-ppo-mlp "
+        "(SB3's default policy steering the frozen pretrained model, see --action-mode)",
+    )
+    action_mode: str = arg(
+        "residual",
+        "sb3-sac, sb3-td3, sb3-a2c, sb3-ppo-mlp: residual (shift each pretrained step's mean, in units "
+        "of its sigma) | noise (choose x_T of deterministic DDIM over --sampling-steps)",
+    )
     chains: int = arg(256, "denoising chains sampled per epoch (the batch; SB3: parallel envs)")
     epochs: int = arg(30, "sampling rounds")
-    total_steps: int = arg(0, "budget in denoising steps (chains x steps per chain x epochs); overrides --epochs when > 0")
+    total_steps: int = arg(
+        0, "budget in denoising steps (chains x steps per chain x epochs); overrides --epochs when > 0"
+    )
     lr: float = arg(1e-3, "AdamW learning rate of the policy")
     clip_range: float = arg(0.2, "PPO clip on the ratio pi/pi_old (log-prob units: see --log-prob-reduction)")
     adv_clip: float = arg(5.0, "clip standardised advantages to [-adv_clip, adv_clip]")
-    inner_epochs: int = arg(1, "passes over each sampled batch (ddpo-is, rwr, sb3-ppo, sb3-ppo-mlp); gradient steps per env step (sb3-sac, sb3-td3)")
+    inner_epochs: int = arg(
+        1,
+        "passes over each sampled batch (ddpo-is, rwr, sb3-ppo, sb3-ppo-mlp); gradient steps per env step (sb3-sac, sb3-td3)",
+    )
     minibatch_size: int = arg(1024, "(trajectory, timestep) pairs per gradient step (ddpo-is, rwr, sb3-ppo)")
     timestep_fraction: float = arg(1.0, "fraction of each chain's timesteps trained on per epoch (ddpo-is)")
-    kl_coef: float = arg(0.0, "beta of the exact path KL to the pretrained model (0 = off); with --kl-target, beta's starting value")
-    kl_target: float = arg(0.0, "ddpo-sf, ddpo-is: nats of mean path KL per chain to hold by adapting beta after each epoch "
-                                "(Ziegler et al. 2019; logged as kl/beta); 0 = beta fixed at --kl-coef")
-    kl_gain: float = arg(0.5, "--kl-target: K_beta, in (0, 5); beta changes by at most a factor 1 +- 0.2 K_beta per epoch, "
-                              "so 1 / K_beta epochs is the controller's horizon")
-    rwr_temperature: float = arg(1.0, "rwr: softmax temperature on rewards, reward units; each epoch fits p_old exp(r / T), so the tilt "
-                                      "compounds over epochs with nothing holding it to the pretrained model")
-    log_prob_reduction: str = arg("sum", "sum (exact log-density) | mean (per dimension; shrink --clip-range; the KL term is averaged alike)")
+    kl_coef: float = arg(
+        0.0, "beta of the exact path KL to the pretrained model (0 = off); with --kl-target, beta's starting value"
+    )
+    kl_target: float = arg(
+        0.0,
+        "ddpo-sf, ddpo-is: nats of mean path KL per chain to hold by adapting beta after each epoch "
+        "(Ziegler et al. 2019; logged as kl/beta); 0 = beta fixed at --kl-coef",
+    )
+    kl_gain: float = arg(
+        0.5,
+        "--kl-target: K_beta, in (0, 5); beta changes by at most a factor 1 +- 0.2 K_beta per epoch, "
+        "so 1 / K_beta epochs is the controller's horizon",
+    )
+    rwr_temperature: float = arg(
+        1.0,
+        "rwr: softmax temperature on rewards, reward units; each epoch fits p_old exp(r / T), so the tilt "
+        "compounds over epochs with nothing holding it to the pretrained model",
+    )
+    log_prob_reduction: str = arg(
+        "sum", "sum (exact log-density) | mean (per dimension; shrink --clip-range; the KL term is averaged alike)"
+    )
     grad_clip: float = arg(1.0, "clip the gradient's global norm to this")
     sampler: str = arg("ddpm", "ddpm | ddim: the reverse chain the policy acts in")
     sampling_steps: int = arg(0, "DDIM steps per chain (0 = all T)")
-    eta: float = arg(1.0, "DDIM stochasticity in (0, 1]; below 1 the chain keeps memory of x_T and the KL optimum is out of reach")
+    eta: float = arg(
+        1.0, "DDIM stochasticity in (0, 1]; below 1 the chain keeps memory of x_T and the KL optimum is out of reach"
+    )
     x_axis: str = arg("epoch", "TensorBoard step axis: epoch | reward_queries (samples scored so far)")
     seed: int = arg(0, "seed of every random draw in the run")
     checkpoint_every: int = arg(5, "epochs between checkpoints")
     keep_checkpoints: int = arg(3, "checkpoints kept (plus the best)")
-    skip_nonfinite_rewards: bool = arg(False, "drop samples whose reward is nan/inf (counted in TensorBoard) instead of stopping")
+    skip_nonfinite_rewards: bool = arg(
+        False, "drop samples whose reward is nan/inf (counted in TensorBoard) instead of stopping"
+    )
     device: str = arg("cpu", "cpu | cuda | cuda:N")
 
     def validate(self) -> None:
         if self.algo not in ALGOS:
-            raise UserError(f"unknown --algo '{self.algo}'{nearest(self.algo, ALGOS)}; choose one of {', '.join(ALGOS)}")
+            raise UserError(
+                f"unknown --algo '{self.algo}'{nearest(self.algo, ALGOS)}; choose one of {', '.join(ALGOS)}"
+            )
         if not self.run:
             raise UserError("finetune needs --run PRETRAINED_RUN (the --out of rl-diffusion pretrain)")
         for name in ("chains", "epochs", "inner_epochs", "minibatch_size", "checkpoint_every"):
@@ -111,28 +148,38 @@ class FinetuneConfig:
         if self.algo in AGENT_ALGOS:
             self.validate_agent()
         elif self.action_mode != "residual":
-            raise UserError(f"--action-mode applies to {', '.join(AGENT_ALGOS)}; --algo {self.algo} acts on x_{{t-1}} itself")
+            raise UserError(
+                f"--action-mode applies to {', '.join(AGENT_ALGOS)}; --algo {self.algo} acts on x_{{t-1}} itself"
+            )
         if self.eta <= 0:
-            raise UserError("--eta must be > 0: a deterministic chain has no log-prob to train (noise mode runs DDIM with eta 0 by itself)")
+            raise UserError(
+                "--eta must be > 0: a deterministic chain has no log-prob to train (noise mode runs DDIM with eta 0 by itself)"
+            )
         check_sampler(self.sampler, self.eta)
         if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
             raise UserError(f"unknown --log-prob-reduction '{self.log_prob_reduction}'; choose sum or mean")
         if self.x_axis not in ("epoch", "reward_queries"):
             raise UserError(f"unknown --x-axis '{self.x_axis}'; choose epoch or reward_queries")
-        sb3_refused = {"--timestep-fraction": self.timestep_fraction < 1,
-                       "--skip-nonfinite-rewards": self.skip_nonfinite_rewards}
+        sb3_refused = {
+            "--timestep-fraction": self.timestep_fraction < 1,
+            "--skip-nonfinite-rewards": self.skip_nonfinite_rewards,
+        }
         if self.algo == "sb3-ppo" and any(sb3_refused.values()):
             flags = ", ".join(flag for flag, given in sb3_refused.items() if given)
             raise UserError(f"--algo sb3-ppo does not support {flags}; use --algo ddpo-is for them")
         if self.algo == "rwr" and self.kl_coef > 0:
-            raise UserError("--algo rwr has no KL term: each epoch fits p_old exp(r / T), a tilt that compounds over epochs "
-                            "with nothing holding it to the pretrained model; --kl-coef applies to ddpo-sf, ddpo-is and sb3-ppo")
+            raise UserError(
+                "--algo rwr has no KL term: each epoch fits p_old exp(r / T), a tilt that compounds over epochs "
+                "with nothing holding it to the pretrained model; --kl-coef applies to ddpo-sf, ddpo-is and sb3-ppo"
+            )
 
     def validate_kl_target(self) -> None:
         if self.kl_target < 0:
             raise UserError(f"--kl-target must be >= 0 nats, got {self.kl_target}")
         if self.algo not in ("ddpo-sf", "ddpo-is"):
-            raise UserError(f"--kl-target adapts the beta of ddpo-sf and ddpo-is; --algo {self.algo} does not support it")
+            raise UserError(
+                f"--kl-target adapts the beta of ddpo-sf and ddpo-is; --algo {self.algo} does not support it"
+            )
         if self.kl_coef <= 0:
             raise UserError("--kl-target adapts beta multiplicatively from --kl-coef; give a starting --kl-coef > 0")
         if not 0 < self.kl_gain < 5:
@@ -143,22 +190,35 @@ class FinetuneConfig:
             raise UserError("--patience applies to --early-stop-on LABEL; give both or neither")
         if self.early_stop_on not in self.eval_rewards:
             labels = list(self.eval_rewards)
-            raise UserError(f"--early-stop-on '{self.early_stop_on}' names no --eval-reward{nearest(self.early_stop_on, labels)}; "
-                            f"given: {', '.join(labels) or 'none'}")
+            raise UserError(
+                f"--early-stop-on '{self.early_stop_on}' names no --eval-reward{nearest(self.early_stop_on, labels)}; "
+                f"given: {', '.join(labels) or 'none'}"
+            )
         if self.patience < 1:
             raise UserError(f"--early-stop-on needs --patience of at least 1 epoch, got {self.patience}")
         if self.algo.startswith("sb3-"):
-            raise UserError(f"--early-stop-on stops the loop of ddpo-sf, ddpo-is and rwr; --algo {self.algo} does not support it")
+            raise UserError(
+                f"--early-stop-on stops the loop of ddpo-sf, ddpo-is and rwr; --algo {self.algo} does not support it"
+            )
 
     def validate_agent(self) -> None:
         if self.action_mode not in AGENT_ACTION_MODES:
-            raise UserError(f"unknown --action-mode '{self.action_mode}' for --algo {self.algo}; choose residual or noise")
+            raise UserError(
+                f"unknown --action-mode '{self.action_mode}' for --algo {self.algo}; choose residual or noise"
+            )
         if self.action_mode == "noise" and self.kl_coef > 0:
-            raise UserError("--kl-coef needs a closed-form KL per step, which --action-mode residual has and noise does not")
-        refused = {"--timestep-fraction": self.timestep_fraction < 1, "--skip-nonfinite-rewards": self.skip_nonfinite_rewards,
-                   "--log-prob-reduction": self.log_prob_reduction != "sum"}
+            raise UserError(
+                "--kl-coef needs a closed-form KL per step, which --action-mode residual has and noise does not"
+            )
+        refused = {
+            "--timestep-fraction": self.timestep_fraction < 1,
+            "--skip-nonfinite-rewards": self.skip_nonfinite_rewards,
+            "--log-prob-reduction": self.log_prob_reduction != "sum",
+        }
         if any(refused.values()):
-            raise UserError(f"--algo {self.algo} does not support {', '.join(flag for flag, given in refused.items() if given)}")
+            raise UserError(
+                f"--algo {self.algo} does not support {', '.join(flag for flag, given in refused.items() if given)}"
+            )
 
     @property
     def sampling(self) -> dict:
@@ -188,13 +248,19 @@ class Setup:
     writer: SummaryWriter | NoWriter  # NoWriter on every rank but 0
     checkpoints: CheckpointManager
     eval_data: np.ndarray  # the data set, drawn for figures
-    picture: Callable[[np.ndarray, str], np.ndarray]  # figures.samples_picture of eval_data: samples -> TensorBoard image
+    picture: Callable[
+        [np.ndarray, str], np.ndarray
+    ]  # figures.samples_picture of eval_data: samples -> TensorBoard image
     ranks: Ranks  # this process among the data-parallel ranks (rank 0 of 1 without torchrun)
-    synced_policy: nn.Module  # the policy under DDP on several ranks: the update's forward, so backward averages gradients
+    synced_policy: (
+        nn.Module
+    )  # the policy under DDP on several ranks: the update's forward, so backward averages gradients
     frames: list = dataclasses.field(default_factory=list)  # (label, samples) per epoch, for the GIF
     history: list = dataclasses.field(default_factory=list)  # per-epoch logged scalars
     resumed: dict | None = None  # the checkpoint a --resume continues from
-    eval_rewards: dict[str, Reward] = dataclasses.field(default_factory=dict)  # held-out rewards by label: logged, never trained on
+    eval_rewards: dict[str, Reward] = dataclasses.field(
+        default_factory=dict
+    )  # held-out rewards by label: logged, never trained on
     modes: Modes | None = None  # a mixture data set's modes, for diversity/modes_held
 
     @property
@@ -222,7 +288,9 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         if config.algo.startswith("sb3-"):
             raise UserError(f"--algo {config.algo} runs in one process; under torchrun use ddpo-sf, ddpo-is or rwr")
         if config.skip_nonfinite_rewards:
-            raise UserError("--skip-nonfinite-rewards would leave the ranks with unequal batches; it needs a single process")
+            raise UserError(
+                "--skip-nonfinite-rewards would leave the ranks with unequal batches; it needs a single process"
+            )
     ranks.shard(config.chains, "--chains")  # an uneven split is refused before anything is written
     pretrained = load_run(Path(config.run), device)
     if pretrained.checkpoint["kind"] != "pretrain":
@@ -243,9 +311,11 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     if not resume and ranks.is_main:
         prepare_run_dir(out, json.dumps(dict(kind="finetune", **dataclasses.asdict(config)), indent=2), overwrite)
     if config.kl_coef > 0 and not is_memoryless(config.sampler, config.eta) and ranks.is_main:
-        print(f"warning: DDIM with --eta {config.eta} keeps memory of x_T, so the KL-regularised optimum "
-              "p_pre exp(r / beta) / Z is out of reach (docs/design.md, section 2); use --eta 1 or --sampler ddpm to aim at it",
-              file=sys.stderr)
+        print(
+            f"warning: DDIM with --eta {config.eta} keeps memory of x_T, so the KL-regularised optimum "
+            "p_pre exp(r / beta) / Z is out of reach (docs/design.md, section 2); use --eta 1 or --sampler ddpm to aim at it",
+            file=sys.stderr,
+        )
     torch.manual_seed(config.seed)
     # eval mode for good: sampling, rescoring and the update must see one network (dropout would
     # break ratio = 1 and KL = 0 before the first update)
@@ -260,17 +330,34 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     writer = distributed.summary_writer(ranks, out, purge_step=purge_step)
     eval_data = reference_draws(data_of_checkpoint(pretrained.checkpoint["data"]), 2000, EVAL_DATA_SEED)[0]
     return Setup(
-        config=config, out=out, device=device, diffusion=diffusion, policy=policy, reference=reference,
-        pretrained=pretrained, reward=reward, data_shape=data_shape, epochs=epochs, writer=writer,
-        checkpoints=checkpoints, resumed=resumed,
-        eval_data=eval_data, picture=figures.samples_picture(eval_data), ranks=ranks, synced_policy=ranks.wrap(policy),
-        eval_rewards=eval_rewards, modes=dataset_modes(pretrained.checkpoint["data"]["dataset"]),
+        config=config,
+        out=out,
+        device=device,
+        diffusion=diffusion,
+        policy=policy,
+        reference=reference,
+        pretrained=pretrained,
+        reward=reward,
+        data_shape=data_shape,
+        epochs=epochs,
+        writer=writer,
+        checkpoints=checkpoints,
+        resumed=resumed,
+        eval_data=eval_data,
+        picture=figures.samples_picture(eval_data),
+        ranks=ranks,
+        synced_policy=ranks.wrap(policy),
+        eval_rewards=eval_rewards,
+        modes=dataset_modes(pretrained.checkpoint["data"]["dataset"]),
     )
 
 
 def build_eval_rewards(eval_rewards: dict) -> dict[str, Reward]:
     """The held-out rewards of FinetuneConfig.eval_rewards by label; a non-finite value is left out of their means."""
-    return {label: build_reward(spec["reward"], spec["reward_args"], skip_nonfinite=True) for label, spec in eval_rewards.items()}
+    return {
+        label: build_reward(spec["reward"], spec["reward_args"], skip_nonfinite=True)
+        for label, spec in eval_rewards.items()
+    }
 
 
 def diversity_scalars(x0: Tensor, modes: Modes | None) -> dict[str, float]:
@@ -282,7 +369,9 @@ def diversity_scalars(x0: Tensor, modes: Modes | None) -> dict[str, float]:
     values = {"diversity/vendi": vendi_score(x0)}
     if modes is not None:
         masses, outside = mode_masses(x0, modes.means, modes.radius)
-        values.update({"diversity/modes_held": float((masses >= MODE_HELD_MASS).sum()), "diversity/outside_mass": outside})
+        values.update(
+            {"diversity/modes_held": float((masses >= MODE_HELD_MASS).sum()), "diversity/outside_mass": outside}
+        )
     return values
 
 
@@ -297,12 +386,22 @@ def score(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
     except RewardError as e:
         raise RewardError(f"{e}; stopped at epoch {epoch + 1}, the last good checkpoint is kept in {s.out}") from None
     if torch.isfinite(rewards).sum() < 2:
-        raise RewardError(f"reward '{s.reward.name}' returned fewer than 2 finite values at epoch {epoch + 1}; nothing to learn from")
+        raise RewardError(
+            f"reward '{s.reward.name}' returned fewer than 2 finite values at epoch {epoch + 1}; nothing to learn from"
+        )
     return rewards
 
 
-def log_epoch(s: Setup, epoch: int, reward_queries: int, x0: Tensor, rewards: Tensor, scalars: dict[str, float], seconds: float,
-              c: Tensor | None = None) -> None:
+def log_epoch(
+    s: Setup,
+    epoch: int,
+    reward_queries: int,
+    x0: Tensor,
+    rewards: Tensor,
+    scalars: dict[str, float],
+    seconds: float,
+    c: Tensor | None = None,
+) -> None:
     """Per-epoch TensorBoard scalars (reward/, eval_reward/, diversity/, kl/, loss/, ppo/, perf/), a reward
     histogram and a scatter of samples. x0 [B, ...] are the epoch's samples, rewards [B] their training
     rewards, c [B] their labels (held-out rewards see them; None: unlabelled)."""
@@ -363,9 +462,11 @@ def early_stop(s: Setup) -> tuple[bool, str | None]:
     best, last = best_epoch(s), len(s.history)
     if last - best < s.config.patience:
         return best == last, None
-    return False, (f"early stop after epoch {last}: held-out reward '{s.config.early_stop_on}' has not improved on its "
-                   f"best {s.history[best - 1][best_tag(s.config)]:.4g} (epoch {best}) for {s.config.patience} epochs; "
-                   f"the best checkpoint by it is that of step {best} in {s.checkpoints.dir}")
+    return False, (
+        f"early stop after epoch {last}: held-out reward '{s.config.early_stop_on}' has not improved on its "
+        f"best {s.history[best - 1][best_tag(s.config)]:.4g} (epoch {best}) for {s.config.patience} epochs; "
+        f"the best checkpoint by it is that of step {best} in {s.checkpoints.dir}"
+    )
 
 
 def restore(s: Setup) -> dict:
@@ -397,8 +498,12 @@ def finish(s: Setup) -> dict:
             figures.save_image_grid(s.frames[0][1], s.out / "figures" / "samples_before.png")
             figures.save_image_grid(s.frames[-1][1], s.out / "figures" / "samples_after.png")
         figures.plot_finetune_summary(
-            before=s.frames[0][1], after=s.frames[-1][1], data=s.eval_data,
-            epochs=[h["epoch"] for h in s.history], mean_rewards=[h["reward/mean"] for h in s.history],
-            path=s.out / "figures" / "finetune.png", title=f"{s.config.algo} on {s.reward.name}",
+            before=s.frames[0][1],
+            after=s.frames[-1][1],
+            data=s.eval_data,
+            epochs=[h["epoch"] for h in s.history],
+            mean_rewards=[h["reward/mean"] for h in s.history],
+            path=s.out / "figures" / "finetune.png",
+            title=f"{s.config.algo} on {s.reward.name}",
         )
     return metrics

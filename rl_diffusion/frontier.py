@@ -52,10 +52,14 @@ def load_mixed(run_dir: Path, mix: float, device: torch.device) -> tuple[LoadedR
         raise UserError(f"--mix must be in [0, 1], got {mix}")
     config = read_run_config(run_dir)
     if config.get("kind") != "finetune":
-        raise UserError(f"--mix blends a fine-tuned network with its pretrained one; {run_dir} is a {config.get('kind')} run")
+        raise UserError(
+            f"--mix blends a fine-tuned network with its pretrained one; {run_dir} is a {config.get('kind')} run"
+        )
     if config["algo"] in AGENT_ALGOS:
-        raise UserError(f"--mix needs a fine-tuned eps network; {run_dir} was fine-tuned by --algo {config['algo']}, "
-                        "an agent steering the frozen pretrained network")
+        raise UserError(
+            f"--mix needs a fine-tuned eps network; {run_dir} was fine-tuned by --algo {config['algo']}, "
+            "an agent steering the frozen pretrained network"
+        )
     run, pretrained = load_run(run_dir, device), load_run(Path(config["run"]), device)
     return run, pretrained, MixedEps(pretrained.model, run.model, mix)
 
@@ -76,7 +80,9 @@ def mixed_point(run_dir: Path, mix: float, num_samples: int, seed: int, device: 
     return {"mix": mix, "reward_mean": finite_mean(rewards), "kl_to_pretrained": kl.mean().item()}
 
 
-def frontier(kl_coefs: list[float], out: Path, flags: list[str], jobs: int = 1, device: str = "cpu", progress: bool = True) -> dict:
+def frontier(
+    kl_coefs: list[float], out: Path, flags: list[str], jobs: int = 1, device: str = "cpu", progress: bool = True
+) -> dict:
     """Run (or resume, or skip) one fine-tuning run per beta, then write frontier.json and frontier.png."""
     from rl_diffusion.distributed import resolve_device
     from rl_diffusion.finetune import AGENT_ALGOS
@@ -90,10 +96,19 @@ def frontier(kl_coefs: list[float], out: Path, flags: list[str], jobs: int = 1, 
     for beta, run_dir in zip(kl_coefs, dirs):
         history = CheckpointManager(run_dir).load_latest()["train_state"]["history"]
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        final = {k: v for k, v in metrics.items() if k in FINAL_METRICS or (k.startswith("target_") and isinstance(v, (int, float)))}
-        runs[str(beta)] = {"run": str(run_dir), **final,
-                           "curve": {"kl_to_pretrained": [h["kl/to_pretrained"] for h in history],
-                                     "reward_mean": [h["reward/mean"] for h in history]}}
+        final = {
+            k: v
+            for k, v in metrics.items()
+            if k in FINAL_METRICS or (k.startswith("target_") and isinstance(v, (int, float)))
+        }
+        runs[str(beta)] = {
+            "run": str(run_dir),
+            **final,
+            "curve": {
+                "kl_to_pretrained": [h["kl/to_pretrained"] for h in history],
+                "reward_mean": [h["reward/mean"] for h in history],
+            },
+        }
     smallest = dirs[kl_coefs.index(min(kl_coefs))]
     mix = None
     if read_run_config(smallest)["algo"] not in AGENT_ALGOS:

@@ -51,8 +51,9 @@ def frechet_distance(feats_a: Features, feats_b: Features) -> float:
     return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
 
 
-def kernel_inception_distance(feats_a: Features, feats_b: Features, subsets: int = 100,
-                              subset_size: int = 1000, seed: int = 0) -> float:
+def kernel_inception_distance(
+    feats_a: Features, feats_b: Features, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> float:
     """KID (Binkowski et al. 2018): unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3.
 
     The mean over ``subsets`` random subsets of min(subset_size, N, M) rows of each set, drawn
@@ -95,8 +96,14 @@ def classifier_features(images: Tensor, classifier: nn.Module, batch_size: int =
     return torch.cat(feats), torch.cat(labels)
 
 
-def image_quality(samples: Tensor, data: Tensor, data_again: Tensor, classifier: nn.Module,
-                  kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict[str, float | int | list[float]]:
+def image_quality(
+    samples: Tensor,
+    data: Tensor,
+    data_again: Tensor,
+    classifier: nn.Module,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+) -> dict[str, float | int | list[float]]:
     """Frechet distance and KID of samples to data in classifier features, with floors, and label coverage.
 
     Args:

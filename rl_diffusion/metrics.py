@@ -91,8 +91,9 @@ def _two_sample(x: Points, y: Points, kernel: Kernel, statistic: str = "u") -> f
     return _mean_within(x, kernel, statistic) + _mean_within(y, kernel, statistic) - 2 * between
 
 
-def mmd_rbf(x: Points, y: Points, bandwidths: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
-            statistic: str = "u") -> float:
+def mmd_rbf(
+    x: Points, y: Points, bandwidths: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0), statistic: str = "u"
+) -> float:
     """Squared MMD between x [N, d] and y [M, d] with a sum of RBF kernels.
 
     k(a, b) = sum_h exp(-||a - b||^2 / (2 h^2)), bandwidths h in data units (the

@@ -143,8 +143,13 @@ class DiffusionPolicy(ActorCriticPolicy):
         **kwargs: Any,
     ):
         super().__init__(
-            observation_space, action_space, lr_schedule, activation_fn=activation_fn, ortho_init=False,
-            features_extractor_class=CriticFeatures, **kwargs,
+            observation_space,
+            action_space,
+            lr_schedule,
+            activation_fn=activation_fn,
+            ortho_init=False,
+            features_extractor_class=CriticFeatures,
+            **kwargs,
         )
         self.eps_model = eps_model.eval()
         self.diffusion = diffusion
@@ -180,7 +185,9 @@ class DiffusionPolicy(ActorCriticPolicy):
         """
         x, t, c = self._state(obs)
         eps = self.eps_model(x, t, c)
-        kwargs = dict(t_prev=self.prev_timestep[t], sampler=self.sampler, eta=self.eta, log_prob_reduction=self.log_prob_reduction)
+        kwargs = dict(
+            t_prev=self.prev_timestep[t], sampler=self.sampler, eta=self.eta, log_prob_reduction=self.log_prob_reduction
+        )
         if actions is None:
             sampled = self.diffusion.reverse_step(eps, x, t, **kwargs)
             actions = (sampled.mean if deterministic else sampled.x_prev).clamp(self.action_low, self.action_high)
@@ -209,7 +216,9 @@ class DiffusionPolicy(ActorCriticPolicy):
         return self.reverse_step(observation, deterministic=deterministic).x_prev
 
     def get_distribution(self, obs: PyTorchObs) -> NoReturn:
-        raise NotImplementedError("the reverse step is not an SB3 Distribution; use reverse_step() or evaluate_actions()")
+        raise NotImplementedError(
+            "the reverse step is not an SB3 Distribution; use reverse_step() or evaluate_actions()"
+        )
 
 
 class DenoisingVecEnvAdapter(VecEnv):
@@ -246,10 +255,17 @@ class DenoisingVecEnvAdapter(VecEnv):
     def step_wait(self) -> VecEnvStepReturn:
         rewards, done = self.env.step_tensor(self._actions)
         if not done:
-            return self.env.observation(), rewards.cpu().numpy(), np.zeros(self.num_envs, dtype=bool), [{} for _ in range(self.num_envs)]
+            return (
+                self.env.observation(),
+                rewards.cpu().numpy(),
+                np.zeros(self.num_envs, dtype=bool),
+                [{} for _ in range(self.num_envs)],
+            )
         self.x0, self.rewards, self.kl = self.env.x, self.env.final_rewards, self.env.episode_kl
         final = self.env.observation()
-        infos = [{"terminal_observation": {key: value[i] for key, value in final.items()}} for i in range(self.num_envs)]
+        infos = [
+            {"terminal_observation": {key: value[i] for key, value in final.items()}} for i in range(self.num_envs)
+        ]
         self.env.reset_tensor()
         return self.env.observation(), rewards.cpu().numpy(), np.ones(self.num_envs, dtype=bool), infos
 
@@ -267,7 +283,9 @@ class DenoisingVecEnvAdapter(VecEnv):
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         setattr(self.env, attr_name, value)
 
-    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
+    ) -> list[Any]:
         return [getattr(self.env, method_name)(*method_args, **method_kwargs)] * self._count(indices)
 
     def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
@@ -284,25 +302,52 @@ def make_ppo(s: Setup) -> PPO:
     """
     cfg = s.config
     env = DenoisingVectorEnv(
-        reward=cfg.reward, reward_kwargs=cfg.reward_args, sampler=cfg.sampler, sampling_steps=cfg.sampling_steps or None,
-        eta=cfg.eta, num_envs=cfg.chains, action_mode="sample", device=s.device, diffusion=s.diffusion, data_shape=s.data_shape,
+        reward=cfg.reward,
+        reward_kwargs=cfg.reward_args,
+        sampler=cfg.sampler,
+        sampling_steps=cfg.sampling_steps or None,
+        eta=cfg.eta,
+        num_envs=cfg.chains,
+        action_mode="sample",
+        device=s.device,
+        diffusion=s.diffusion,
+        data_shape=s.data_shape,
         num_classes=int(s.pretrained.checkpoint["model_config"].get("num_classes") or 0),
     )
     n_steps = s.steps_per_chain
     batch_size = min(cfg.minibatch_size, n_steps * cfg.chains)
     if batch_size < 2:  # PPO's per-minibatch advantage normalisation needs two
-        raise UserError(f"--algo sb3-ppo needs at least 2 (state, action) pairs per minibatch, got {batch_size}; raise --chains or --minibatch-size")
+        raise UserError(
+            f"--algo sb3-ppo needs at least 2 (state, action) pairs per minibatch, got {batch_size}; raise --chains or --minibatch-size"
+        )
     with warnings.catch_warnings():
         # a smaller last minibatch when minibatch_size does not divide the rollout is intended, as in ddpo.py
         warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
         model = PPO(
-            DiffusionPolicy, DenoisingVecEnvAdapter(env), learning_rate=cfg.lr, n_steps=n_steps, batch_size=batch_size,
-            n_epochs=cfg.inner_epochs, gamma=1.0, gae_lambda=1.0, clip_range=cfg.clip_range, normalize_advantage=True,
-            ent_coef=0.0, max_grad_norm=cfg.grad_clip, tensorboard_log=None, seed=cfg.seed, device=s.device,
+            DiffusionPolicy,
+            DenoisingVecEnvAdapter(env),
+            learning_rate=cfg.lr,
+            n_steps=n_steps,
+            batch_size=batch_size,
+            n_epochs=cfg.inner_epochs,
+            gamma=1.0,
+            gae_lambda=1.0,
+            clip_range=cfg.clip_range,
+            normalize_advantage=True,
+            ent_coef=0.0,
+            max_grad_norm=cfg.grad_clip,
+            tensorboard_log=None,
+            seed=cfg.seed,
+            device=s.device,
             policy_kwargs=dict(
-                eps_model=s.policy, diffusion=s.diffusion, timesteps=env.timesteps, sampler=cfg.sampler, eta=cfg.eta,
+                eps_model=s.policy,
+                diffusion=s.diffusion,
+                timesteps=env.timesteps,
+                sampler=cfg.sampler,
+                eta=cfg.eta,
                 log_prob_reduction=cfg.log_prob_reduction,
-                optimizer_class=torch.optim.AdamW, optimizer_kwargs={"weight_decay": 0.0},  # the native trainer's optimizer
+                optimizer_class=torch.optim.AdamW,
+                optimizer_kwargs={"weight_decay": 0.0},  # the native trainer's optimizer
             ),
         )
     model.set_logger(Logger(folder=None, output_formats=[]))
@@ -391,7 +436,9 @@ class EpochCallback(BaseCallback):
         """After an update, before the next rollout: refuse a diverged update, snapshot the train state."""
         loss = self.model.logger.name_to_value.get("train/loss")
         if loss is not None and not math.isfinite(loss):
-            raise UserError(f"the sb3-ppo loss became {loss} after epoch {self.epoch}; the last good checkpoint is kept in {self.s.out} (try a lower --lr)")
+            raise UserError(
+                f"the sb3-ppo loss became {loss} after epoch {self.epoch}; the last good checkpoint is kept in {self.s.out} (try a lower --lr)"
+            )
         self.boundary = self.train_state()
 
     def checkpoint(self) -> None:
@@ -420,13 +467,19 @@ class EpochCallback(BaseCallback):
         pairs = rollout_pairs(buffer, model.policy.prev_timestep, s.data_shape)
         kl = path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, model.n_steps).sum(0)
         if s.config.kl_coef > 0:  # SB3 computed the returns before this callback: recompute them with the penalty
-            buffer.rewards -= s.config.kl_coef * log_ratios_to_pretrained(s, pairs).reshape(buffer.rewards.shape).cpu().numpy()
+            buffer.rewards -= (
+                s.config.kl_coef * log_ratios_to_pretrained(s, pairs).reshape(buffer.rewards.shape).cpu().numpy()
+            )
             buffer.compute_returns_and_advantage(last_values=self.locals["values"], dones=self.locals["dones"])
         scalars = {
             "env/clipped_fraction": self.clipped / pairs.x_prev.numel(),
             "kl/to_pretrained": kl.mean().item(),
             "kl/to_pretrained_max": kl.max().item(),
-            **{tag: float(model.logger.name_to_value[key]) for key, tag in PPO_TAGS.items() if key in model.logger.name_to_value},
+            **{
+                tag: float(model.logger.name_to_value[key])
+                for key, tag in PPO_TAGS.items()
+                if key in model.logger.name_to_value
+            },
         }
         now = time.perf_counter()
         log_epoch(s, self.epoch, self.reward_queries, self.adapter.x0, rewards, scalars, now - self.started)
@@ -444,8 +497,10 @@ def load_train_state(model: PPO, state: dict) -> None:
     """Put a checkpoint's critic, optimizer, RNGs and next x_T back, so `learn` continues without a reset."""
     env = model.env.env
     if "env_generator" not in state:
-        raise UserError("this sb3-ppo checkpoint was written by an earlier version of rl-diffusion, which did not keep the env's "
-                        "noise generator; it cannot continue bit-identically: start the run again")
+        raise UserError(
+            "this sb3-ppo checkpoint was written by an earlier version of rl-diffusion, which did not keep the env's "
+            "noise generator; it cannot continue bit-identically: start the run again"
+        )
     model.policy.value_net.load_state_dict(state["critic"])
     model.policy.optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
@@ -475,10 +530,15 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
     else:
         write_hyperparameters(s)
     steps_per_epoch = model.n_steps * cfg.chains
-    with StopSignal() as stop, tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not progress) as bar:
+    with (
+        StopSignal() as stop,
+        tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not progress) as bar,
+    ):
         callback = EpochCallback(s, start, reward_queries, stop, bar)
         # reset_num_timesteps=False keeps the restored x_T instead of resetting the env
-        model.learn((s.epochs - start) * steps_per_epoch, callback=callback, reset_num_timesteps=not resume, progress_bar=False)
+        model.learn(
+            (s.epochs - start) * steps_per_epoch, callback=callback, reset_num_timesteps=not resume, progress_bar=False
+        )
         callback.checkpoint()
     return end_of_training(s, stop, callback.saved)
 
@@ -490,5 +550,9 @@ def end_of_training(s: Setup, stop: StopSignal, saved: int) -> dict:
         return finish(s)
     s.writer.close()
     if saved == 0:
-        raise UserError(f"stopped by signal {stop.received} before the first epoch finished; nothing was saved in {s.out}")
-    raise UserError(f"stopped by signal {stop.received} after epoch {saved}; checkpoint saved, continue with --resume {s.out}")
+        raise UserError(
+            f"stopped by signal {stop.received} before the first epoch finished; nothing was saved in {s.out}"
+        )
+    raise UserError(
+        f"stopped by signal {stop.received} after epoch {saved}; checkpoint saved, continue with --resume {s.out}"
+    )

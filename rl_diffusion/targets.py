@@ -74,8 +74,9 @@ def tilt_linear(mixture: Mixture, a: np.ndarray, kl_coef: float) -> Mixture:
     return Mixture(mixture.means + mixture.std**2 * a / kl_coef, mixture.std, np.exp(log_weights - log_weights.max()))
 
 
-def rejection_sample(dataset: str, reward: Reward, kl_coef: float, num_samples: int,
-                     rng: np.random.Generator) -> np.ndarray:
+def rejection_sample(
+    dataset: str, reward: Reward, kl_coef: float, num_samples: int, rng: np.random.Generator
+) -> np.ndarray:
     """num_samples exact draws of p_data(x) exp(r(x) / kl_coef) / Z, float32 [num_samples, 2].
 
     Proposes batches from the data set's sampler and accepts x with probability
@@ -91,7 +92,8 @@ def rejection_sample(dataset: str, reward: Reward, kl_coef: float, num_samples: 
         if num_proposed * num_samples > MAX_PROPOSALS * max(num_accepted, 1):
             raise RejectionTooCostly(
                 f"rejection sampling accepted {num_accepted} of {num_proposed} proposals; {num_samples} samples "
-                f"would need more than {MAX_PROPOSALS:,}")
+                f"would need more than {MAX_PROPOSALS:,}"
+            )
         x = sample_2d(dataset, PROPOSAL_BATCH, rng)
         r = reward(torch.from_numpy(x)).double().numpy()
         # exp of a non-finite log-ratio is nan or inf; the finite mask rejects those.
@@ -103,8 +105,9 @@ def rejection_sample(dataset: str, reward: Reward, kl_coef: float, num_samples: 
     return np.concatenate(accepted)[:num_samples]
 
 
-def exact_target(dataset: str, reward_name: str, reward_args: dict[str, Any], kl_coef: float,
-                 num_samples: int, seed: int) -> ExactTarget | None:
+def exact_target(
+    dataset: str, reward_name: str, reward_args: dict[str, Any], kl_coef: float, num_samples: int, seed: int
+) -> ExactTarget | None:
     """num_samples exact draws of the KL-regularised optimum of data set x reward, or None.
 
     None: no exact method for this pair (an image or non-mixture data set with a reward that
@@ -140,9 +143,15 @@ def exact_target(dataset: str, reward_name: str, reward_args: dict[str, Any], kl
     radius = MODE_RADIUS_STDS * mixture.std
     if reward_name == "gmm_posterior" and dataset == "gmm25" and kl_coef == 1:
         samples = rejection_sample(dataset, reward, kl_coef, num_samples, rng)
-        return ExactTarget(samples, Modes(mixture.means, GMM25_POSTERIOR.weights, radius),
-                           f"{description}; mode masses: the posterior's weights")
+        return ExactTarget(
+            samples,
+            Modes(mixture.means, GMM25_POSTERIOR.weights, radius),
+            f"{description}; mode masses: the posterior's weights",
+        )
     samples = rejection_sample(dataset, reward, kl_coef, num_samples + MASS_ESTIMATE_SAMPLES, rng)
     masses, _ = mode_masses(samples[num_samples:], mixture.means, radius)
-    return ExactTarget(samples[:num_samples], Modes(mixture.means, masses, radius),
-                       f"{description}; mode masses from {MASS_ESTIMATE_SAMPLES:,} more exact draws")
+    return ExactTarget(
+        samples[:num_samples],
+        Modes(mixture.means, masses, radius),
+        f"{description}; mode masses from {MASS_ESTIMATE_SAMPLES:,} more exact draws",
+    )

@@ -35,9 +35,24 @@ FINETUNE_STUDIES = {
     "clip_range": "0.05,0.2,0.5",
     "chains": "64,256,1024",
 }
-FINETUNE_FLAGS = ["--reward", "in_region", "--reward-arg", "shape=disc", "--reward-arg", "center=[2.0, -1.0]",
-                  "--reward-arg", "radius=1.0", "--sampler", "ddim", "--sampling-steps", "50", "--epochs", "15",
-                  "--rwr-temperature", "0.1"]
+FINETUNE_FLAGS = [
+    "--reward",
+    "in_region",
+    "--reward-arg",
+    "shape=disc",
+    "--reward-arg",
+    "center=[2.0, -1.0]",
+    "--reward-arg",
+    "radius=1.0",
+    "--sampler",
+    "ddim",
+    "--sampling-steps",
+    "50",
+    "--epochs",
+    "15",
+    "--rwr-temperature",
+    "0.1",
+]
 
 
 def main() -> int:
@@ -49,7 +64,9 @@ def main() -> int:
     args = parser.parse_args()
     runs, docs = Path(args.runs), Path(args.docs)
     only = set(filter(None, args.only.split(",")))
-    studies = [("pretrain", k, v) for k, v in PRETRAIN_STUDIES.items()] + [("finetune", k, v) for k, v in FINETUNE_STUDIES.items()]
+    studies = [("pretrain", k, v) for k, v in PRETRAIN_STUDIES.items()] + [
+        ("finetune", k, v) for k, v in FINETUNE_STUDIES.items()
+    ]
     pretrained = runs / "pretrained_dino"
     for kind, param, values in studies:
         if only and param not in only:
@@ -58,12 +75,18 @@ def main() -> int:
         if param != "dataset":
             flags += ["--dataset", "dino"]
         if kind == "finetune":
-            if not (pretrained / "metrics.json").exists() and cli(["pretrain", "--out", str(pretrained), "--overwrite", "--quiet"]) != 0:
+            if (
+                not (pretrained / "metrics.json").exists()
+                and cli(["pretrain", "--out", str(pretrained), "--overwrite", "--quiet"]) != 0
+            ):
                 return 2
             flags = ["--run", str(pretrained), *FINETUNE_FLAGS]
         out = runs / f"{kind}_{param}"
         print(f"== {kind} {param}: {values}", flush=True)
-        if cli(["ablate", kind, "--param", param, "--values", values, "--out", str(out), "--jobs", args.jobs, *flags]) != 0:
+        if (
+            cli(["ablate", kind, "--param", param, "--values", values, "--out", str(out), "--jobs", args.jobs, *flags])
+            != 0
+        ):
             return 2
         target = docs / f"{kind}_{param}"
         target.mkdir(parents=True, exist_ok=True)

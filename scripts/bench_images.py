@@ -67,8 +67,14 @@ def main() -> int:
     load_before = os.getloadavg()
     started_all = time.perf_counter()
 
-    flags = {"dataset": "digits", "eval_every": EVAL_EVERY, "eval_samples": 16, "checkpoint_every": EVAL_EVERY,
-             "keep_checkpoints": 1000, "device": args.device}
+    flags = {
+        "dataset": "digits",
+        "eval_every": EVAL_EVERY,
+        "eval_samples": 16,
+        "checkpoint_every": EVAL_EVERY,
+        "keep_checkpoints": 1000,
+        "device": args.device,
+    }
     if args.steps:
         flags["steps"] = args.steps
     config = config_for(flags)
@@ -103,14 +109,28 @@ def main() -> int:
             samples = draw_samples(loaded.diffusion, model, N, seed=0, device=device)
             draw_seconds.append(time.perf_counter() - t0)
             value = fd(samples)
-            curve.append({"step": step, "fd": value, "ratio_to_floor": value / floor,
-                          "wall_seconds": wall.get(step), "train_seconds": train.get(step)})
+            curve.append(
+                {
+                    "step": step,
+                    "fd": value,
+                    "ratio_to_floor": value / floor,
+                    "wall_seconds": wall.get(step),
+                    "train_seconds": train.get(step),
+                }
+            )
             print(f"step {step}: FD {value:.3f} ({value / floor:.2f}x floor)", flush=True)
         before = samples  # the final checkpoint's draws: the pretrained model the fine-tuning starts from
 
         # Fine-tuning towards one digit.
-        ft_config = FinetuneConfig(run=str(run), reward="digit_classifier", reward_args={"digit": DIGIT}, algo="ddpo-is",
-                                   chains=FT_CHAINS, epochs=args.ft_epochs, device=args.device)
+        ft_config = FinetuneConfig(
+            run=str(run),
+            reward="digit_classifier",
+            reward_args={"digit": DIGIT},
+            algo="ddpo-is",
+            chains=FT_CHAINS,
+            epochs=args.ft_epochs,
+            device=args.device,
+        )
         s = setup(ft_config, Path(tmp) / "finetuned")
         ddpo.finish = lambda s: s.writer.close() or {}  # skip the run's final evaluation (see the docstring)
         started = time.perf_counter()
@@ -128,14 +148,30 @@ def main() -> int:
     T = config.num_timesteps
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} torch threads, device {args.device}",
+        f"{torch.get_num_threads()} torch threads, device {args.device}",
         "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
-        "gpu": "none here (CPU only); no GPU figures" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-        "config": {k: getattr(config, k) for k in ("steps", "batch_size", "lr", "num_timesteps", "beta_schedule", "base_channels",
-                                                   "channel_mults", "num_res_blocks", "attention", "class_conditional",
-                                                   "label_dropout", "ema_decay")},
+        "gpu": "none here (CPU only); no GPU figures"
+        if not torch.cuda.is_available()
+        else torch.cuda.get_device_name(),
+        "config": {
+            k: getattr(config, k)
+            for k in (
+                "steps",
+                "batch_size",
+                "lr",
+                "num_timesteps",
+                "beta_schedule",
+                "base_channels",
+                "channel_mults",
+                "num_res_blocks",
+                "attention",
+                "class_conditional",
+                "label_dropout",
+                "ema_decay",
+            )
+        },
         "fd_method": f"{N} DDPM samples (seed 0, labels 0..9 in turn) of each EMA checkpoint vs {N} digits, digit-classifier features; "
-                     f"floor: FD of the disjoint other {N} digits vs the same {N}",
+        f"floor: FD of the disjoint other {N} digits vs the same {N}",
         "fd_floor": floor,
         "curve": curve,
         "target": f"fd <= {TARGET_RATIO:g} x floor",
@@ -145,10 +181,15 @@ def main() -> int:
         "best_ratio_to_floor": best["ratio_to_floor"],
         "best_at_step": best["step"],
         "pretrain_total_seconds_with_final_metrics_and_figures": pretrain_total,
-        "final_metrics_of_the_run": {k: final_metrics[k] for k in ("fd", "fd_floor", "kid", "kid_floor", "mode_coverage")},
+        "final_metrics_of_the_run": {
+            k: final_metrics[k] for k in ("fd", "fd_floor", "kid", "kid_floor", "mode_coverage")
+        },
         "sampling_images_per_sec": {f"T={T}, batch {N}, DDPM": N / float(np.median(draw_seconds))},
         "finetune": {
-            "algo": "ddpo-is", "reward": f"digit_classifier digit={DIGIT}", "chains": FT_CHAINS, "epochs": s.epochs,
+            "algo": "ddpo-is",
+            "reward": f"digit_classifier digit={DIGIT}",
+            "chains": FT_CHAINS,
+            "epochs": s.epochs,
             "steps_per_chain": s.steps_per_chain,
             "denoising_steps_per_sec_per_epoch": ft_rates,
             "denoising_steps_per_sec_median": float(np.median(ft_rates)),

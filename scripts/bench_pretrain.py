@@ -60,18 +60,31 @@ def main() -> int:
         started = time.perf_counter()
         pretrain(config, run, progress=False)
         total_seconds = time.perf_counter() - started
-        sw2, wall, train = (dict(zip(*scalars(run, tag))) for tag in ("eval/sw2", "perf/wall_seconds", "perf/train_seconds"))
+        sw2, wall, train = (
+            dict(zip(*scalars(run, tag))) for tag in ("eval/sw2", "perf/wall_seconds", "perf/train_seconds")
+        )
         final = json.loads((run / "metrics.json").read_text())
     reached = [step for step in sorted(sw2) if sw2[step] <= 1.25 * floor]
     first = reached[0] if reached else None
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, device {args.device}",
-        "config": {k: getattr(config, k) for k in ("steps", "batch_size", "lr", "num_timesteps", "beta_schedule", "hidden_size", "hidden_layers")},
+        "config": {
+            k: getattr(config, k)
+            for k in ("steps", "batch_size", "lr", "num_timesteps", "beta_schedule", "hidden_size", "hidden_layers")
+        },
         "spread": spread,
         "sw2_floor": floor,
         "sw2_floor_over_spread": floor / spread,
-        "curve": [{"step": s, "sw2_over_spread": sw2[s] / spread, "ratio_to_floor": sw2[s] / floor,
-                   "wall_seconds": wall[s], "train_seconds": train[s]} for s in sorted(sw2)],
+        "curve": [
+            {
+                "step": s,
+                "sw2_over_spread": sw2[s] / spread,
+                "ratio_to_floor": sw2[s] / floor,
+                "wall_seconds": wall[s],
+                "train_seconds": train[s],
+            }
+            for s in sorted(sw2)
+        ],
         "target": "sw2 <= 1.25 x floor",
         "reached_at_step": first,
         "wall_seconds_to_target": wall[first] if first else None,

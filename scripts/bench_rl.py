@@ -59,8 +59,11 @@ REWARD = {"reward": "in_region", "reward_args": {"shape": "disc", "center": [2.0
 ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "sb3-ppo")
 # SB3's own algorithms with their default MultiInputPolicy, steering the frozen pretrained model (env.py's
 # action modes). Noise-mode episodes are one step long: 50 gradient steps per epoch there, as in residual mode.
-AGENT_RUNS = {f"{algo} {mode}": {"algo": algo, "action_mode": mode, "inner_epochs": 50 if mode == "noise" else 1}
-              for algo in ("sb3-sac", "sb3-ppo-mlp") for mode in ("residual", "noise")}
+AGENT_RUNS = {
+    f"{algo} {mode}": {"algo": algo, "action_mode": mode, "inner_epochs": 50 if mode == "noise" else 1}
+    for algo in ("sb3-sac", "sb3-ppo-mlp")
+    for mode in ("residual", "noise")
+}
 SIZES = (16, 256, 1024)
 
 
@@ -109,10 +112,14 @@ def sampler_rate(s, n: int, repeats: int) -> float:
 
 
 def throughput(pretrained: Path, tmp: Path, device: str) -> dict:
-    result: dict = {"note": "env steps per second by number of chains; SB3 rows: PPO.collect_rollouts with the DiffusionPolicy "
-                            "(actor + critic per step), whole rollouts of one chain per env, at least 12,800 env steps timed "
-                            "after a warm-up rollout; bare_sampler: GaussianDiffusion.sample(record=True) under no_grad",
-                    "sb3_dummy_vec_env_of_single_envs": {}, "sb3_batched_adapter": {}, "bare_sampler": {}}
+    result: dict = {
+        "note": "env steps per second by number of chains; SB3 rows: PPO.collect_rollouts with the DiffusionPolicy "
+        "(actor + critic per step), whole rollouts of one chain per env, at least 12,800 env steps timed "
+        "after a warm-up rollout; bare_sampler: GaussianDiffusion.sample(record=True) under no_grad",
+        "sb3_dummy_vec_env_of_single_envs": {},
+        "sb3_batched_adapter": {},
+        "bare_sampler": {},
+    }
     for n in SIZES:
         s = setup(config(pretrained, device, chains=n), tmp / f"throughput-{n}")
         model = sb3.make_ppo(s)
@@ -125,8 +132,12 @@ def throughput(pretrained: Path, tmp: Path, device: str) -> dict:
             model.set_env(single_envs(s, n))
             result["sb3_dummy_vec_env_of_single_envs"][str(n)] = rollout_rate(model, repeats)
         s.writer.close()
-    result["adapter_over_dummy_vec_env_at_16"] = result["sb3_batched_adapter"]["16"] / result["sb3_dummy_vec_env_of_single_envs"]["16"]
-    result["adapter_over_bare_sampler"] = {k: result["sb3_batched_adapter"][k] / result["bare_sampler"][k] for k in result["bare_sampler"]}
+    result["adapter_over_dummy_vec_env_at_16"] = (
+        result["sb3_batched_adapter"]["16"] / result["sb3_dummy_vec_env_of_single_envs"]["16"]
+    )
+    result["adapter_over_bare_sampler"] = {
+        k: result["sb3_batched_adapter"][k] / result["bare_sampler"][k] for k in result["bare_sampler"]
+    }
     return result
 
 
@@ -171,19 +182,35 @@ def finetune_run(pretrained: Path, out: Path, device: str, targets: list[float],
         "total_seconds_with_evaluation_and_figures": total,
         "final_kl_to_pretrained": history[-1]["kl/to_pretrained"],
         "eval": {k: v for k, v in metrics.items() if k not in ("run", "kind", "algo", "reward")},
-        "curve": [{"epoch": h["epoch"], "reward_queries": h["reward_queries"], "reward_mean": h["reward/mean"],
-                   "kl_to_pretrained": h["kl/to_pretrained"], "steps_per_sec": h["perf/steps_per_sec"], "wall_seconds": t}
-                  for h, t in zip(history, history.seconds)],
+        "curve": [
+            {
+                "epoch": h["epoch"],
+                "reward_queries": h["reward_queries"],
+                "reward_mean": h["reward/mean"],
+                "kl_to_pretrained": h["kl/to_pretrained"],
+                "steps_per_sec": h["perf/steps_per_sec"],
+                "wall_seconds": t,
+            }
+            for h, t in zip(history, history.seconds)
+        ],
     }
 
 
 def single_envs(s, n: int) -> DummyVecEnv:
     """n single `DenoisingEnv`s in SB3's DummyVecEnv: numpy per env, SB3 batching their observations."""
-    return DummyVecEnv([
-        lambda: DenoisingEnv(reward=REWARD["reward"], reward_kwargs=REWARD["reward_args"], **SAMPLING, diffusion=s.diffusion, data_shape=s.data_shape,
-                             action_mode="sample")
-        for _ in range(n)
-    ])
+    return DummyVecEnv(
+        [
+            lambda: DenoisingEnv(
+                reward=REWARD["reward"],
+                reward_kwargs=REWARD["reward_args"],
+                **SAMPLING,
+                diffusion=s.diffusion,
+                data_shape=s.data_shape,
+                action_mode="sample",
+            )
+            for _ in range(n)
+        ]
+    )
 
 
 class RolloutRewards(BaseCallback):
@@ -214,15 +241,26 @@ def stock_sb3_run(pretrained: Path, out: Path, device: str, targets: list[float]
     reached = {}
     for target in targets:
         hit = next((i for i, m in enumerate(callback.means) if m >= target), None)
-        reached[str(target)] = {"epochs": None if hit is None else hit + 1, "reward_queries": None if hit is None else 256 * (hit + 1),
-                                "wall_seconds": None if hit is None else callback.seconds[hit]}
+        reached[str(target)] = {
+            "epochs": None if hit is None else hit + 1,
+            "reward_queries": None if hit is None else 256 * (hit + 1),
+            "wall_seconds": None if hit is None else callback.seconds[hit],
+        }
     first = reached[str(targets[0])]
     steps = 256 * model.n_steps * len(callback.means)
     return {
-        "epochs": len(callback.means), "epochs_to_target": first["epochs"], "reward_queries_to_target": first["reward_queries"],
-        "wall_seconds_to_target": first["wall_seconds"], "by_target": reached, "final_reward": callback.means[-1],
-        "best_reward": max(callback.means), "steps_per_sec": steps / callback.seconds[-1],
-        "curve": [{"epoch": i + 1, "reward_mean": m, "wall_seconds": t} for i, (m, t) in enumerate(zip(callback.means, callback.seconds))],
+        "epochs": len(callback.means),
+        "epochs_to_target": first["epochs"],
+        "reward_queries_to_target": first["reward_queries"],
+        "wall_seconds_to_target": first["wall_seconds"],
+        "by_target": reached,
+        "final_reward": callback.means[-1],
+        "best_reward": max(callback.means),
+        "steps_per_sec": steps / callback.seconds[-1],
+        "curve": [
+            {"epoch": i + 1, "reward_mean": m, "wall_seconds": t}
+            for i, (m, t) in enumerate(zip(callback.means, callback.seconds))
+        ],
     }
 
 
@@ -235,7 +273,9 @@ def markdown(race: dict, target: float, epochs: int) -> str:
         "|---|---|---|---|---|---|",
     ]
     for algo, r in race.items():
-        reached = f"{r['epochs_to_target']}" if r["epochs_to_target"] else f"never in {epochs} (best {r['best_reward']:.3f})"
+        reached = (
+            f"{r['epochs_to_target']}" if r["epochs_to_target"] else f"never in {epochs} (best {r['best_reward']:.3f})"
+        )
         lines.append(
             f"| {algo} | {reached} | {fmt(r['reward_queries_to_target'], ',d')} | {fmt(r['wall_seconds_to_target'], '.1f')} "
             f"| {r['final_reward']:.3f} | {r['steps_per_sec']:,.0f} |"
@@ -253,9 +293,13 @@ def log(message: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", default=None, help="a dino pretrain run to reuse (default: pretrain one, ~40 s)")
+    parser.add_argument(
+        "--pretrained", default=None, help="a dino pretrain run to reuse (default: pretrain one, ~40 s)"
+    )
     parser.add_argument("--epochs", type=int, default=30, help="epoch budget of every fine-tuning run")
-    parser.add_argument("--target", type=float, default=0.5, help="per-epoch mean reward counted as reached (the table's)")
+    parser.add_argument(
+        "--target", type=float, default=0.5, help="per-epoch mean reward counted as reached (the table's)"
+    )
     parser.add_argument("--also-target", type=float, default=0.9, help="a second target, reported in the JSON only")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every algorithm")
     parser.add_argument("--rwr-temperature", type=float, default=0.1)
@@ -293,23 +337,50 @@ def main() -> int:
             extra = {"rwr_temperature": args.rwr_temperature} if algo == "rwr" else {}
             race[algo] = finetune_run(pretrained, tmp / algo, args.device, targets, algo=algo, **common, **extra)
         log("race: sb3-ppo over a DummyVecEnv of single envs ...")
-        race["sb3-ppo-dummyvecenv"] = stock_sb3_run(pretrained, tmp / "sb3-dummy", args.device, targets, args.epochs, args.lr)
+        race["sb3-ppo-dummyvecenv"] = stock_sb3_run(
+            pretrained, tmp / "sb3-dummy", args.device, targets, args.epochs, args.lr
+        )
         for name, settings in AGENT_RUNS.items():
             log(f"race: {name} ...")
-            race[name] = finetune_run(pretrained, tmp / name.replace(" ", "-"), args.device, targets, **{**common, **settings})
+            race[name] = finetune_run(
+                pretrained, tmp / name.replace(" ", "-"), args.device, targets, **{**common, **settings}
+            )
         seconds["race"] = time.perf_counter() - t0
         kl = {}
         t0 = time.perf_counter()
         for beta in (0.1, 1.0):
             log(f"ddpo-is with kl_coef {beta} ...")
-            run = finetune_run(pretrained, tmp / f"kl-{beta}", args.device, targets, algo="ddpo-is", kl_coef=beta, **common)
+            run = finetune_run(
+                pretrained, tmp / f"kl-{beta}", args.device, targets, algo="ddpo-is", kl_coef=beta, **common
+            )
             e = run["eval"]
             kl[str(beta)] = {
-                **{k: e[k] for k in ("target_sw2", "target_sw2_pretrained", "target_sw2_floor", "target_mmd", "target_mmd_pretrained",
-                                     "target_mmd_floor", "target_reward_mean", "far_fraction", "far_fraction_pretrained",
-                                     "pretrained_data_sw2", "pretrained_data_sw2_floor",
-                                     "tilted_sw2", "tilted_sw2_pretrained", "tilted_sw2_floor", "tilted_ess", "tilted_reward_mean",
-                                     "reward_mean", "reward_mean_pretrained", "kl_to_pretrained", "diversity", "diversity_pretrained")},
+                **{
+                    k: e[k]
+                    for k in (
+                        "target_sw2",
+                        "target_sw2_pretrained",
+                        "target_sw2_floor",
+                        "target_mmd",
+                        "target_mmd_pretrained",
+                        "target_mmd_floor",
+                        "target_reward_mean",
+                        "far_fraction",
+                        "far_fraction_pretrained",
+                        "pretrained_data_sw2",
+                        "pretrained_data_sw2_floor",
+                        "tilted_sw2",
+                        "tilted_sw2_pretrained",
+                        "tilted_sw2_floor",
+                        "tilted_ess",
+                        "tilted_reward_mean",
+                        "reward_mean",
+                        "reward_mean_pretrained",
+                        "kl_to_pretrained",
+                        "diversity",
+                        "diversity_pretrained",
+                    )
+                },
                 "tilted_sw2_over_floor": e["tilted_sw2"] / e["tilted_sw2_floor"],
                 "final_epoch_reward": run["final_reward"],
                 "final_epoch_kl_to_pretrained": run["final_kl_to_pretrained"],
@@ -319,38 +390,61 @@ def main() -> int:
         seconds["kl"] = time.perf_counter() - t0
 
     table = markdown(race, args.target, args.epochs)
-    sb3, native, stock = race["sb3-ppo"]["by_target"], race["ddpo-is"]["by_target"], race["sb3-ppo-dummyvecenv"]["by_target"]
+    sb3, native, stock = (
+        race["sb3-ppo"]["by_target"],
+        race["ddpo-is"]["by_target"],
+        race["sb3-ppo-dummyvecenv"]["by_target"],
+    )
     seconds["total"] = time.perf_counter() - started
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads, device {args.device}",
+        f"{torch.get_num_threads()} threads, device {args.device}",
         "load_average_1_5_15min_before": load_before,
         "load_average_1_5_15min_after": os.getloadavg(),
-        "sampling": {**SAMPLING, "num_timesteps": 200, "note": "DDIM with 50 sampling steps (eta = 1) for every RL part"},
+        "sampling": {
+            **SAMPLING,
+            "num_timesteps": 200,
+            "note": "DDIM with 50 sampling steps (eta = 1) for every RL part",
+        },
         "pretrained": args.pretrained or "default dino pretrain (PretrainConfig(dataset='dino')), built here",
         "env_steps_per_sec": env,
         "race": {
             "reward": REWARD,
-            "chains": 256, "seed": 0, "lr": args.lr, "rwr_temperature": args.rwr_temperature,
-            "epoch_budget": args.epochs, "target_mean_reward": args.target, "also_target": args.also_target,
+            "chains": 256,
+            "seed": 0,
+            "lr": args.lr,
+            "rwr_temperature": args.rwr_temperature,
+            "epoch_budget": args.epochs,
+            "target_mean_reward": args.target,
+            "also_target": args.also_target,
             "timing": "wall_seconds: of train() from its call to the end of the first epoch whose mean reward over "
-                      "its 256 chains reaches the target (setup of the trainer, sampling, update, per-epoch logging and "
-                      "checkpoints; not the final 5,000-sample evaluation and figures). epoch_seconds: the trainers' own "
-                      "per-epoch times (perf/steps_per_sec) summed up to that epoch",
-            "sb3_over_native_wall_to_target": {t: ratio(sb3[t]["wall_seconds"], native[t]["wall_seconds"]) for t in sb3},
-            "sb3_over_native_epoch_seconds_to_target": {t: ratio(sb3[t]["epoch_seconds"], native[t]["epoch_seconds"]) for t in sb3},
+            "its 256 chains reaches the target (setup of the trainer, sampling, update, per-epoch logging and "
+            "checkpoints; not the final 5,000-sample evaluation and figures). epoch_seconds: the trainers' own "
+            "per-epoch times (perf/steps_per_sec) summed up to that epoch",
+            "sb3_over_native_wall_to_target": {
+                t: ratio(sb3[t]["wall_seconds"], native[t]["wall_seconds"]) for t in sb3
+            },
+            "sb3_over_native_epoch_seconds_to_target": {
+                t: ratio(sb3[t]["epoch_seconds"], native[t]["epoch_seconds"]) for t in sb3
+            },
             "sb3_over_native_note": "sb3-ppo / ddpo-is (both PPO-clip, same lr, chains, seed); null if either never reached the target",
-            "sb3_dummyvecenv_over_native_wall_to_target": {t: ratio(stock[t]["wall_seconds"], native[t]["wall_seconds"]) for t in stock},
+            "sb3_dummyvecenv_over_native_wall_to_target": {
+                t: ratio(stock[t]["wall_seconds"], native[t]["wall_seconds"]) for t in stock
+            },
             "sb3_dummyvecenv_note": "sb3-ppo-dummyvecenv: sb3-ppo's PPO and policy over a DummyVecEnv of 256 single DenoisingEnvs, "
-                                    "wall_seconds from learn() to the end of the rollout reaching the target (no TensorBoard, KL or checkpoints)",
+            "wall_seconds from learn() to the end of the rollout reaching the target (no TensorBoard, KL or checkpoints)",
             "algos": race,
         },
         "kl_to_pretrained": {
-            "algo": "ddpo-is", "epochs": args.epochs, "lr": args.lr, "chains": 256, "eval_num_samples": 5000,
+            "algo": "ddpo-is",
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "chains": 256,
+            "eval_num_samples": 5000,
             "note": "evaluate_finetuned(num_samples=5000, seed=0) as returned by train(). target_*: exact samples of "
-                    "p_data(x) exp(r(x) / kl_coef) / Z by rejection, floors between two independent exact draws; tilted_*: the "
-                    "pretrained model's own tilt p_pre(x) exp(r(x) / kl_coef) / Z by importance resampling of 50,000 pretrained "
-                    "samples; tilted_sw2_floor is the sliced W2 between two independent resamplings",
+            "p_data(x) exp(r(x) / kl_coef) / Z by rejection, floors between two independent exact draws; tilted_*: the "
+            "pretrained model's own tilt p_pre(x) exp(r(x) / kl_coef) / Z by importance resampling of 50,000 pretrained "
+            "samples; tilted_sw2_floor is the sliced W2 between two independent resamplings",
             "by_kl_coef": kl,
         },
         "markdown_table": table,

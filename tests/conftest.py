@@ -6,8 +6,25 @@ import pytest
 
 from rl_diffusion.cli import main
 
-TINY_PRETRAIN = ["--dataset", "moons", "--steps", "1500", "--num-timesteps", "20", "--hidden-size", "64",
-                 "--batch-size", "512", "--input-embedding", "identity", "--eval-every", "1500", "--eval-samples", "500", "--quiet"]
+TINY_PRETRAIN = [
+    "--dataset",
+    "moons",
+    "--steps",
+    "1500",
+    "--num-timesteps",
+    "20",
+    "--hidden-size",
+    "64",
+    "--batch-size",
+    "512",
+    "--input-embedding",
+    "identity",
+    "--eval-every",
+    "1500",
+    "--eval-samples",
+    "500",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ pretrained, run_dir, dump_dir, *overrides = sys.argv[1:]
 config = FinetuneConfig(run=pretrained, **{k: json.loads(v) for k, v in (o.split("=", 1) for o in overrides)})
 s = setup(config, Path(run_dir))
 ddpo.train(s, progress=False)
-torch.save({"history": s.history, "policy": s.policy.state_dict(), "world_size": s.ranks.world_size},
-           Path(dump_dir) / f"rank{s.ranks.rank}.pt")
+torch.save(
+    {"history": s.history, "policy": s.policy.state_dict(), "world_size": s.ranks.world_size},
+    Path(dump_dir) / f"rank{s.ranks.rank}.pt",
+)
 distributed.shutdown(completed=True)

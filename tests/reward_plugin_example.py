@@ -13,8 +13,10 @@ def factory(scale: float = 1.0) -> Callable[[torch.Tensor, Optional[torch.Tensor
     Args:
         scale: multiplier, unitless.
     """
+
     def reward(x0: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         return scale * x0.flatten(1).sum(dim=1)
+
     return reward
 
 

@@ -2,8 +2,22 @@ import json
 
 from rl_diffusion.cli import main
 
-TINY = ["--dataset", "moons", "--steps", "60", "--num-timesteps", "10", "--hidden-size", "16", "--batch-size", "128",
-        "--eval-every", "30", "--eval-samples", "200"]
+TINY = [
+    "--dataset",
+    "moons",
+    "--steps",
+    "60",
+    "--num-timesteps",
+    "10",
+    "--hidden-size",
+    "16",
+    "--batch-size",
+    "128",
+    "--eval-every",
+    "30",
+    "--eval-samples",
+    "200",
+]
 
 
 def test_two_by_two_ablation_runs_resumes_and_draws_the_grid(tmp_path, capsys):
@@ -30,6 +44,9 @@ def test_unknown_param_and_bad_flags_are_user_errors(tmp_path, capsys):
     assert main(["ablate", "pretrain", "--param", "hiden_size", "--values", "1,2", "--out", str(tmp_path / "a")]) == 2
     assert "did you mean 'hidden_size'" in capsys.readouterr().err
     assert main(["ablate", "pretrain", "--param", "hidden_size", "--values", "1,x", "--out", str(tmp_path / "a")]) == 2
-    assert main(["ablate", "pretrain", "--param", "lr", "--values", "1e-3", "--out", str(tmp_path / "a"), "--stepz", "3"]) == 2
+    assert (
+        main(["ablate", "pretrain", "--param", "lr", "--values", "1e-3", "--out", str(tmp_path / "a"), "--stepz", "3"])
+        == 2
+    )
     assert "unrecognized arguments: --stepz" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()

@@ -12,7 +12,6 @@ from rl_diffusion.env import DenoisingEnv, DenoisingVectorEnv
 from rl_diffusion.errors import UserError
 from rl_diffusion.models import MLPEps
 
-
 T = 10
 POINT = [1.0, -2.0]
 
@@ -23,7 +22,11 @@ class CountingEps(torch.nn.Module):
     def __init__(self, num_classes: int = 0):
         super().__init__()
         torch.manual_seed(0)
-        self.net = MLPEps(num_timesteps=T, hidden_size=16, hidden_layers=1, emb_size=8, num_classes=num_classes).eval().requires_grad_(False)
+        self.net = (
+            MLPEps(num_timesteps=T, hidden_size=16, hidden_layers=1, emb_size=8, num_classes=num_classes)
+            .eval()
+            .requires_grad_(False)
+        )
         self.batch_sizes: list[int] = []
 
     def forward(self, x, t, c=None):
@@ -36,8 +39,14 @@ DIFFUSION = GaussianDiffusion("linear", T, x0_range=[[-1.5, -1.0], [1.5, 1.0]])
 
 
 def make(action_mode: str, num_envs: int | None = None, **kwargs):
-    common = dict(reward_kwargs={"point": POINT}, diffusion=DIFFUSION, data_shape=(2,), action_mode=action_mode,
-                  eps_model=kwargs.pop("eps_model", CountingEps()), **kwargs)
+    common = dict(
+        reward_kwargs={"point": POINT},
+        diffusion=DIFFUSION,
+        data_shape=(2,),
+        action_mode=action_mode,
+        eps_model=kwargs.pop("eps_model", CountingEps()),
+        **kwargs,
+    )
     return DenoisingEnv(**common) if num_envs is None else DenoisingVectorEnv(num_envs=num_envs, **common)
 
 
@@ -58,8 +67,14 @@ def test_zero_residual_reproduces_the_pretrained_sampler_exactly(sampler, sampli
     for _ in range(K):
         _, rewards, terminated, _, info = vec.step(np.zeros((6, 2), dtype=np.float32))
     assert terminated.all()
-    expected = DIFFUSION.sample(eps, (6, 2), sampler=sampler, sampling_steps=sampling_steps, eta=1.0 if eta is None else eta,
-                                generator=torch.Generator().manual_seed(11)).xs[-1]
+    expected = DIFFUSION.sample(
+        eps,
+        (6, 2),
+        sampler=sampler,
+        sampling_steps=sampling_steps,
+        eta=1.0 if eta is None else eta,
+        generator=torch.Generator().manual_seed(11),
+    ).xs[-1]
     np.testing.assert_array_equal(info["x0"], expected.numpy())
     np.testing.assert_allclose(rewards, -np.linalg.norm(expected.numpy() - POINT, axis=1), rtol=1e-6)
     assert (info["kl"] == 0).all()
@@ -67,9 +82,19 @@ def test_zero_residual_reproduces_the_pretrained_sampler_exactly(sampler, sampli
     single.reset(seed=11)
     for _ in range(K):
         obs, _, _, _, _ = single.step(np.zeros(2, dtype=np.float32))
-    np.testing.assert_array_equal(obs["x"], DIFFUSION.sample(eps, (1, 2), sampler=sampler, sampling_steps=sampling_steps,
-                                                             eta=1.0 if eta is None else eta,
-                                                             generator=torch.Generator().manual_seed(11)).xs[-1][0].numpy())
+    np.testing.assert_array_equal(
+        obs["x"],
+        DIFFUSION.sample(
+            eps,
+            (1, 2),
+            sampler=sampler,
+            sampling_steps=sampling_steps,
+            eta=1.0 if eta is None else eta,
+            generator=torch.Generator().manual_seed(11),
+        )
+        .xs[-1][0]
+        .numpy(),
+    )
 
 
 def test_noise_mode_with_the_offered_x_T_reproduces_deterministic_ddim():
@@ -80,10 +105,14 @@ def test_noise_mode_with_the_offered_x_T_reproduces_deterministic_ddim():
     eps.batch_sizes.clear()
     _, rewards, terminated, _, info = vec.step(obs["x"])
     assert terminated.all() and eps.batch_sizes == [5] * 4  # one call per DDIM step for all chains
-    expected = DIFFUSION.sample(eps, (5, 2), sampler="ddim", sampling_steps=4, eta=0.0, generator=torch.Generator().manual_seed(3)).xs[-1]
+    expected = DIFFUSION.sample(
+        eps, (5, 2), sampler="ddim", sampling_steps=4, eta=0.0, generator=torch.Generator().manual_seed(3)
+    ).xs[-1]
     np.testing.assert_array_equal(info["x0"], expected.numpy())
     # the x_0 of a chosen x_T is deterministic: the same action twice gives the same sample
-    np.testing.assert_array_equal(vec.step(np.ones((5, 2), dtype=np.float32))[4]["x0"], vec.step(np.ones((5, 2), dtype=np.float32))[4]["x0"])
+    np.testing.assert_array_equal(
+        vec.step(np.ones((5, 2), dtype=np.float32))[4]["x0"], vec.step(np.ones((5, 2), dtype=np.float32))[4]["x0"]
+    )
 
 
 def test_a_residual_moves_the_step_by_sigma_times_the_action_and_costs_its_closed_form_kl():
@@ -136,17 +165,20 @@ def test_a_dummy_vec_env_of_single_residual_envs_matches_the_vector_env():
     assert np.isfinite(rewards).all() and len({tuple(info["terminal_observation"]["x"]) for info in infos}) == 3
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"action_mode": "denoise"}, "unknown action_mode"),
-    ({"action_mode": "sample", "kl_coef": 0.1}, "closed-form"),
-    ({"action_mode": "noise", "kl_coef": 0.1}, "closed-form"),
-    ({"action_mode": "residual", "kl_coef": -1.0}, "kl_coef must be >= 0"),
-    ({"action_mode": "noise", "sampler": "ddpm"}, "DDIM with eta = 0"),
-    ({"action_mode": "noise", "sampler": "ddim", "eta": 1.0}, "DDIM with eta = 0"),
-    ({"action_mode": "residual", "sampler": "ddim", "eta": 0.0}, "sigma"),
-    ({"action_mode": "residual", "eps_model": None}, "eps_model"),
-    ({"action_mode": "residual", "action_bound": 0.0}, "action_bound"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"action_mode": "denoise"}, "unknown action_mode"),
+        ({"action_mode": "sample", "kl_coef": 0.1}, "closed-form"),
+        ({"action_mode": "noise", "kl_coef": 0.1}, "closed-form"),
+        ({"action_mode": "residual", "kl_coef": -1.0}, "kl_coef must be >= 0"),
+        ({"action_mode": "noise", "sampler": "ddpm"}, "DDIM with eta = 0"),
+        ({"action_mode": "noise", "sampler": "ddim", "eta": 1.0}, "DDIM with eta = 0"),
+        ({"action_mode": "residual", "sampler": "ddim", "eta": 0.0}, "sigma"),
+        ({"action_mode": "residual", "eps_model": None}, "eps_model"),
+        ({"action_mode": "residual", "action_bound": 0.0}, "action_bound"),
+    ],
+)
 def test_bad_mode_combinations_are_user_errors(kwargs, message):
     kwargs = {"eps_model": CountingEps(), **kwargs}
     with pytest.raises(UserError, match=message):

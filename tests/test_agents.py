@@ -30,8 +30,14 @@ def one_thread():
 
 def mean_reward_of_fresh_samples(run, action_mode: str, act) -> float:
     """Mean reward of 1,000 new chains (seed 123) driven by act(observation) -> actions."""
-    vec = DenoisingVectorEnv(run, **REWARD, sampling_steps=5, sampler="ddim" if action_mode == "residual" else None,
-                             num_envs=1000, action_mode=action_mode)
+    vec = DenoisingVectorEnv(
+        run,
+        **REWARD,
+        sampling_steps=5,
+        sampler="ddim" if action_mode == "residual" else None,
+        num_envs=1000,
+        action_mode=action_mode,
+    )
     obs, _ = vec.reset(seed=123)
     while True:
         obs, rewards, terminated, _, _ = vec.step(act(obs))
@@ -39,35 +45,71 @@ def mean_reward_of_fresh_samples(run, action_mode: str, act) -> float:
             return float(rewards.mean())
 
 
-@pytest.mark.parametrize("action_mode, timesteps, lr, gain", [
-    # measured (seeds 0 and 1): -1.92 -> -1.20 and -0.93 in 6 s
-    ("residual", 2000, 3e-3, 0.4),
-    # measured (seeds 0 and 1): -2.04 -> -0.34 and -0.43 in 3.5 s
-    ("noise", 1000, 1e-3, 1.0),
-])
-def test_sac_with_the_default_policy_raises_the_pretrained_models_reward(pretrained_moons, action_mode, timesteps, lr, gain):
-    env = DenoisingVectorEnv(pretrained_moons, **REWARD, sampling_steps=5, sampler="ddim" if action_mode == "residual" else None,
-                             num_envs=16, action_mode=action_mode)
+@pytest.mark.parametrize(
+    "action_mode, timesteps, lr, gain",
+    [
+        # measured (seeds 0 and 1): -1.92 -> -1.20 and -0.93 in 6 s
+        ("residual", 2000, 3e-3, 0.4),
+        # measured (seeds 0 and 1): -2.04 -> -0.34 and -0.43 in 3.5 s
+        ("noise", 1000, 1e-3, 1.0),
+    ],
+)
+def test_sac_with_the_default_policy_raises_the_pretrained_models_reward(
+    pretrained_moons, action_mode, timesteps, lr, gain
+):
+    env = DenoisingVectorEnv(
+        pretrained_moons,
+        **REWARD,
+        sampling_steps=5,
+        sampler="ddim" if action_mode == "residual" else None,
+        num_envs=16,
+        action_mode=action_mode,
+    )
     model = SAC("MultiInputPolicy", DenoisingVecEnvAdapter(env), learning_rate=lr, gradient_steps=4, seed=0)
     model.learn(timesteps)
     # the pretrained sampler: zero residuals, or the x_T it offers
-    before = mean_reward_of_fresh_samples(pretrained_moons, action_mode,
-                                          lambda obs: np.zeros_like(obs["x"]) if action_mode == "residual" else obs["x"])
-    after = mean_reward_of_fresh_samples(pretrained_moons, action_mode, lambda obs: model.predict(obs, deterministic=True)[0])
+    before = mean_reward_of_fresh_samples(
+        pretrained_moons, action_mode, lambda obs: np.zeros_like(obs["x"]) if action_mode == "residual" else obs["x"]
+    )
+    after = mean_reward_of_fresh_samples(
+        pretrained_moons, action_mode, lambda obs: model.predict(obs, deterministic=True)[0]
+    )
     assert after > before + gain
 
 
 def finetune_agent(pretrained, out, *flags) -> int:
-    return main(["finetune", "--run", str(pretrained), "--out", str(out), "--reward", "target_point", "--reward-arg", "point=[1.5,1.5]",
-                 "--sampler", "ddim", "--sampling-steps", "5", "--chains", "8", "--quiet", *flags])
+    return main(
+        [
+            "finetune",
+            "--run",
+            str(pretrained),
+            "--out",
+            str(out),
+            "--reward",
+            "target_point",
+            "--reward-arg",
+            "point=[1.5,1.5]",
+            "--sampler",
+            "ddim",
+            "--sampling-steps",
+            "5",
+            "--chains",
+            "8",
+            "--quiet",
+            *flags,
+        ]
+    )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--algo", "sb3-sac", "--action-mode", "sample"], "unknown --action-mode 'sample' for --algo sb3-sac"),
-    (["--algo", "sb3-td3", "--action-mode", "noise", "--kl-coef", "0.1"], "residual has and noise does not"),
-    (["--algo", "ddpo-is", "--action-mode", "noise"], "--action-mode applies to sb3-sac"),
-    (["--algo", "sb3-a2c", "--timestep-fraction", "0.5"], "does not support --timestep-fraction"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--algo", "sb3-sac", "--action-mode", "sample"], "unknown --action-mode 'sample' for --algo sb3-sac"),
+        (["--algo", "sb3-td3", "--action-mode", "noise", "--kl-coef", "0.1"], "residual has and noise does not"),
+        (["--algo", "ddpo-is", "--action-mode", "noise"], "--action-mode applies to sb3-sac"),
+        (["--algo", "sb3-a2c", "--timestep-fraction", "0.5"], "does not support --timestep-fraction"),
+    ],
+)
 def test_bad_agent_combinations_end_in_one_error_line(pretrained_moons, tmp_path, capsys, flags, message):
     assert finetune_agent(pretrained_moons, tmp_path / "run", *flags) == 2
     err = capsys.readouterr().err
@@ -82,8 +124,23 @@ def agent_weights(run, checkpoint: int = -1) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("algo, mode", [("sb3-sac", "residual"), ("sb3-ppo-mlp", "noise")])
-def test_an_agent_run_logs_checkpoints_resumes_and_samples_with_the_agent(pretrained_moons, tmp_path, monkeypatch, capsys, algo, mode):
-    flags = ["--algo", algo, "--action-mode", mode, "--epochs", "4", "--checkpoint-every", "3", "--lr", "3e-3", "--seed", "1"]
+def test_an_agent_run_logs_checkpoints_resumes_and_samples_with_the_agent(
+    pretrained_moons, tmp_path, monkeypatch, capsys, algo, mode
+):
+    flags = [
+        "--algo",
+        algo,
+        "--action-mode",
+        mode,
+        "--epochs",
+        "4",
+        "--checkpoint-every",
+        "3",
+        "--lr",
+        "3e-3",
+        "--seed",
+        "1",
+    ]
     assert finetune_agent(pretrained_moons, tmp_path / "straight", *flags) == 0
     # the run's evaluation is of the agent's sampler (5,000 samples, seed 0), not of the pretrained one
     metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
@@ -91,7 +148,9 @@ def test_an_agent_run_logs_checkpoints_resumes_and_samples_with_the_agent(pretra
     reward = build_reward("target_point", {"point": [1.5, 1.5]})
     assert metrics["reward_mean"] == pytest.approx(reward(x0).mean().item(), rel=1e-5)
     assert metrics["kl_to_pretrained"] == (None if mode == "noise" else pytest.approx(kl.mean().item(), rel=1e-5))
-    monkeypatch.setattr("rl_diffusion.sb3.finish", lambda s: s.writer.close() or {})  # the runs below need no evaluation
+    monkeypatch.setattr(
+        "rl_diffusion.sb3.finish", lambda s: s.writer.close() or {}
+    )  # the runs below need no evaluation
 
     calls = []
     step_tensor = DenoisingVectorEnv.step_tensor
@@ -124,6 +183,12 @@ def test_an_agent_run_logs_checkpoints_resumes_and_samples_with_the_agent(pretra
     x0, _, _ = draw(tmp_path / "straight", 50, 0, torch.device("cpu"))
     torch.testing.assert_close(samples, x0)  # the agent's sampler, not the pretrained one
     pretrained = load_run(pretrained_moons)
-    before = pretrained.diffusion.sample(pretrained.model, (50, 2), sampler="ddim", sampling_steps=5,
-                                         eta=0.0 if mode == "noise" else 1.0, generator=torch.Generator().manual_seed(0)).xs[-1]
+    before = pretrained.diffusion.sample(
+        pretrained.model,
+        (50, 2),
+        sampler="ddim",
+        sampling_steps=5,
+        eta=0.0 if mode == "noise" else 1.0,
+        generator=torch.Generator().manual_seed(0),
+    ).xs[-1]
     assert not torch.equal(x0, before)

@@ -30,19 +30,28 @@ def test_unknown_dataset_suggests_the_nearest(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["pretrain", "--steps", "abc"], "invalid int value"),
-    (["pretrain", "--out", "X", "--beta-schedule", "cosin"], "did you mean 'cosine'"),
-    (["pretrain", "--out", "X", "--time-embedding", "sinus"], "unknown time embedding 'sinus'"),
-    (["pretrain", "--out", "X", "--lr", "-1"], "--lr must be positive"),
-    (["pretrain", "--out", "X", "--device", "cuda:7"], "device"),
-    (["sample", "--run", "no/such/run", "--out", "x.npy"], "not a run directory"),
-    (["evaluate", "--run", "no/such/run"], "not a run directory"),
-    (["data", "moon", "--out", "x.npy"], "did you mean 'moons'"),
-    (["finetune", "--run", "r", "--out", "X", "--sampler", "ddim", "--eta", "1.5"], "--eta must be in [0, 1], got 1.5"),
-    (["finetune", "--run", "r", "--out", "X", "--algo", "rwr", "--kl-coef", "0.1"], "tilt that compounds over epochs"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["pretrain", "--steps", "abc"], "invalid int value"),
+        (["pretrain", "--out", "X", "--beta-schedule", "cosin"], "did you mean 'cosine'"),
+        (["pretrain", "--out", "X", "--time-embedding", "sinus"], "unknown time embedding 'sinus'"),
+        (["pretrain", "--out", "X", "--lr", "-1"], "--lr must be positive"),
+        (["pretrain", "--out", "X", "--device", "cuda:7"], "device"),
+        (["sample", "--run", "no/such/run", "--out", "x.npy"], "not a run directory"),
+        (["evaluate", "--run", "no/such/run"], "not a run directory"),
+        (["data", "moon", "--out", "x.npy"], "did you mean 'moons'"),
+        (
+            ["finetune", "--run", "r", "--out", "X", "--sampler", "ddim", "--eta", "1.5"],
+            "--eta must be in [0, 1], got 1.5",
+        ),
+        (
+            ["finetune", "--run", "r", "--out", "X", "--algo", "rwr", "--kl-coef", "0.1"],
+            "tilt that compounds over epochs",
+        ),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_flags_and_names(capsys, tmp_path, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)
     code, err = run_cli(capsys, *args)
@@ -73,14 +82,40 @@ def test_foreign_checkpoint_says_what_it_expected(capsys, pretrained_moons, tmp_
     assert_one_line_error(code, err, "does not fit this model", "expected")
 
 
-@pytest.mark.parametrize("reward_args, fragment", [
-    (["--reward", "targt_point"], "did you mean 'target_point'"),
-    (["--reward", "target_point", "--reward-arg", "pont=[1,1]"], "got unknown argument(s) pont (did you mean 'point'?)"),
-    (["--reward", "target_point", "--reward-arg", "point"], "key=value"),
-    (["--reward", "no_such_module_xyz:factory"], "could not be imported"),
-    (["--reward", "tests.reward_plugin_example:broken_after", "--reward-arg", "calls=0", "--reward-arg", "mode=raise"], "reward 'tests.reward_plugin_example:broken_after' raised RuntimeError"),
-    (["--reward", "tests.reward_plugin_example:broken_after", "--reward-arg", "calls=0", "--reward-arg", "mode=shape"], "expected (B,)"),
-])
+@pytest.mark.parametrize(
+    "reward_args, fragment",
+    [
+        (["--reward", "targt_point"], "did you mean 'target_point'"),
+        (
+            ["--reward", "target_point", "--reward-arg", "pont=[1,1]"],
+            "got unknown argument(s) pont (did you mean 'point'?)",
+        ),
+        (["--reward", "target_point", "--reward-arg", "point"], "key=value"),
+        (["--reward", "no_such_module_xyz:factory"], "could not be imported"),
+        (
+            [
+                "--reward",
+                "tests.reward_plugin_example:broken_after",
+                "--reward-arg",
+                "calls=0",
+                "--reward-arg",
+                "mode=raise",
+            ],
+            "reward 'tests.reward_plugin_example:broken_after' raised RuntimeError",
+        ),
+        (
+            [
+                "--reward",
+                "tests.reward_plugin_example:broken_after",
+                "--reward-arg",
+                "calls=0",
+                "--reward-arg",
+                "mode=shape",
+            ],
+            "expected (B,)",
+        ),
+    ],
+)
 def test_bad_rewards_fail_before_any_work(capsys, pretrained_moons, tmp_path, reward_args, fragment):
     out = tmp_path / "ft"
     code, err = run_cli(capsys, "finetune", "--run", str(pretrained_moons), "--out", str(out), *reward_args)
@@ -90,15 +125,45 @@ def test_bad_rewards_fail_before_any_work(capsys, pretrained_moons, tmp_path, re
 
 def test_one_step_ddim_is_refused_before_any_work(capsys, pretrained_moons, tmp_path):
     out = tmp_path / "ft"
-    code, err = run_cli(capsys, "finetune", "--run", str(pretrained_moons), "--out", str(out), "--sampler", "ddim", "--sampling-steps", "1")
+    code, err = run_cli(
+        capsys,
+        "finetune",
+        "--run",
+        str(pretrained_moons),
+        "--out",
+        str(out),
+        "--sampler",
+        "ddim",
+        "--sampling-steps",
+        "1",
+    )
     assert_one_line_error(code, err, "--sampling-steps must be between 2 and 20, got 1")
     assert not out.exists()
 
 
 def test_a_kl_run_on_a_sampler_that_remembers_x_T_is_warned_and_flagged(capsys, pretrained_moons, tmp_path):
     out = tmp_path / "ft"
-    code, err = run_cli(capsys, "finetune", "--run", str(pretrained_moons), "--out", str(out), "--sampler", "ddim", "--sampling-steps", "5",
-                        "--eta", "0.5", "--kl-coef", "0.3", "--chains", "16", "--epochs", "1", "--quiet")
+    code, err = run_cli(
+        capsys,
+        "finetune",
+        "--run",
+        str(pretrained_moons),
+        "--out",
+        str(out),
+        "--sampler",
+        "ddim",
+        "--sampling-steps",
+        "5",
+        "--eta",
+        "0.5",
+        "--kl-coef",
+        "0.3",
+        "--chains",
+        "16",
+        "--epochs",
+        "1",
+        "--quiet",
+    )
     assert code == 0 and len(err) == 1 and err[0].startswith("warning: DDIM with --eta 0.5 keeps memory of x_T"), err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["memoryless"] is False and "not reachable" in metrics["note"]
@@ -107,9 +172,25 @@ def test_a_kl_run_on_a_sampler_that_remembers_x_T_is_warned_and_flagged(capsys, 
 def test_reward_turning_nan_mid_run_keeps_the_last_good_checkpoint(capsys, pretrained_moons, tmp_path):
     out = tmp_path / "ft"
     # call 1 validates the reward, calls 2-3 are epochs 1-2, call 4 (epoch 3) returns NaN
-    code, err = run_cli(capsys, "finetune", "--run", str(pretrained_moons), "--out", str(out), "--chains", "16",
-                        "--reward", "tests.reward_plugin_example:broken_after", "--reward-arg", "calls=3",
-                        "--epochs", "5", "--checkpoint-every", "1", "--quiet")
+    code, err = run_cli(
+        capsys,
+        "finetune",
+        "--run",
+        str(pretrained_moons),
+        "--out",
+        str(out),
+        "--chains",
+        "16",
+        "--reward",
+        "tests.reward_plugin_example:broken_after",
+        "--reward-arg",
+        "calls=3",
+        "--epochs",
+        "5",
+        "--checkpoint-every",
+        "1",
+        "--quiet",
+    )
     assert_one_line_error(code, err, "non-finite", "epoch 3", str(out))
     ckpt = CheckpointManager(out).load_latest()
     assert ckpt["train_state"]["epoch"] == 2 and torch.isfinite(next(iter(ckpt["model"].values()))).all()
@@ -117,17 +198,41 @@ def test_reward_turning_nan_mid_run_keeps_the_last_good_checkpoint(capsys, pretr
 
 def test_skip_nonfinite_rewards_drops_and_counts(pretrained_moons, tmp_path):
     out = tmp_path / "ft"
-    assert main(["finetune", "--run", str(pretrained_moons), "--out", str(out), "--chains", "16", "--epochs", "3",
-                 "--reward", "tests.reward_plugin_example:broken_after", "--reward-arg", "calls=2", "--reward-arg", "mode=half",
-                 "--skip-nonfinite-rewards", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--run",
+                str(pretrained_moons),
+                "--out",
+                str(out),
+                "--chains",
+                "16",
+                "--epochs",
+                "3",
+                "--reward",
+                "tests.reward_plugin_example:broken_after",
+                "--reward-arg",
+                "calls=2",
+                "--reward-arg",
+                "mode=half",
+                "--skip-nonfinite-rewards",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     history = CheckpointManager(out).load_latest()["train_state"]["history"]
     assert [h["reward/nonfinite"] for h in history] == [0.0, 8.0, 8.0]
     assert all(torch.isfinite(torch.tensor(h["reward/mean"])) for h in history)
 
 
 def test_console_script_prints_one_line_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rl_diffusion.cli", "pretrain", "--dataset", "nope", "--out", str(tmp_path / "r")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rl_diffusion.cli", "pretrain", "--dataset", "nope", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown data set 'nope'") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -63,8 +63,9 @@ def test_eight_gaussians_is_its_mixture_definition() -> None:
     np.testing.assert_allclose(angles, np.arange(8) * np.pi / 4, atol=1e-12)
     assert mixture.std == 0.2 and mixture.weights.tolist() == [1 / 8] * 8
     # The data set is the mixture's own sampler.
-    np.testing.assert_array_equal(sample_2d("8gaussians", 100, seed=3),
-                                  mixture.sample(np.random.default_rng(3), 100).astype(np.float32))
+    np.testing.assert_array_equal(
+        sample_2d("8gaussians", 100, seed=3), mixture.sample(np.random.default_rng(3), 100).astype(np.float32)
+    )
 
 
 def test_mixture_normalises_weights_and_is_read_only() -> None:

@@ -13,7 +13,9 @@ from rl_diffusion.finetune import FinetuneConfig, setup
 
 
 def make_setup(pretrained, tmp_path, **overrides):
-    cfg = FinetuneConfig(run=str(pretrained), reward="target_point", reward_args={"point": [1.5, 1.5]}, chains=32, **overrides)
+    cfg = FinetuneConfig(
+        run=str(pretrained), reward="target_point", reward_args={"point": [1.5, 1.5]}, chains=32, **overrides
+    )
     return setup(cfg, tmp_path / "ft", overwrite=True)
 
 
@@ -105,21 +107,71 @@ def test_batch_advantages_without_kl_are_those_of_the_rewards_at_every_step(pret
 def test_short_run_raises_mean_reward(pretrained_moons, tmp_path, algo):
     out = tmp_path / algo
     lr = {"ddpo-is": "3e-4", "ddpo-sf": "1e-3", "rwr": "1e-3"}[algo]
-    args = ["finetune", "--run", str(pretrained_moons), "--out", str(out), "--algo", algo, "--reward", "target_point",
-            "--reward-arg", "point=[1.5, 1.5]", "--chains", "64", "--epochs", "8", "--lr", lr, "--minibatch-size", "256",
-            "--rwr-temperature", "0.3", "--quiet"]
+    args = [
+        "finetune",
+        "--run",
+        str(pretrained_moons),
+        "--out",
+        str(out),
+        "--algo",
+        algo,
+        "--reward",
+        "target_point",
+        "--reward-arg",
+        "point=[1.5, 1.5]",
+        "--chains",
+        "64",
+        "--epochs",
+        "8",
+        "--lr",
+        lr,
+        "--minibatch-size",
+        "256",
+        "--rwr-temperature",
+        "0.3",
+        "--quiet",
+    ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 0.3, metrics
-    history = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["train_state"]["history"]
+    history = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["train_state"][
+        "history"
+    ]
     assert len(history) == 8 and history[-1]["reward/mean"] > history[0]["reward/mean"]
 
 
 def finetune_ddim(pretrained, out, point: list[float], *args: str) -> list[dict]:
     """`rl-diffusion finetune` with ddpo-is towards `point` (64 chains, 8 epochs, DDIM with 5 steps); its per-epoch history."""
-    assert main(["finetune", "--run", str(pretrained), "--out", str(out), "--algo", "ddpo-is", "--reward", "target_point",
-                 "--reward-arg", f"point={point}", "--sampler", "ddim", "--sampling-steps", "5", "--chains", "64",
-                 "--epochs", "8", "--lr", "1e-3", "--quiet", *args]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--run",
+                str(pretrained),
+                "--out",
+                str(out),
+                "--algo",
+                "ddpo-is",
+                "--reward",
+                "target_point",
+                "--reward-arg",
+                f"point={point}",
+                "--sampler",
+                "ddim",
+                "--sampling-steps",
+                "5",
+                "--chains",
+                "64",
+                "--epochs",
+                "8",
+                "--lr",
+                "1e-3",
+                "--quiet",
+                *args,
+            ]
+        )
+        == 0
+    )
     return torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["train_state"]["history"]
 
 
@@ -137,7 +189,9 @@ def test_ddim_run_rescores_its_log_probs_exactly_and_raises_the_reward(pretraine
 
 
 def test_kl_term_holds_the_policy_near_the_pretrained_model(pretrained_moons, tmp_path, monkeypatch):
-    monkeypatch.setattr("rl_diffusion.ddpo.finish", lambda s: s.writer.close() or {})  # 5 s of evaluation, not tested here
+    monkeypatch.setattr(
+        "rl_diffusion.ddpo.finish", lambda s: s.writer.close() or {}
+    )  # 5 s of evaluation, not tested here
     far = [-3.0, -2.3]  # 2.1 from the nearest data point, 5 from the average one
     free = finetune_ddim(pretrained_moons, tmp_path / "free", far, "--kl-coef", "0")
     held = finetune_ddim(pretrained_moons, tmp_path / "held", far, "--kl-coef", "1")

@@ -99,8 +99,15 @@ def test_ddim_eta_0_is_the_closed_form_flow_of_gaussian_data_whatever_the_step_n
         """The reverse chain from x_T, its per-step noise drawn from a generator of its own."""
         g, x = torch.Generator().manual_seed(noise_seed), x_T
         for t, s in zip(steps, steps[1:] + [0]):
-            x = d.reverse_step(eps_model(x, torch.full((8,), t)), x, t, t_prev=s, sampler="ddim", eta=eta,
-                               noise=torch.randn(x.shape, generator=g)).x_prev
+            x = d.reverse_step(
+                eps_model(x, torch.full((8,), t)),
+                x,
+                t,
+                t_prev=s,
+                sampler="ddim",
+                eta=eta,
+                noise=torch.randn(x.shape, generator=g),
+            ).x_prev
         return x
 
     theta = np.arccos(np.sqrt(d.np["abar"][steps + [0]]))
@@ -112,7 +119,15 @@ def test_ddim_eta_0_is_the_closed_form_flow_of_gaussian_data_whatever_the_step_n
     # eta = 1 from the same x_T: the step noise moves x_0 by about the data's spread
     assert (chain(1.0, noise_seed=1) - chain(1.0, noise_seed=2)).abs().mean().item() > 0.5
     # sample(): x_T is its generator's first draw; at eta = 0 nothing else is random and there is no log-prob
-    traj = d.sample(eps_model, (8, 2), sampler="ddim", sampling_steps=10, eta=0.0, generator=torch.Generator().manual_seed(0), record=True)
+    traj = d.sample(
+        eps_model,
+        (8, 2),
+        sampler="ddim",
+        sampling_steps=10,
+        eta=0.0,
+        generator=torch.Generator().manual_seed(0),
+        record=True,
+    )
     assert traj.log_probs is None and traj.xs.shape == (11, 8, 2)
     torch.testing.assert_close(traj.xs[0], x_T, rtol=0, atol=0)
     torch.testing.assert_close(traj.xs[-1], quiet, rtol=0, atol=0)
@@ -124,7 +139,9 @@ def test_recorded_trajectory_log_probs_rescore_exactly():
     model = ConstantEps(T)
     traj = d.sample(model, (10, 2), generator=torch.Generator().manual_seed(5), record=True)
     assert traj.xs.shape == (T + 1, 10, 2) and traj.log_probs.shape == (T, 10)
-    assert traj.timesteps.tolist() == list(range(T, 0, -1)) and traj.prev_timesteps.tolist() == list(range(T - 1, -1, -1))
+    assert traj.timesteps.tolist() == list(range(T, 0, -1)) and traj.prev_timesteps.tolist() == list(
+        range(T - 1, -1, -1)
+    )
     for k in range(T):
         t = traj.timesteps[k].item()
         x_t = traj.xs[k]
@@ -152,11 +169,17 @@ def test_sharded_sampling_and_loss_are_the_rows_of_the_whole_batch():
     d = GaussianDiffusion("linear", 10)
     model = MLPEps(num_timesteps=10, hidden_size=16, hidden_layers=1, emb_size=8)
     whole = d.sample(model, (6, 2), generator=torch.Generator().manual_seed(3), record=True)
-    halves = [d.sample(model, (6, 2), generator=torch.Generator().manual_seed(3), record=True, shard=slice(i, i + 3)) for i in (0, 3)]
+    halves = [
+        d.sample(model, (6, 2), generator=torch.Generator().manual_seed(3), record=True, shard=slice(i, i + 3))
+        for i in (0, 3)
+    ]
     torch.testing.assert_close(torch.cat([h.xs for h in halves], 1), whole.xs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([h.log_probs for h in halves], 1), whole.log_probs, rtol=1e-5, atol=1e-5)
     x0, weights = torch.randn(8, 2), torch.softmax(torch.randn(8), 0)
     for w in (None, weights):
         full = d.training_loss(model, x0, generator=torch.Generator().manual_seed(4), weights=w)
-        parts = [d.training_loss(model, x0, generator=torch.Generator().manual_seed(4), weights=w, shard=slice(i, i + 4)) for i in (0, 4)]
+        parts = [
+            d.training_loss(model, x0, generator=torch.Generator().manual_seed(4), weights=w, shard=slice(i, i + 4))
+            for i in (0, 4)
+        ]
         assert (parts[0] + parts[1]).item() / 2 == pytest.approx(full.item(), rel=1e-5)

@@ -18,8 +18,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
 
 
 def latest_checkpoint(run: Path) -> dict:
@@ -44,8 +49,25 @@ def test_a_batch_that_does_not_split_evenly_is_refused():
 
 
 def test_pretraining_on_two_ranks_matches_one_rank(tmp_path):
-    flags = ["--dataset", "moons", "--steps", "30", "--num-timesteps", "20", "--hidden-size", "32", "--batch-size", "64",
-             "--eval-every", "30", "--eval-samples", "200", "--checkpoint-every", "10", "--quiet"]
+    flags = [
+        "--dataset",
+        "moons",
+        "--steps",
+        "30",
+        "--num-timesteps",
+        "20",
+        "--hidden-size",
+        "32",
+        "--batch-size",
+        "64",
+        "--eval-every",
+        "30",
+        "--eval-samples",
+        "200",
+        "--checkpoint-every",
+        "10",
+        "--quiet",
+    ]
     two = torchrun("-m", "rl_diffusion.cli", "pretrain", "--out", str(tmp_path / "two"), *flags)
     assert two.returncode == 0, two.stderr[-2000:]
     assert main(["pretrain", "--out", str(tmp_path / "one"), *flags]) == 0
@@ -62,15 +84,29 @@ def test_pretraining_on_two_ranks_matches_one_rank(tmp_path):
 def test_ddpo_is_on_two_ranks_matches_one_rank_and_resumes_on_one(pretrained_moons, tmp_path):
     # kl_coef > 0 and a timestep fraction exercise the gathered KLs and the minibatches drawn over
     # the whole batch's pairs; 100 pairs per minibatch leave each rank unequal shares of them.
-    overrides = ["algo=\"ddpo-is\"", "chains=32", "epochs=2", "minibatch_size=100", "kl_coef=0.1", "timestep_fraction=0.5",
-                 "reward=\"target_point\"", "reward_args={\"point\": [1.5, 1.5]}", "checkpoint_every=1"]
+    overrides = [
+        'algo="ddpo-is"',
+        "chains=32",
+        "epochs=2",
+        "minibatch_size=100",
+        "kl_coef=0.1",
+        "timestep_fraction=0.5",
+        'reward="target_point"',
+        'reward_args={"point": [1.5, 1.5]}',
+        "checkpoint_every=1",
+    ]
     worker = str(TESTS / "ddp_finetune_worker.py")
     (tmp_path / "dump2").mkdir()
     (tmp_path / "dump1").mkdir()
     two = torchrun(worker, str(pretrained_moons), str(tmp_path / "two"), str(tmp_path / "dump2"), *overrides)
     assert two.returncode == 0, two.stderr[-2000:]
-    one = subprocess.run([sys.executable, worker, str(pretrained_moons), str(tmp_path / "one"), str(tmp_path / "dump1"), *overrides],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    one = subprocess.run(
+        [sys.executable, worker, str(pretrained_moons), str(tmp_path / "one"), str(tmp_path / "dump1"), *overrides],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     rank0, rank1 = (torch.load(tmp_path / "dump2" / f"rank{r}.pt") for r in (0, 1))
     single = torch.load(tmp_path / "dump1" / "rank0.pt")
@@ -94,8 +130,22 @@ def test_ddpo_is_on_two_ranks_matches_one_rank_and_resumes_on_one(pretrained_moo
 
 @pytest.mark.parametrize("algo, extra", [("ddpo-sf", ["--kl-coef", "0.1"]), ("rwr", [])])
 def test_ddpo_sf_and_rwr_on_two_ranks_match_one_rank(pretrained_moons, tmp_path, algo, extra):
-    flags = ["--pretrained", str(pretrained_moons), "--reward", "target_point", "--chains", "32", "--epochs", "2",
-             "--algo", algo, "--minibatch-size", "100", "--quiet", *extra]
+    flags = [
+        "--pretrained",
+        str(pretrained_moons),
+        "--reward",
+        "target_point",
+        "--chains",
+        "32",
+        "--epochs",
+        "2",
+        "--algo",
+        algo,
+        "--minibatch-size",
+        "100",
+        "--quiet",
+        *extra,
+    ]
     two = torchrun("-m", "rl_diffusion.cli", "finetune", "--out", str(tmp_path / "two"), *flags)
     assert two.returncode == 0, two.stderr[-2000:]
     assert main(["finetune", "--out", str(tmp_path / "one"), *flags]) == 0

@@ -8,13 +8,12 @@ from gymnasium.utils.env_checker import check_env
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
+import rl_diffusion  # registers RLDiffusion/Denoise-v0
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.diffusion import GaussianDiffusion
-import rl_diffusion  # registers RLDiffusion/Denoise-v0
 from rl_diffusion.env import DenoisingEnv, DenoisingVectorEnv
 from rl_diffusion.errors import UserError
 from rl_diffusion.models import build_model
-
 
 T = 10
 POINT = [1.0, -2.0]
@@ -22,28 +21,47 @@ POINT = [1.0, -2.0]
 
 def make_env(**kwargs) -> DenoisingEnv:
     """A sample-mode env (the action is x_{t-1}) unless told otherwise."""
-    return DenoisingEnv(reward_kwargs={"point": POINT}, diffusion=GaussianDiffusion("linear", T), data_shape=(2,),
-                        **{"action_mode": "sample", **kwargs})
+    return DenoisingEnv(
+        reward_kwargs={"point": POINT},
+        diffusion=GaussianDiffusion("linear", T),
+        data_shape=(2,),
+        **{"action_mode": "sample", **kwargs},
+    )
 
 
 def make_vector_env(num_envs: int, **kwargs) -> DenoisingVectorEnv:
-    return DenoisingVectorEnv(reward_kwargs={"point": POINT}, num_envs=num_envs, diffusion=GaussianDiffusion("linear", T),
-                              data_shape=(2,), **{"action_mode": "sample", **kwargs})
+    return DenoisingVectorEnv(
+        reward_kwargs={"point": POINT},
+        num_envs=num_envs,
+        diffusion=GaussianDiffusion("linear", T),
+        data_shape=(2,),
+        **{"action_mode": "sample", **kwargs},
+    )
 
 
 @pytest.fixture
 def run_dir(tmp_path):
     """A tiny pretrain run directory: config.json and one checkpoint of an untrained MLP."""
     (tmp_path / "config.json").write_text(json.dumps({"kind": "pretrain"}))
-    model_config = {"kind": "mlp", "data_dim": 2, "num_timesteps": T, "hidden_size": 16, "hidden_layers": 1, "emb_size": 8}
-    CheckpointManager(tmp_path).save({
-        "kind": "pretrain",
-        "model_config": model_config,
-        "diffusion_config": {"beta_schedule": "linear", "num_timesteps": T},
-        "data": {"dataset": "dino", "shape": [2]},
-        "model": build_model(model_config).state_dict(),
-        "train_state": {},
-    }, step=1)
+    model_config = {
+        "kind": "mlp",
+        "data_dim": 2,
+        "num_timesteps": T,
+        "hidden_size": 16,
+        "hidden_layers": 1,
+        "emb_size": 8,
+    }
+    CheckpointManager(tmp_path).save(
+        {
+            "kind": "pretrain",
+            "model_config": model_config,
+            "diffusion_config": {"beta_schedule": "linear", "num_timesteps": T},
+            "data": {"dataset": "dino", "shape": [2]},
+            "model": build_model(model_config).state_dict(),
+            "train_state": {},
+        },
+        step=1,
+    )
     return tmp_path
 
 
@@ -53,10 +71,13 @@ def test_gymnasium_and_sb3_env_checkers_pass(num_classes):
     sb3_check_env(make_env(num_classes=num_classes))
 
 
-@pytest.mark.parametrize("sampler, sampling_steps, expected_ts", [
-    ("ddpm", None, list(range(T, 0, -1))),
-    ("ddim", 4, [10, 7, 4, 1]),
-])
+@pytest.mark.parametrize(
+    "sampler, sampling_steps, expected_ts",
+    [
+        ("ddpm", None, list(range(T, 0, -1))),
+        ("ddim", 4, [10, 7, 4, 1]),
+    ],
+)
 def test_episode_has_one_step_per_timestep_and_rewards_only_x0(sampler, sampling_steps, expected_ts):
     env = make_env(sampler=sampler, sampling_steps=sampling_steps)
     obs, info = env.reset(seed=0)
@@ -172,8 +193,13 @@ def test_step_tensor_returns_rewards_once_and_refuses_to_pass_x0():
 
 def test_run_directory_and_make_and_make_vec(run_dir):
     assert rl_diffusion.ENV_ID in gymnasium.registry
-    env = gymnasium.make("RLDiffusion/Denoise-v0", run=str(run_dir), reward="target_point", reward_kwargs={"point": POINT},
-                         action_mode="sample")
+    env = gymnasium.make(
+        "RLDiffusion/Denoise-v0",
+        run=str(run_dir),
+        reward="target_point",
+        reward_kwargs={"point": POINT},
+        action_mode="sample",
+    )
     assert env.spec.max_episode_steps is None
     obs, _ = env.reset(seed=0)
     assert obs["x"].shape == (2,) and int(obs["t"][0]) == T and "c" not in obs
@@ -183,7 +209,9 @@ def test_run_directory_and_make_and_make_vec(run_dir):
     assert terminated and reward == pytest.approx(-4.0)
 
     # With no vectorization_mode, make_vec picks the registered vector_entry_point.
-    vec = gymnasium.make_vec("RLDiffusion/Denoise-v0", num_envs=8, run=run_dir, reward_kwargs={"point": POINT}, action_mode="sample")
+    vec = gymnasium.make_vec(
+        "RLDiffusion/Denoise-v0", num_envs=8, run=run_dir, reward_kwargs={"point": POINT}, action_mode="sample"
+    )
     assert isinstance(vec.unwrapped, DenoisingVectorEnv) and vec.num_envs == 8
     obs, _ = vec.reset(seed=0)
     assert obs["x"].shape == (8, 2) and vec.action_space.shape == (8, 2)
@@ -195,20 +223,25 @@ def test_the_default_action_mode_is_residual_with_the_run_network_inside(run_dir
     assert env.action_space == gymnasium.spaces.Box(-3.0, 3.0, (2,), np.float32)
     obs, _ = env.reset(seed=0)
     assert set(obs) == {"x", "t", "x0_hat"}
-    vec = gymnasium.make_vec("RLDiffusion/Denoise-v0", num_envs=4, run=run_dir, reward_kwargs={"point": POINT}, action_mode="noise")
+    vec = gymnasium.make_vec(
+        "RLDiffusion/Denoise-v0", num_envs=4, run=run_dir, reward_kwargs={"point": POINT}, action_mode="noise"
+    )
     obs, _ = vec.reset(seed=0)
     assert vec.unwrapped.action_mode == "noise" and obs["x"].shape == (4, 2) and (obs["t"] == T).all()
     _, rewards, terminated, _, info = vec.step(obs["x"])
     assert terminated.all() and np.isfinite(rewards).all() and info["x0"].shape == (4, 2)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {},  # neither a run nor a diffusion
-    {"diffusion": GaussianDiffusion("linear", T)},  # no data shape
-    {"diffusion": GaussianDiffusion("linear", T), "data_shape": (2,), "sampler": "ddpn"},
-    {"diffusion": GaussianDiffusion("linear", T), "data_shape": (2,), "sampling_steps": 4},  # ddpm takes all T
-    {"diffusion": GaussianDiffusion("linear", T), "data_shape": (2,), "reward": "no_such_reward"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},  # neither a run nor a diffusion
+        {"diffusion": GaussianDiffusion("linear", T)},  # no data shape
+        {"diffusion": GaussianDiffusion("linear", T), "data_shape": (2,), "sampler": "ddpn"},
+        {"diffusion": GaussianDiffusion("linear", T), "data_shape": (2,), "sampling_steps": 4},  # ddpm takes all T
+        {"diffusion": GaussianDiffusion("linear", T), "data_shape": (2,), "reward": "no_such_reward"},
+    ],
+)
 def test_bad_arguments_are_user_errors(kwargs):
     with pytest.raises(UserError):
         DenoisingEnv(**kwargs)

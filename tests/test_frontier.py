@@ -20,9 +20,35 @@ def finetuned(pretrained_moons, tmp_path_factory):
     out = tmp_path_factory.mktemp("mix") / "ft"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ddpo, "finish", lambda s: {})
-        assert main(["finetune", "--run", str(pretrained_moons), "--out", str(out), "--algo", "ddpo-is", "--reward", "target_point",
-                     "--reward-arg", "point=[1.5,1.5]", "--chains", "64", "--epochs", "4", "--lr", "3e-3", "--minibatch-size", "256",
-                     "--kl-coef", "0.1", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "finetune",
+                    "--run",
+                    str(pretrained_moons),
+                    "--out",
+                    str(out),
+                    "--algo",
+                    "ddpo-is",
+                    "--reward",
+                    "target_point",
+                    "--reward-arg",
+                    "point=[1.5,1.5]",
+                    "--chains",
+                    "64",
+                    "--epochs",
+                    "4",
+                    "--lr",
+                    "3e-3",
+                    "--minibatch-size",
+                    "256",
+                    "--kl-coef",
+                    "0.1",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     return out
 
 
@@ -32,11 +58,17 @@ def draw(run, tmp_path, *flags) -> np.ndarray:
     return np.load(out)
 
 
-def test_mix_0_and_1_are_the_pretrained_and_finetuned_samples_and_0_5_lies_between(pretrained_moons, finetuned, tmp_path):
+def test_mix_0_and_1_are_the_pretrained_and_finetuned_samples_and_0_5_lies_between(
+    pretrained_moons, finetuned, tmp_path
+):
     before, after = draw(pretrained_moons, tmp_path), draw(finetuned, tmp_path)
     assert np.array_equal(draw(finetuned, tmp_path, "--mix", "0"), before)
     assert np.array_equal(draw(finetuned, tmp_path, "--mix", "1"), after)
-    r0, r1, r_half = target_point_reward(before), target_point_reward(after), target_point_reward(draw(finetuned, tmp_path, "--mix", "0.5"))
+    r0, r1, r_half = (
+        target_point_reward(before),
+        target_point_reward(after),
+        target_point_reward(draw(finetuned, tmp_path, "--mix", "0.5")),
+    )
     assert r1 > r0 + 0.2  # the fine-tune moved the samples towards the point
     assert r0 < r_half < r1
 
@@ -48,21 +80,44 @@ def test_mixed_path_kl_is_zero_at_mix_0_and_grows_with_mix(finetuned):
     assert points[0]["reward_mean"] < points[1]["reward_mean"] < points[2]["reward_mean"]
 
 
-@pytest.mark.parametrize("run, mix, message", [
-    ("finetuned", "1.5", "--mix must be in [0, 1]"),
-    ("finetuned", "-0.1", "--mix must be in [0, 1]"),
-    ("pretrained_moons", "0.5", "is a pretrain run"),
-])
+@pytest.mark.parametrize(
+    "run, mix, message",
+    [
+        ("finetuned", "1.5", "--mix must be in [0, 1]"),
+        ("finetuned", "-0.1", "--mix must be in [0, 1]"),
+        ("pretrained_moons", "0.5", "is a pretrain run"),
+    ],
+)
 def test_bad_mixes_are_user_errors(run, mix, message, request, tmp_path, capsys):
-    assert main(["sample", "--run", str(request.getfixturevalue(run)), "--mix", mix, "--out", str(tmp_path / "s.npy")]) == 2
+    assert (
+        main(["sample", "--run", str(request.getfixturevalue(run)), "--mix", mix, "--out", str(tmp_path / "s.npy")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
 
 
 def test_frontier_runs_each_beta_draws_the_figure_and_skips_finished_runs_on_rerun(pretrained_moons, tmp_path, capsys):
     out = tmp_path / "frontier"
-    args = ["frontier", "--run", str(pretrained_moons), "--reward", "target_point", "--reward-arg", "point=[1.5,1.5]",
-            "--kl-coefs", "0.1,0.3,1", "--out", str(out), "--jobs", "2", "--chains", "16", "--epochs", "2"]
+    args = [
+        "frontier",
+        "--run",
+        str(pretrained_moons),
+        "--reward",
+        "target_point",
+        "--reward-arg",
+        "point=[1.5,1.5]",
+        "--kl-coefs",
+        "0.1,0.3,1",
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+        "--chains",
+        "16",
+        "--epochs",
+        "2",
+    ]
     assert main(args) == 0
     summary = json.loads((out / "frontier.json").read_text())
     assert summary["kl_coefs"] == [0.1, 0.3, 1.0] and list(summary["runs"]) == ["0.1", "0.3", "1.0"]
@@ -85,7 +140,22 @@ def test_frontier_runs_each_beta_draws_the_figure_and_skips_finished_runs_on_rer
 
 
 def test_frontier_refuses_its_own_kl_flags(pretrained_moons, tmp_path, capsys):
-    assert main(["frontier", "--run", str(pretrained_moons), "--kl-coefs", "0.1", "--out", str(tmp_path / "f"), "--kl-coef", "1"]) == 2
+    assert (
+        main(
+            [
+                "frontier",
+                "--run",
+                str(pretrained_moons),
+                "--kl-coefs",
+                "0.1",
+                "--out",
+                str(tmp_path / "f"),
+                "--kl-coef",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "drop --kl-coef" in capsys.readouterr().err
     assert main(["frontier", "--run", str(pretrained_moons), "--kl-coefs", "0,1", "--out", str(tmp_path / "f")]) == 2
     assert "positive betas" in capsys.readouterr().err

@@ -62,8 +62,9 @@ def test_image_quality_floors_beat_a_shifted_set() -> None:
     train_x, _, held_x, _ = split_digits(seed=0)
     data, data_again = train_x[:700], train_x[700:1400]
     quality = image_quality(held_x, data, data_again, classifier, kid_subsets=10, kid_subset_size=300)
-    shifted = image_quality((held_x + 0.6).clamp(-1, 1), data, data_again, classifier,
-                            kid_subsets=10, kid_subset_size=300)
+    shifted = image_quality(
+        (held_x + 0.6).clamp(-1, 1), data, data_again, classifier, kid_subsets=10, kid_subset_size=300
+    )
     assert quality["fd_floor"] < shifted["fd"] / 5 and quality["kid_floor"] < shifted["kid"] / 5
     assert quality["fd"] < shifted["fd"] / 5
     assert quality["fd_floor"] == shifted["fd_floor"] and quality["kid_floor"] == shifted["kid_floor"]
@@ -92,7 +93,11 @@ def test_mode_coverage_counts_classes_with_half_their_share() -> None:
     labels = torch.repeat_interleave(torch.arange(10), torch.tensor(counts))
     images = -torch.ones(100, 1, 8, 8)
     images.view(100, -1)[torch.arange(100), labels] = 1.0
-    images += 0.01 * torch.rand(images.shape, generator=torch.Generator().manual_seed(0))  # features with full-rank covariance
+    images += 0.01 * torch.rand(
+        images.shape, generator=torch.Generator().manual_seed(0)
+    )  # features with full-rank covariance
     quality = image_quality(images, images, images, PixelClassifier(), kid_subsets=2, kid_subset_size=50)
-    assert quality["label_distribution"] == pytest.approx([0.4, 0.3, 0.1, 0.05, 0.05, 0.02, 0.02, 0.02, 0.02, 0.02], abs=1e-12)
+    assert quality["label_distribution"] == pytest.approx(
+        [0.4, 0.3, 0.1, 0.05, 0.05, 0.02, 0.02, 0.02, 0.02, 0.02], abs=1e-12
+    )
     assert quality["mode_coverage"] == 5

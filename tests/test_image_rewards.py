@@ -48,8 +48,14 @@ def test_jpeg_rewards_prefer_flat_or_noisy_images(channels: int, size: int, head
 
 def test_brightness_in_unit_range_and_clipped() -> None:
     r = build_reward("brightness")
-    x0 = torch.stack([torch.ones(3, 4, 4), -torch.ones(3, 4, 4), torch.full((3, 4, 4), 3.0),
-                      torch.cat([torch.ones(3, 2, 4), -torch.ones(3, 2, 4)], dim=1)])
+    x0 = torch.stack(
+        [
+            torch.ones(3, 4, 4),
+            -torch.ones(3, 4, 4),
+            torch.full((3, 4, 4), 3.0),
+            torch.cat([torch.ones(3, 2, 4), -torch.ones(3, 2, 4)], dim=1),
+        ]
+    )
     assert r(x0).tolist() == [1.0, 0.0, 1.0, 0.5]
     with pytest.raises(RewardError, match="reward 'brightness' raised ValueError: .*\\[B, C, H, W\\]"):
         r(torch.zeros(4, 2))
@@ -83,10 +89,12 @@ def test_digit_classifier_is_cached_and_accurate_on_held_out_digits(digit_cache:
 def test_digit_reward_ranks_each_class_first(digit_cache: Path) -> None:
     _, _, held_x, held_y = split_digits(seed=0)
     # mean_log_prob[k, j]: mean reward for digit=k over held-out images of class j.
-    mean_log_prob = torch.stack([
-        torch.stack([build_reward("digit_classifier", {"digit": k})(held_x[held_y == j]).mean() for j in range(10)])
-        for k in range(10)
-    ])
+    mean_log_prob = torch.stack(
+        [
+            torch.stack([build_reward("digit_classifier", {"digit": k})(held_x[held_y == j]).mean() for j in range(10)])
+            for k in range(10)
+        ]
+    )
     assert bool((mean_log_prob <= 0).all())
     assert mean_log_prob.argmax(dim=1).tolist() == list(range(10))
     off_diagonal = mean_log_prob[~torch.eye(10, dtype=torch.bool)].view(10, 9).mean(dim=1)

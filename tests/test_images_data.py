@@ -42,7 +42,7 @@ def _stripes(path: Path, width: int = 12, height: int = 4) -> None:
     """Red, green, blue vertical thirds."""
     pixels = np.zeros((height, width, 3), dtype=np.uint8)
     for k, color in enumerate((RED, GREEN, BLUE)):
-        pixels[:, k * width // 3:(k + 1) * width // 3] = color
+        pixels[:, k * width // 3 : (k + 1) * width // 3] = color
     Image.fromarray(pixels).save(path)
 
 

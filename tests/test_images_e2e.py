@@ -30,9 +30,31 @@ from rl_diffusion.image_metrics import classifier_features, frechet_distance, ke
 from rl_diffusion.models import build_model
 
 STEPS = 200
-TINY_DIGITS = ["--dataset", "digits", "--steps", str(STEPS), "--num-timesteps", "20", "--base-channels", "16",
-               "--batch-size", "64", "--lr", "4e-3", "--warmup-steps", "30", "--ema-decay", "0.98",
-               "--eval-every", str(STEPS), "--eval-samples", "64", "--checkpoint-every", str(STEPS), "--quiet"]
+TINY_DIGITS = [
+    "--dataset",
+    "digits",
+    "--steps",
+    str(STEPS),
+    "--num-timesteps",
+    "20",
+    "--base-channels",
+    "16",
+    "--batch-size",
+    "64",
+    "--lr",
+    "4e-3",
+    "--warmup-steps",
+    "30",
+    "--ema-decay",
+    "0.98",
+    "--eval-every",
+    str(STEPS),
+    "--eval-samples",
+    "64",
+    "--checkpoint-every",
+    str(STEPS),
+    "--quiet",
+]
 CPU = torch.device("cpu")
 DIGIT = 3
 
@@ -72,8 +94,9 @@ def predicted_labels(images: np.ndarray, classifier: torch.nn.Module) -> torch.T
     return classifier_features(torch.from_numpy(images), classifier)[1]
 
 
-def test_pretraining_lowers_the_frechet_distance(digits_run: Path, classifier: torch.nn.Module,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_pretraining_lowers_the_frechet_distance(
+    digits_run: Path, classifier: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`rl-diffusion evaluate` on the trained run vs the same measurement of the network at initialisation.
 
     Both: 300 DDPM samples (seed 1, labels 0..9 in turn), Frechet distance and KID in the digit
@@ -96,9 +119,13 @@ def test_pretraining_lowers_the_frechet_distance(digits_run: Path, classifier: t
     # evaluate measured these samples against these digits with this classifier: the same four numbers
     fd, kid = fd_and_kid(draw_samples(run.diffusion, run.model, 300, seed=1, device=CPU))
     fd_floor, kid_floor = fd_and_kid(again)
-    assert [evaluated[k] for k in ("fd", "kid", "fd_floor", "kid_floor")] == pytest.approx([fd, kid, fd_floor, kid_floor], rel=1e-6)
-    print(f"FD initial {fd_initial:.4g}, trained {fd:.4g}, floor {fd_floor:.4g}; "
-          f"KID initial {kid_initial:.4g}, trained {kid:.4g}, floor {kid_floor:.4g} (300 samples)")
+    assert [evaluated[k] for k in ("fd", "kid", "fd_floor", "kid_floor")] == pytest.approx(
+        [fd, kid, fd_floor, kid_floor], rel=1e-6
+    )
+    print(
+        f"FD initial {fd_initial:.4g}, trained {fd:.4g}, floor {fd_floor:.4g}; "
+        f"KID initial {kid_initial:.4g}, trained {kid:.4g}, floor {kid_floor:.4g} (300 samples)"
+    )
     assert evaluated["num_samples"] == 300
     # measured: FD 206 -> 24 (floor 9.5), KID 1046 -> 203 (floor 21)
     assert fd < fd_initial / 3 and kid < kid_initial / 2.5
@@ -106,30 +133,56 @@ def test_pretraining_lowers_the_frechet_distance(digits_run: Path, classifier: t
     # The run's own final metrics (898 samples) carry the image entries next to their floors.
     metrics = json.loads((digits_run / "metrics.json").read_text())
     assert {"fd", "fd_floor", "kid", "kid_floor", "label_distribution", "mode_coverage"} <= metrics.keys()
-    print(f"run metrics: fd {metrics['fd']:.3g} (floor {metrics['fd_floor']:.3g}), kid {metrics['kid']:.3g} (floor {metrics['kid_floor']:.3g})")
+    print(
+        f"run metrics: fd {metrics['fd']:.3g} (floor {metrics['fd_floor']:.3g}), kid {metrics['kid']:.3g} (floor {metrics['kid_floor']:.3g})"
+    )
     assert metrics["fd_floor"] < metrics["fd"] < fd_initial / 3  # measured: 1.7 < 30
     assert metrics["mode_coverage"] == 10
 
 
-def test_sample_writes_images_and_a_grid_and_guidance_follows_the_labels(digits_run: Path, classifier: torch.nn.Module,
-                                                                        tmp_path: Path) -> None:
+def test_sample_writes_images_and_a_grid_and_guidance_follows_the_labels(
+    digits_run: Path, classifier: torch.nn.Module, tmp_path: Path
+) -> None:
     n = 100  # labels 0..9 ten times each
     samples = {}
     for scale in (1.0, 0.0, 3.0):
         out = tmp_path / f"samples_{scale:g}.npy"
-        assert main(["sample", "--run", str(digits_run), "--num-samples", str(n), "--out", str(out), "--seed", "0",
-                     "--guidance-scale", str(scale)]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    "--run",
+                    str(digits_run),
+                    "--num-samples",
+                    str(n),
+                    "--out",
+                    str(out),
+                    "--seed",
+                    "0",
+                    "--guidance-scale",
+                    str(scale),
+                ]
+            )
+            == 0
+        )
         samples[scale] = np.load(out)
         with Image.open(out.with_suffix(".png")) as grid:
-            assert grid.format == "PNG" and grid.size == (4 * (8 * 9 + 1), 4 * (8 * 9 + 1))  # 64 tiles of 8x8, 1 px gaps, x4
+            assert grid.format == "PNG" and grid.size == (
+                4 * (8 * 9 + 1),
+                4 * (8 * 9 + 1),
+            )  # 64 tiles of 8x8, 1 px gaps, x4
     x = samples[1.0]
     assert x.shape == (n, 1, 8, 8) and x.dtype == np.float32 and np.isfinite(x).all()
     print(f"pixel range [{x.min():.2f}, {x.max():.2f}]")
     print(f"pixels beyond 1.2: {(np.abs(x) > 1.2).mean():.3f}, beyond 1.5: {(np.abs(x) > 1.5).mean():.4f}")
-    assert np.abs(x).max() < 2.5 and (np.abs(x) <= 1.5).mean() > 0.99  # the data is in [-1, 1]; a tiny model overshoots a little
+    assert (
+        np.abs(x).max() < 2.5 and (np.abs(x) <= 1.5).mean() > 0.99
+    )  # the data is in [-1, 1]; a tiny model overshoots a little
     assert not np.allclose(samples[0.0], samples[3.0])
     labels = torch.arange(n) % 10
-    agreement = {scale: (predicted_labels(s, classifier) == labels).float().mean().item() for scale, s in samples.items()}
+    agreement = {
+        scale: (predicted_labels(s, classifier) == labels).float().mean().item() for scale, s in samples.items()
+    }
     print(f"share of samples classified as their label, by guidance scale: {agreement}")
     assert agreement[0.0] < 0.3  # unconditional: about chance (0.1)
     assert agreement[3.0] > 0.8 and agreement[1.0] > 0.5
@@ -142,7 +195,9 @@ def test_sample_writes_images_and_a_grid_and_guidance_follows_the_labels(digits_
 @pytest.mark.filterwarnings("ignore:.*is an image.*")
 @pytest.mark.filterwarnings("ignore:.*minimal resolution.*")
 def test_env_of_a_digits_run_has_image_observations_and_labels(digits_run: Path) -> None:
-    env = gymnasium.make("RLDiffusion/Denoise-v0", run=str(digits_run), reward="digit_classifier", reward_kwargs={"digit": DIGIT})
+    env = gymnasium.make(
+        "RLDiffusion/Denoise-v0", run=str(digits_run), reward="digit_classifier", reward_kwargs={"digit": DIGIT}
+    )
     obs, _ = env.reset(seed=0)
     assert obs["x"].shape == (1, 8, 8) and obs["x"].dtype == np.float32
     assert env.observation_space["c"] == gymnasium.spaces.Discrete(10) and 0 <= int(obs["c"]) < 10
@@ -155,19 +210,48 @@ def test_env_of_a_digits_run_has_image_observations_and_labels(digits_run: Path)
     sb3_check_env(env.unwrapped)
 
 
-def test_finetuning_with_the_digit_classifier_raises_that_digits_share(unconditional_run: Path, classifier: torch.nn.Module,
-                                                                        tmp_path: Path) -> None:
+def test_finetuning_with_the_digit_classifier_raises_that_digits_share(
+    unconditional_run: Path, classifier: torch.nn.Module, tmp_path: Path
+) -> None:
     def share(run_dir: Path) -> float:
         run = load_run(run_dir)
-        return (predicted_labels(draw_samples(run.diffusion, run.model, 400, seed=7, device=CPU), classifier) == DIGIT).float().mean().item()
+        return (
+            (predicted_labels(draw_samples(run.diffusion, run.model, 400, seed=7, device=CPU), classifier) == DIGIT)
+            .float()
+            .mean()
+            .item()
+        )
 
     out = tmp_path / "finetuned"
-    assert main(["finetune", "--run", str(unconditional_run), "--out", str(out), "--reward", "digit_classifier",
-                 "--reward-arg", f"digit={DIGIT}", "--algo", "ddpo-is", "--chains", "64", "--epochs", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--run",
+                str(unconditional_run),
+                "--out",
+                str(out),
+                "--reward",
+                "digit_classifier",
+                "--reward-arg",
+                f"digit={DIGIT}",
+                "--algo",
+                "ddpo-is",
+                "--chains",
+                "64",
+                "--epochs",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     before, after = share(unconditional_run), share(out)
     metrics = json.loads((out / "metrics.json").read_text())
-    print(f"share of {DIGIT}s: {before:.3f} -> {after:.3f}; mean log p({DIGIT}) {metrics['reward_mean_pretrained']:.2f} -> "
-          f"{metrics['reward_mean']:.2f}, path KL {metrics['kl_to_pretrained']:.1f}")
+    print(
+        f"share of {DIGIT}s: {before:.3f} -> {after:.3f}; mean log p({DIGIT}) {metrics['reward_mean_pretrained']:.2f} -> "
+        f"{metrics['reward_mean']:.2f}, path KL {metrics['kl_to_pretrained']:.1f}"
+    )
     assert before < 0.25  # one digit of ten
     assert after > before + 0.3
     assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 1.0

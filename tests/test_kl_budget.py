@@ -20,8 +20,19 @@ def test_adapted_kl_coef_follows_the_clipped_proportional_rule():
 def path_kl_per_epoch(pretrained, out, monkeypatch, **overrides) -> tuple[list[float], list[float]]:
     """Mean path KL and beta of each epoch of a ddpo-is run pulled towards (3, 3), far off the moons."""
     monkeypatch.setattr(ddpo, "finish", lambda s: {})  # the final evaluation is not what is tested
-    cfg = FinetuneConfig(run=str(pretrained), reward="target_point", reward_args={"point": [3.0, 3.0]}, algo="ddpo-is",
-                         chains=128, epochs=24, lr=3e-3, minibatch_size=256, kl_coef=0.3, checkpoint_every=100, **overrides)
+    cfg = FinetuneConfig(
+        run=str(pretrained),
+        reward="target_point",
+        reward_args={"point": [3.0, 3.0]},
+        algo="ddpo-is",
+        chains=128,
+        epochs=24,
+        lr=3e-3,
+        minibatch_size=256,
+        kl_coef=0.3,
+        checkpoint_every=100,
+        **overrides,
+    )
     s = setup(cfg, out, overwrite=True)
     ddpo.train(s, progress=False)
     return [h["kl/to_pretrained"] for h in s.history], [h["kl/beta"] for h in s.history]
@@ -43,9 +54,33 @@ def test_kl_target_holds_the_path_kl_where_a_fixed_beta_does_not(pretrained_moon
 
 def test_kl_target_run_resumed_mid_run_is_bit_identical(pretrained_moons, tmp_path, monkeypatch):
     monkeypatch.setattr(ddpo, "finish", lambda s: {})
-    args = ["--run", str(pretrained_moons), "--algo", "ddpo-sf", "--reward", "target_point", "--reward-arg", "point=[1,1]",
-            "--chains", "16", "--epochs", "4", "--checkpoint-every", "1", "--keep-checkpoints", "10", "--lr", "3e-3",
-            "--kl-coef", "0.1", "--kl-target", "0.05", "--kl-gain", "2", "--quiet"]
+    args = [
+        "--run",
+        str(pretrained_moons),
+        "--algo",
+        "ddpo-sf",
+        "--reward",
+        "target_point",
+        "--reward-arg",
+        "point=[1,1]",
+        "--chains",
+        "16",
+        "--epochs",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "10",
+        "--lr",
+        "3e-3",
+        "--kl-coef",
+        "0.1",
+        "--kl-target",
+        "0.05",
+        "--kl-gain",
+        "2",
+        "--quiet",
+    ]
     a, b = finetuned_straight_and_resumed(args, tmp_path)
     assert_same_weights(a["model"], b["model"])
     betas = [h["kl/beta"] for h in a["train_state"]["history"]]
@@ -53,13 +88,19 @@ def test_kl_target_run_resumed_mid_run_is_bit_identical(pretrained_moons, tmp_pa
     assert len(set(betas)) == 4 and a["train_state"]["kl_coef"] == b["train_state"]["kl_coef"] != betas[-1]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--algo", "rwr", "--kl-target", "1"], "--kl-target adapts the beta of ddpo-sf and ddpo-is"),
-    (["--algo", "sb3-ppo", "--kl-target", "1", "--kl-coef", "0.1"], "--kl-target adapts the beta of ddpo-sf and ddpo-is"),
-    (["--kl-target", "1"], "give a starting --kl-coef > 0"),
-    (["--kl-target", "-1", "--kl-coef", "0.1"], "--kl-target must be >= 0"),
-    (["--kl-target", "1", "--kl-coef", "0.1", "--kl-gain", "5"], "--kl-gain must be in (0, 5)"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--algo", "rwr", "--kl-target", "1"], "--kl-target adapts the beta of ddpo-sf and ddpo-is"),
+        (
+            ["--algo", "sb3-ppo", "--kl-target", "1", "--kl-coef", "0.1"],
+            "--kl-target adapts the beta of ddpo-sf and ddpo-is",
+        ),
+        (["--kl-target", "1"], "give a starting --kl-coef > 0"),
+        (["--kl-target", "-1", "--kl-coef", "0.1"], "--kl-target must be >= 0"),
+        (["--kl-target", "1", "--kl-coef", "0.1", "--kl-gain", "5"], "--kl-gain must be in (0, 5)"),
+    ],
+)
 def test_bad_kl_target_flags_are_user_errors(flags, message, tmp_path, capsys):
     assert main(["finetune", "--run", "unused", "--out", str(tmp_path / "r"), *flags]) == 2
     err = capsys.readouterr().err

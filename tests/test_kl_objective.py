@@ -43,11 +43,20 @@ def step_coefficients(diffusion: GaussianDiffusion, sampling: dict) -> list[tupl
     steps = diffusion.timesteps(sampling.get("sampler", "ddpm"), sampling.get("sampling_steps"))
     out = []
     for t, t_prev in zip(steps, steps[1:] + [0]):
+
         def mean(x: float, eps: float) -> float:
             kwargs = {k: v for k, v in sampling.items() if k != "sampling_steps"}
-            return diffusion.reverse_step(torch.full((1, 1), eps), torch.full((1, 1), x), t, t_prev=t_prev, **kwargs).mean.item()
-        step = diffusion.reverse_step(torch.zeros(1, 1), torch.zeros(1, 1), t, t_prev=t_prev,
-                                      **{k: v for k, v in sampling.items() if k != "sampling_steps"})
+            return diffusion.reverse_step(
+                torch.full((1, 1), eps), torch.full((1, 1), x), t, t_prev=t_prev, **kwargs
+            ).mean.item()
+
+        step = diffusion.reverse_step(
+            torch.zeros(1, 1),
+            torch.zeros(1, 1),
+            t,
+            t_prev=t_prev,
+            **{k: v for k, v in sampling.items() if k != "sampling_steps"},
+        )
         out.append((t, mean(1.0, 0.0) - mean(0.0, 0.0), mean(0.0, 1.0) - mean(0.0, 0.0), step.sigma.item()))
     return out
 
@@ -70,8 +79,16 @@ def closed_form_setup(beta: float, **config) -> types.SimpleNamespace:
     cfg = FinetuneConfig(run="unused", kl_coef=beta, grad_clip=1e9, minibatch_size=1 << 20, **config)
     K = len(diffusion.timesteps(cfg.sampler, cfg.sampling_steps or None))
     policy, reference = LinearGaussianEps(diffusion), LinearGaussianEps(diffusion).requires_grad_(False)
-    return types.SimpleNamespace(config=cfg, diffusion=diffusion, policy=policy, synced_policy=policy, reference=reference,
-                                 ranks=Ranks(), device=torch.device("cpu"), steps_per_chain=K)
+    return types.SimpleNamespace(
+        config=cfg,
+        diffusion=diffusion,
+        policy=policy,
+        synced_policy=policy,
+        reference=reference,
+        ranks=Ranks(),
+        device=torch.device("cpu"),
+        steps_per_chain=K,
+    )
 
 
 class NoStep:
@@ -91,8 +108,15 @@ def expected_update(s, group_size: int, chains: int, repeats: int, seed: int) ->
     generator = torch.Generator().manual_seed(seed)
     for _ in range(repeats):
         with torch.no_grad():
-            traj = s.diffusion.sample(s.policy, (chains, D), c=c, generator=generator, record=True,
-                                      log_prob_reduction=s.config.log_prob_reduction, **s.config.sampling)
+            traj = s.diffusion.sample(
+                s.policy,
+                (chains, D),
+                c=c,
+                generator=generator,
+                record=True,
+                log_prob_reduction=s.config.log_prob_reduction,
+                **s.config.sampling,
+            )
         pairs, x0 = ddpo.Pairs.from_trajectory(traj), traj.xs[-1]
         rewards = x0 @ A
         adv, _, scale = ddpo.batch_advantages(s, pairs, rewards, c, s.steps_per_chain)
@@ -147,7 +171,7 @@ def test_leave_one_out_baseline_and_scale_by_hand():
     r = torch.tensor([1.0, 2.0, 4.0, 8.0, 3.0, 5.0, 6.0, 7.0, 9.0, 1.5])
     adv, scale = ddpo.advantages(r[None], None, adv_clip=100.0)
     for i in (0, 3, 9):
-        others = torch.cat([r[:i], r[i + 1:]]).double()
+        others = torch.cat([r[:i], r[i + 1 :]]).double()
         expected_scale = others.var().sqrt()  # sample variance of the other 9 chains
         assert scale[i].item() == pytest.approx(expected_scale.item(), rel=1e-6)
         assert adv[0, i].item() == pytest.approx(((r[i] - others.mean()) / expected_scale).item(), rel=1e-6)
@@ -166,7 +190,9 @@ def test_small_groups_take_the_batch_scale_and_no_scale_collapses():
     # a large group with nearly equal rewards is held at the floor, not at its own tiny spread
     r = torch.cat([torch.randn(16, generator=g), 0.5 + 1e-6 * torch.randn(16, generator=g)])
     _, scale = ddpo.advantages(r[None], torch.arange(32) // 16, adv_clip=100.0)
-    assert scale[16:].min().item() == pytest.approx(ddpo.SCALE_FLOOR * r.double().var(correction=0).sqrt().item(), rel=1e-5)
+    assert scale[16:].min().item() == pytest.approx(
+        ddpo.SCALE_FLOOR * r.double().var(correction=0).sqrt().item(), rel=1e-5
+    )
 
 
 def test_returns_charge_each_step_the_kl_of_the_steps_after_it():

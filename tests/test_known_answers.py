@@ -11,8 +11,23 @@ import pytest
 from rl_diffusion import evaluation
 from rl_diffusion.cli import main
 
-TINY_GMM25 = ["--dataset", "gmm25", "--steps", "1500", "--num-timesteps", "20", "--hidden-size", "64", "--batch-size", "512",
-              "--eval-every", "1500", "--eval-samples", "500", "--quiet"]
+TINY_GMM25 = [
+    "--dataset",
+    "gmm25",
+    "--steps",
+    "1500",
+    "--num-timesteps",
+    "20",
+    "--hidden-size",
+    "64",
+    "--batch-size",
+    "512",
+    "--eval-every",
+    "1500",
+    "--eval-samples",
+    "500",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +40,31 @@ def pretrained_gmm25(tmp_path_factory):
 def test_finetuning_towards_the_posterior_lowers_the_mode_mass_error(pretrained_gmm25, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "TILTED_POOL", 10_000)
     out = tmp_path / "ft"
-    assert main(["finetune", "--run", str(pretrained_gmm25), "--out", str(out), "--reward", "gmm_posterior", "--kl-coef", "1",
-                 "--algo", "ddpo-is", "--chains", "128", "--epochs", "8", "--minibatch-size", "640", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--run",
+                str(pretrained_gmm25),
+                "--out",
+                str(out),
+                "--reward",
+                "gmm_posterior",
+                "--kl-coef",
+                "1",
+                "--algo",
+                "ddpo-is",
+                "--chains",
+                "128",
+                "--epochs",
+                "8",
+                "--minibatch-size",
+                "640",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["memoryless"] and len(m["target_mode_masses"]) == 25
     # the posterior's masses: 4, 10, 4, 5, 10, 5, 4, 15, 4 over 61 on 9 of the 25 modes
@@ -37,7 +75,9 @@ def test_finetuning_towards_the_posterior_lowers_the_mode_mass_error(pretrained_
     assert m["reward_mean"] > m["reward_mean_pretrained"] + 5
     # the 16 prior modes the posterior leaves out hold ~16/25 of the pretrained mass, and lose most of it
     left_out = [w == 0 for w in m["target_mode_masses"]]
-    mass_left_out = {k: sum(x for x, out in zip(m[k], left_out) if out) for k in ("mode_masses", "mode_masses_pretrained")}
+    mass_left_out = {
+        k: sum(x for x, out in zip(m[k], left_out) if out) for k in ("mode_masses", "mode_masses_pretrained")
+    }
     assert mass_left_out["mode_masses_pretrained"] > 0.5 and mass_left_out["mode_masses"] < 0.2, mass_left_out
 
     # the same run against the sharper tilt of beta 0.5: the posterior's heaviest mode holds 15^2 / sum of v^2

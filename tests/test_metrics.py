@@ -91,9 +91,10 @@ def test_gaussian_fit_matches_first_two_moments() -> None:
 
 # V-statistic MMD, mode masses, far fraction.
 
+
 def test_mmd_v_statistic_hand_computed() -> None:
     d = 0.7
-    k0, kd = 1.0, np.exp(-d**2 / 2)  # one bandwidth h = 1
+    k0, kd = 1.0, np.exp(-(d**2) / 2)  # one bandwidth h = 1
     pair = torch.tensor([[0.0, 0.0], [d, 0.0]], dtype=torch.float64)
     # Identical sets: V = (2 k0 + 2 kd) / 4 * 2 - 2 (2 k0 + 2 kd) / 4 = 0; U drops the self-pairs: kd - k0 < 0.
     assert mmd_rbf(pair, pair, bandwidths=(1.0,), statistic="v") == pytest.approx(0.0, abs=1e-12)
@@ -110,8 +111,10 @@ def test_mmd_v_statistic_floor_matches_its_expectation() -> None:
     # Two draws of N(0, I) in 2D, h = 1: E V = (k(0) - E k(X, X')) (1/n + 1/m), with
     # E exp(-|X - X'|^2 / 2) = 1/3 since X - X' ~ N(0, 2 I); so 2/3 * 2/500 here. One draw
     # scatters by about 50%, so the mean of 40 by about 8%.
-    floors = [mmd_rbf(_normal(500, seed=2 * i), _normal(500, seed=2 * i + 1), bandwidths=(1.0,), statistic="v")
-              for i in range(40)]
+    floors = [
+        mmd_rbf(_normal(500, seed=2 * i), _normal(500, seed=2 * i + 1), bandwidths=(1.0,), statistic="v")
+        for i in range(40)
+    ]
     assert min(floors) > 0
     assert np.mean(floors) == pytest.approx(2 / 3 * 2 / 500, rel=0.25)
 

@@ -16,20 +16,25 @@ from rl_diffusion.targets import dataset_modes
 
 def test_vendi_score_closed_forms():
     assert vendi_score(torch.zeros(50, 2)) == pytest.approx(1.0, abs=1e-9)
-    clusters = torch.cat([torch.full((40, 2), 5.0 * i) for i in range(4)])  # 4 equal clusters, 7 bandwidths apart at least
+    clusters = torch.cat(
+        [torch.full((40, 2), 5.0 * i) for i in range(4)]
+    )  # 4 equal clusters, 7 bandwidths apart at least
     assert vendi_score(clusters) == pytest.approx(4.0, abs=1e-6)
     # two points d apart: K / 2 has eigenvalues (1 +- a) / 2, a = exp(-d^2 / (2 h^2))
     d = VENDI_BANDWIDTH
     a = math.exp(-0.5)
     lam = np.array([(1 + a) / 2, (1 - a) / 2])
-    assert vendi_score(torch.tensor([[0.0, 0.0], [d, 0.0]], dtype=torch.float64)) == pytest.approx(math.exp(-(lam * np.log(lam)).sum()), rel=1e-9)
+    assert vendi_score(torch.tensor([[0.0, 0.0], [d, 0.0]], dtype=torch.float64)) == pytest.approx(
+        math.exp(-(lam * np.log(lam)).sum()), rel=1e-9
+    )
 
 
 def test_diversity_scalars_count_modes_holding_one_percent():
     modes = dataset_modes("gmm25")
     counts = {0: 300, 4: 300, 20: 100, 24: 5}  # the grid's corners; the last holds 5 / 715 = 0.7%: below 1%
-    x0 = torch.cat([torch.tensor(modes.means[m]).float().expand(n, 2) for m, n in counts.items()]
-                   + [torch.full((10, 2), 10.0)])  # 10 points outside every mode
+    x0 = torch.cat(
+        [torch.tensor(modes.means[m]).float().expand(n, 2) for m, n in counts.items()] + [torch.full((10, 2), 10.0)]
+    )  # 10 points outside every mode
     values = diversity_scalars(x0, modes)
     assert values["diversity/modes_held"] == 3.0
     assert values["diversity/outside_mass"] == pytest.approx(10 / 715)
@@ -41,27 +46,70 @@ def test_diversity_scalars_count_modes_holding_one_percent():
 
 def finetune(pretrained, out, *args: str) -> list[dict]:
     """A tiny ddpo-is run (32 chains, DDIM with 5 steps) towards (1.5, 1.5); its per-epoch history."""
-    assert main(["finetune", "--run", str(pretrained), "--out", str(out), "--algo", "ddpo-is", "--reward", "target_point",
-                 "--reward-arg", "point=[1.5, 1.5]", "--sampler", "ddim", "--sampling-steps", "5", "--chains", "32",
-                 "--lr", "1e-3", "--quiet", *args]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--run",
+                str(pretrained),
+                "--out",
+                str(out),
+                "--algo",
+                "ddpo-is",
+                "--reward",
+                "target_point",
+                "--reward-arg",
+                "point=[1.5, 1.5]",
+                "--sampler",
+                "ddim",
+                "--sampling-steps",
+                "5",
+                "--chains",
+                "32",
+                "--lr",
+                "1e-3",
+                "--quiet",
+                *args,
+            ]
+        )
+        == 0
+    )
     return CheckpointManager(out).load_latest()["train_state"]["history"]
 
 
 def test_eval_rewards_are_logged_and_leave_training_alone(pretrained_moons, tmp_path):
-    held_out = ["--eval-reward", "same=target_point", "--eval-reward-arg", "same:point=[1.5, 1.5]",
-                "--eval-reward", "left=target_point", "--eval-reward-arg", "left:point=[-3, 0]"]
+    held_out = [
+        "--eval-reward",
+        "same=target_point",
+        "--eval-reward-arg",
+        "same:point=[1.5, 1.5]",
+        "--eval-reward",
+        "left=target_point",
+        "--eval-reward-arg",
+        "left:point=[-3, 0]",
+    ]
     history = finetune(pretrained_moons, tmp_path / "with", "--epochs", "3", *held_out)
     plain = finetune(pretrained_moons, tmp_path / "without", "--epochs", "3")
     with_weights = CheckpointManager(tmp_path / "with").load_latest()["model"]
     without_weights = CheckpointManager(tmp_path / "without").load_latest()["model"]
     assert all(torch.equal(with_weights[k], without_weights[k]) for k in with_weights)
     # the training reward, held out under another label, scores the same samples the same
-    assert [h["eval_reward/same/mean"] for h in history] == [h["reward/mean"] for h in history] == [h["reward/mean"] for h in plain]
-    assert all(h["eval_reward/left/mean"] < h["eval_reward/same/mean"] for h in history)  # moons lie nearer (1.5, 1.5) than (-3, 0)
-    assert all(1 < h["diversity/vendi"] < 32 for h in history) and "diversity/modes_held" not in history[0]  # moons: no modes
+    assert (
+        [h["eval_reward/same/mean"] for h in history]
+        == [h["reward/mean"] for h in history]
+        == [h["reward/mean"] for h in plain]
+    )
+    assert all(
+        h["eval_reward/left/mean"] < h["eval_reward/same/mean"] for h in history
+    )  # moons lie nearer (1.5, 1.5) than (-3, 0)
+    assert (
+        all(1 < h["diversity/vendi"] < 32 for h in history) and "diversity/modes_held" not in history[0]
+    )  # moons: no modes
     saved = json.loads((tmp_path / "with" / "config.json").read_text())["eval_rewards"]
-    assert saved == {"same": {"reward": "target_point", "reward_args": {"point": [1.5, 1.5]}},
-                     "left": {"reward": "target_point", "reward_args": {"point": [-3, 0]}}}
+    assert saved == {
+        "same": {"reward": "target_point", "reward_args": {"point": [1.5, 1.5]}},
+        "left": {"reward": "target_point", "reward_args": {"point": [-3, 0]}},
+    }
     metrics = json.loads((tmp_path / "with" / "metrics.json").read_text())
     assert metrics["eval_reward/same"] == metrics["reward_mean"]
     assert metrics["eval_reward/same_pretrained"] == metrics["reward_mean_pretrained"]
@@ -71,9 +119,28 @@ def test_eval_rewards_are_logged_and_leave_training_alone(pretrained_moons, tmp_
 
 def test_early_stop_keeps_the_best_held_out_checkpoint(pretrained_moons, tmp_path, capsys):
     out = tmp_path / "run"
-    history = finetune(pretrained_moons, out, "--epochs", "20", "--lr", "3e-3", "--reward-arg", "point=[3, 0]",
-                       "--eval-reward", "left=target_point", "--eval-reward-arg", "left:point=[-3, 0]",
-                       "--early-stop-on", "left", "--patience", "2", "--checkpoint-every", "100", "--keep-checkpoints", "1")
+    history = finetune(
+        pretrained_moons,
+        out,
+        "--epochs",
+        "20",
+        "--lr",
+        "3e-3",
+        "--reward-arg",
+        "point=[3, 0]",
+        "--eval-reward",
+        "left=target_point",
+        "--eval-reward-arg",
+        "left:point=[-3, 0]",
+        "--early-stop-on",
+        "left",
+        "--patience",
+        "2",
+        "--checkpoint-every",
+        "100",
+        "--keep-checkpoints",
+        "1",
+    )
     held_out = [h["eval_reward/left/mean"] for h in history]
     best = 1 + int(np.argmax(held_out))
     assert len(history) < 20 and len(history) == best + 2  # stopped two epochs after its best
@@ -86,14 +153,20 @@ def test_early_stop_keeps_the_best_held_out_checkpoint(pretrained_moons, tmp_pat
     assert f"early stop after epoch {len(history)}: held-out reward 'left'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--early-stop-on", "left", "--patience", "2"], "--early-stop-on 'left' names no --eval-reward"),
-    (["--eval-reward", "left=target_point", "--early-stop-on", "left"], "--patience of at least 1"),
-    (["--patience", "3"], "--patience applies to --early-stop-on"),
-    (["--eval-reward", "target_point", "--eval-reward-arg", "point=[1, 0]"], "expects LABEL:KEY=VALUE"),
-    (["--eval-reward", "target_point", "--eval-reward-arg", "lft:point=[1, 0]"], "names no --eval-reward"),
-    (["--algo", "sb3-ppo", "--eval-reward", "l=target_point", "--early-stop-on", "l", "--patience", "1"], "does not support it"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--early-stop-on", "left", "--patience", "2"], "--early-stop-on 'left' names no --eval-reward"),
+        (["--eval-reward", "left=target_point", "--early-stop-on", "left"], "--patience of at least 1"),
+        (["--patience", "3"], "--patience applies to --early-stop-on"),
+        (["--eval-reward", "target_point", "--eval-reward-arg", "point=[1, 0]"], "expects LABEL:KEY=VALUE"),
+        (["--eval-reward", "target_point", "--eval-reward-arg", "lft:point=[1, 0]"], "names no --eval-reward"),
+        (
+            ["--algo", "sb3-ppo", "--eval-reward", "l=target_point", "--early-stop-on", "l", "--patience", "1"],
+            "does not support it",
+        ),
+    ],
+)
 def test_held_out_flag_mistakes_are_user_errors(tmp_path, capsys, args, message):
     assert main(["finetune", "--run", str(tmp_path / "none"), "--out", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err

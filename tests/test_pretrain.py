@@ -22,19 +22,52 @@ def test_run_directory_holds_config_events_checkpoint_and_figures(pretrained_moo
     config = json.loads((pretrained_moons / "config.json").read_text())
     assert config["kind"] == "pretrain" and config["dataset"] == "moons" and config["num_timesteps"] == 20
     assert list(pretrained_moons.glob("events.out.tfevents.*"))
-    for name in ("samples_vs_data.png", "forward_process.png", "reverse_process.png", "reverse_process.gif", "training.gif"):
+    for name in (
+        "samples_vs_data.png",
+        "forward_process.png",
+        "reverse_process.png",
+        "reverse_process.gif",
+        "training.gif",
+    ):
         assert (pretrained_moons / "figures" / name).stat().st_size > 1000
     ckpt = CheckpointManager(pretrained_moons).load_latest()
-    assert ckpt["train_state"]["step"] == 1500 and ckpt["data"] == {"dataset": "moons", "shape": [2], "num_classes": 0, "root": "", "image_size": 0, "seed": 0}
+    assert ckpt["train_state"]["step"] == 1500 and ckpt["data"] == {
+        "dataset": "moons",
+        "shape": [2],
+        "num_classes": 0,
+        "root": "",
+        "image_size": 0,
+        "seed": 0,
+    }
 
 
 def test_sample_writes_points_in_data_coordinates(pretrained_moons, tmp_path):
     out = tmp_path / "s.npy"
-    assert main(["sample", "--run", str(pretrained_moons), "--num-samples", "300", "--out", str(out), "--seed", "3"]) == 0
+    assert (
+        main(["sample", "--run", str(pretrained_moons), "--num-samples", "300", "--out", str(out), "--seed", "3"]) == 0
+    )
     x = np.load(out)
     assert x.shape == (300, 2) and x.dtype == np.float32
-    assert main(["sample", "--run", str(pretrained_moons), "--num-samples", "300", "--out", str(tmp_path / "d.npy"),
-                 "--sampler", "ddim", "--sampling-steps", "10", "--eta", "0"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(pretrained_moons),
+                "--num-samples",
+                "300",
+                "--out",
+                str(tmp_path / "d.npy"),
+                "--sampler",
+                "ddim",
+                "--sampling-steps",
+                "10",
+                "--eta",
+                "0",
+            ]
+        )
+        == 0
+    )
     # the moons live in x in [-3, 3], y in [-2.5, 2.5]; samples of a trained model do too
     assert np.abs(np.load(tmp_path / "d.npy")).max() < 4
 

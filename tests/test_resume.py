@@ -11,8 +11,25 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
 
-TINY = ["--dataset", "moons", "--num-timesteps", "10", "--hidden-size", "32", "--batch-size", "128",
-        "--eval-every", "40", "--eval-samples", "200", "--checkpoint-every", "20", "--keep-checkpoints", "10", "--quiet"]
+TINY = [
+    "--dataset",
+    "moons",
+    "--num-timesteps",
+    "10",
+    "--hidden-size",
+    "32",
+    "--batch-size",
+    "128",
+    "--eval-every",
+    "40",
+    "--eval-samples",
+    "200",
+    "--checkpoint-every",
+    "20",
+    "--keep-checkpoints",
+    "10",
+    "--quiet",
+]
 
 
 def final_state(run):
@@ -53,10 +70,15 @@ def test_pretrain_killed_with_sigkill_and_resumed_is_bit_identical(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     args = ["--steps", "400", *TINY]
     assert main(["pretrain", "--out", str(full), *args]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "rl_diffusion.cli", "pretrain", "--out", str(killed), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rl_diffusion.cli", "pretrain", "--out", str(killed), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
-    while not any(p.name == "step_00000060.pt" for p in (killed / "checkpoints").glob("*.pt")) and time.time() < deadline:
+    while (
+        not any(p.name == "step_00000060.pt" for p in (killed / "checkpoints").glob("*.pt")) and time.time() < deadline
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -78,18 +100,61 @@ def scalars(run, tag):
 
 
 def test_ddpo_is_resumed_from_a_mid_run_checkpoint_is_bit_identical(pretrained_moons, tmp_path):
-    args = ["--run", str(pretrained_moons), "--algo", "ddpo-is", "--reward", "target_point", "--reward-arg", "point=[1,1]",
-            "--chains", "16", "--epochs", "4", "--checkpoint-every", "1", "--keep-checkpoints", "10",
-            "--minibatch-size", "64", "--inner-epochs", "2", "--timestep-fraction", "0.5", "--kl-coef", "0.1", "--quiet"]
+    args = [
+        "--run",
+        str(pretrained_moons),
+        "--algo",
+        "ddpo-is",
+        "--reward",
+        "target_point",
+        "--reward-arg",
+        "point=[1,1]",
+        "--chains",
+        "16",
+        "--epochs",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "10",
+        "--minibatch-size",
+        "64",
+        "--inner-epochs",
+        "2",
+        "--timestep-fraction",
+        "0.5",
+        "--kl-coef",
+        "0.1",
+        "--quiet",
+    ]
     a, b = finetuned_straight_and_resumed(args, tmp_path)
     assert_same_weights(a["model"], b["model"])
-    assert [h["reward/mean"] for h in a["train_state"]["history"]] == [h["reward/mean"] for h in b["train_state"]["history"]]
+    assert [h["reward/mean"] for h in a["train_state"]["history"]] == [
+        h["reward/mean"] for h in b["train_state"]["history"]
+    ]
 
 
 def test_sigterm_leaves_a_loadable_checkpoint(tmp_path):
     run = tmp_path / "r"
-    proc = subprocess.Popen([sys.executable, "-m", "rl_diffusion.cli", "pretrain", "--out", str(run), "--steps", "100000",
-                             "--checkpoint-every", "100000", *TINY[:-5], "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rl_diffusion.cli",
+            "pretrain",
+            "--out",
+            str(run),
+            "--steps",
+            "100000",
+            "--checkpoint-every",
+            "100000",
+            *TINY[:-5],
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not list(run.glob("events.out.tfevents.*")) and time.time() < deadline:
         time.sleep(0.05)

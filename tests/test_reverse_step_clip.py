@@ -35,7 +35,10 @@ def test_ddpm_mean_is_the_posterior_mean_at_the_clipped_x0(t):
     x0 = clipped_x0(d, x_t, eps, t)
     beta, abar, abar_prev = d.np["betas"][t], d.np["abar"][t], d.np["abar"][t - 1]
     # Ho et al. eq. 7
-    expected = math.sqrt(abar_prev) * beta / (1 - abar) * x0 + math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar) * x_t.double().numpy()
+    expected = (
+        math.sqrt(abar_prev) * beta / (1 - abar) * x0
+        + math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar) * x_t.double().numpy()
+    )
     out = d.reverse_step(eps, x_t, t)
     np.testing.assert_allclose(out.mean.numpy(), expected, rtol=1e-4, atol=1e-5)
     assert 0 < (x0 != predicted_x0(d, x_t, eps, t)).mean() < 1  # some coordinates clipped, some not
@@ -47,7 +50,11 @@ def test_ddim_mean_is_song_eq_12_at_the_clipped_x0(t, t_prev):
     x_t, eps = batch(1)
     x0 = clipped_x0(d, x_t, eps, t)
     abar_t, abar_s, eta = d.np["abar"][t], d.np["abar"][t_prev], 0.7
-    sigma = eta * math.sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)) if t_prev else eta * d.np["reverse_sigma"][1]
+    sigma = (
+        eta * math.sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s))
+        if t_prev
+        else eta * d.np["reverse_sigma"][1]
+    )
     eps_clipped = (x_t.double().numpy() - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
     expected = math.sqrt(abar_s) * x0 + math.sqrt(max(1 - abar_s - sigma**2, 0.0)) * eps_clipped
     out = d.reverse_step(eps, x_t, t, t_prev=t_prev, sampler="ddim", eta=eta)
@@ -59,7 +66,9 @@ def test_nothing_clipped_gives_exactly_the_unclipped_step():
     wide, none = GaussianDiffusion("linear", 50, x0_range=([-1e6, -1e6], [1e6, 1e6])), GaussianDiffusion("linear", 50)
     x_t, eps = batch(2)
     for kwargs in ({}, {"sampler": "ddim", "t_prev": 20, "eta": 0.5}):
-        assert torch.equal(wide.reverse_step(eps, x_t, 30, **kwargs).mean, none.reverse_step(eps, x_t, 30, **kwargs).mean)
+        assert torch.equal(
+            wide.reverse_step(eps, x_t, 30, **kwargs).mean, none.reverse_step(eps, x_t, 30, **kwargs).mean
+        )
 
 
 def test_a_network_that_predicts_far_off_points_stays_in_range():
@@ -70,8 +79,12 @@ def test_a_network_that_predicts_far_off_points_stays_in_range():
             a = abar[t, None]
             return (x - a.sqrt() * 50) / (1 - a).sqrt()
 
-    clipped, free = (GaussianDiffusion("linear", 50, x0_range=r).sample(FarOff(), (2000, 2), generator=torch.Generator().manual_seed(0)).xs[-1]
-                     for r in (RANGE, None))
+    clipped, free = (
+        GaussianDiffusion("linear", 50, x0_range=r)
+        .sample(FarOff(), (2000, 2), generator=torch.Generator().manual_seed(0))
+        .xs[-1]
+        for r in (RANGE, None)
+    )
     low, high = torch.tensor(RANGE[0]), torch.tensor(RANGE[1])
     sigma_1 = GaussianDiffusion("linear", 50).np["reverse_sigma"][1]
     assert ((clipped >= low - 6 * sigma_1) & (clipped <= high + 6 * sigma_1)).all()
@@ -101,11 +114,14 @@ def test_the_range_travels_with_the_config_and_pretraining_records_the_data_rang
     assert low[0] < -2.4 - 0.6 and high[1] > 2.9 + 0.45
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"sampler": "ddim", "eta": 1.5}, "--eta must be in [0, 1]"),
-    ({"sampler": "ddim", "eta": -0.1}, "--eta must be in [0, 1]"),
-    ({"sampler": "ddpn"}, "unknown sampler 'ddpn'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sampler": "ddim", "eta": 1.5}, "--eta must be in [0, 1]"),
+        ({"sampler": "ddim", "eta": -0.1}, "--eta must be in [0, 1]"),
+        ({"sampler": "ddpn"}, "unknown sampler 'ddpn'"),
+    ],
+)
 def test_refused_reverse_steps(kwargs, message):
     x_t, eps = batch(4, 4)
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):

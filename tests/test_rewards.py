@@ -22,15 +22,16 @@ def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def fake_entry_points(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
-    eps = [importlib.metadata.EntryPoint(name=n, value=v, group=rewards.ENTRY_POINT_GROUP)
-           for n, v in values.items()]
+    eps = [importlib.metadata.EntryPoint(name=n, value=v, group=rewards.ENTRY_POINT_GROUP) for n, v in values.items()]
 
     def entry_points(group: str) -> list[importlib.metadata.EntryPoint]:
         return eps if group == rewards.ENTRY_POINT_GROUP else []
+
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
 
 
 # Built-in rewards.
+
 
 def test_target_point_is_negative_distance() -> None:
     r = build_reward("target_point")
@@ -40,8 +41,9 @@ def test_target_point_is_negative_distance() -> None:
     assert torch.allclose(r(torch.tensor([[4.0, 5.0]])), torch.tensor([-5.0]))
 
 
-@pytest.mark.parametrize("kwargs", [{"shape": "box", "box": [-1, -2, 3, 2]},
-                                    {"shape": "disc", "center": [1, 0], "radius": 2.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"shape": "box", "box": [-1, -2, 3, 2]}, {"shape": "disc", "center": [1, 0], "radius": 2.0}]
+)
 def test_in_region_inside_outside_boundary(kwargs: dict) -> None:
     r = build_reward("in_region", kwargs)
     deep, far, edge = r(torch.tensor([[1.0, 0.0], [30.0, -40.0], [3.0, 0.0]])).tolist()
@@ -77,7 +79,8 @@ def test_gmm_log_density_matches_torch_distributions() -> None:
     d = torch.distributions
     mixture = d.MixtureSameFamily(
         d.Categorical(probs=torch.tensor([0.75, 0.25])),
-        d.Independent(d.Normal(torch.tensor(means), torch.tensor(stds)[:, None].expand(2, 2)), 1))
+        d.Independent(d.Normal(torch.tensor(means), torch.tensor(stds)[:, None].expand(2, 2)), 1),
+    )
     assert torch.allclose(r(x), mixture.log_prob(x), atol=1e-5)
 
 
@@ -87,26 +90,32 @@ def test_gmm_log_density_hand_computed_single_component() -> None:
     assert r(torch.tensor([[1.0, 1.0]])).item() == pytest.approx(-math.log(2 * math.pi) - 1, abs=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ({"means": [0, 0]}, "[K, 2]"),
-    ({"means": [[0, 0], [1, 1]], "stds": [1.0]}, "stds must have shape (2,)"),
-    ({"stds": [0.0]}, "stds must all be > 0"),
-    ({"weights": [-1.0]}, "non-negative"),
-    ({"means": "abc"}, "means must be numbers"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"means": [0, 0]}, "[K, 2]"),
+        ({"means": [[0, 0], [1, 1]], "stds": [1.0]}, "stds must have shape (2,)"),
+        ({"stds": [0.0]}, "stds must all be > 0"),
+        ({"weights": [-1.0]}, "non-negative"),
+        ({"means": "abc"}, "means must be numbers"),
+    ],
+)
 def test_gmm_log_density_bad_arguments(kwargs: dict, fragment: str) -> None:
     with pytest.raises(UserError, match="reward 'gmm_log_density'") as e:
         build_reward("gmm_log_density", kwargs)
     assert fragment in str(e.value)
 
 
-@pytest.mark.parametrize("name, kwargs, fragment", [
-    ("in_region", {"shape": "circle"}, "unknown shape 'circle'"),
-    ("in_region", {"box": [1, 0, 0, 1]}, "xmin < xmax"),
-    ("avoid_region", {"shape": "disc", "radius": -1}, "radius must be > 0"),
-    ("in_region", {"sharpness": 0}, "sharpness must be > 0"),
-    ("target_point", {"point": [1, 2, 3]}, "point must have shape (2,)"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, fragment",
+    [
+        ("in_region", {"shape": "circle"}, "unknown shape 'circle'"),
+        ("in_region", {"box": [1, 0, 0, 1]}, "xmin < xmax"),
+        ("avoid_region", {"shape": "disc", "radius": -1}, "radius must be > 0"),
+        ("in_region", {"sharpness": 0}, "sharpness must be > 0"),
+        ("target_point", {"point": [1, 2, 3]}, "point must have shape (2,)"),
+    ],
+)
 def test_region_and_point_bad_arguments(name: str, kwargs: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=f"reward '{name}'") as e:
         build_reward(name, kwargs)
@@ -120,6 +129,7 @@ def test_builtins_reject_non_2d_data(name: str) -> None:
 
 
 # Lookup.
+
 
 def test_lookup_by_name_and_names_listed() -> None:
     r = build_reward("target_point", {"point": [0, 0]})
@@ -153,12 +163,14 @@ def test_register_and_duplicate(scratch_registry: None) -> None:
     @register("double_x")
     def double_x() -> rewards.RewardFn:
         return lambda x0, c: 2 * x0[:, 0]
+
     assert build_reward("double_x")(torch.tensor([[1.5, 0.0]])).tolist() == [3.0]
     with pytest.raises(ValueError, match="already registered"):
         register("double_x")(double_x)
 
 
 # User mistakes.
+
 
 def test_unknown_name_suggests_and_says_how_to_add() -> None:
     with pytest.raises(UserError, match="unknown reward 'target_pont'") as e:
@@ -178,8 +190,10 @@ def test_unknown_kwarg_names_accepted_ones() -> None:
 def test_import_failure_is_one_line() -> None:
     with pytest.raises(UserError) as e:
         build_reward("no_such_pkg_xyz.sub:f")
-    assert str(e.value) == ("reward plugin 'no_such_pkg_xyz.sub:f' could not be imported: "
-                            "ModuleNotFoundError: No module named 'no_such_pkg_xyz'")
+    assert str(e.value) == (
+        "reward plugin 'no_such_pkg_xyz.sub:f' could not be imported: "
+        "ModuleNotFoundError: No module named 'no_such_pkg_xyz'"
+    )
 
 
 def test_missing_attribute_in_plugin_module() -> None:
@@ -194,15 +208,19 @@ def _reward(fn: rewards.RewardFn, **options: bool) -> Reward:
 def test_reward_that_raises() -> None:
     def boom(x0: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         raise KeyError("missing")
+
     with pytest.raises(RewardError, match="reward 'bad_one' raised KeyError: 'missing'"):
         _reward(boom)(torch.zeros(3, 2))
 
 
-@pytest.mark.parametrize("fn, got", [
-    (lambda x0, c: x0, "(3, 2)"),
-    (lambda x0, c: x0.sum(), "()"),
-    (lambda x0, c: [0.0, 0.0, 0.0], "a list, not a Tensor"),
-])
+@pytest.mark.parametrize(
+    "fn, got",
+    [
+        (lambda x0, c: x0, "(3, 2)"),
+        (lambda x0, c: x0.sum(), "()"),
+        (lambda x0, c: [0.0, 0.0, 0.0], "a list, not a Tensor"),
+    ],
+)
 def test_reward_with_wrong_shape(fn: rewards.RewardFn, got: str) -> None:
     with pytest.raises(RewardError) as e:
         _reward(fn)(torch.zeros(3, 2))
@@ -212,6 +230,7 @@ def test_reward_with_wrong_shape(fn: rewards.RewardFn, got: str) -> None:
 def test_reward_with_non_finite_values_and_skip_option() -> None:
     def fn(x0: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         return torch.tensor([1.0, math.nan, math.inf, 2.0])
+
     with pytest.raises(RewardError, match=r"reward 'bad_one' returned 2 non-finite value\(s\) \(nan/inf\)"):
         _reward(fn)(torch.zeros(4, 2))
     r = _reward(fn, skip_nonfinite=True)(torch.zeros(4, 2))
@@ -225,6 +244,7 @@ def test_reward_result_is_float32_and_condition_passed() -> None:
     def fn(x0: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         seen.append(c)
         return torch.arange(x0.shape[0])
+
     c = torch.tensor([7, 8])
     r = _reward(fn)(torch.zeros(2, 2, dtype=torch.float64), c)
     assert r.dtype == torch.float32 and r.tolist() == [0.0, 1.0] and seen[0] is c
@@ -236,6 +256,7 @@ def test_reward_errors_are_user_errors() -> None:
 
 # Listing and command-line arguments.
 
+
 def test_describe_rewards_lists_summary_and_arguments() -> None:
     text = rewards.describe_rewards()
     assert "target_point: Negative Euclidean distance" in text
@@ -246,10 +267,8 @@ def test_describe_rewards_lists_summary_and_arguments() -> None:
 
 
 def test_parse_reward_args() -> None:
-    args = parse_reward_args(["point=[1, 2.5]", "sharpness=3", "shape=disc", "name=a=b", "flag=true",
-                              "s=\"quoted\""])
-    assert args == {"point": [1, 2.5], "sharpness": 3, "shape": "disc", "name": "a=b", "flag": True,
-                    "s": "quoted"}
+    args = parse_reward_args(["point=[1, 2.5]", "sharpness=3", "shape=disc", "name=a=b", "flag=true", 's="quoted"'])
+    assert args == {"point": [1, 2.5], "sharpness": 3, "shape": "disc", "name": "a=b", "flag": True, "s": "quoted"}
     assert parse_reward_args([]) == {}
 
 
@@ -260,6 +279,7 @@ def test_parse_reward_args_malformed(item: str) -> None:
 
 
 # Rewards with known-answer targets, and declared upper bounds.
+
 
 def test_linear_and_gaussian_bump_hand_computed() -> None:
     x = torch.tensor([[1.0, 2.0], [-3.0, 0.5]])
@@ -276,12 +296,22 @@ def test_gmm_posterior_tilts_the_gmm25_prior_into_the_posterior() -> None:
     std = math.sqrt(0.3) / 5
 
     def mixture(means: list[tuple[int, int]], weights: list[float]) -> d.Distribution:
-        return d.MixtureSameFamily(d.Categorical(probs=torch.tensor(weights, dtype=torch.float64)), d.Independent(
-            d.Normal(torch.tensor(means, dtype=torch.float64) / 5, torch.full((len(means), 2), std, dtype=torch.float64)), 1))
+        return d.MixtureSameFamily(
+            d.Categorical(probs=torch.tensor(weights, dtype=torch.float64)),
+            d.Independent(
+                d.Normal(
+                    torch.tensor(means, dtype=torch.float64) / 5, torch.full((len(means), 2), std, dtype=torch.float64)
+                ),
+                1,
+            ),
+        )
+
     grid = [(i, j) for i in (-10, -5, 0, 5, 10) for j in (-10, -5, 0, 5, 10)]
     prior = mixture(grid, [1 / 25] * 25)
-    posterior = mixture([(-10, -5), (-5, -10), (-5, 0), (10, -5), (0, 0), (0, 5), (5, -5), (5, 0), (5, 10)],
-                        [w / 61 for w in (4, 10, 4, 5, 10, 5, 4, 15, 4)])
+    posterior = mixture(
+        [(-10, -5), (-5, -10), (-5, 0), (10, -5), (0, 0), (0, 5), (5, -5), (5, 0), (5, 10)],
+        [w / 61 for w in (4, 10, 4, 5, 10, 5, 4, 15, 4)],
+    )
     # Near the grid, where both log-densities are moderate: log p_prior + r = log p_post.
     x = (torch.rand(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5) * 5
     x = x[posterior.log_prob(x) > -50]
@@ -290,18 +320,25 @@ def test_gmm_posterior_tilts_the_gmm25_prior_into_the_posterior() -> None:
     torch.testing.assert_close(prior.log_prob(x) + r, posterior.log_prob(x), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name, kwargs, bound, peak", [
-    ("target_point", {"point": [1.0, -0.5]}, 0.0, [1.0, -0.5]),
-    ("in_region", {"shape": "disc", "radius": 2.0}, 1.0, [0.0, 0.0]),
-    ("avoid_region", {"sharpness": 3.0}, 1.0, [5.0, 5.0]),
-    ("gaussian_bump", {"center": [0.5, 0.5], "scale": 4.0}, 4.0, [0.5, 0.5]),
-    ("gaussian_bump", {"scale": -2.0}, 0.0, [100.0, 0.0]),
-    ("gmm_log_density", {}, -math.log(2 * math.pi), [0.0, 0.0]),
-    # log sum_k w_k / (2 pi s_k^2) = log((0.75 + 0.25 / 0.25) / (2 pi)); the peaks are apart, so it is not reached.
-    ("gmm_log_density", {"means": [[0, 0], [2, -1]], "stds": [1.0, 0.5], "weights": [3, 1]},
-     math.log(1.75 / (2 * math.pi)), None),
-    ("gmm_posterior", {}, math.log(25 * 15 / 61), [1.0, 0.0]),  # the weight-15 posterior mode
-])
+@pytest.mark.parametrize(
+    "name, kwargs, bound, peak",
+    [
+        ("target_point", {"point": [1.0, -0.5]}, 0.0, [1.0, -0.5]),
+        ("in_region", {"shape": "disc", "radius": 2.0}, 1.0, [0.0, 0.0]),
+        ("avoid_region", {"sharpness": 3.0}, 1.0, [5.0, 5.0]),
+        ("gaussian_bump", {"center": [0.5, 0.5], "scale": 4.0}, 4.0, [0.5, 0.5]),
+        ("gaussian_bump", {"scale": -2.0}, 0.0, [100.0, 0.0]),
+        ("gmm_log_density", {}, -math.log(2 * math.pi), [0.0, 0.0]),
+        # log sum_k w_k / (2 pi s_k^2) = log((0.75 + 0.25 / 0.25) / (2 pi)); the peaks are apart, so it is not reached.
+        (
+            "gmm_log_density",
+            {"means": [[0, 0], [2, -1]], "stds": [1.0, 0.5], "weights": [3, 1]},
+            math.log(1.75 / (2 * math.pi)),
+            None,
+        ),
+        ("gmm_posterior", {}, math.log(25 * 15 / 61), [1.0, 0.0]),  # the weight-15 posterior mode
+    ],
+)
 def test_declared_max_value_bounds_the_reward(name: str, kwargs: dict, bound: float, peak: list[float] | None) -> None:
     r = build_reward(name, kwargs)
     assert r.max_value == pytest.approx(bound, abs=1e-12)
@@ -318,12 +355,15 @@ def test_max_value_is_none_when_undeclared() -> None:
     assert _reward(lambda x0, c: x0[:, 0]).max_value is None
 
 
-@pytest.mark.parametrize("name, kwargs, fragment", [
-    ("linear", {"a": [1.0]}, "a must have shape (2,)"),
-    ("gaussian_bump", {"width": 0.0}, "width must be > 0"),
-    ("gaussian_bump", {"scale": math.inf}, "scale must be finite"),
-    ("gaussian_bump", {"center": [0, 0, 0]}, "center must have shape (2,)"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, fragment",
+    [
+        ("linear", {"a": [1.0]}, "a must have shape (2,)"),
+        ("gaussian_bump", {"width": 0.0}, "width must be > 0"),
+        ("gaussian_bump", {"scale": math.inf}, "scale must be finite"),
+        ("gaussian_bump", {"center": [0, 0, 0]}, "center must have shape (2,)"),
+    ],
+)
 def test_linear_and_bump_bad_arguments(name: str, kwargs: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=f"reward '{name}'") as e:
         build_reward(name, kwargs)

@@ -40,14 +40,44 @@ def pretrained(tmp_path_factory) -> Path:
     """A tiny moons DDPM (T = 20) trained with the real CLI in about 10 s."""
     out = tmp_path_factory.mktemp("pretrained")
     # --ema-decay 0: after only 300 steps an EMA still carries much of the untrained network
-    assert main(["pretrain", "--dataset", "moons", "--out", str(out), "--steps", "300", "--num-timesteps", "20",
-                 "--hidden-size", "64", "--ema-decay", "0", "--eval-every", "300", "--eval-samples", "500", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--dataset",
+                "moons",
+                "--out",
+                str(out),
+                "--steps",
+                "300",
+                "--num-timesteps",
+                "20",
+                "--hidden-size",
+                "64",
+                "--ema-decay",
+                "0",
+                "--eval-every",
+                "300",
+                "--eval-samples",
+                "500",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def make_setup(pretrained: Path, out: Path, resume: bool = False, **overrides) -> Setup:
-    fields = dict(run=str(pretrained), algo="sb3-ppo", reward="target_point", reward_args={"point": TARGET},
-                  chains=16, epochs=1, seed=0)
+    fields = dict(
+        run=str(pretrained),
+        algo="sb3-ppo",
+        reward="target_point",
+        reward_args={"point": TARGET},
+        chains=16,
+        epochs=1,
+        seed=0,
+    )
     return setup(FinetuneConfig(**{**fields, **overrides}), out, resume=resume)
 
 
@@ -69,13 +99,17 @@ def test_policy_log_prob_is_the_reverse_step_log_prob_at_every_t(pretrained, tmp
     g = torch.Generator().manual_seed(0)
     x, actions = 2 * torch.randn(len(t), 2, generator=g), 2 * torch.randn(len(t), 2, generator=g)
     with torch.no_grad():
-        expected = s.diffusion.reverse_step(s.policy(x, t), x, t, t_prev=t_prev, sampler=sampler, eta=0.7, x_prev=actions)
+        expected = s.diffusion.reverse_step(
+            s.policy(x, t), x, t, t_prev=t_prev, sampler=sampler, eta=0.7, x_prev=actions
+        )
         # t as SB3 may hand it over: float [N, 1] (some buffers) or int64 [N, 1] (fresh from the env)
         for t_obs in (t.float()[:, None], t[:, None]):
             _, log_prob, entropy = policy.evaluate_actions({"x": x, "t": t_obs}, actions)
             torch.testing.assert_close(log_prob, expected.log_prob)
         sampled, _, sampled_log_prob = policy({"x": x, "t": t[:, None]})
-        rescored = s.diffusion.reverse_step(s.policy(x, t), x, t, t_prev=t_prev, sampler=sampler, eta=0.7, x_prev=sampled)
+        rescored = s.diffusion.reverse_step(
+            s.policy(x, t), x, t, t_prev=t_prev, sampler=sampler, eta=0.7, x_prev=sampled
+        )
     torch.testing.assert_close(sampled_log_prob, rescored.log_prob)
     # fixed-sigma Gaussian entropy, against torch.distributions
     normal = torch.distributions.Normal(expected.mean, expected.sigma[:, None].expand_as(expected.mean))
@@ -83,16 +117,27 @@ def test_policy_log_prob_is_the_reverse_step_log_prob_at_every_t(pretrained, tmp
 
 
 def test_a_conditional_policy_reads_the_label_from_env_or_buffer_observations():
-    diffusion, eps_model = GaussianDiffusion("linear", 10), MLPEps(num_timesteps=10, hidden_size=16, emb_size=8, num_classes=3)
+    diffusion, eps_model = (
+        GaussianDiffusion("linear", 10),
+        MLPEps(num_timesteps=10, hidden_size=16, emb_size=8, num_classes=3),
+    )
     vec = DenoisingVectorEnv(num_envs=4, action_mode="sample", diffusion=diffusion, data_shape=(2,), num_classes=3)
-    policy = DiffusionPolicy(vec.single_observation_space, vec.single_action_space, lambda _: 1e-3,
-                             eps_model=eps_model, diffusion=diffusion, timesteps=vec.timesteps)
+    policy = DiffusionPolicy(
+        vec.single_observation_space,
+        vec.single_action_space,
+        lambda _: 1e-3,
+        eps_model=eps_model,
+        diffusion=diffusion,
+        timesteps=vec.timesteps,
+    )
     vec.reset(seed=0)
     obs = {key: torch.as_tensor(value) for key, value in vec.observation().items()}  # c: int64 [N]
     buffered = {"x": obs["x"], "t": obs["t"].float(), "c": obs["c"].float()[:, None]}  # c: float [N, 1]
     actions = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = diffusion.reverse_step(eps_model(obs["x"], obs["t"][:, 0], obs["c"]), obs["x"], 10, x_prev=actions).log_prob
+        expected = diffusion.reverse_step(
+            eps_model(obs["x"], obs["t"][:, 0], obs["c"]), obs["x"], 10, x_prev=actions
+        ).log_prob
         for o in (obs, buffered):
             values, log_prob, _ = policy.evaluate_actions(o, actions)
             torch.testing.assert_close(log_prob, expected)
@@ -120,10 +165,12 @@ def test_ppo_ratio_is_exactly_one_before_the_first_update(pretrained, tmp_path):
     assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     model.policy.set_training_mode(True)
     with torch.no_grad():
-        ratio = torch.cat([
-            torch.exp(model.policy.evaluate_actions(batch.observations, batch.actions)[1] - batch.old_log_prob)
-            for batch in model.rollout_buffer.get(model.batch_size)
-        ])
+        ratio = torch.cat(
+            [
+                torch.exp(model.policy.evaluate_actions(batch.observations, batch.actions)[1] - batch.old_log_prob)
+                for batch in model.rollout_buffer.get(model.batch_size)
+            ]
+        )
     assert len(ratio) == 20 * 32
     assert (ratio - 1).abs().max() < 1e-5
     assert torch.equal(ratio, torch.ones_like(ratio))
@@ -139,7 +186,9 @@ def bounded_env(monkeypatch, action_bound: float) -> list[torch.Tensor]:
         executed.append(self.x.clone())
         return out
 
-    monkeypatch.setattr("rl_diffusion.sb3.DenoisingVectorEnv", functools.partial(DenoisingVectorEnv, action_bound=action_bound))
+    monkeypatch.setattr(
+        "rl_diffusion.sb3.DenoisingVectorEnv", functools.partial(DenoisingVectorEnv, action_bound=action_bound)
+    )
     monkeypatch.setattr(DenoisingVectorEnv, "step_tensor", record)
     return executed
 
@@ -155,10 +204,20 @@ def test_the_rollout_buffer_holds_the_executed_actions_and_their_log_probs(pretr
     torch.testing.assert_close(actions, torch.stack(executed), rtol=0, atol=0)
     on_bound = (actions.abs() == 0.5).float().mean().item()
     assert on_bound > 0.25  # the clamp was exercised (measured: 0.54)
-    x, t = torch.as_tensor(buffer.observations["x"]).flatten(0, 1), torch.as_tensor(buffer.observations["t"]).flatten().long()
+    x, t = (
+        torch.as_tensor(buffer.observations["x"]).flatten(0, 1),
+        torch.as_tensor(buffer.observations["t"]).flatten().long(),
+    )
     with torch.no_grad():
-        expected = s.diffusion.reverse_step(s.policy(x, t), x, t, t_prev=model.policy.prev_timestep[t], sampler="ddim", eta=0.8,
-                                            x_prev=actions.flatten(0, 1))
+        expected = s.diffusion.reverse_step(
+            s.policy(x, t),
+            x,
+            t,
+            t_prev=model.policy.prev_timestep[t],
+            sampler="ddim",
+            eta=0.8,
+            x_prev=actions.flatten(0, 1),
+        )
     torch.testing.assert_close(torch.as_tensor(buffer.log_probs).flatten(), expected.log_prob)
 
 
@@ -189,8 +248,16 @@ def test_the_eps_network_stays_in_eval_mode_so_a_dropout_network_starts_at_ratio
     vec = DenoisingVectorEnv(num_envs=8, action_mode="sample", diffusion=diffusion, data_shape=(2,))
     eps_model = DropoutEps()
     # one minibatch of the whole rollout and one pass: the update's ratios are all taken before its step
-    model = PPO(DiffusionPolicy, DenoisingVecEnvAdapter(vec), n_steps=10, batch_size=80, n_epochs=1, clip_range=1e-4, seed=0,
-                policy_kwargs=dict(eps_model=eps_model, diffusion=diffusion, timesteps=vec.timesteps))
+    model = PPO(
+        DiffusionPolicy,
+        DenoisingVecEnvAdapter(vec),
+        n_steps=10,
+        batch_size=80,
+        n_epochs=1,
+        clip_range=1e-4,
+        seed=0,
+        policy_kwargs=dict(eps_model=eps_model, diffusion=diffusion, timesteps=vec.timesteps),
+    )
     model.set_logger(Logger(folder=None, output_formats=[]))
     model.learn(80)
     assert model.logger.name_to_value["train/clip_fraction"] == 0.0  # every |ratio - 1| <= 1e-4
@@ -200,8 +267,15 @@ def test_the_eps_network_stays_in_eval_mode_so_a_dropout_network_starts_at_ratio
 
 def test_adapter_steps_all_chains_in_one_call_and_ends_every_chain_at_x0():
     point, K, N = np.array([1.0, -2.0], dtype=np.float32), 4, 3
-    vec = DenoisingVectorEnv(reward_kwargs={"point": point.tolist()}, sampler="ddim", sampling_steps=K, num_envs=N,
-                             action_mode="sample", diffusion=GaussianDiffusion("linear", 10), data_shape=(2,))
+    vec = DenoisingVectorEnv(
+        reward_kwargs={"point": point.tolist()},
+        sampler="ddim",
+        sampling_steps=K,
+        num_envs=N,
+        action_mode="sample",
+        diffusion=GaussianDiffusion("linear", 10),
+        data_shape=(2,),
+    )
     calls = []
     step_tensor = vec.step_tensor
     vec.step_tensor = lambda action: calls.append(tuple(action.shape)) or step_tensor(action)
@@ -259,13 +333,30 @@ def test_ppo_run_directory_logs_checkpoints_and_evaluates(ppo_run, capsys):
     events = EventAccumulator(str(out))
     events.Reload()
     tags = events.Tags()
-    assert {"reward/mean", "loss/policy", "loss/value", "ppo/approx_kl", "ppo/clipfrac", "kl/to_pretrained",
-            "env/clipped_fraction", "perf/steps_per_sec"} <= set(tags["scalars"])
+    assert {
+        "reward/mean",
+        "loss/policy",
+        "loss/value",
+        "ppo/approx_kl",
+        "ppo/clipfrac",
+        "kl/to_pretrained",
+        "env/clipped_fraction",
+        "perf/steps_per_sec",
+    } <= set(tags["scalars"])
     assert "samples" in tags["images"]
     assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx([h["reward/mean"] for h in s.history])
     # no SB3 files of its own next to the shared ones
-    assert {p.name for p in out.iterdir() if not p.name.startswith("events.out.tfevents")} == {"checkpoints", "config.json", "figures", "metrics.json"}
-    assert [p.name for p in CheckpointManager(out).paths()] == ["step_00000002.pt", "step_00000004.pt", "step_00000006.pt"]
+    assert {p.name for p in out.iterdir() if not p.name.startswith("events.out.tfevents")} == {
+        "checkpoints",
+        "config.json",
+        "figures",
+        "metrics.json",
+    }
+    assert [p.name for p in CheckpointManager(out).paths()] == [
+        "step_00000002.pt",
+        "step_00000004.pt",
+        "step_00000006.pt",
+    ]
     final = load_run(out).model.state_dict()
     assert all(torch.equal(final[name], w) for name, w in s.policy.state_dict().items())
     capsys.readouterr()
@@ -279,7 +370,9 @@ def test_refused_options_are_user_errors(pretrained, tmp_path):
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, monkeypatch):
-    monkeypatch.setattr("rl_diffusion.sb3.finish", lambda s: s.writer.close() or {})  # metrics and figures: 3 s, not tested here
+    monkeypatch.setattr(
+        "rl_diffusion.sb3.finish", lambda s: s.writer.close() or {}
+    )  # metrics and figures: 3 s, not tested here
     config = dict(chains=16, epochs=3, lr=1e-3, minibatch_size=64, checkpoint_every=1)
     straight = make_setup(pretrained, tmp_path / "straight", **config)
     train(straight, progress=False)
@@ -322,11 +415,21 @@ def test_kl_coef_lowers_each_step_reward_by_the_log_ratio_to_the_pretrained_step
     _, callback = model._setup_learn(model.n_steps * 8, callback=EpochCallback(s, 0, 0, stop, tqdm(disable=True)))
     assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     buffer = model.rollout_buffer
-    x, t = torch.as_tensor(buffer.observations["x"]).flatten(0, 1), torch.as_tensor(buffer.observations["t"]).flatten().long()
-    step = dict(x_prev=torch.as_tensor(buffer.actions).flatten(0, 1), t_prev=model.policy.prev_timestep[t], sampler="ddim", eta=1.0)
+    x, t = (
+        torch.as_tensor(buffer.observations["x"]).flatten(0, 1),
+        torch.as_tensor(buffer.observations["t"]).flatten().long(),
+    )
+    step = dict(
+        x_prev=torch.as_tensor(buffer.actions).flatten(0, 1),
+        t_prev=model.policy.prev_timestep[t],
+        sampler="ddim",
+        eta=1.0,
+    )
     with torch.no_grad():
-        log_ratio = (s.diffusion.reverse_step(s.policy(x, t), x, t, **step).log_prob
-                     - s.diffusion.reverse_step(s.reference(x, t), x, t, **step).log_prob).reshape(5, 8)
+        log_ratio = (
+            s.diffusion.reverse_step(s.policy(x, t), x, t, **step).log_prob
+            - s.diffusion.reverse_step(s.reference(x, t), x, t, **step).log_prob
+        ).reshape(5, 8)
     task = torch.zeros(5, 8)
     task[-1] = model.env.rewards
     rewards = torch.as_tensor(buffer.rewards)

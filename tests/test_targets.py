@@ -87,7 +87,9 @@ def test_estimated_mode_masses_match_per_component_quadrature() -> None:
     u = np.linspace(-6, 6, 241) * mixture.std
     dx, dy = np.meshgrid(u, u, indexing="ij")
     gauss = np.exp(-(dx**2 + dy**2) / (2 * mixture.std**2))
-    mass = [(gauss * np.exp(np.exp(-((m[0] + dx - 2) ** 2 + (m[1] + dy) ** 2) / 2) / beta)).sum() for m in mixture.means]
+    mass = [
+        (gauss * np.exp(np.exp(-((m[0] + dx - 2) ** 2 + (m[1] + dy) ** 2) / 2) / beta)).sum() for m in mixture.means
+    ]
     np.testing.assert_allclose(target.modes.masses, np.array(mass) / sum(mass), atol=0.006)
 
 
@@ -110,6 +112,7 @@ def test_tilted_block_drops_nonfinite_pool_rewards_and_flags_a_small_ess() -> No
     def fn(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         # 0 at x = 0, ln 3 at x = 1, nan beyond 1.5
         return torch.where(x0[:, 0] > 1.5, torch.nan, math.log(3.0) * x0[:, 0])
+
     reward = Reward("nan_beyond", fn, skip_nonfinite=True)
     pool = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]], dtype=np.float32)
     points = sample_2d("moons", 50, seed=0)
@@ -123,9 +126,37 @@ def test_tilted_block_drops_nonfinite_pool_rewards_and_flags_a_small_ess() -> No
 def test_evaluate_reports_the_exact_target_of_a_bounded_reward(pretrained_moons, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(evaluation, "evaluate_finetuned", lambda *args, **kwargs: {})  # skip finish's own evaluation
     out = tmp_path / "ft"
-    assert main(["finetune", "--run", str(pretrained_moons), "--out", str(out), "--reward", "target_point",
-                 "--reward-arg", "point=[1.5, 1.5]", "--kl-coef", "0.5", "--sampler", "ddim", "--eta", "0.5",
-                 "--sampling-steps", "10", "--chains", "16", "--epochs", "1", "--minibatch-size", "16", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--run",
+                str(pretrained_moons),
+                "--out",
+                str(out),
+                "--reward",
+                "target_point",
+                "--reward-arg",
+                "point=[1.5, 1.5]",
+                "--kl-coef",
+                "0.5",
+                "--sampler",
+                "ddim",
+                "--eta",
+                "0.5",
+                "--sampling-steps",
+                "10",
+                "--chains",
+                "16",
+                "--epochs",
+                "1",
+                "--minibatch-size",
+                "16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     monkeypatch.undo()
     monkeypatch.setattr(evaluation, "TILTED_POOL", 10_000)  # ESS about 1,500
     m = evaluation.evaluate_finetuned(out, num_samples=500)
@@ -138,7 +169,9 @@ def test_evaluate_reports_the_exact_target_of_a_bounded_reward(pretrained_moons,
     w = torch.exp(r / 0.5)
     assert m["target_reward_mean"] == pytest.approx(((w * r).sum() / w.sum()).item(), abs=0.06)
     for block in ("target", "tilted", "pretrained_data"):
-        assert 0 < m[f"{block}_mmd_floor"] < m[f"{block}_mmd" if block == "pretrained_data" else f"{block}_mmd_pretrained"]
+        assert (
+            0 < m[f"{block}_mmd_floor"] < m[f"{block}_mmd" if block == "pretrained_data" else f"{block}_mmd_pretrained"]
+        )
         assert 0 < m[f"{block}_sw2_floor"]
     assert m["target_sw2_floor"] < 0.5 * m["target_sw2_pretrained"]
     assert m["far_radius"] == pytest.approx(1.5 * np.linalg.norm(sample_2d("moons", 500, 12345), axis=1).max())

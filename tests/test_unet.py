@@ -31,8 +31,9 @@ def _inputs(batch: int, channels: int, size: int, seed: int = 0) -> tuple[torch.
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_output_shape_and_zero_init(size: int, mults: tuple[int, ...], channels: int, num_classes: int) -> None:
-    model = UNetEps(size, in_channels=channels, base_channels=8, channel_mults=mults,
-                    attention=size == 16, num_classes=num_classes)
+    model = UNetEps(
+        size, in_channels=channels, base_channels=8, channel_mults=mults, attention=size == 16, num_classes=num_classes
+    )
     x, t, c = _inputs(3, channels, size)
     eps = model(x, t, c if num_classes else None)
     assert eps.shape == (3, channels, size, size)
@@ -41,8 +42,18 @@ def test_output_shape_and_zero_init(size: int, mults: tuple[int, ...], channels:
 
 
 def test_rebuilds_from_json_and_runs_other_divisible_sizes() -> None:
-    kwargs = json.loads(json.dumps({"image_size": 8, "base_channels": 8, "channel_mults": [1, 2, 2],
-                                    "attention": True, "num_classes": 10, "dropout": 0.1}))
+    kwargs = json.loads(
+        json.dumps(
+            {
+                "image_size": 8,
+                "base_channels": 8,
+                "channel_mults": [1, 2, 2],
+                "attention": True,
+                "num_classes": 10,
+                "dropout": 0.1,
+            }
+        )
+    )
     model = _randomized(UNetEps(**kwargs))
     x, t, c = _inputs(2, 1, 12)
     assert model(x, t, c).shape == (2, 1, 12, 12)

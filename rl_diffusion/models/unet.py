@@ -103,11 +103,14 @@ class UNetEps(nn.Module):
             raise ValueError(f"channel_mults must be a non-empty list of positive integers, got {channel_mults}")
         self.downsampling = 2 ** (len(channel_mults) - 1)
         if image_size < 1 or image_size % self.downsampling:
-            raise ValueError(f"image_size {image_size} must be a positive multiple of {self.downsampling} "
-                             f"(2 ** (len(channel_mults) - 1) with channel_mults={list(channel_mults)})")
+            raise ValueError(
+                f"image_size {image_size} must be a positive multiple of {self.downsampling} "
+                f"(2 ** (len(channel_mults) - 1) with channel_mults={list(channel_mults)})"
+            )
         if in_channels < 1 or base_channels < 1 or num_res_blocks < 1 or num_timesteps < 1 or num_classes < 0:
-            raise ValueError("in_channels, base_channels, num_res_blocks and num_timesteps must be >= 1 "
-                             "and num_classes >= 0")
+            raise ValueError(
+                "in_channels, base_channels, num_res_blocks and num_timesteps must be >= 1 and num_classes >= 0"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.image_size = image_size
@@ -148,7 +151,9 @@ class UNetEps(nn.Module):
                 self.up.append(ResBlock(ch + skip_channels.pop(), base_channels * mult, emb_dim, dropout))
                 ch = base_channels * mult
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+                self.up.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1))
+                )
 
         self.out_norm = _group_norm(ch)
         self.out_conv = nn.Conv2d(ch, in_channels, 3, padding=1)
@@ -167,8 +172,10 @@ class UNetEps(nn.Module):
         """
         square = x.dim() == 4 and x.shape[2] == x.shape[3]
         if not square or x.shape[1] != self.in_channels or x.shape[2] % self.downsampling:
-            raise ValueError(f"expected images [B, {self.in_channels}, S, S] with S a multiple of "
-                             f"{self.downsampling}, got {list(x.shape)}")
+            raise ValueError(
+                f"expected images [B, {self.in_channels}, S, S] with S a multiple of "
+                f"{self.downsampling}, got {list(x.shape)}"
+            )
         emb = self.t_emb(t.to(x.dtype) / self.num_timesteps)
         if self.c_emb is not None:
             if c is None:
