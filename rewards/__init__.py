@@ -7,10 +7,19 @@ the group ``rl_diffusion.rewards``; this module imports nothing from the RL code
 
 A reward function may declare ``fn.max_value``: a float that bounds its score from above for
 every x0. Evaluation then samples the KL-regularised optimum exactly, by rejection.
+
+A reward function may declare ``fn.differentiable = True``: its score is a torch function of x0,
+differentiable almost everywhere with a useful gradient, so ``Reward.gradient`` gives d r / d x0,
+which fine-tuning through the reward (adjoint matching, DRaFT) needs. Such a function must keep
+the autograd graph: no ``torch.no_grad``, ``detach``, numpy or argmax between x0 and the score,
+and any network it runs frozen (``requires_grad_(False)``) so no gradient accumulates in it.
+Decorating the factory with ``@differentiable`` (under ``@register``) declares it on every
+function the factory returns, and marks the reward in ``rl-diffusion rewards``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -45,11 +54,25 @@ def register(name: str) -> Callable[[Factory], Factory]:
     return decorate
 
 
+def differentiable(factory: Factory) -> Factory:
+    """Decorator declaring ``differentiable = True`` on the factory (for the listing) and on each reward it returns."""
+
+    @functools.wraps(factory)
+    def build(*args: Any, **kwargs: Any) -> RewardFn:
+        fn = factory(*args, **kwargs)
+        fn.differentiable = True  # type: ignore[attr-defined]
+        return fn
+
+    build.differentiable = True  # type: ignore[attr-defined]
+    return build
+
+
 class Reward:
     """A built reward that checks every result, so a broken reward is reported by name.
 
-    ``__call__`` returns float32 scores of shape (B,). With ``skip_nonfinite=True``, nan/inf
-    scores are returned instead of raising; the caller must mask them with ``torch.isfinite``.
+    ``__call__`` returns float32 scores of shape (B,), still attached to x0's autograd graph.
+    With ``skip_nonfinite=True``, nan/inf scores are returned instead of raising; the caller must
+    mask them with ``torch.isfinite``.
     """
 
     def __init__(
@@ -69,6 +92,11 @@ class Reward:
         bound = getattr(self.fn, "max_value", None)
         return None if bound is None else float(bound)
 
+    @property
+    def differentiable(self) -> bool:
+        """Whether the reward declares a useful gradient d r / d x0 (``fn.differentiable``)."""
+        return bool(getattr(self.fn, "differentiable", False))
+
     def __call__(self, x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         try:
             r = self.fn(x0, c)
@@ -86,6 +114,40 @@ class Reward:
                 f"batch of {expected[0]}; fix the reward, or pass --skip-nonfinite-rewards to drop such samples"
             )
         return r
+
+    def gradient(self, x0: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rewards [B] float32, detached; d r_b / d x0_b, shaped and typed like x0), even under torch.no_grad.
+
+        Samples score independently, so the gradient of the summed rewards is each sample's own.
+        A non-finite gradient is a RewardError unless ``skip_nonfinite``; then a sample whose reward
+        or gradient is non-finite gets reward nan and gradient nan, so ``torch.isfinite(rewards)``
+        masks both.
+        """
+        if not self.differentiable:
+            raise RewardError(
+                f"reward '{self.name}' is not differentiable; fine-tuning through the reward (adjoint matching, "
+                f"DRaFT) needs its gradient d r / d x0: use a reward marked [differentiable] in `rl-diffusion "
+                f"rewards`, or declare fn.differentiable = True on a reward that is a torch function of x0"
+            )
+        x = x0.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            r = self(x, c)
+            if not r.requires_grad:
+                raise RewardError(
+                    f"reward '{self.name}' declares differentiable = True but its score does not depend on x0 "
+                    f"through autograd; remove torch.no_grad, detach and numpy between x0 and the score"
+                )
+            (grad,) = torch.autograd.grad(r.sum(), x)
+        bad = ~(torch.isfinite(r.detach()) & torch.isfinite(grad).flatten(1).all(dim=1))
+        if not bad.any():
+            return r.detach(), grad
+        if not self.skip_nonfinite:
+            raise RewardError(
+                f"reward '{self.name}' has a non-finite gradient (nan/inf) for {int(bad.sum())} sample(s) in a "
+                f"batch of {len(bad)}; fix the reward, or pass --skip-nonfinite-rewards to drop such samples"
+            )
+        rows = bad.view(-1, *[1] * (grad.dim() - 1))  # broadcasts over each sample's coordinates
+        return r.detach().masked_fill(bad, torch.nan), grad.masked_fill(rows, torch.nan)
 
 
 def finite_mean(rewards: torch.Tensor) -> float:
@@ -201,7 +263,11 @@ def _arg_docs(doc: str) -> dict[str, str]:
 
 
 def describe_rewards() -> str:
-    """Human-readable listing: each reward, its summary line, and its arguments with defaults."""
+    """Human-readable listing: each reward, its summary line, and its arguments with defaults.
+
+    A reward whose factory declares ``differentiable`` (see ``differentiable``) is marked
+    [differentiable]; the last line explains the marker.
+    """
     out: list[str] = []
     eps = _entry_points()
     for name in reward_names():
@@ -211,12 +277,17 @@ def describe_rewards() -> str:
             out.append(f"{name}\n    (could not be loaded: {e})")
             continue
         doc = inspect.getdoc(factory) or ""
-        out.append(f"{name}: {doc.splitlines()[0] if doc else '(no description)'}")
+        marker = " [differentiable]" if getattr(factory, "differentiable", False) else ""
+        out.append(f"{name}{marker}: {doc.splitlines()[0] if doc else '(no description)'}")
         arg_docs = _arg_docs(doc)
         for p in inspect.signature(factory).parameters.values():
             default = "required" if p.default is p.empty else f"default {p.default!r}"
             text = f": {arg_docs[p.name]}" if p.name in arg_docs else ""
             out.append(f"    {p.name} ({default}){text}")
+    out.append(
+        "\n[differentiable]: the reward gives its gradient d r / d x0, which fine-tuning through the reward "
+        "(adjoint matching, DRaFT) needs."
+    )
     return "\n".join(out)
 
 

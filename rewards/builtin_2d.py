@@ -3,6 +3,9 @@
 Each factory checks its arguments (ValueError) and returns a batched ``reward(x0, c)``; the
 condition ``c`` is ignored. A reward raises ValueError when x0 is not [B, 2]. A reward that is
 bounded above declares its bound as ``reward.max_value`` (see ``rewards.Reward.max_value``).
+All of them are smooth torch functions of x0 (almost everywhere), so all are ``@differentiable``:
+the region indicators are sigmoids of a signed distance, whose gradient is useful within a few
+1 / sharpness of the boundary.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 
 from pretrain.datasets import MIXTURES, Mixture
-from rewards import RewardFn, register
+from rewards import RewardFn, differentiable, register
 
 _SHAPES = ("box", "disc")
 
@@ -44,6 +47,7 @@ def _bounded(reward: RewardFn, max_value: float) -> RewardFn:
 
 
 @register("target_point")
+@differentiable
 def target_point(point: Sequence[float] = (0.0, 0.0)) -> RewardFn:
     """Negative Euclidean distance from x0 to a point (0 at the point, lower further away).
 
@@ -103,6 +107,7 @@ def _smooth_indicator(
 
 
 @register("in_region")
+@differentiable
 def in_region(
     shape: str = "box",
     box: Sequence[float] = (-1.0, -1.0, 1.0, 1.0),
@@ -127,6 +132,7 @@ def in_region(
 
 
 @register("avoid_region")
+@differentiable
 def avoid_region(
     shape: str = "box",
     box: Sequence[float] = (-1.0, -1.0, 1.0, 1.0),
@@ -148,6 +154,7 @@ def avoid_region(
 
 
 @register("gmm_log_density")
+@differentiable
 def gmm_log_density(
     means: Sequence[Sequence[float]] = ((0.0, 0.0),),
     stds: Sequence[float] = (1.0,),
@@ -185,6 +192,7 @@ def gmm_log_density(
 
 
 @register("linear")
+@differentiable
 def linear(a: Sequence[float] = (0.0, 1.0)) -> RewardFn:
     """Linear score a . x0, unbounded: it tilts a Gaussian mixture into another one in closed form.
 
@@ -201,6 +209,7 @@ def linear(a: Sequence[float] = (0.0, 1.0)) -> RewardFn:
 
 
 @register("gaussian_bump")
+@differentiable
 def gaussian_bump(center: Sequence[float] = (0.0, 0.0), width: float = 0.5, scale: float = 10.0) -> RewardFn:
     """Gaussian bump scale * exp(-||x0 - center||^2 / (2 width^2)): scale at the center, 0 far away.
 
@@ -253,6 +262,7 @@ def _log_mixture(x0: torch.Tensor, mixture: Mixture) -> torch.Tensor:
 
 
 @register("gmm_posterior")
+@differentiable
 def gmm_posterior() -> RewardFn:
     """log p_post(x0) - log p_prior(x0): the ``gmm25`` prior tilted at kl_coef 1 is the 9-mode posterior.
 

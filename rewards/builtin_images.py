@@ -1,8 +1,10 @@
 """Built-in rewards for images x0 of shape [B, C, H, W] with pixel values in [-1, 1].
 
 Values outside [-1, 1] are clipped first, as they are when an image is saved or shown: a
-sampler cannot earn reward with pixels no one will see. The condition ``c`` is ignored. A
-reward raises ValueError when x0 is not a batch of images it can score.
+sampler cannot earn reward with pixels no one will see (so their gradient is 0). The condition
+``c`` is ignored. A reward raises ValueError when x0 is not a batch of images it can score.
+Brightness and the classifier rewards are ``@differentiable``; the JPEG sizes are not (an
+encoder outside torch, on pixels rounded to 256 levels).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rewards import RewardFn, register
+from rewards import RewardFn, differentiable, register
 from rewards.digit_classifier import load_digit_classifier
 
 
@@ -87,6 +89,7 @@ def jpeg_incompressibility(quality: int = 95) -> RewardFn:
 
 
 @register("brightness")
+@differentiable
 def brightness() -> RewardFn:
     """Mean pixel value over pixels and channels, in [0, 1] (0 black, 1 white)."""
 
@@ -98,12 +101,18 @@ def brightness() -> RewardFn:
 
 
 def _class_log_prob(model: nn.Module, class_index: int, what: str) -> RewardFn:
-    """reward(x0) = log_softmax(model(x0))[:, class_index]; the model follows x0 to its device."""
+    """reward(x0) = log_softmax(model(x0))[:, class_index]; the model follows x0 to its device.
+
+    Differentiable in x0: the model runs with autograd, in eval mode and frozen, so the gradient
+    reaches x0 and none accumulates in the model's parameters.
+    """
+    model.eval()
+    for parameter in model.parameters():  # ScriptModules have no requires_grad_
+        parameter.requires_grad_(False)
 
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         _check_images(x0)
-        with torch.no_grad():
-            logits = model.to(x0.device)(x0.clamp(-1, 1))
+        logits = model.to(x0.device)(x0.clamp(-1, 1))
         if logits.dim() != 2 or logits.shape[0] != x0.shape[0]:
             raise ValueError(f"{what} returned shape {list(logits.shape)}, expected logits [B, num_classes]")
         if class_index >= logits.shape[1]:
@@ -114,6 +123,7 @@ def _class_log_prob(model: nn.Module, class_index: int, what: str) -> RewardFn:
 
 
 @register("digit_classifier")
+@differentiable
 def digit_classifier(digit: int = 0) -> RewardFn:
     """Log-probability (nats, <= 0) that a grey digit image shows ``digit``, under a small CNN.
 
@@ -138,12 +148,14 @@ def _is_torchscript(path: Path) -> bool:
 
 
 @register("classifier")
+@differentiable
 def classifier(checkpoint: str, class_index: int = 0) -> RewardFn:
     """Log-probability (nats, <= 0) of class ``class_index`` under your own torch classifier.
 
     The checkpoint is a whole module saved with ``torch.save(model, path)`` or a TorchScript
     file (``torch.jit.save``); it maps images [B, C, H, W] in [-1, 1] to logits [B, K] and is
-    run in eval mode without gradients. Pitfall: unpickling a ``torch.save`` file runs code
+    run in eval mode with its parameters frozen; the reward is differentiable when the model is
+    (no torch.no_grad or detach inside). Pitfall: unpickling a ``torch.save`` file runs code
     from it and needs the model's class importable; load only files you trust, or prefer
     TorchScript, which needs neither.
 
@@ -169,4 +181,4 @@ def classifier(checkpoint: str, class_index: int = 0) -> RewardFn:
             f"{path} holds an object of type {type(model).__name__}, not a model; save the whole "
             f"module with torch.save(model, path) or torch.jit.save(torch.jit.script(model), path)"
         )
-    return _class_log_prob(model.eval(), class_index, f"classifier {path}")
+    return _class_log_prob(model, class_index, f"classifier {path}")

@@ -57,7 +57,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from rewards import parse_reward_args
-    from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig, setup
+    from rl_diffusion.algos import trainer
+    from rl_diffusion.finetune import FinetuneConfig, setup
 
     flags = given_flags(FinetuneConfig, args)
     if args.reward_arg:
@@ -66,13 +67,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         flags["eval_rewards"] = _eval_rewards(args.eval_reward or [], args.eval_reward_arg or [])
     config, out = _config_and_run_dir(args, FinetuneConfig, "finetune", flags, lambda f: FinetuneConfig(**f))
     s = setup(config, out, overwrite=args.overwrite, resume=bool(args.resume))
-    if config.algo == "sb3-ppo":
-        from rl_diffusion.sb3 import train
-    elif config.algo in AGENT_ALGOS:
-        from rl_diffusion.agents import train
-    else:
-        from rl_diffusion.ddpo import train
-    metrics = train(s, resume=bool(args.resume), progress=not args.quiet)
+    metrics = trainer(config.algo)(s, resume=bool(args.resume), progress=not args.quiet)
     if not s.ranks.is_main:
         return
     print(json.dumps(metrics, indent=2))
@@ -189,8 +184,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _agent_samples(args: argparse.Namespace, algo: str, device) -> np.ndarray:
-    """Samples of a run fine-tuned by an SB3 agent: the pretrained network plus the agent, on the chain it was trained on."""
-    from rl_diffusion.agents import draw
+    """Samples of a run fine-tuned by an SB3 agent: the pretrained network plus the agent, on the chain it was
+    trained on."""
+    from rl_diffusion.algos.agents import draw
 
     defaults = {
         "--sampler": args.sampler == "ddpm",
@@ -202,7 +198,8 @@ def _agent_samples(args: argparse.Namespace, algo: str, device) -> np.ndarray:
     given = [flag for flag, default in defaults.items() if not default]
     if given:
         raise UserError(
-            f"{args.run} was fine-tuned by --algo {algo}, which samples on the chain it was trained on; drop {', '.join(given)}"
+            f"{args.run} was fine-tuned by --algo {algo}, which samples on the chain it was trained on; "
+            f"drop {', '.join(given)}"
         )
     return draw(Path(args.run), args.num_samples, args.seed, device)[0].cpu().numpy()
 
@@ -288,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "ablate",
         help="run one hyperparameter at several values and draw the grid",
-        description="rl-diffusion ablate pretrain|finetune --param NAME --values V1,V2 --out DIR [--jobs N] [flags of that command]",
+        description="rl-diffusion ablate pretrain|finetune --param NAME --values V1,V2 --out DIR [--jobs N] "
+        "[flags of that command]",
     )
     p.add_argument("kind", help="pretrain | finetune")
     p.add_argument(
@@ -301,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "frontier",
         help="fine-tune at several betas and draw mean reward against path KL",
-        description="rl-diffusion frontier --run PRETRAINED --reward NAME --kl-coefs 0.03,0.1,0.3,1 --out DIR [--jobs N] "
+        description="rl-diffusion frontier --run PRETRAINED --reward NAME --kl-coefs 0.03,0.1,0.3,1 --out DIR "
+        "[--jobs N] "
         "[flags of finetune]",
         allow_abbrev=False,
     )  # --kl-coef is finetune's, not short for --kl-coefs
@@ -348,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kl-coef",
         type=float,
         default=None,
-        help="fine-tuning runs: the beta of the tilted optimum p exp(r / beta) / Z to measure against (default: the run's own)",
+        help="fine-tuning runs: the beta of the tilted optimum p exp(r / beta) / Z to measure against "
+        "(default: the run's own)",
     )
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)

@@ -127,7 +127,8 @@ class GaussianDiffusion:
         return self._coef("x0_coef_x", t, x_t) * x_t - self._coef("x0_coef_eps", t, x_t) * eps
 
     def clip_x0(self, x0: Tensor) -> Tensor:
-        """x0 clipped to `x0_range` (per coordinate when the range has one bound per coordinate); x0 itself without a range."""
+        """x0 clipped to `x0_range` (per coordinate when the range has one bound per coordinate); x0 itself
+        without a range."""
         if self.x0_range is None:
             return x0
         low, high = (torch.as_tensor(bound, dtype=x0.dtype, device=x0.device) for bound in self.x0_range)
@@ -291,7 +292,7 @@ class GaussianDiffusion:
 
         x = standard_normal()
         xs, means, log_probs = [x], [], []
-        for t, t_prev in zip(steps, prevs):
+        for t, t_prev in zip(steps, prevs, strict=True):
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
             out = self.reverse_step(
                 model(x, t_batch, c),

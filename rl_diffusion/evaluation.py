@@ -139,7 +139,7 @@ def evaluate_finetuned(
     ``kl_coef`` is the beta of the optimum measured against: the run's own --kl-coef by default;
     give one to measure a run trained without a KL term (rwr, or kl_coef 0) against a tilt.
     """
-    from rl_diffusion import agents
+    from rl_diffusion.algos import agents
     from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig, build_eval_rewards
 
     device = resolve_device(device)
@@ -226,7 +226,7 @@ def sample_with_path_kl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_0 [N, ...] of `model` on the chain the run was trained on (cfg.sampling), and each chain's exact
     path KL to the pretrained model [N] in nats: `model` is scored as a policy, whatever it is."""
-    from rl_diffusion.ddpo import Pairs, path_kls
+    from rl_diffusion.path_kl import Pairs, path_kls
 
     with torch.no_grad():
         traj = run.diffusion.sample(

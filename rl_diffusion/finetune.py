@@ -1,9 +1,8 @@
-"""`rl-diffusion finetune`: config, run directory, shared setup and per-epoch logging.
+"""`rl-diffusion finetune`: the config, the run's shared setup, per-epoch logging and checkpoints.
 
-The algorithms live elsewhere and share everything here: `ddpo.py` (ddpo-sf,
-ddpo-is, rwr), `sb3.py` (sb3-ppo: the diffusion policy) and `agents.py` (SB3's
-own algorithms with its default policy, steering the frozen pretrained model).
-A run directory of a fine-tuning run holds a checkpoint in the same format as
+The algorithms live in rl_diffusion/algos/ and share everything here: the native ones
+(ddpo-sf, ddpo-is, rwr, ...) through the epoch loop of algos/loop.py, the sb3 family through
+SB3's own loop. A run directory of a fine-tuning run holds a checkpoint in the same format as
 pretraining, so `sample` and `evaluate` accept it.
 """
 
@@ -26,10 +25,10 @@ from pretrain.data import data_of_checkpoint, reference_draws
 from pretrain.train import EVAL_DATA_SEED, to_markdown_table
 from rewards import Reward, RewardError, build_reward, finite_mean
 from rl_diffusion import distributed, figures
+from rl_diffusion.algos import AGENT_ALGOS, ALGOS, NATIVE, algorithm
 from rl_diffusion.checkpoint import (
     CheckpointManager,
     LoadedRun,
-    atomic_write_text,
     load_run,
     prepare_run_dir,
 )
@@ -40,8 +39,6 @@ from rl_diffusion.errors import UserError, nearest
 from rl_diffusion.metrics import mode_masses, vendi_score
 from rl_diffusion.targets import Modes, dataset_modes
 
-AGENT_ALGOS = ("sb3-sac", "sb3-td3", "sb3-a2c", "sb3-ppo-mlp")  # SB3's MultiInputPolicy on the residual or noise env
-ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "sb3-ppo", *AGENT_ALGOS)
 AGENT_ACTION_MODES = ("residual", "noise")
 MODE_HELD_MASS = 0.01  # a mode holds samples when at least this fraction of the batch lies in it (diversity/modes_held)
 
@@ -55,18 +52,19 @@ class FinetuneConfig:
     eval_rewards: dict = dataclasses.field(
         default_factory=dict,
         metadata={
-            "help": "held-out rewards, scored on every epoch's x_0 and never trained on: {label: {'reward': spec, 'reward_args': {...}}}"
+            "help": "held-out rewards, scored on every epoch's x_0 and never trained on: "
+            "{label: {'reward': spec, 'reward_args': {...}}}"
         },
     )
     early_stop_on: str = arg(
         "",
         "label of an --eval-reward: stop once its mean has not improved on its best for --patience epochs; "
-        "the best checkpoint is then elected by it (ddpo-sf, ddpo-is, rwr)",
+        "the best checkpoint is then elected by it (the native algorithms, not sb3-*)",
     )
     patience: int = arg(0, "--early-stop-on: epochs without a new best held-out mean before the run stops")
     algo: str = arg(
         "ddpo-is",
-        "ddpo-sf | ddpo-is | rwr | sb3-ppo (diffusion policies) | sb3-sac | sb3-td3 | sb3-a2c | sb3-ppo-mlp "
+        f"{' | '.join(NATIVE)} | sb3-ppo (the diffusion model is the policy) | {' | '.join(AGENT_ALGOS)} "
         "(SB3's default policy steering the frozen pretrained model, see --action-mode)",
     )
     action_mode: str = arg(
@@ -84,7 +82,8 @@ class FinetuneConfig:
     adv_clip: float = arg(5.0, "clip standardised advantages to [-adv_clip, adv_clip]")
     inner_epochs: int = arg(
         1,
-        "passes over each sampled batch (ddpo-is, rwr, sb3-ppo, sb3-ppo-mlp); gradient steps per env step (sb3-sac, sb3-td3)",
+        "passes over each sampled batch (ddpo-is, rwr, sb3-ppo, sb3-ppo-mlp, ...); "
+        "gradient steps per env step (sb3-sac, sb3-td3)",
     )
     minibatch_size: int = arg(1024, "(trajectory, timestep) pairs per gradient step (ddpo-is, rwr, sb3-ppo)")
     timestep_fraction: float = arg(1.0, "fraction of each chain's timesteps trained on per epoch (ddpo-is)")
@@ -93,7 +92,7 @@ class FinetuneConfig:
     )
     kl_target: float = arg(
         0.0,
-        "ddpo-sf, ddpo-is: nats of mean path KL per chain to hold by adapting beta after each epoch "
+        "nats of mean path KL per chain to hold by adapting beta after each epoch (native algorithms with a KL term) "
         "(Ziegler et al. 2019; logged as kl/beta); 0 = beta fixed at --kl-coef",
     )
     kl_gain: float = arg(
@@ -123,6 +122,15 @@ class FinetuneConfig:
         False, "drop samples whose reward is nan/inf (counted in TensorBoard) instead of stopping"
     )
     device: str = arg("cpu", "cpu | cuda | cuda:N")
+    draft_steps: int = arg(
+        0, "draft: back-propagate through the last K denoising steps (0 = all: the exact pathwise gradient)"
+    )
+    explore_scale: float = arg(
+        1.0, "rtb: sigma multiplier of the exploratory sampler that draws the training chains (1 = on-policy)"
+    )
+    replay_size: int = arg(1024, "rtb: chains kept in the replay buffer (0 = none)")
+    replay_fraction: float = arg(0.5, "rtb: fraction of each update's chains drawn from the replay buffer")
+    log_z_lr: float = arg(0.1, "rtb: learning rate of log Z")
 
     def validate(self) -> None:
         if self.algo not in ALGOS:
@@ -151,11 +159,14 @@ class FinetuneConfig:
             raise UserError(
                 f"--action-mode applies to {', '.join(AGENT_ALGOS)}; --algo {self.algo} acts on x_{{t-1}} itself"
             )
-        if self.eta <= 0:
-            raise UserError(
-                "--eta must be > 0: a deterministic chain has no log-prob to train (noise mode runs DDIM with eta 0 by itself)"
-            )
         check_sampler(self.sampler, self.eta)
+        if self.algo in NATIVE:
+            self.validate_native()
+        elif self.eta <= 0:
+            raise UserError(
+                "--eta must be > 0: a deterministic chain has no log-prob to train "
+                "(noise mode runs DDIM with eta 0 by itself)"
+            )
         if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
             raise UserError(f"unknown --log-prob-reduction '{self.log_prob_reduction}'; choose sum or mean")
         if self.x_axis not in ("epoch", "reward_queries"):
@@ -167,18 +178,29 @@ class FinetuneConfig:
         if self.algo == "sb3-ppo" and any(sb3_refused.values()):
             flags = ", ".join(flag for flag, given in sb3_refused.items() if given)
             raise UserError(f"--algo sb3-ppo does not support {flags}; use --algo ddpo-is for them")
-        if self.algo == "rwr" and self.kl_coef > 0:
+
+    def validate_native(self) -> None:
+        """What the chosen algorithm declares it needs (algos/base.py), then its own checks."""
+        algo = algorithm(self.algo)
+        if self.eta <= 0 and (algo.needs_log_prob or self.kl_coef > 0):
+            needs = f"--algo {self.algo} scores actions" if algo.needs_log_prob else "the path KL (--kl-coef) needs"
             raise UserError(
-                "--algo rwr has no KL term: each epoch fits p_old exp(r / T), a tilt that compounds over epochs "
-                "with nothing holding it to the pretrained model; --kl-coef applies to ddpo-sf, ddpo-is and sb3-ppo"
+                f"--eta must be > 0: {needs} on a stochastic chain, and with eta 0 the chain is deterministic"
             )
+        if algo.needs_memoryless and not is_memoryless(self.sampler, self.eta):
+            raise UserError(
+                f"--algo {self.algo} needs a memoryless chain (one that forgets x_T): use --sampler ddpm, or ddim "
+                f"with --eta 1; with --eta {self.eta} its fixed point is not p_pre exp(r / beta) / Z "
+                "(docs/design.md, section 2)"
+            )
+        algo.validate(self)
 
     def validate_kl_target(self) -> None:
         if self.kl_target < 0:
             raise UserError(f"--kl-target must be >= 0 nats, got {self.kl_target}")
-        if self.algo not in ("ddpo-sf", "ddpo-is"):
+        if self.algo not in NATIVE or not algorithm(self.algo).uses_kl:
             raise UserError(
-                f"--kl-target adapts the beta of ddpo-sf and ddpo-is; --algo {self.algo} does not support it"
+                f"--kl-target adapts the beta of the native algorithms with a KL term; --algo {self.algo} has none"
             )
         if self.kl_coef <= 0:
             raise UserError("--kl-target adapts beta multiplicatively from --kl-coef; give a starting --kl-coef > 0")
@@ -198,7 +220,7 @@ class FinetuneConfig:
             raise UserError(f"--early-stop-on needs --patience of at least 1 epoch, got {self.patience}")
         if self.algo.startswith("sb3-"):
             raise UserError(
-                f"--early-stop-on stops the loop of ddpo-sf, ddpo-is and rwr; --algo {self.algo} does not support it"
+                f"--early-stop-on stops the native algorithms' loop; --algo {self.algo} runs SB3's own loop"
             )
 
     def validate_agent(self) -> None:
@@ -296,6 +318,11 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     if pretrained.checkpoint["kind"] != "pretrain":
         raise UserError(f"--run {config.run} is a {pretrained.checkpoint['kind']} run; fine-tune from a pretrain run")
     reward = build_reward(config.reward, config.reward_args, skip_nonfinite=config.skip_nonfinite_rewards)
+    if config.algo in NATIVE and algorithm(config.algo).needs_reward_gradient and not reward.differentiable:
+        raise UserError(
+            f"--algo {config.algo} needs the reward's gradient and reward '{reward.name}' does not declare itself "
+            "differentiable; choose a differentiable reward (see `rl-diffusion rewards`) or a policy-gradient algorithm"
+        )
     eval_rewards = build_eval_rewards(config.eval_rewards)
     data_shape = tuple(pretrained.checkpoint["data"]["shape"])
     num_classes = int(pretrained.checkpoint["model_config"].get("num_classes") or 0)
@@ -313,7 +340,8 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     if config.kl_coef > 0 and not is_memoryless(config.sampler, config.eta) and ranks.is_main:
         print(
             f"warning: DDIM with --eta {config.eta} keeps memory of x_T, so the KL-regularised optimum "
-            "p_pre exp(r / beta) / Z is out of reach (docs/design.md, section 2); use --eta 1 or --sampler ddpm to aim at it",
+            "p_pre exp(r / beta) / Z is out of reach (docs/design.md, section 2); "
+            "use --eta 1 or --sampler ddpm to aim at it",
             file=sys.stderr,
         )
     torch.manual_seed(config.seed)
@@ -436,7 +464,8 @@ def write_hyperparameters(s: Setup) -> None:
 
 
 def best_tag(config: FinetuneConfig) -> str:
-    """The history entry that elects the best checkpoint: the --early-stop-on held-out mean, else the training reward's mean."""
+    """The history entry that elects the best checkpoint: the --early-stop-on held-out mean, else the
+    training reward's mean."""
     return f"eval_reward/{config.early_stop_on}/mean" if config.early_stop_on else "reward/mean"
 
 
@@ -450,7 +479,8 @@ def save(s: Setup, epoch: int, train_state: dict) -> None:
 
 
 def best_epoch(s: Setup) -> int:
-    """The logged epoch (1-based) with the highest `best_tag` value; the first of equal values, so a tie is no improvement."""
+    """The logged epoch (1-based) with the highest `best_tag` value; the first of equal values, so a tie
+    is no improvement."""
     return 1 + int(np.argmax([h[best_tag(s.config)] for h in s.history]))
 
 
@@ -476,34 +506,3 @@ def restore(s: Setup) -> dict:
     s.policy.load_state_dict(ckpt["model"])
     s.frames, s.history = state["frames"], state["history"]
     return state
-
-
-def finish(s: Setup) -> dict:
-    """Metrics file and figures of a finished run: samples before/after, reward curve, a GIF across epochs (rank 0; the others get {})."""
-    from rl_diffusion.evaluation import evaluate_finetuned
-
-    s.writer.close()
-    if not s.ranks.is_main:
-        return {}
-    # Images: 500 samples, not 5,000. Each sample costs a U-Net call per step for the policy, the
-    # pretrained model and the path KL, with every step kept: 5,000 took minutes on a CPU at T = 20.
-    metrics = evaluate_finetuned(s.out, num_samples=5000 if len(s.data_shape) == 1 else 500, device=str(s.device))
-    if s.config.early_stop_on:
-        metrics["best_epoch"] = best_epoch(s)
-    atomic_write_text(s.out / "metrics.json", json.dumps(metrics, indent=2))
-    if s.frames:
-        lim = figures.limits(s.eval_data)
-        figures.save_gif(s.frames, s.out / "figures" / "samples_over_epochs.gif", lim=lim)
-        if s.frames[0][1].ndim == 4:
-            figures.save_image_grid(s.frames[0][1], s.out / "figures" / "samples_before.png")
-            figures.save_image_grid(s.frames[-1][1], s.out / "figures" / "samples_after.png")
-        figures.plot_finetune_summary(
-            before=s.frames[0][1],
-            after=s.frames[-1][1],
-            data=s.eval_data,
-            epochs=[h["epoch"] for h in s.history],
-            mean_rewards=[h["reward/mean"] for h in s.history],
-            path=s.out / "figures" / "finetune.png",
-            title=f"{s.config.algo} on {s.reward.name}",
-        )
-    return metrics

@@ -41,7 +41,8 @@ import torch  # noqa: E402
 from pretrain.data import load_training_data, reference_draws  # noqa: E402
 from pretrain.train import EVAL_DATA_SEED, config_for, draw_samples, pretrain  # noqa: E402
 from rewards.digit_classifier import load_digit_classifier  # noqa: E402
-from rl_diffusion import ddpo, figures  # noqa: E402
+from rl_diffusion import figures  # noqa: E402
+from rl_diffusion.algos import loop  # noqa: E402
 from rl_diffusion.ablate import scalars  # noqa: E402
 from rl_diffusion.checkpoint import load_run, load_weights  # noqa: E402
 from rl_diffusion.finetune import FinetuneConfig, setup  # noqa: E402
@@ -94,7 +95,9 @@ def main() -> int:
         started = time.perf_counter()
         pretrain(config, run, progress=False)
         pretrain_total = time.perf_counter() - started
-        wall, train = (dict(zip(*scalars(run, tag))) for tag in ("perf/wall_seconds", "perf/train_seconds"))
+        wall, train = (
+            dict(zip(*scalars(run, tag), strict=True)) for tag in ("perf/wall_seconds", "perf/train_seconds")
+        )
         final_metrics = json.loads((run / "metrics.json").read_text())
 
         # FD of every kept checkpoint, each from the same noise (seed 0) and labels; the draws are timed.
@@ -132,9 +135,9 @@ def main() -> int:
             device=args.device,
         )
         s = setup(ft_config, Path(tmp) / "finetuned")
-        ddpo.finish = lambda s: s.writer.close() or {}  # skip the run's final evaluation (see the docstring)
+        loop.finish = lambda s: s.writer.close() or {}  # skip the run's final evaluation (see the docstring)
         started = time.perf_counter()
-        ddpo.train(s, progress=False)
+        loop.train(s, progress=False)
         ft_total = time.perf_counter() - started
         finetuned = load_run(Path(tmp) / "finetuned", device)
         after = draw_samples(finetuned.diffusion, finetuned.model, N, seed=0, device=device)
@@ -170,8 +173,8 @@ def main() -> int:
                 "ema_decay",
             )
         },
-        "fd_method": f"{N} DDPM samples (seed 0, labels 0..9 in turn) of each EMA checkpoint vs {N} digits, digit-classifier features; "
-        f"floor: FD of the disjoint other {N} digits vs the same {N}",
+        "fd_method": f"{N} DDPM samples (seed 0, labels 0..9 in turn) of each EMA checkpoint vs {N} digits, "
+        f"digit-classifier features; floor: FD of the disjoint other {N} digits vs the same {N}",
         "fd_floor": floor,
         "curve": curve,
         "target": f"fd <= {TARGET_RATIO:g} x floor",

@@ -50,7 +50,7 @@ from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 
 from pretrain.train import PretrainConfig, pretrain  # noqa: E402
-from rl_diffusion import agents, ddpo, sb3  # noqa: E402
+from rl_diffusion.algos import trainer  # noqa: E402
 from rl_diffusion.env import DenoisingEnv  # noqa: E402
 from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig, setup  # noqa: E402
 
@@ -159,7 +159,7 @@ def finetune_run(pretrained: Path, out: Path, device: str, targets: list[float],
     """One fine-tuning run with progress=False: its curve, what it took to reach each target, final metrics."""
     cfg = config(pretrained, device, **overrides)
     s = setup(cfg, out)
-    train = {"sb3-ppo": sb3.train, **{algo: agents.train for algo in AGENT_ALGOS}}.get(cfg.algo, ddpo.train)
+    train = trainer(cfg.algo)
     started = time.perf_counter()
     s.history = history = TimedHistory(started)
     metrics = train(s, progress=False)
@@ -191,7 +191,7 @@ def finetune_run(pretrained: Path, out: Path, device: str, targets: list[float],
                 "steps_per_sec": h["perf/steps_per_sec"],
                 "wall_seconds": t,
             }
-            for h, t in zip(history, history.seconds)
+            for h, t in zip(history, history.seconds, strict=True)
         ],
     }
 
@@ -259,7 +259,7 @@ def stock_sb3_run(pretrained: Path, out: Path, device: str, targets: list[float]
         "steps_per_sec": steps / callback.seconds[-1],
         "curve": [
             {"epoch": i + 1, "reward_mean": m, "wall_seconds": t}
-            for i, (m, t) in enumerate(zip(callback.means, callback.seconds))
+            for i, (m, t) in enumerate(zip(callback.means, callback.seconds, strict=True))
         ],
     }
 
@@ -277,8 +277,8 @@ def markdown(race: dict, target: float, epochs: int) -> str:
             f"{r['epochs_to_target']}" if r["epochs_to_target"] else f"never in {epochs} (best {r['best_reward']:.3f})"
         )
         lines.append(
-            f"| {algo} | {reached} | {fmt(r['reward_queries_to_target'], ',d')} | {fmt(r['wall_seconds_to_target'], '.1f')} "
-            f"| {r['final_reward']:.3f} | {r['steps_per_sec']:,.0f} |"
+            f"| {algo} | {reached} | {fmt(r['reward_queries_to_target'], ',d')} "
+            f"| {fmt(r['wall_seconds_to_target'], '.1f')} | {r['final_reward']:.3f} | {r['steps_per_sec']:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -427,12 +427,14 @@ def main() -> int:
             "sb3_over_native_epoch_seconds_to_target": {
                 t: ratio(sb3[t]["epoch_seconds"], native[t]["epoch_seconds"]) for t in sb3
             },
-            "sb3_over_native_note": "sb3-ppo / ddpo-is (both PPO-clip, same lr, chains, seed); null if either never reached the target",
+            "sb3_over_native_note": "sb3-ppo / ddpo-is (both PPO-clip, same lr, chains, seed); null if either never "
+            "reached the target",
             "sb3_dummyvecenv_over_native_wall_to_target": {
                 t: ratio(stock[t]["wall_seconds"], native[t]["wall_seconds"]) for t in stock
             },
-            "sb3_dummyvecenv_note": "sb3-ppo-dummyvecenv: sb3-ppo's PPO and policy over a DummyVecEnv of 256 single DenoisingEnvs, "
-            "wall_seconds from learn() to the end of the rollout reaching the target (no TensorBoard, KL or checkpoints)",
+            "sb3_dummyvecenv_note": "sb3-ppo-dummyvecenv: sb3-ppo's PPO and policy over a DummyVecEnv of 256 single "
+            "DenoisingEnvs, wall_seconds from learn() to the end of the rollout reaching the target (no TensorBoard, "
+            "KL or checkpoints)",
             "algos": race,
         },
         "kl_to_pretrained": {
@@ -441,10 +443,10 @@ def main() -> int:
             "lr": args.lr,
             "chains": 256,
             "eval_num_samples": 5000,
-            "note": "evaluate_finetuned(num_samples=5000, seed=0) as returned by train(). target_*: exact samples of "
-            "p_data(x) exp(r(x) / kl_coef) / Z by rejection, floors between two independent exact draws; tilted_*: the "
-            "pretrained model's own tilt p_pre(x) exp(r(x) / kl_coef) / Z by importance resampling of 50,000 pretrained "
-            "samples; tilted_sw2_floor is the sliced W2 between two independent resamplings",
+            "note": "evaluate_finetuned(num_samples=5000, seed=0) as returned by train(). target_*: exact samples "
+            "of p_data(x) exp(r(x) / kl_coef) / Z by rejection, floors between two independent exact draws; "
+            "tilted_*: the pretrained model's own tilt p_pre(x) exp(r(x) / kl_coef) / Z by importance resampling of "
+            "50,000 pretrained samples; tilted_sw2_floor is the sliced W2 between two independent resamplings",
             "by_kl_coef": kl,
         },
         "markdown_table": table,

@@ -1,4 +1,5 @@
-"""Standard agents on the env: stable-baselines3's SAC with its default MultiInputPolicy steers the frozen pretrained model."""
+"""Standard agents on the env: stable-baselines3's SAC with its default MultiInputPolicy steers the frozen
+pretrained model."""
 
 import json
 import os
@@ -11,11 +12,11 @@ from stable_baselines3 import SAC
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rewards import build_reward
-from rl_diffusion.agents import draw, load_agent
+from rl_diffusion.algos.agents import draw, load_agent
 from rl_diffusion.checkpoint import CheckpointManager, load_run, read_run_config
 from rl_diffusion.cli import main
 from rl_diffusion.env import DenoisingVectorEnv
-from rl_diffusion.sb3 import DenoisingVecEnvAdapter
+from rl_diffusion.algos.sb3 import DenoisingVecEnvAdapter
 
 REWARD = dict(reward="target_point", reward_kwargs={"point": [1.5, 1.5]})  # in the gap between the two moons
 
@@ -149,7 +150,7 @@ def test_an_agent_run_logs_checkpoints_resumes_and_samples_with_the_agent(
     assert metrics["reward_mean"] == pytest.approx(reward(x0).mean().item(), rel=1e-5)
     assert metrics["kl_to_pretrained"] == (None if mode == "noise" else pytest.approx(kl.mean().item(), rel=1e-5))
     monkeypatch.setattr(
-        "rl_diffusion.sb3.finish", lambda s: s.writer.close() or {}
+        "rl_diffusion.algos.sb3.finish", lambda s: s.writer.close() or {}
     )  # the runs below need no evaluation
 
     calls = []

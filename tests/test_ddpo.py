@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from rl_diffusion import ddpo
+from rl_diffusion.algos import ddpo, rwr
+from rl_diffusion.algos.base import Algorithm, Batch
 from rl_diffusion.cli import main
 from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.evaluation import tilted_target
 from rl_diffusion.finetune import FinetuneConfig, setup
+from rl_diffusion.path_kl import path_kls, policy_step
 
 
 def make_setup(pretrained, tmp_path, **overrides):
@@ -22,21 +24,21 @@ def make_setup(pretrained, tmp_path, **overrides):
 def test_ratio_is_exactly_one_before_the_first_update(pretrained_moons, tmp_path):
     s = make_setup(pretrained_moons, tmp_path, minibatch_size=100)
     assert not s.policy.training  # sampling and rescoring see one network (no dropout noise between them)
-    pairs, x0, _ = ddpo.sample_batch(s, torch.Generator().manual_seed(0))
+    pairs, x0, _ = Algorithm(s).sample(torch.Generator().manual_seed(0))
     assert len(pairs) == 32 * 20 and x0.shape == (32, 2)
     idx = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))[:100]
     with torch.no_grad():
-        new = ddpo.policy_step(s.diffusion, s.config, s.policy, pairs, idx).log_prob
+        new = policy_step(s.diffusion, s.config, s.policy, pairs, idx).log_prob
     assert torch.equal(torch.exp(new - pairs.log_prob_old[idx]), torch.ones(100))
 
 
 def test_path_kl_is_zero_unchanged_and_matches_a_hand_computation(pretrained_moons, tmp_path):
     s = make_setup(pretrained_moons, tmp_path)
-    pairs, _, _ = ddpo.sample_batch(s, torch.Generator().manual_seed(0))
-    assert ddpo.path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, 20).abs().max().item() == 0.0
+    pairs, _, _ = Algorithm(s).sample(torch.Generator().manual_seed(0))
+    assert path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, 20).abs().max().item() == 0.0
     # the policy means recorded while sampling are the ones a fresh policy call gives
     with torch.no_grad():
-        called = ddpo.policy_step(s.diffusion, s.config, s.policy, pairs, torch.arange(len(pairs))).mean
+        called = policy_step(s.diffusion, s.config, s.policy, pairs, torch.arange(len(pairs))).mean
     torch.testing.assert_close(pairs.mean_old, called, rtol=0, atol=1e-6)
     pairs = dataclasses.replace(pairs, mean_old=None)  # so path_kls calls the policy below
     s.diffusion.x0_range = None  # the closed form below is that of the unclipped mean
@@ -45,7 +47,7 @@ def test_path_kl_is_zero_unchanged_and_matches_a_hand_computation(pretrained_moo
         def forward(self, x, t, c=None):
             return s.reference(x, t, c) + torch.tensor([0.1, -0.2])
 
-    kl = ddpo.path_kls(s.diffusion, s.config, Shifted(), s.reference, pairs, 20)
+    kl = path_kls(s.diffusion, s.config, Shifted(), s.reference, pairs, 20)
     # mu = x_t / sqrt(alpha_t) - beta_t / (sqrt(1 - abar_t) sqrt(alpha_t)) eps, so the means differ by coef_t * delta
     d = s.diffusion.np
     t = np.arange(20, 0, -1)
@@ -70,7 +72,7 @@ def test_clipped_objective_equals_a_hand_computed_value():
 
 def test_rwr_weights_are_a_softmax_summing_to_one():
     rewards = torch.tensor([0.0, 1.0, 2.0])
-    w = ddpo.rwr_weights(rewards, temperature=0.5)
+    w = rwr.rwr_weights(rewards, temperature=0.5)
     assert w.sum().item() == pytest.approx(1.0)
     e = np.exp(np.array([0.0, 2.0, 4.0]))
     np.testing.assert_allclose(w.numpy(), e / e.sum(), rtol=1e-6)
@@ -88,10 +90,11 @@ def test_weighted_training_loss_with_uniform_weights_is_the_mean_loss():
 def test_batch_advantages_without_kl_are_those_of_the_rewards_at_every_step(pretrained_moons, tmp_path):
     # the baseline and scale themselves are checked by hand in test_kl_objective.py; here, the batch's wiring
     s = make_setup(pretrained_moons, tmp_path)
-    pairs, x0, _ = ddpo.sample_batch(s, torch.Generator().manual_seed(0))
+    pairs, x0, _ = Algorithm(s).sample(torch.Generator().manual_seed(0))
     rewards = s.reward(x0)
+    kl = path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, 20)
     for c in (None, torch.arange(32) % 2):
-        adv, kl, scale = ddpo.batch_advantages(s, pairs, rewards, c, 20)
+        adv, scale = ddpo.batch_advantages(s, Batch(pairs, x0, c, rewards, kl, 20))
         assert adv.shape == kl.shape == (20, 32) and kl.abs().max().item() == 0.0
         expected, expected_scale = ddpo.advantages(rewards[None], c, s.config.adv_clip)
         torch.testing.assert_close(adv, expected.expand(20, -1), rtol=1e-6, atol=1e-6)
@@ -141,7 +144,8 @@ def test_short_run_raises_mean_reward(pretrained_moons, tmp_path, algo):
 
 
 def finetune_ddim(pretrained, out, point: list[float], *args: str) -> list[dict]:
-    """`rl-diffusion finetune` with ddpo-is towards `point` (64 chains, 8 epochs, DDIM with 5 steps); its per-epoch history."""
+    """`rl-diffusion finetune` with ddpo-is towards `point` (64 chains, 8 epochs, DDIM with 5 steps);
+    its per-epoch history."""
     assert (
         main(
             [
@@ -190,7 +194,7 @@ def test_ddim_run_rescores_its_log_probs_exactly_and_raises_the_reward(pretraine
 
 def test_kl_term_holds_the_policy_near_the_pretrained_model(pretrained_moons, tmp_path, monkeypatch):
     monkeypatch.setattr(
-        "rl_diffusion.ddpo.finish", lambda s: s.writer.close() or {}
+        "rl_diffusion.algos.loop.finish", lambda s: s.writer.close() or {}
     )  # 5 s of evaluation, not tested here
     far = [-3.0, -2.3]  # 2.1 from the nearest data point, 5 from the average one
     free = finetune_ddim(pretrained_moons, tmp_path / "free", far, "--kl-coef", "0")

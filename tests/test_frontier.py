@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from rl_diffusion import ddpo
+from rl_diffusion.algos import loop
 from rl_diffusion.cli import main
 from rl_diffusion.frontier import mixed_point
 
@@ -19,7 +19,7 @@ def finetuned(pretrained_moons, tmp_path_factory):
     """A few ddpo-is epochs of the fixture towards (1.5, 1.5), without the final evaluation."""
     out = tmp_path_factory.mktemp("mix") / "ft"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ddpo, "finish", lambda s: {})
+        mp.setattr(loop, "finish", lambda s: {})
         assert (
             main(
                 [

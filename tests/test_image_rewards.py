@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import rewards.builtin_images  # noqa: F401  (registers the image rewards)
+import rewards.builtin_images  # registers the image rewards
 from pretrain.images import load_digits_images
 from rewards import RewardError, build_reward
 from rewards.digit_classifier import CACHE_ENV, CACHE_FILE, DigitCNN, accuracy, load_digit_classifier, split_digits
@@ -141,3 +141,69 @@ def test_classifier_reward_errors(tmp_path: Path) -> None:
     torch.save(TinyClassifier().state_dict(), tmp_path / "weights.pt")
     with pytest.raises(UserError, match="holds an object of type OrderedDict, not a model"):
         build_reward("classifier", {"checkpoint": str(tmp_path / "weights.pt")})
+
+
+# Gradients d r / d x0, for fine-tuning through the reward.
+
+
+def test_brightness_gradient_matches_central_differences() -> None:
+    r = build_reward("brightness")
+    x0 = _noise(3, 3, 4).double() * 1.2  # some pixels beyond [-1, 1], clipped, so gradient 0 there
+    _, grad = r.gradient(x0)
+    h = 1e-6
+    steps = torch.eye(x0[0].numel(), dtype=torch.float64).view(-1, *x0.shape[1:]) * h
+    fd = torch.stack([(r.fn(x + steps, None) - r.fn(x - steps, None)) / (2 * h) for x in x0]).view_as(x0)
+    torch.testing.assert_close(grad, fd, atol=1e-8, rtol=1e-6)
+    inside = x0.abs() < 1
+    assert bool((grad[inside] == 1 / (2 * 3 * 4 * 4)).all()) and bool((grad[~inside] == 0).all())
+
+
+def test_classifier_gradient_is_the_closed_form(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyClassifier().double()
+    path = tmp_path / "clf.pt"
+    torch.save(model, path)
+    r = build_reward("classifier", {"checkpoint": str(path), "class_index": 1})
+    x0 = _noise(4, 3, 4).double() * 0.9
+    _, grad = r.gradient(x0)
+    # r = log_softmax(w m + b)_1 with m the image's mean, so every pixel gets (w_1 - E_softmax[w]) / (C H W).
+    w = model.linear.weight[:, 0].detach()
+    probs = torch.softmax(model(x0).detach(), dim=1)
+    expected = (w[1] - probs @ w) / x0[0].numel()
+    assert bool((expected.abs() > 1e-4).all())
+    torch.testing.assert_close(grad, expected[:, None, None, None].expand_as(x0), atol=1e-9, rtol=1e-5)
+
+
+def test_digit_gradient_matches_differences_and_leaves_classifier_frozen(
+    digit_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = []
+
+    def load() -> DigitCNN:
+        built.append(load_digit_classifier())
+        return built[0]
+
+    monkeypatch.setattr(rewards.builtin_images, "load_digit_classifier", load)
+    r = build_reward("digit_classifier", {"digit": 3})
+    _, _, held_x, held_y = split_digits(seed=0)
+    # Eights, which the classifier finds somewhat like threes, so the gradient is large; shrunk off
+    # the clipping bounds, where the gradient jumps to 0, and jittered off the ties of max-pooling.
+    eights = held_x[held_y == 8][:4]
+    x0 = 0.9 * eights + 0.05 * torch.randn(eights.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # as in a sampling loop
+        values, grad = r.gradient(x0)
+    assert grad.shape == x0.shape and bool(torch.isfinite(grad).all())
+    # The classifier is float32 and piecewise linear (ReLU, max-pooling): compare directional
+    # derivatives along random unit directions, with a step small against the kinks.
+    h = 1e-3
+    directions = torch.randn((3, *x0.shape), generator=torch.Generator().manual_seed(1))
+    directions /= directions.flatten(2).norm(dim=2)[:, :, None, None, None]
+    for v in directions:
+        along = (grad * v).sum(dim=(1, 2, 3))
+        assert along.abs().min() > 1e-2
+        torch.testing.assert_close(along, (r(x0 + h * v) - r(x0 - h * v)) / (2 * h), atol=2e-3, rtol=5e-2)
+    # Gradient ascent on the score raises it: the gradient is useful, not only correct.
+    assert bool((r(x0 + 0.05 * grad / grad.flatten(1).norm(dim=1)[:, None, None, None]) > values).all())
+    (model,) = built
+    assert not model.training
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())

@@ -2,7 +2,8 @@
 
 import pytest
 
-from rl_diffusion import ddpo, evaluation
+from rl_diffusion import evaluation
+from rl_diffusion.algos import loop
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
 from rl_diffusion.finetune import FinetuneConfig, setup
@@ -11,15 +12,15 @@ from tests.test_resume import assert_same_weights, finetuned_straight_and_resume
 
 def test_adapted_kl_coef_follows_the_clipped_proportional_rule():
     # e = clip(KL / target - 1, -0.2, 0.2); beta (1 + K e)
-    assert ddpo.adapted_kl_coef(0.5, kl=1.1, kl_target=1.0, kl_gain=0.5) == pytest.approx(0.5 * (1 + 0.5 * 0.1))
-    assert ddpo.adapted_kl_coef(0.5, kl=3.0, kl_target=1.0, kl_gain=0.5) == pytest.approx(0.5 * 1.1)  # clipped at +0.2
-    assert ddpo.adapted_kl_coef(0.5, kl=0.0, kl_target=2.0, kl_gain=1.0) == pytest.approx(0.5 * 0.8)  # clipped at -0.2
-    assert ddpo.adapted_kl_coef(0.5, kl=2.0, kl_target=2.0, kl_gain=1.0) == 0.5
+    assert loop.adapted_kl_coef(0.5, kl=1.1, kl_target=1.0, kl_gain=0.5) == pytest.approx(0.5 * (1 + 0.5 * 0.1))
+    assert loop.adapted_kl_coef(0.5, kl=3.0, kl_target=1.0, kl_gain=0.5) == pytest.approx(0.5 * 1.1)  # clipped at +0.2
+    assert loop.adapted_kl_coef(0.5, kl=0.0, kl_target=2.0, kl_gain=1.0) == pytest.approx(0.5 * 0.8)  # clipped at -0.2
+    assert loop.adapted_kl_coef(0.5, kl=2.0, kl_target=2.0, kl_gain=1.0) == 0.5
 
 
 def path_kl_per_epoch(pretrained, out, monkeypatch, **overrides) -> tuple[list[float], list[float]]:
     """Mean path KL and beta of each epoch of a ddpo-is run pulled towards (3, 3), far off the moons."""
-    monkeypatch.setattr(ddpo, "finish", lambda s: {})  # the final evaluation is not what is tested
+    monkeypatch.setattr(loop, "finish", lambda s: {})  # the final evaluation is not what is tested
     cfg = FinetuneConfig(
         run=str(pretrained),
         reward="target_point",
@@ -34,7 +35,7 @@ def path_kl_per_epoch(pretrained, out, monkeypatch, **overrides) -> tuple[list[f
         **overrides,
     )
     s = setup(cfg, out, overwrite=True)
-    ddpo.train(s, progress=False)
+    loop.train(s, progress=False)
     return [h["kl/to_pretrained"] for h in s.history], [h["kl/beta"] for h in s.history]
 
 
@@ -53,7 +54,7 @@ def test_kl_target_holds_the_path_kl_where_a_fixed_beta_does_not(pretrained_moon
 
 
 def test_kl_target_run_resumed_mid_run_is_bit_identical(pretrained_moons, tmp_path, monkeypatch):
-    monkeypatch.setattr(ddpo, "finish", lambda s: {})
+    monkeypatch.setattr(loop, "finish", lambda s: {})
     args = [
         "--run",
         str(pretrained_moons),
@@ -91,10 +92,10 @@ def test_kl_target_run_resumed_mid_run_is_bit_identical(pretrained_moons, tmp_pa
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--algo", "rwr", "--kl-target", "1"], "--kl-target adapts the beta of ddpo-sf and ddpo-is"),
+        (["--algo", "rwr", "--kl-target", "1"], "--kl-target adapts the beta of the native algorithms with a KL term"),
         (
             ["--algo", "sb3-ppo", "--kl-target", "1", "--kl-coef", "0.1"],
-            "--kl-target adapts the beta of ddpo-sf and ddpo-is",
+            "--kl-target adapts the beta of the native algorithms with a KL term",
         ),
         (["--kl-target", "1"], "give a starting --kl-coef > 0"),
         (["--kl-target", "-1", "--kl-coef", "0.1"], "--kl-target must be >= 0"),

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from rl_diffusion import ddpo
+from rl_diffusion.algos import ddpo
+from rl_diffusion.algos.base import Batch
 from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.distributed import Ranks
 from rl_diffusion.finetune import FinetuneConfig
+from rl_diffusion.path_kl import Pairs, path_kls, policy_step
 
 T, D, M, S = 10, 2, 0.0, 0.5
 A = torch.tensor([0.0, 1.0])
@@ -42,9 +44,9 @@ def step_coefficients(diffusion: GaussianDiffusion, sampling: dict) -> list[tupl
     """(t, a_t, b_t, sigma_t) of each step of the chain: mean = a_t x_t + b_t eps, read off `reverse_step`."""
     steps = diffusion.timesteps(sampling.get("sampler", "ddpm"), sampling.get("sampling_steps"))
     out = []
-    for t, t_prev in zip(steps, steps[1:] + [0]):
+    for t, t_prev in zip(steps, steps[1:] + [0], strict=True):
 
-        def mean(x: float, eps: float) -> float:
+        def mean(x: float, eps: float, t: int = t, t_prev: int = t_prev) -> float:
             kwargs = {k: v for k, v in sampling.items() if k != "sampling_steps"}
             return diffusion.reverse_step(
                 torch.full((1, 1), eps), torch.full((1, 1), x), t, t_prev=t_prev, **kwargs
@@ -91,6 +93,12 @@ def closed_form_setup(beta: float, **config) -> types.SimpleNamespace:
     )
 
 
+def batch_of(s, traj, rewards: torch.Tensor, c: torch.Tensor | None = None) -> Batch:
+    """The loop's Batch of sampled chains on one rank: their pairs and path KLs."""
+    pairs, K = Pairs.from_trajectory(traj), len(traj.timesteps)
+    return Batch(pairs, traj.xs[-1], c, rewards, path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, K), K)
+
+
 class NoStep:
     """An optimizer that keeps the gradient for the test to read."""
 
@@ -106,6 +114,8 @@ def expected_update(s, group_size: int, chains: int, repeats: int, seed: int) ->
     total = torch.zeros(T + 1, D)
     c = torch.arange(chains) // group_size
     generator = torch.Generator().manual_seed(seed)
+    algo = ddpo.ScoreFunction(s)
+    algo.optimizer = NoStep()
     for _ in range(repeats):
         with torch.no_grad():
             traj = s.diffusion.sample(
@@ -117,11 +127,8 @@ def expected_update(s, group_size: int, chains: int, repeats: int, seed: int) ->
                 log_prob_reduction=s.config.log_prob_reduction,
                 **s.config.sampling,
             )
-        pairs, x0 = ddpo.Pairs.from_trajectory(traj), traj.xs[-1]
-        rewards = x0 @ A
-        adv, _, scale = ddpo.batch_advantages(s, pairs, rewards, c, s.steps_per_chain)
         s.policy.theta.grad = None
-        ddpo.update_sf(s, NoStep(), pairs, x0, c, rewards, adv, scale, generator)
+        algo.update(batch_of(s, traj, traj.xs[-1] @ A, c), generator)
         total += s.policy.theta.grad
     return total / repeats
 
@@ -200,8 +207,8 @@ def test_returns_charge_each_step_the_kl_of_the_steps_after_it():
     with torch.no_grad():
         s.policy.theta.copy_(optimal_theta(s.diffusion, 0.5))
         traj = s.diffusion.sample(s.policy, (64, D), generator=torch.Generator().manual_seed(0), record=True)
-    pairs, rewards = ddpo.Pairs.from_trajectory(traj), traj.xs[-1] @ A
-    adv, kl, scale = ddpo.batch_advantages(s, pairs, rewards, None, T)
+    batch = batch_of(s, traj, traj.xs[-1] @ A)
+    (adv, _), kl, rewards = ddpo.batch_advantages(s, batch), batch.kl, batch.rewards
     # kl_k = ||b_t theta_t||^2 / (2 sigma_t^2) for the constant shift, at every state
     d, t = s.diffusion.np, np.arange(T, 0, -1)
     theta = s.policy.theta.detach().double().numpy()
@@ -219,9 +226,9 @@ def test_direct_kl_term_is_the_gradient_of_beta_kl_over_the_scale():
     with torch.no_grad():
         s.policy.theta.fill_(0.3)
         traj = s.diffusion.sample(s.policy, (8, D), generator=torch.Generator().manual_seed(0), record=True)
-    pairs = ddpo.Pairs.from_trajectory(traj)
+    pairs = Pairs.from_trajectory(traj)
     rows = torch.arange(len(pairs))
-    ours = ddpo.policy_step(s.diffusion, s.config, s.policy, pairs, rows)
+    ours = policy_step(s.diffusion, s.config, s.policy, pairs, rows)
     scale = torch.full((len(pairs),), 2.0)
     ddpo.kl_penalty(s, ours.mean, pairs, rows, scale).sum().backward()
     # d/dtheta_t of beta ||b_t theta_t||^2 / (2 sigma_t^2) / scale, summed over the 8 chains

@@ -38,7 +38,8 @@ def test_diversity_scalars_count_modes_holding_one_percent():
     values = diversity_scalars(x0, modes)
     assert values["diversity/modes_held"] == 3.0
     assert values["diversity/outside_mass"] == pytest.approx(10 / 715)
-    # identical points per cluster, clusters far apart: K is block-diagonal, the score exp(entropy of the cluster masses)
+    # identical points per cluster, clusters far apart: K is block-diagonal, the score exp(entropy of the
+    # cluster masses)
     p = np.array([*counts.values(), 10]) / 715
     assert values["diversity/vendi"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
     assert diversity_scalars(torch.zeros(4, 3, 8, 8), modes) == {}  # images: not monitored
@@ -163,7 +164,7 @@ def test_early_stop_keeps_the_best_held_out_checkpoint(pretrained_moons, tmp_pat
         (["--eval-reward", "target_point", "--eval-reward-arg", "lft:point=[1, 0]"], "names no --eval-reward"),
         (
             ["--algo", "sb3-ppo", "--eval-reward", "l=target_point", "--early-stop-on", "l", "--patience", "1"],
-            "does not support it",
+            "runs SB3's own loop",
         ),
     ],
 )

@@ -259,7 +259,7 @@ def test_reward_errors_are_user_errors() -> None:
 
 def test_describe_rewards_lists_summary_and_arguments() -> None:
     text = rewards.describe_rewards()
-    assert "target_point: Negative Euclidean distance" in text
+    assert "target_point [differentiable]: Negative Euclidean distance" in text
     assert "point (default (0.0, 0.0)): the target (x, y), in data units." in text
     # A continuation line of an argument's doc is joined onto it.
     assert "sharpness (default 10.0): steepness in 1 / data units (> 0); large values" in text
@@ -374,3 +374,117 @@ def test_linear_and_bump_bad_arguments(name: str, kwargs: dict, fragment: str) -
 def test_new_builtins_reject_non_2d_data(name: str) -> None:
     with pytest.raises(RewardError, match=f"reward '{name}' raised ValueError: .*shape \\[B, 2\\]"):
         build_reward(name)(torch.zeros(4, 3))
+
+
+# Gradients d r / d x0, for fine-tuning through the reward.
+
+DIFFERENTIABLE_2D = [
+    ("target_point", {"point": [1.0, -0.5]}),
+    ("in_region", {"box": [-1, -2, 0.5, 1], "sharpness": 2.0}),
+    ("in_region", {"shape": "disc", "center": [0.5, 0], "radius": 1.5, "sharpness": 3.0}),
+    ("avoid_region", {"sharpness": 1.5}),
+    ("gmm_log_density", {"means": [[0, 0], [2, -1]], "stds": [1.0, 0.5], "weights": [3, 1]}),
+    ("linear", {"a": [2.0, -1.0]}),
+    ("gaussian_bump", {"center": [0.5, 0.5], "width": 1.0, "scale": 3.0}),
+    ("gmm_posterior", {}),
+]
+
+
+def central_differences(fn: rewards.RewardFn, x: torch.Tensor, h: float) -> torch.Tensor:
+    """d fn(x)_b / d x_b by central differences, one coordinate of every sample at a time."""
+    grad = torch.zeros_like(x)
+    for i in range(x[0].numel()):
+        step = torch.zeros_like(x).flatten(1)
+        step[:, i] = h
+        step = step.view_as(x)
+        grad.flatten(1)[:, i] = (fn(x + step, None) - fn(x - step, None)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("name, kwargs", DIFFERENTIABLE_2D)
+def test_gradient_matches_central_differences(name: str, kwargs: dict) -> None:
+    r = build_reward(name, kwargs)
+    assert r.differentiable
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1.5
+    values, grad = r.gradient(x)
+    assert values.dtype == torch.float32 and not values.requires_grad and torch.equal(values, r(x))
+    assert grad.shape == x.shape and grad.dtype == torch.float64
+    assert grad.abs().max() > 1e-3  # a useful signal, not an all-zero gradient
+    # Differences of the float64 function itself: Reward rounds scores to float32.
+    torch.testing.assert_close(grad, central_differences(r.fn, x, 1e-6), atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_under_no_grad_leaves_x0_alone() -> None:
+    r = build_reward("gaussian_bump", {"center": [0.0, 0.0], "width": 1.0, "scale": 2.0})
+    x = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
+    with torch.no_grad():
+        values, grad = r.gradient(x)
+    # d/dx scale exp(-|x|^2 / 2) = -x r(x).
+    torch.testing.assert_close(grad, -x * values[:, None])
+    assert not x.requires_grad and x.grad is None
+
+
+@pytest.mark.parametrize("name", ["jpeg_compressibility", "jpeg_incompressibility"])
+def test_gradient_of_non_differentiable_reward_is_one_line_error(name: str) -> None:
+    r = build_reward(name)
+    assert not r.differentiable
+    with pytest.raises(RewardError, match=f"reward '{name}' is not differentiable; .*rl-diffusion rewards") as e:
+        r.gradient(torch.zeros(2, 1, 8, 8))
+    assert "\n" not in str(e.value)
+
+
+def test_undeclared_plugin_is_not_differentiable() -> None:
+    r = build_reward(PLUGIN)
+    assert not r.differentiable
+    with pytest.raises(RewardError, match="not differentiable"):
+        r.gradient(torch.zeros(2, 2))
+
+
+def test_declared_reward_without_autograd_graph_is_reported() -> None:
+    def fn(x0: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return x0.detach().sum(dim=1)
+
+    fn.differentiable = True  # type: ignore[attr-defined]
+    with pytest.raises(RewardError, match="reward 'bad_one' declares differentiable = True but .* through autograd"):
+        _reward(fn).gradient(torch.zeros(3, 2))
+
+
+def test_non_finite_gradient_raises_or_is_masked_with_skip_option() -> None:
+    # sqrt(|x|) is finite at 0 but its derivative is not.
+    def fn(x0: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return x0[:, 0].abs().sqrt()
+
+    fn.differentiable = True  # type: ignore[attr-defined]
+    x = torch.tensor([[4.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    with pytest.raises(RewardError, match=r"reward 'bad_one' has a non-finite gradient \(nan/inf\) for 1 sample") as e:
+        _reward(fn).gradient(x)
+    assert "\n" not in str(e.value) and "--skip-nonfinite-rewards" in str(e.value)
+    values, grad = _reward(fn, skip_nonfinite=True).gradient(x)
+    assert torch.isfinite(values).tolist() == [True, False, True]
+    assert torch.isfinite(grad).all(dim=1).tolist() == [True, False, True]
+    torch.testing.assert_close(grad[[0, 2]], torch.tensor([[0.25, 0.0], [0.5, 0.0]]))
+
+
+def test_non_finite_reward_still_raises_in_gradient() -> None:
+    def fn(x0: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return x0[:, 0].log()
+
+    fn.differentiable = True  # type: ignore[attr-defined]
+    with pytest.raises(RewardError, match="returned 1 non-finite value"):
+        _reward(fn).gradient(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+
+
+def test_listing_marks_differentiable_rewards_as_built() -> None:
+    lines = rewards.describe_rewards().splitlines()
+    marked = {line.split(" [differentiable]:")[0] for line in lines if " [differentiable]: " in line}
+    assert marked == {
+        *{name for name, _ in DIFFERENTIABLE_2D},
+        "brightness",
+        "digit_classifier",
+        "classifier",
+    }
+    assert any(line.startswith("jpeg_compressibility: ") for line in lines)
+    assert lines[-1].startswith("[differentiable]: the reward gives its gradient d r / d x0")
+    # The marker and the built reward agree (rewards cheap to build with their defaults).
+    for name in ["target_point", "in_region", "gmm_posterior", "brightness", "jpeg_compressibility"]:
+        assert build_reward(name).differentiable == (name in marked)

@@ -14,6 +14,7 @@ from stable_baselines3.common.env_checker import check_env
 from stable_baselines3.common.logger import Logger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from rl_diffusion.algos.sb3 import DenoisingVecEnvAdapter, DiffusionPolicy, make_ppo, train
 from rl_diffusion.checkpoint import CheckpointManager, load_run
 from rl_diffusion.cli import main
 from rl_diffusion.diffusion import GaussianDiffusion
@@ -21,7 +22,6 @@ from rl_diffusion.env import DenoisingEnv, DenoisingVectorEnv
 from rl_diffusion.errors import UserError
 from rl_diffusion.finetune import FinetuneConfig, Setup, setup
 from rl_diffusion.models import MLPEps
-from rl_diffusion.sb3 import DenoisingVecEnvAdapter, DiffusionPolicy, make_ppo, train
 
 TARGET = [1.5, 1.5]  # in the gap between the two moons: off the data
 
@@ -187,7 +187,7 @@ def bounded_env(monkeypatch, action_bound: float) -> list[torch.Tensor]:
         return out
 
     monkeypatch.setattr(
-        "rl_diffusion.sb3.DenoisingVectorEnv", functools.partial(DenoisingVectorEnv, action_bound=action_bound)
+        "rl_diffusion.algos.sb3.DenoisingVectorEnv", functools.partial(DenoisingVectorEnv, action_bound=action_bound)
     )
     monkeypatch.setattr(DenoisingVectorEnv, "step_tensor", record)
     return executed
@@ -222,7 +222,7 @@ def test_the_rollout_buffer_holds_the_executed_actions_and_their_log_probs(pretr
 
 
 def test_clipped_fraction_counts_the_coordinates_the_policy_clamped(pretrained, tmp_path, monkeypatch):
-    monkeypatch.setattr("rl_diffusion.sb3.finish", lambda s: s.writer.close() or {})
+    monkeypatch.setattr("rl_diffusion.algos.sb3.finish", lambda s: s.writer.close() or {})
     executed = bounded_env(monkeypatch, action_bound=0.5)
     s = make_setup(pretrained, tmp_path / "run", chains=16, sampler="ddim", sampling_steps=5)
     train(s, progress=False)
@@ -371,7 +371,7 @@ def test_refused_options_are_user_errors(pretrained, tmp_path):
 
 def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, monkeypatch):
     monkeypatch.setattr(
-        "rl_diffusion.sb3.finish", lambda s: s.writer.close() or {}
+        "rl_diffusion.algos.sb3.finish", lambda s: s.writer.close() or {}
     )  # metrics and figures: 3 s, not tested here
     config = dict(chains=16, epochs=3, lr=1e-3, minibatch_size=64, checkpoint_every=1)
     straight = make_setup(pretrained, tmp_path / "straight", **config)
@@ -403,7 +403,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, monkeyp
 def test_kl_coef_lowers_each_step_reward_by_the_log_ratio_to_the_pretrained_step(pretrained, tmp_path):
     from tqdm import tqdm
 
-    from rl_diffusion.sb3 import EpochCallback
+    from rl_diffusion.algos.sb3 import EpochCallback
 
     beta = 0.5
     s = make_setup(pretrained, tmp_path, chains=8, sampler="ddim", sampling_steps=5, kl_coef=beta)
@@ -441,7 +441,7 @@ def test_kl_coef_lowers_each_step_reward_by_the_log_ratio_to_the_pretrained_step
 
 
 def test_sb3_ppo_with_kl_coef_runs_and_its_evaluation_reports_the_path_kl(pretrained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("rl_diffusion.sb3.finish", lambda s: s.writer.close() or {})
+    monkeypatch.setattr("rl_diffusion.algos.sb3.finish", lambda s: s.writer.close() or {})
     monkeypatch.setattr("rl_diffusion.evaluation.TILTED_POOL", 2000)  # the default 2 x 50,000 pool samples take 5 s
     out = tmp_path / "kl"
     s = make_setup(pretrained, out, chains=32, epochs=3, lr=3e-4, minibatch_size=256, kl_coef=0.3)

@@ -30,11 +30,11 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from torch import Tensor
 from tqdm import tqdm
 
+from rl_diffusion.algos.sb3 import DenoisingVecEnvAdapter, end_of_training
 from rl_diffusion.checkpoint import CheckpointManager, LoadedRun, StopSignal, load_run, rng_state, set_rng_state
 from rl_diffusion.config import saved_config
 from rl_diffusion.env import DenoisingVectorEnv
 from rl_diffusion.finetune import FinetuneConfig, Setup, log_epoch, restore, save, write_hyperparameters
-from rl_diffusion.sb3 import DenoisingVecEnvAdapter, end_of_training
 
 AGENTS: dict[str, type[BaseAlgorithm]] = {"sb3-sac": SAC, "sb3-td3": TD3, "sb3-a2c": A2C, "sb3-ppo-mlp": PPO}
 

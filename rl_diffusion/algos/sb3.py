@@ -1,4 +1,4 @@
-"""`--algo sb3-ppo`: stable-baselines3's PPO on the denoising MDP, over the same core as ddpo.py.
+"""`--algo sb3-ppo`: stable-baselines3's PPO on the denoising MDP, over the same core as the native algorithms.
 
 Three pieces connect SB3 to the shared code, and nothing here re-derives the math:
   - `DiffusionPolicy`: an SB3 actor-critic whose actor IS the pretrained epsilon network. Its
@@ -24,7 +24,7 @@ unused); `--timestep-fraction` and `--skip-nonfinite-rewards` are refused.
 `--kl-coef beta` lowers each step's reward by beta L_k after the rollout (returns and advantages
 are then recomputed), with L_k = log pi_theta(a_k | x_k) - log p_pre(a_k | x_k). Both steps share
 sigma, so L_k = kl_k + (a_k - mu_theta) . (mu_theta - mu_pre) / sigma^2: the exact per-step KL
-kl_k = ||mu_theta - mu_pre||^2 / (2 sigma^2) of ddpo.step_kl plus a term of mean zero at x_k. The
+kl_k = ||mu_theta - mu_pre||^2 / (2 sigma^2) of path_kl.step_kl plus a term of mean zero at x_k. The
 exact kl_k charges each action the KL of the steps after it; the zero-mean term is what carries
 the gradient of kl_k itself through mu_theta (the native trainer's direct term) into a
 score-function update. With both, PPO follows the gradient of E[r] - beta KL(path), the native
@@ -54,12 +54,13 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvS
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from rl_diffusion.algos.loop import finish
 from rl_diffusion.checkpoint import StopSignal, rng_state, set_rng_state
-from rl_diffusion.ddpo import Pairs, path_kls, policy_step
 from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep
 from rl_diffusion.env import DenoisingVectorEnv
 from rl_diffusion.errors import UserError
-from rl_diffusion.finetune import Setup, finish, log_epoch, restore, save, write_hyperparameters
+from rl_diffusion.finetune import Setup, log_epoch, restore, save, write_hyperparameters
+from rl_diffusion.path_kl import Pairs, path_kls, policy_step
 
 # SB3 logger keys of an update -> our TensorBoard tags (the names ddpo.py logs).
 PPO_TAGS = {
@@ -318,7 +319,8 @@ def make_ppo(s: Setup) -> PPO:
     batch_size = min(cfg.minibatch_size, n_steps * cfg.chains)
     if batch_size < 2:  # PPO's per-minibatch advantage normalisation needs two
         raise UserError(
-            f"--algo sb3-ppo needs at least 2 (state, action) pairs per minibatch, got {batch_size}; raise --chains or --minibatch-size"
+            f"--algo sb3-ppo needs at least 2 (state, action) pairs per minibatch, got {batch_size}; "
+            "raise --chains or --minibatch-size"
         )
     with warnings.catch_warnings():
         # a smaller last minibatch when minibatch_size does not divide the rollout is intended, as in ddpo.py
@@ -437,7 +439,8 @@ class EpochCallback(BaseCallback):
         loss = self.model.logger.name_to_value.get("train/loss")
         if loss is not None and not math.isfinite(loss):
             raise UserError(
-                f"the sb3-ppo loss became {loss} after epoch {self.epoch}; the last good checkpoint is kept in {self.s.out} (try a lower --lr)"
+                f"the sb3-ppo loss became {loss} after epoch {self.epoch}; "
+                f"the last good checkpoint is kept in {self.s.out} (try a lower --lr)"
             )
         self.boundary = self.train_state()
 

@@ -1,0 +1,111 @@
+"""What a native algorithm is: an update rule over one epoch's batch. The loop (loop.py) does the rest.
+
+A subclass says what it needs in class attributes (checked before a run directory is written),
+may add checks of its own settings in `validate`, and implements `update`. It may also replace
+`sample` (off-policy algorithms), add parameters to its optimizer (`parameters`) and keep state
+across epochs (`state_dict`, restored bit for bit on --resume).
+
+Data parallel (torchrun): `Batch` holds this rank's pairs and the whole batch's x_0, labels,
+rewards and KLs, so every rank computes the same targets; an update computes the loss of its own
+rows, scaled so that DDP's mean over ranks is the one-process loss (`own_rows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor
+
+from rl_diffusion.path_kl import Pairs
+
+if TYPE_CHECKING:
+    from rl_diffusion.finetune import FinetuneConfig, Setup
+
+
+@dataclass
+class Batch:
+    """One epoch's scored chains (those with a finite reward)."""
+
+    pairs: Pairs  # this rank's chains as (trajectory, timestep) pairs, step-major: row k * B_rank + b
+    x0: Tensor  # [B, ...] the whole batch's samples
+    c: Tensor | None  # [B] their class labels, or None
+    rewards: Tensor  # [B]
+    kl: Tensor | None  # [K, B] kl_k of every chain to the pretrained model (summed over k, its exact path KL);
+    # None on a deterministic chain (DDIM with eta = 0), where the path KL is not defined
+    K: int  # steps per chain
+
+    @property
+    def B(self) -> int:
+        return len(self.rewards)
+
+
+class Algorithm:
+    """One family's update rule, built once per run with the run's Setup."""
+
+    uses_kl: ClassVar[bool] = True  # --kl-coef and --kl-target apply
+    needs_memoryless: ClassVar[bool] = False  # the chain must forget x_T (DDPM, or DDIM with eta = 1)
+    needs_reward_gradient: ClassVar[bool] = False  # the reward must declare itself differentiable
+    needs_log_prob: ClassVar[bool] = True  # the chain must be stochastic (eta > 0): the update scores actions
+
+    def __init__(self, s: Setup):
+        self.s = s
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=s.config.lr, weight_decay=0.0)
+
+    def parameters(self) -> Iterable:
+        """What the optimizer trains: the policy's parameters (or parameter groups)."""
+        return self.s.policy.parameters()
+
+    @classmethod
+    def validate(cls, config: FinetuneConfig) -> None:
+        """Refuse settings this algorithm cannot use (UserError); called before anything is written."""
+
+    def sample(self, generator: torch.Generator) -> tuple[Pairs, Tensor, Tensor | None]:
+        """This rank's share of the epoch's chains: its pairs, x_0 [B_rank, ...] and labels [B_rank] or None.
+        On-policy: the current policy's chains (labels uniform for a class-conditional model)."""
+        s, cfg = self.s, self.s.config
+        shard = s.ranks.shard(cfg.chains, "--chains")
+        num_classes = getattr(s.policy, "num_classes", 0)
+        c = None
+        if num_classes:
+            c = torch.randint(0, num_classes, (cfg.chains,), generator=generator, device=s.device)[shard]
+        # no_grad, not inference_mode: these tensors are inputs to the update's autograd graph.
+        with torch.no_grad():
+            traj = s.diffusion.sample(
+                s.policy,
+                (cfg.chains, *s.data_shape),
+                c=c,
+                generator=generator,
+                device=s.device,
+                record=True,
+                log_prob_reduction=cfg.log_prob_reduction,
+                shard=shard,
+                **cfg.sampling,
+            )
+        return Pairs.from_trajectory(traj), traj.xs[-1], c
+
+    def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        """Train on the batch; returns TensorBoard scalars, at least "loss/policy"."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def step(self) -> Tensor:
+        """Clip the policy's gradient norm to --grad-clip and step; returns the norm before clipping."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.s.policy.parameters(), self.s.config.grad_clip)
+        self.optimizer.step()
+        return grad_norm
+
+    def own_rows(self, rows: Tensor, B: int) -> tuple[Tensor, Tensor]:
+        """Of pair rows k * B + b of the whole batch, those of this rank's chains: (their rows, the same
+        pairs' rows in this rank's Pairs). On one rank both are `rows`."""
+        shard = self.s.ranks.shard(B, "--chains")
+        k, b = rows // B, rows % B
+        mine = (b >= shard.start) & (b < shard.stop)
+        return rows[mine], k[mine] * (shard.stop - shard.start) + b[mine] - shard.start

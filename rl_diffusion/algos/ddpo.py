@@ -1,0 +1,160 @@
+"""DDPO-SF (REINFORCE) and DDPO-IS (PPO-clip): policy gradients on the denoising MDP.
+
+Per epoch: sample `chains` trajectories in one batch, recording (x_t, t, x_{t-1}, log pi_old);
+score x_0 once; turn rewards into advantages; update. Black et al. (2023), "Training diffusion
+models with reinforcement learning".
+
+KL to the pretrained model (kl_coef = beta > 0). The objective is
+    J(theta) = E[r(x_0)] - beta KL(p_theta || p_ref),   KL = E sum_k kl_k,
+    kl_k = ||mu_theta(x_k, t_k) - mu_ref(x_k, t_k)||^2 / (2 sigma_k^2),
+exact because both chains share x_T and sigma (docs/design.md, section 2). Its gradient has two
+parts and both are used:
+  - the action at step k moves every later state, so it is charged the KL that follows it:
+    the return of step k is G_k = r(x_0) - beta sum_{j>k} kl_j (a per-step penalty on the
+    reward, with lower variance than charging the whole path KL to every step);
+  - kl_k depends on theta directly through mu_theta at the visited state: its exact gradient
+    is added to the loss.
+The update follows grad J times a positive number, so its fixed point is the KL-regularised
+optimum p_pre(x_0) exp(r(x_0) / beta) / Z, for any batch or group size. Three things make that so
+(docs/design.md, section 4): the baseline of a chain leaves the chain itself out (a baseline that
+includes it shrinks the reward's part of the gradient by 1 - 1/n and not the KL's); the scale
+that advantages are divided by, which the direct KL term is divided by too, never depends on the
+chain it divides; and with `--log-prob-reduction mean` the direct KL term is averaged over data
+dimensions like the log-prob.
+
+The update reads beta from s.config.kl_coef, which the loop adapts under --kl-target.
+
+Data parallel: every rank computes the same advantages over the whole batch; minibatches are drawn
+over the whole batch's pairs and each rank computes the loss of its own pairs in them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.path_kl import policy_step, step_kl
+
+MIN_GROUP_FOR_OWN_SCALE = 8  # chains a group needs to be scaled by its own spread (its others' spread: >= 7 values)
+SCALE_FLOOR = 0.1  # no group's scale falls below this fraction of the batch's spread
+
+
+def advantages(returns: Tensor, groups: Tensor | None, adv_clip: float) -> tuple[Tensor, Tensor]:
+    """Standardised advantages [K, B] of returns [K, B] (step k, chain b) and the scale of each chain [B].
+
+    Baseline: the mean return of the OTHER chains of the same group (class label) at the same
+    step, leave-one-out, so it is independent of the chain it is subtracted from; a chain alone
+    in its group is compared with the rest of the batch. Returns that are equal within a group
+    give advantages of exactly 0 (they are measured from one member of the group).
+    Scale: the spread of the group's other chains (sample variance, pooled over steps) for groups
+    of at least MIN_GROUP_FOR_OWN_SCALE chains, so a class with easy rewards does not drown the
+    others; smaller groups take the batch's spread. No scale falls below SCALE_FLOOR times the
+    batch's spread, so a group with (nearly) equal returns cannot blow up the direct KL term that
+    is divided by the same scale. Advantages are clipped to [-adv_clip, adv_clip].
+    Computed in float64; returned as float32.
+    """
+    G = returns.double()
+    K, B = G.shape
+    groups = torch.zeros(B, dtype=torch.long, device=G.device) if groups is None else groups
+    one_hot = torch.nn.functional.one_hot(groups).double()  # [B, number of groups]
+    n = one_hot.sum(0)[groups]  # [B] chains in each chain's group
+    first = one_hot.argmax(0)  # [number of groups] the first chain of each group
+    d = G - G[:, first[groups]]  # returns measured from one member of the group
+    group_sum, group_sum_sq = (d @ one_hot)[:, groups], (d.square() @ one_hot)[:, groups]  # [K, B]
+    others = (n - 1).clamp(min=1)
+    others_mean = (group_sum - d) / others
+    batch_others_mean = (G.sum(1, keepdim=True) - G) / max(B - 1, 1)
+    centred = torch.where(n > 1, d - others_mean, G - batch_others_mean)
+    batch_scale = G.var(1, correction=0).mean().sqrt()
+    others_var = ((group_sum_sq - d.square()) - (group_sum - d).square() / others) / (n - 2).clamp(min=1)
+    own_scale = others_var.clamp(min=0).mean(0).sqrt()
+    scale = torch.where(n >= MIN_GROUP_FOR_OWN_SCALE, own_scale, batch_scale)
+    # the absolute floor only matters when every return in the batch is equal (then every advantage is 0)
+    scale = torch.maximum(scale, SCALE_FLOOR * batch_scale).clamp(min=torch.finfo(torch.float32).tiny)
+    return (centred / scale).clamp(-adv_clip, adv_clip).float(), scale.float()
+
+
+def batch_advantages(s, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Advantages [K, B] of the whole batch from G_k = r - beta sum_{j>k} kl_j, and the scale of each chain [B]."""
+    kl_after = batch.kl.flip(0).cumsum(0).flip(0) - batch.kl  # sum_{j > k} kl_j
+    return advantages(batch.rewards[None, :] - s.config.kl_coef * kl_after, batch.c, s.config.adv_clip)
+
+
+def kl_penalty(s, mean: Tensor, pairs, own: Tensor, scale: Tensor) -> Tensor:
+    """The direct KL term of the loss per pair: beta kl_k / scale, with kl_k reduced over data dimensions
+    the way the log-prob is (summed, or averaged for --log-prob-reduction mean), so that the two parts
+    of the gradient stay in the ratio of grad J."""
+    kl = step_kl(s.diffusion, s.config, s.reference, mean, pairs, own)
+    if s.config.log_prob_reduction == "mean":
+        kl = kl / mean[0].numel()
+    return s.config.kl_coef * kl / scale
+
+
+class ScoreFunction(Algorithm):
+    """DDPO-SF: REINFORCE, -A * log pi, gradients accumulated over all pairs, one optimizer step."""
+
+    def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        s, cfg = self.s, self.s.config
+        adv, scale = batch_advantages(s, batch)
+        K, B = adv.shape
+        self.optimizer.zero_grad(set_to_none=True)
+        total, adv, scale_pairs = torch.zeros((), device=s.device), adv.flatten(), scale.repeat(K)
+        for idx in torch.arange(K * B, device=s.device).split(cfg.minibatch_size):
+            rows, own = self.own_rows(idx, B)
+            ours = policy_step(s.diffusion, cfg, s.synced_policy, batch.pairs, own)
+            terms = -adv[rows] * ours.log_prob
+            if cfg.kl_coef > 0:
+                terms = terms + kl_penalty(s, ours.mean, batch.pairs, own, scale_pairs[rows])
+            # DDP's mean over ranks: the sum over all pairs / (K B)
+            (terms.sum() * s.ranks.world_size / (K * B)).backward()
+            total += terms.detach().sum()
+        grad_norm = self.step()
+        return {"loss/policy": s.ranks.sum(total).item() / (K * B), "train/grad_norm": grad_norm.item()}
+
+
+def ppo_terms(adv: Tensor, log_prob: Tensor, log_prob_old: Tensor, clip_range: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per pair: the PPO-clip surrogate max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = pi / pi_old (its
+    mean is the loss); the approx_kl estimate; and whether r was clipped."""
+    log_ratio = log_prob - log_prob_old
+    ratio = log_ratio.exp()
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
+    with torch.no_grad():
+        # (r - 1) - log r: unbiased and always >= 0 (Schulman's k3 estimator), unlike -log r
+        approx_kl = (ratio - 1) - log_ratio
+        clipped = ((ratio - 1).abs() > clip_range).float()
+    return loss, approx_kl, clipped
+
+
+class ImportanceSampling(Algorithm):
+    """DDPO-IS: PPO-clip over inner epochs of shuffled minibatches of (trajectory, timestep) pairs."""
+
+    def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        s, cfg = self.s, self.s.config
+        adv, scale = batch_advantages(s, batch)
+        K, B = adv.shape
+        adv, scale_pairs = adv.flatten(), scale.repeat(K)
+        sums, count = torch.zeros(3, device=s.device), 0  # loss, approx_kl, clipped: summed over the epoch's pairs
+        for _ in range(cfg.inner_epochs):
+            rows = torch.arange(K * B, device=s.device)
+            if cfg.timestep_fraction < 1:
+                # each chain trains on a random subset of its timesteps
+                keep = max(1, round(cfg.timestep_fraction * K))
+                chosen = torch.rand(K, B, generator=generator, device=s.device).argsort(0)[:keep]
+                rows = (chosen * B + torch.arange(B, device=s.device)).flatten()
+            for idx in rows[torch.randperm(len(rows), generator=generator, device=s.device)].split(cfg.minibatch_size):
+                mine, own = self.own_rows(idx, B)
+                ours = policy_step(s.diffusion, cfg, s.synced_policy, batch.pairs, own)
+                terms, approx_kl, clipped = ppo_terms(
+                    adv[mine], ours.log_prob, batch.pairs.log_prob_old[own], cfg.clip_range
+                )
+                if cfg.kl_coef > 0:
+                    terms = terms + kl_penalty(s, ours.mean, batch.pairs, own, scale_pairs[mine])
+                self.optimizer.zero_grad(set_to_none=True)
+                # DDP's mean over ranks: the minibatch mean
+                (terms.sum() * s.ranks.world_size / len(idx)).backward()
+                self.step()
+                sums += torch.stack([terms.detach().sum(), approx_kl.sum(), clipped.sum()])
+                count += len(idx)
+        loss, approx_kl, clipfrac = (s.ranks.sum(sums) / count).tolist()
+        return {"loss/policy": loss, "ppo/approx_kl": approx_kl, "ppo/clipfrac": clipfrac}

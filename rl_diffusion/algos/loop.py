@@ -1,0 +1,167 @@
+"""The epoch loop of every native algorithm: sample -> score -> path KL -> update -> log -> checkpoint -> stop.
+
+Written once; an algorithm only supplies `update` (and, if it needs to, `sample`): base.py.
+
+Data parallel (torchrun, distributed.py): each rank samples and scores its share of the chains;
+rewards, labels and x_0 are gathered, and the KLs of each rank's pairs, so every rank holds the
+whole batch's scores.
+
+Adaptive beta (--kl-target, Ziegler et al. 2019, "Fine-tuning language models from human
+preferences"): after each epoch beta <- beta (1 + K_beta e), e = clip(KL / KL_target - 1, -0.2, 0.2),
+with KL the batch's mean path KL per chain. Updates read beta from s.config.kl_coef, which the
+loop replaces with the adapted value (config.json keeps the starting one; checkpoints the current one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+
+import torch
+from tqdm import tqdm
+
+from rl_diffusion import figures
+from rl_diffusion.algos import algorithm
+from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.checkpoint import StopSignal, atomic_write_text, rng_state, set_rng_state
+from rl_diffusion.errors import UserError
+from rl_diffusion.evaluation import evaluate_finetuned
+from rl_diffusion.finetune import (
+    Setup,
+    best_epoch,
+    early_stop,
+    log_epoch,
+    restore,
+    save,
+    score,
+    write_hyperparameters,
+)
+from rl_diffusion.path_kl import path_kls
+
+KL_ERROR_CLIP = 0.2  # Ziegler et al.: a KL far off target moves beta no faster than one 20% off
+
+
+def adapted_kl_coef(kl_coef: float, kl: float, kl_target: float, kl_gain: float) -> float:
+    """beta (1 + K_beta e), e = clip(KL / KL_target - 1, -0.2, 0.2): proportional control of log beta.
+
+    kl and kl_target in nats of path KL per chain; a KL above the target raises beta, below lowers it.
+    """
+    error = min(max(kl / kl_target - 1, -KL_ERROR_CLIP), KL_ERROR_CLIP)
+    return kl_coef * (1 + kl_gain * error)
+
+
+def collect(s: Setup, algo: Algorithm, generator: torch.Generator, epoch: int) -> Batch:
+    """The epoch's chains (algo.sample), scored once, with the path KL of each: the whole batch on every rank.
+
+    Under --skip-nonfinite-rewards (one rank) chains with a non-finite reward are dropped entirely.
+    """
+    cfg = s.config
+    pairs, x0, c = algo.sample(generator)  # this rank's chains
+    rewards = score(s, x0, c, epoch)
+    x0, rewards, c = (None if v is None else s.ranks.gather(v) for v in (x0, rewards, c))
+    finite = torch.isfinite(rewards)
+    K = s.steps_per_chain
+    if not finite.all():
+        pairs = pairs.select(finite.repeat(K))
+    kl = None
+    if pairs.log_prob_old is not None:  # a stochastic chain: its path KL is defined
+        kl = s.ranks.gather(path_kls(s.diffusion, cfg, s.policy, s.reference, pairs, K), dim=1)
+    return Batch(pairs, x0[finite], None if c is None else c[finite], rewards[finite], kl, K)
+
+
+def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune s.policy for s.epochs epochs with the algorithm s.config.algo names; returns the final metrics."""
+    cfg = s.config
+    algo = algorithm(cfg.algo)(s)
+    generator = torch.Generator(device=s.device).manual_seed(cfg.seed)
+    start, reward_queries = 0, 0
+    if resume:
+        state = restore(s)
+        algo.load_state_dict(state)
+        set_rng_state(state["rng"], generator)
+        start, reward_queries = state["epoch"], state["reward_queries"]
+        s.config = replace(cfg, kl_coef=state.get("kl_coef", cfg.kl_coef))
+    else:
+        write_hyperparameters(s)
+
+    def train_state() -> dict:
+        return {
+            **algo.state_dict(),
+            "rng": rng_state(generator),
+            "reward_queries": reward_queries,
+            "kl_coef": s.config.kl_coef,
+        }
+
+    show = progress and s.ranks.is_main
+    bar = tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not show)
+    with StopSignal() as stop, bar:
+        for epoch in range(start, s.epochs):
+            started = time.perf_counter()
+            batch = collect(s, algo, generator, epoch)
+            reward_queries += cfg.chains
+            stats = algo.update(batch, generator)
+            if not math.isfinite(stats["loss/policy"]):
+                raise UserError(
+                    f"the {cfg.algo} loss became {stats['loss/policy']} at epoch {epoch + 1}; "
+                    f"the last good checkpoint is kept in {s.out} (try a lower --lr)"
+                )
+            stats["reward/nonfinite"] = float(cfg.chains - batch.B)
+            if batch.kl is not None:
+                kl_path = batch.kl.sum(0)
+                stats["kl/to_pretrained"], stats["kl/to_pretrained_max"] = kl_path.mean().item(), kl_path.max().item()
+                stats["kl/beta"] = s.config.kl_coef
+            if cfg.kl_target > 0:
+                beta = adapted_kl_coef(s.config.kl_coef, stats["kl/to_pretrained"], cfg.kl_target, cfg.kl_gain)
+                s.config = replace(s.config, kl_coef=beta)
+            log_epoch(s, epoch, reward_queries, batch.x0, batch.rewards, stats, time.perf_counter() - started, batch.c)
+            bar.update(1)
+            bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}", kl=f"{stats.get('kl/to_pretrained', 0):.3f}")
+            stopping = s.ranks.any(stop.received is not None)
+            new_best, early_stop_reason = early_stop(s)
+            last = epoch + 1 == s.epochs
+            if (epoch + 1) % cfg.checkpoint_every == 0 or last or stopping or new_best or early_stop_reason:
+                save(s, epoch, train_state())
+            if early_stop_reason and not stopping:
+                if s.ranks.is_main:
+                    print(early_stop_reason, file=sys.stderr)
+                break
+            if stopping:
+                s.writer.close()
+                raise UserError(
+                    f"stopped by signal {stop.received} after epoch {epoch + 1}; "
+                    f"checkpoint saved, continue with --resume {s.out}"
+                )
+    return finish(s)
+
+
+def finish(s: Setup) -> dict:
+    """Metrics file and figures of a finished run: samples before/after, reward curve, a GIF across epochs.
+    Rank 0 only; the others get {}."""
+    s.writer.close()
+    if not s.ranks.is_main:
+        return {}
+    # Images: 500 samples, not 5,000. Each sample costs a U-Net call per step for the policy, the
+    # pretrained model and the path KL, with every step kept: 5,000 took minutes on a CPU at T = 20.
+    metrics = evaluate_finetuned(s.out, num_samples=5000 if len(s.data_shape) == 1 else 500, device=str(s.device))
+    if s.config.early_stop_on:
+        metrics["best_epoch"] = best_epoch(s)
+    atomic_write_text(s.out / "metrics.json", json.dumps(metrics, indent=2))
+    if s.frames:
+        lim = figures.limits(s.eval_data)
+        figures.save_gif(s.frames, s.out / "figures" / "samples_over_epochs.gif", lim=lim)
+        if s.frames[0][1].ndim == 4:
+            figures.save_image_grid(s.frames[0][1], s.out / "figures" / "samples_before.png")
+            figures.save_image_grid(s.frames[-1][1], s.out / "figures" / "samples_after.png")
+        figures.plot_finetune_summary(
+            before=s.frames[0][1],
+            after=s.frames[-1][1],
+            data=s.eval_data,
+            epochs=[h["epoch"] for h in s.history],
+            mean_rewards=[h["reward/mean"] for h in s.history],
+            path=s.out / "figures" / "finetune.png",
+            title=f"{s.config.algo} on {s.reward.name}",
+        )
+    return metrics

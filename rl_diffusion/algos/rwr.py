@@ -1,0 +1,50 @@
+"""RWR: reward-weighted regression, the denoising loss on the policy's own samples weighted by softmax(r / T).
+
+Each epoch fits p_old(x_0) exp(r(x_0) / T): the tilt compounds over epochs and nothing holds it
+to the pretrained model, so --kl-coef is refused (Lee et al. 2023, "Aligning text-to-image models
+using human feedback"; Black et al. 2023 use it as a baseline).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.errors import UserError
+
+
+def rwr_weights(rewards: Tensor, temperature: float) -> Tensor:
+    """softmax(r / temperature) over the batch: non-negative, summing to 1."""
+    return torch.softmax(rewards / temperature, dim=0)
+
+
+class RewardWeightedRegression(Algorithm):
+    uses_kl = False
+
+    @classmethod
+    def validate(cls, config) -> None:
+        if config.kl_coef > 0:
+            raise UserError(
+                "--algo rwr has no KL term: each epoch fits p_old exp(r / T), a tilt that compounds over epochs "
+                "with nothing holding it to the pretrained model; use an algorithm with a KL term for --kl-coef"
+            )
+
+    def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        s, cfg = self.s, self.s.config
+        weights = rwr_weights(batch.rewards, cfg.rwr_temperature)
+        steps = cfg.inner_epochs * max(1, batch.K * batch.B // cfg.minibatch_size)
+        shard = s.ranks.shard(batch.B, "--chains")
+        losses = torch.zeros(steps, device=s.device)
+        for step in range(steps):
+            loss = s.diffusion.training_loss(
+                s.synced_policy, batch.x0, batch.c, generator=generator, weights=weights, shard=shard
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.step()
+            losses[step] = loss.detach()
+        return {
+            "loss/policy": s.ranks.sum(losses).mean().item() / s.ranks.world_size,
+            "rwr/weight_max": weights.max().item(),
+        }
