@@ -128,8 +128,18 @@ def test_ddpo_is_on_two_ranks_matches_one_rank_and_resumes_on_one(pretrained_moo
     assert_same_parameters(latest_checkpoint(tmp_path / "two")["model"], single["policy"])
 
 
-@pytest.mark.parametrize("algo, extra", [("ddpo-sf", ["--kl-coef", "0.1"]), ("rwr", [])])
-def test_ddpo_sf_and_rwr_on_two_ranks_match_one_rank(pretrained_moons, tmp_path, algo, extra):
+@pytest.mark.parametrize(
+    "algo, extra",
+    [
+        ("ddpo-sf", ["--kl-coef", "0.1"]),
+        ("rwr", []),
+        ("awm", ["--kl-coef", "0.1"]),
+        ("adjoint", ["--kl-coef", "1"]),
+        ("rtb", ["--kl-coef", "1", "--replay-size", "64"]),
+        ("draft", ["--kl-coef", "0.1", "--draft-steps", "5"]),
+    ],
+)
+def test_native_algorithms_on_two_ranks_match_one_rank(pretrained_moons, tmp_path, algo, extra):
     flags = [
         "--pretrained",
         str(pretrained_moons),

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -62,7 +63,7 @@ def test_pretrain_resumed_from_a_mid_run_checkpoint_is_bit_identical(tmp_path):
         path.unlink()
     assert CheckpointManager(cut).load_latest()["train_state"]["step"] == 40
     assert main(["pretrain", "--resume", str(cut)]) == 0
-    for a, b in zip(final_state(full), final_state(cut)):
+    for a, b in zip(final_state(full), final_state(cut), strict=True):
         assert_same_weights(a, b)
 
 
@@ -86,7 +87,7 @@ def test_pretrain_killed_with_sigkill_and_resumed_is_bit_identical(tmp_path):
     assert 60 <= step < 400, "the run should have died part-way"
     time.sleep(1.1)  # TensorBoard orders event files by the second they were created, as a later resume would be
     assert main(["pretrain", "--resume", str(killed)]) == 0
-    for a, b in zip(final_state(full), final_state(killed)):
+    for a, b in zip(final_state(full), final_state(killed), strict=True):
         assert_same_weights(a, b)
     # TensorBoard continues on the same step axis: every point once, the same values as the full run
     assert scalars(killed, "loss/train") == scalars(full, "loss/train")
@@ -127,6 +128,26 @@ def test_ddpo_is_resumed_from_a_mid_run_checkpoint_is_bit_identical(pretrained_m
         "0.1",
         "--quiet",
     ]
+    a, b = finetuned_straight_and_resumed(args, tmp_path)
+    assert_same_weights(a["model"], b["model"])
+    assert [h["reward/mean"] for h in a["train_state"]["history"]] == [
+        h["reward/mean"] for h in b["train_state"]["history"]
+    ]
+
+
+@pytest.mark.parametrize(
+    "algo, extra",
+    [
+        ("awm", ["--kl-coef", "0.1"]),
+        ("adjoint", ["--kl-coef", "1"]),
+        ("rtb", ["--kl-coef", "1", "--replay-size", "32"]),
+        ("draft", ["--kl-coef", "0.1", "--draft-steps", "5"]),
+    ],
+)
+def test_native_algorithms_resumed_from_a_mid_run_checkpoint_are_bit_identical(pretrained_moons, tmp_path, algo, extra):
+    args = ["--run", str(pretrained_moons), "--algo", algo, "--reward", "target_point", "--reward-arg", "point=[1,1]"]
+    args += ["--chains", "16", "--epochs", "4", "--checkpoint-every", "1", "--keep-checkpoints", "10"]
+    args += ["--minibatch-size", "64", "--quiet", *extra]
     a, b = finetuned_straight_and_resumed(args, tmp_path)
     assert_same_weights(a["model"], b["model"])
     assert [h["reward/mean"] for h in a["train_state"]["history"]] == [
