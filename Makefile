@@ -1,12 +1,13 @@
 # Two commands: `make demo` runs the main job on its defaults, `make test` runs the test suite.
 # Both create .venv and install on first use (CPU torch, pinned: an unpinned torch pulls a CUDA build).
+# `make format` rewrites the tree in the house style (ruff format, then ruff check --fix).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: demo test install bench ablations clean
+.PHONY: demo test format install bench ablations clean
 
 $(BIN)/rl-diffusion: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -20,8 +21,15 @@ install: $(BIN)/rl-diffusion
 demo: install
 	$(BIN)/python scripts/demo.py --runs $(RUNS)
 
+# lint runs first, so style never depends on memory
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench: install
 	$(BIN)/python scripts/bench_pretrain.py

@@ -18,7 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from rl_diffusion.errors import UserError, nearest
 
 IMAGE_DATASETS: dict[str, str] = {
-    "digits": "scikit-learn's 1,797 handwritten digits, 8x8 grey (resized bilinearly for other sizes), 10 classes; built in",
+    "digits": "scikit-learn's 1,797 handwritten digits, 8x8 grey (resized bilinearly for other sizes), 10 classes; "
+    "built in",
     "image-folder": "your PNG/JPEG files under root, flat (unlabelled) or root/<class>/<image> (labels by sorted "
     "folder name); shorter side resized, center-cropped to image_size (default 32), RGB",
     "mnist": "MNIST training set, 60,000 28x28 grey digits, 10 classes; IDX files under root/MNIST/raw/ "
@@ -248,7 +249,7 @@ def load_cifar10(root: str | Path, split: str = "train") -> tuple[np.ndarray, np
             f"CIFAR-10 file(s) missing: {', '.join(map(str, missing))}; point root at the folder "
             f"that holds cifar-10-batches-py/ (the extracted cifar-10-python.tar.gz)"
         )
-    data, labels = zip(*(_read_cifar_batch(p) for p in paths))
+    data, labels = zip(*(_read_cifar_batch(p) for p in paths), strict=True)
     images = np.concatenate(data).reshape(-1, 3, 32, 32)
     return _to_unit_range(images, 255.0), np.concatenate(labels)
 

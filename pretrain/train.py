@@ -11,11 +11,13 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from pretrain.data import TrainingData, is_image_dataset, load_training_data, reference_draws
@@ -168,10 +170,63 @@ def pretrain(
     config: PretrainConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True
 ) -> Path:
     """Train (or resume) a DDPM on config.dataset into the run directory `out`; returns `out`."""
+    run = start_run(config, Path(out), overwrite, resume)
+    if run.step >= config.steps:
+        print(f"{run.out} already finished its {config.steps} steps", file=sys.stderr)
+        return run.out
+    train(run, resume, progress)
+    if run.ranks.is_main:
+        finish(run.out, run.diffusion, run.sampler_model, config, run.data, run.frames, run.device)
+    return run.out
+
+
+@dataclass
+class TrainingRun:
+    """What a pretraining run holds while it trains: built by start_run, advanced by train."""
+
+    config: PretrainConfig
+    out: Path
+    data: TrainingData
+    ranks: distributed.Ranks
+    device: torch.device
+    shard: slice  # this rank's part of each batch
+    diffusion: GaussianDiffusion
+    model_config: dict
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    synced: torch.nn.Module  # the forward whose backward averages gradients over ranks
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator  # every random draw of the training loop
+    pool: torch.Tensor  # the training points (or images) on the device
+    labels: torch.Tensor | None  # their classes, for a class-conditional model
+    eval_data: np.ndarray  # the reference draw every evaluation compares against
+    picture: Callable[[np.ndarray, str], np.ndarray]
+    checkpoints: CheckpointManager
+    step: int = 0
+    frames: list = dataclasses.field(default_factory=list)  # (title, samples) of each evaluation, for the GIF
+
+    @property
+    def sampler_model(self) -> torch.nn.Module:
+        """The weights that sample: the EMA when there is one."""
+        return self.ema if self.config.ema_decay > 0 else self.model
+
+
+@dataclass
+class LoopClock:
+    """Wall clock since this process started the loop, and the part of it spent in optimizer steps."""
+
+    started: float
+    start_step: int
+    train_seconds: float = 0.0
+
+
+def start_run(config: PretrainConfig, out: Path, overwrite: bool, resume: bool) -> TrainingRun:
+    """Validate the config, prepare the run directory, build the model, EMA, optimizer and data; on resume,
+    restore them from the newest checkpoint."""
     data = config.validate()
     ranks, device = distributed.init(config.device)
     shard = ranks.shard(config.batch_size, "--batch-size")
-    out = Path(out)
     if not resume and ranks.is_main:
         saved = dict(kind="pretrain", **dataclasses.asdict(config))
         prepare_run_dir(out, json.dumps(saved, indent=2), overwrite)
@@ -185,123 +240,166 @@ def pretrain(
     ema = build_model(model_config).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    synced = ranks.wrap(model)  # the forward whose backward averages gradients over ranks
+    synced = ranks.wrap(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     pool = data.x.to(device)
     labels = data.labels.to(device) if model_config["num_classes"] else None
     eval_data, _ = reference_draws(data, config.eval_samples, EVAL_DATA_SEED)
-    picture = figures.samples_picture(eval_data)
-    checkpoints = CheckpointManager(out, keep=config.keep_checkpoints)
-    step, frames = 0, []
+    run = TrainingRun(
+        config=config,
+        out=out,
+        data=data,
+        ranks=ranks,
+        device=device,
+        shard=shard,
+        diffusion=diffusion,
+        model_config=model_config,
+        model=model,
+        ema=ema,
+        synced=synced,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=generator,
+        pool=pool,
+        labels=labels,
+        eval_data=eval_data,
+        picture=figures.samples_picture(eval_data),
+        checkpoints=CheckpointManager(out, keep=config.keep_checkpoints),
+    )
     if resume:
-        ckpt = checkpoints.load_latest(map_location=device)
-        state = ckpt["train_state"]
-        load_weights(model, state["model"], source=str(out))
-        load_weights(ema, ckpt["model"], source=str(out))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], generator)
-        step, frames = state["step"], state["frames"]
-    if step >= config.steps:
-        print(f"{out} already finished its {config.steps} steps", file=sys.stderr)
-        return out
+        restore_checkpoint(run)
+    return run
 
-    def checkpoint(score: float | None = None) -> None:
-        if not ranks.is_main:
-            return
-        writer.flush()  # TensorBoard on disk up to the checkpoint, so a resume continues it without gaps
-        checkpoints.save(
-            {
-                "kind": "pretrain",
-                "model_config": model_config,
-                "diffusion_config": diffusion.config,
-                "data": data_info(config, data),
-                "model": ema.state_dict() if config.ema_decay > 0 else model.state_dict(),
-                "train_state": {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step,
-                    "frames": frames,
-                    "rng": rng_state(generator),
-                },
+
+def restore_checkpoint(run: TrainingRun) -> None:
+    """Weights, EMA, optimizer, schedule, generator, step and frames from the newest checkpoint."""
+    ckpt = run.checkpoints.load_latest(map_location=run.device)
+    state = ckpt["train_state"]
+    load_weights(run.model, state["model"], source=str(run.out))
+    load_weights(run.ema, ckpt["model"], source=str(run.out))
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"], run.generator)
+    run.step, run.frames = state["step"], state["frames"]
+
+
+def save_checkpoint(run: TrainingRun, writer: SummaryWriter | distributed.NoWriter, score: float | None) -> None:
+    """The main process's checkpoint of the run at its current step (the sampling weights plus the train state)."""
+    if not run.ranks.is_main:
+        return
+    writer.flush()  # TensorBoard on disk up to the checkpoint, so a resume continues it without gaps
+    run.checkpoints.save(
+        {
+            "kind": "pretrain",
+            "model_config": run.model_config,
+            "diffusion_config": run.diffusion.config,
+            "data": data_info(run.config, run.data),
+            "model": run.sampler_model.state_dict(),
+            "train_state": {
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "step": run.step,
+                "frames": run.frames,
+                "rng": rng_state(run.generator),
             },
-            step,
-            score,
-        )
+        },
+        run.step,
+        score,
+    )
 
+
+def train(run: TrainingRun, resume: bool, progress: bool) -> None:
+    """The optimizer steps from run.step to config.steps, with logging, evaluations and checkpoints; on
+    SIGINT/SIGTERM it checkpoints and stops with a UserError that says how to resume."""
+    config = run.config
     writer = distributed.summary_writer(
-        ranks, out, purge_step=step + 1 if resume else None
+        run.ranks, run.out, purge_step=run.step + 1 if resume else None
     )  # drop points logged after the checkpoint
     if not resume:
         writer.add_text("hyperparameters", to_markdown_table(dataclasses.asdict(config)), 0)
-    sampler_model = ema if config.ema_decay > 0 else model
-    started, start_step, train_seconds = time.perf_counter(), step, 0.0
+    clock = LoopClock(started=time.perf_counter(), start_step=run.step)
     with (
         StopSignal() as stop,
         tqdm(
             total=config.steps,
-            initial=step,
+            initial=run.step,
             desc=f"pretrain {config.dataset}",
-            disable=not (progress and ranks.is_main),
+            disable=not (progress and run.ranks.is_main),
         ) as bar,
     ):
-        while step < config.steps:
+        while run.step < config.steps:
             step_started = time.perf_counter()
-            idx = torch.randint(0, len(pool), (config.batch_size,), device=device, generator=generator)
-            c = None if labels is None else drop_labels(labels[idx], data.num_classes, config.label_dropout, generator)
-            loss = diffusion.training_loss(synced, pool[idx], c, generator=generator, shard=shard)
-            if not torch.isfinite(loss):
-                raise UserError(
-                    f"the training loss became {loss.item()} at step {step}; the last good checkpoint is kept in {out} (try a lower --lr)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if not torch.isfinite(grad_norm):
-                raise UserError(
-                    f"the gradient norm became {grad_norm.item()} at step {step}; the last good checkpoint is kept in {out} (try a lower --lr)"
-                )
-            optimizer.step()
-            scheduler.step()
-            if config.ema_decay > 0:
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - config.ema_decay)
-            step += 1
-            train_seconds += time.perf_counter() - step_started
+            loss, grad_norm = optimizer_step(run)
+            run.step += 1
+            clock.train_seconds += time.perf_counter() - step_started
             bar.update(1)
-            if step % 25 == 0:
-                loss = ranks.sum(loss.detach()) / ranks.world_size  # the whole batch's
-                writer.add_scalar("loss/train", loss.item(), step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+            if run.step % 25 == 0:
+                loss = run.ranks.sum(loss.detach()) / run.ranks.world_size  # the whole batch's
+                writer.add_scalar("loss/train", loss.item(), run.step)
+                writer.add_scalar("train/lr", run.scheduler.get_last_lr()[0], run.step)
+                writer.add_scalar("train/grad_norm", grad_norm.item(), run.step)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             score = None
-            if ranks.is_main and (step % config.eval_every == 0 or step == config.steps):
-                samples = draw_samples(diffusion, sampler_model, len(eval_data), seed=step, device=device)
-                sw2 = sliced_wasserstein2(samples, eval_data)
-                score = -sw2
-                writer.add_scalar("eval/sw2", sw2, step)
-                writer.add_image("samples", picture(samples, f"step {step}"), step, dataformats="HWC")
-                writer.add_scalar("perf/steps_per_sec", (step - start_step) / (time.perf_counter() - started), step)
-                # wall clock since this process started the loop, and the part of it spent in optimizer steps
-                writer.add_scalar("perf/wall_seconds", time.perf_counter() - started, step)
-                writer.add_scalar("perf/train_seconds", train_seconds, step)
-                frames.append((f"step {step}", samples[: 64 if data.is_image else 1000]))
-            stopping = ranks.any(stop.received is not None)
-            if step % config.checkpoint_every == 0 or step == config.steps or stopping:
-                checkpoint(score)
+            if run.ranks.is_main and (run.step % config.eval_every == 0 or run.step == config.steps):
+                score = evaluate(run, writer, clock)
+            stopping = run.ranks.any(stop.received is not None)
+            if run.step % config.checkpoint_every == 0 or run.step == config.steps or stopping:
+                save_checkpoint(run, writer, score)
             if stopping:
                 writer.close()
                 raise UserError(
-                    f"stopped by signal {stop.received} at step {step}; checkpoint saved, continue with --resume {out}"
+                    f"stopped by signal {stop.received} at step {run.step}; checkpoint saved, "
+                    f"continue with --resume {run.out}"
                 )
     writer.close()
-    if ranks.is_main:
-        finish(out, diffusion, sampler_model, config, data, frames, device)
-    return out
+
+
+def optimizer_step(run: TrainingRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on a fresh batch: loss, clipped gradient, AdamW, schedule, EMA; returns (loss, gradient norm)."""
+    config, step = run.config, run.step
+    idx = torch.randint(0, len(run.pool), (config.batch_size,), device=run.device, generator=run.generator)
+    c = None
+    if run.labels is not None:  # a class-conditional model: the batch's labels, some dropped for guidance
+        c = drop_labels(run.labels[idx], run.data.num_classes, config.label_dropout, run.generator)
+    loss = run.diffusion.training_loss(run.synced, run.pool[idx], c, generator=run.generator, shard=run.shard)
+    if not torch.isfinite(loss):
+        raise UserError(
+            f"the training loss became {loss.item()} at step {step}; the last good checkpoint is kept in "
+            f"{run.out} (try a lower --lr)"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    if not torch.isfinite(grad_norm):
+        raise UserError(
+            f"the gradient norm became {grad_norm.item()} at step {step}; the last good checkpoint is kept "
+            f"in {run.out} (try a lower --lr)"
+        )
+    run.optimizer.step()
+    run.scheduler.step()
+    if config.ema_decay > 0:
+        with torch.no_grad():
+            torch._foreach_lerp_(list(run.ema.parameters()), list(run.model.parameters()), 1 - config.ema_decay)
+    return loss, grad_norm
+
+
+def evaluate(run: TrainingRun, writer: SummaryWriter | distributed.NoWriter, clock: LoopClock) -> float:
+    """The in-training evaluation (main process): sliced W2 of fresh samples to the reference draw, a samples
+    picture and the throughput in TensorBoard, a frame for the training GIF; returns the checkpoint score, -SW2."""
+    step = run.step
+    samples = draw_samples(run.diffusion, run.sampler_model, len(run.eval_data), seed=step, device=run.device)
+    sw2 = sliced_wasserstein2(samples, run.eval_data)
+    writer.add_scalar("eval/sw2", sw2, step)
+    writer.add_image("samples", run.picture(samples, f"step {step}"), step, dataformats="HWC")
+    writer.add_scalar("perf/steps_per_sec", (step - clock.start_step) / (time.perf_counter() - clock.started), step)
+    # wall clock since this process started the loop, and the part of it spent in optimizer steps
+    writer.add_scalar("perf/wall_seconds", time.perf_counter() - clock.started, step)
+    writer.add_scalar("perf/train_seconds", clock.train_seconds, step)
+    run.frames.append((f"step {step}", samples[: 64 if run.data.is_image else 1000]))
+    return -sw2
 
 
 X0_MARGIN = 0.1  # of a coordinate's width, added on each side of the points' range
@@ -397,7 +495,8 @@ def finish(
 
 
 def quality_metrics(samples: np.ndarray, reference: np.ndarray, again: np.ndarray) -> dict:
-    """Sliced W2, MMD, energy distance with floors; for grey images also Frechet distance and KID on digit-classifier features."""
+    """Sliced W2, MMD, energy distance with floors; for grey images also Frechet distance and KID on
+    digit-classifier features."""
     metrics = sample_quality(samples, reference, again)
     if samples.ndim == 4 and samples.shape[1] == 1:
         from rewards.digit_classifier import load_digit_classifier

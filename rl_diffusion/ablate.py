@@ -95,7 +95,9 @@ def ablate(
     threads = max(1, (os.cpu_count() or 1) // jobs)
     dirs = [setting_dir(out, param, v) for v in values]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(lambda dv: run_setting(kind, dv[0], param, dv[1], flags, threads), zip(dirs, values)))
+        results = list(
+            pool.map(lambda dv: run_setting(kind, dv[0], param, dv[1], flags, threads), zip(dirs, values, strict=True))
+        )
     for run_dir, code, last in results:
         if progress:
             print(f"{run_dir.name}: {'ok' if code == 0 else 'failed'} ({last})", file=sys.stderr)
@@ -111,7 +113,7 @@ def draw(kind: str, param: str, values: list, dirs: list[Path], out: Path) -> di
     from pretrain.train import EVAL_DATA_SEED
 
     rows, histories, summary = [], {}, {"kind": kind, "param": param, "values": values, "settings": {}}
-    for value, run_dir in zip(values, dirs):
+    for value, run_dir in zip(values, dirs, strict=True):
         ckpt = CheckpointManager(run_dir).load_latest()
         frames = ckpt["train_state"]["frames"]
         picks = np.unique(np.linspace(0, len(frames) - 1, min(MAX_COLUMNS, len(frames))).round().astype(int))
@@ -123,7 +125,7 @@ def draw(kind: str, param: str, values: list, dirs: list[Path], out: Path) -> di
         summary["settings"][str(value)] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     summary["cells"] = figures.plot_grid(rows, out / "grid.png", title=f"{kind}: {param}")
     if kind == "pretrain":
-        curves = {f"{param}={v}": scalars(d, "eval/sw2") for v, d in zip(values, dirs)}
+        curves = {f"{param}={v}": scalars(d, "eval/sw2") for v, d in zip(values, dirs, strict=True)}
         figures.plot_curves(curves, out / "curves.png", "step", "sliced W2 to the data", f"{kind}: {param}", log_y=True)
     else:
         for tag, name in (("reward/mean", "curves.png"), ("kl/to_pretrained", "kl.png")):

@@ -72,7 +72,8 @@ def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(
-                f"{out} already holds files; pass --resume {out} to continue it, --overwrite to replace it, or pick another --out"
+                f"{out} already holds files; pass --resume {out} to continue it, --overwrite to replace it, or pick "
+                "another --out"
             )
         if not (out / CONFIG_FILE).exists():
             raise UserError(f"{out} is not a run directory (no {CONFIG_FILE}); refusing to --overwrite it")
@@ -181,7 +182,8 @@ def load_weights(model: nn.Module, state: dict, source: str) -> None:
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
         raise UserError(
-            f"checkpoint {source} is from another model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            f"checkpoint {source} is from another model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
         )
     model.load_state_dict(state)
 

@@ -46,7 +46,8 @@ class Ranks:
         """This rank's rows of a global batch of `batch` rows; an uneven split is a UserError naming `what`."""
         if batch % self.world_size:
             raise UserError(
-                f"{what} {batch} does not split evenly over {self.world_size} ranks; use a multiple of {self.world_size}"
+                f"{what} {batch} does not split evenly over {self.world_size} ranks; "
+                f"use a multiple of {self.world_size}"
             )
         size = batch // self.world_size
         return slice(self.rank * size, (self.rank + 1) * size)

@@ -12,8 +12,9 @@ expose the same chain to different agents (`ACTION_MODES`):
             policy starts from the pretrained model. Per-step KL to it: kl_k = ||a||^2 / 2, exact
             for the step given a (both Gaussians share sigma_t); for an agent that draws a at
             random, the step's KL is at most E ||a||^2 / 2 (convexity), so the penalised objective
-            is a lower bound on the KL-regularised one, tight for a deterministic agent. Observation {x: x_t, t, x0_hat, c}; x0_hat is the
-            pretrained model's prediction of x_0 at (x_t, t), clipped as the step clips it.
+            is a lower bound on the KL-regularised one, tight for a deterministic agent. Observation
+            {x: x_t, t, x0_hat, c}; x0_hat is the pretrained model's prediction of x_0 at (x_t, t),
+            clipped as the step clips it.
   noise     one step per episode: the action is x_T (in a box) and the env runs the pretrained
             sampler deterministically (DDIM, eta = 0) to x_0, steering the frozen model in its
             noise space (DSRL, Wagenmaker et al. 2025). Observation {x: the x_T ~ N(0, I) the
@@ -71,7 +72,8 @@ def _process(
     needs_network: bool,
     device: torch.device,
 ) -> tuple[GaussianDiffusion, tuple[int, ...], int, nn.Module | None]:
-    """(diffusion, data shape, number of classes, eps network or None): from a run's newest checkpoint, or given directly."""
+    """(diffusion, data shape, number of classes, eps network or None): from a run's newest checkpoint, or given
+    directly."""
     if run is None:
         if diffusion is None or data_shape is None:
             raise UserError("the denoising env needs a run directory (run=...) or both diffusion= and data_shape=")
@@ -106,14 +108,16 @@ def _mode_sampler(action_mode: str, sampler: str | None, eta: float | None) -> t
     if action_mode == "noise":
         if sampler not in (None, "ddim") or eta not in (None, 0.0):
             raise UserError(
-                f"the noise action mode runs DDIM with eta = 0 (x_0 a function of x_T); got sampler={sampler!r}, eta={eta}"
+                f"the noise action mode runs DDIM with eta = 0 (x_0 a function of x_T); "
+                f"got sampler={sampler!r}, eta={eta}"
             )
         return "ddim", 0.0
     sampler, eta = sampler or "ddpm", 1.0 if eta is None else eta
     check_sampler(sampler, eta)
     if action_mode == "residual" and sampler == "ddim" and eta == 0:
         raise UserError(
-            "the residual action mode shifts the step in units of its sigma, which is 0 for DDIM with eta = 0; use eta > 0"
+            "the residual action mode shifts the step in units of its sigma, which is 0 for DDIM with eta = 0; "
+            "use eta > 0"
         )
     return sampler, eta
 
@@ -199,8 +203,8 @@ class DenoisingVectorEnv(VectorEnv):
             raise UserError(f"kl_coef must be >= 0, got {kl_coef}")
         if kl_coef > 0 and action_mode != "residual":
             raise UserError(
-                f"kl_coef needs a closed-form per-step KL, which only the residual action mode has; in {action_mode} mode "
-                "it depends on the agent's own density (for a diffusion policy, --algo sb3-ppo --kl-coef adds it)"
+                f"kl_coef needs a closed-form per-step KL, which only the residual action mode has; in {action_mode} "
+                "mode it depends on the agent's own density (for a diffusion policy, --algo sb3-ppo --kl-coef adds it)"
             )
         self.action_mode, self.kl_coef, self.action_bound = action_mode, float(kl_coef), action_bound
         self.device = torch.device(device)

@@ -167,7 +167,7 @@ def plot_process(frames: Sequence[tuple[int, Points]], path: str | Path, title: 
     """
     lim = limits(*(points for _, points in frames))
     fig, axes = _row(len(frames), title)
-    for ax, (t, points) in zip(axes, frames):
+    for ax, (t, points) in zip(axes, frames, strict=True):
         _panel(ax, points, None, lim, f"t = {t}")
     _save(fig, path)
 

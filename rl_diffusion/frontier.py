@@ -93,7 +93,7 @@ def frontier(
     ablate("finetune", "kl_coef", kl_coefs, out, flags, jobs=jobs, progress=progress)
     dirs = [setting_dir(out, "kl_coef", beta) for beta in kl_coefs]
     runs = {}
-    for beta, run_dir in zip(kl_coefs, dirs):
+    for beta, run_dir in zip(kl_coefs, dirs, strict=True):
         history = CheckpointManager(run_dir).load_latest()["train_state"]["history"]
         metrics = json.loads((run_dir / "metrics.json").read_text())
         final = {

@@ -42,8 +42,8 @@ from pretrain.data import load_training_data, reference_draws  # noqa: E402
 from pretrain.train import EVAL_DATA_SEED, config_for, draw_samples, pretrain  # noqa: E402
 from rewards.digit_classifier import load_digit_classifier  # noqa: E402
 from rl_diffusion import figures  # noqa: E402
-from rl_diffusion.algos import loop  # noqa: E402
 from rl_diffusion.ablate import scalars  # noqa: E402
+from rl_diffusion.algos import loop  # noqa: E402
 from rl_diffusion.checkpoint import load_run, load_weights  # noqa: E402
 from rl_diffusion.finetune import FinetuneConfig, setup  # noqa: E402
 from rl_diffusion.image_metrics import classifier_features, frechet_distance  # noqa: E402

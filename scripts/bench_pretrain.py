@@ -61,13 +61,15 @@ def main() -> int:
         pretrain(config, run, progress=False)
         total_seconds = time.perf_counter() - started
         sw2, wall, train = (
-            dict(zip(*scalars(run, tag))) for tag in ("eval/sw2", "perf/wall_seconds", "perf/train_seconds")
+            dict(zip(*scalars(run, tag), strict=True))
+            for tag in ("eval/sw2", "perf/wall_seconds", "perf/train_seconds")
         )
         final = json.loads((run / "metrics.json").read_text())
     reached = [step for step in sorted(sw2) if sw2[step] <= 1.25 * floor]
     first = reached[0] if reached else None
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, device {args.device}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, device {args.device}",
         "config": {
             k: getattr(config, k)
             for k in ("steps", "batch_size", "lr", "num_timesteps", "beta_schedule", "hidden_size", "hidden_layers")

@@ -50,9 +50,9 @@ from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 
 from pretrain.train import PretrainConfig, pretrain  # noqa: E402
-from rl_diffusion.algos import trainer  # noqa: E402
+from rl_diffusion.algos import sb3, trainer  # noqa: E402
 from rl_diffusion.env import DenoisingEnv  # noqa: E402
-from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig, setup  # noqa: E402
+from rl_diffusion.finetune import FinetuneConfig, setup  # noqa: E402
 
 SAMPLING = {"sampler": "ddim", "sampling_steps": 50, "eta": 1.0}
 REWARD = {"reward": "in_region", "reward_args": {"shape": "disc", "center": [2.0, -1.0], "radius": 1.0}}

@@ -177,7 +177,9 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             done = list(
                 pool.map(
-                    lambda j: finetune(pretrained, runs / name / f"{j[0]}_beta{j[1]}_seed{j[2]}", target, *j, threads),
+                    lambda j, pretrained=pretrained, name=name, target=target: finetune(
+                        pretrained, runs / name / f"{j[0]}_beta{j[1]}_seed{j[2]}", target, *j, threads
+                    ),
                     jobs,
                 )
             )
@@ -185,7 +187,7 @@ def main() -> int:
         table = {}
         for beta in BETAS:
             for algo in ALGOS:
-                per_seed = [r for (a, b, _), r in zip(jobs, done) if a == algo and b == beta]
+                per_seed = [r for (a, b, _), r in zip(jobs, done, strict=True) if a == algo and b == beta]
                 table[f"{algo} beta={beta}"] = summarise(per_seed)
                 l1, sw2 = (
                     table[f"{algo} beta={beta}"].get("target_mode_mass_l1"),

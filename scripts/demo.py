@@ -69,15 +69,18 @@ def main() -> int:
     rl = json.loads((finetuned / "metrics.json").read_text())
     print("\n== summary")
     print(
-        f"pretraining: sliced W2 / spread {quality['sw2_over_spread']:.3f} (floor {quality['sw2_floor_over_spread']:.3f})"
+        f"pretraining: sliced W2 / spread {quality['sw2_over_spread']:.3f} "
+        f"(floor {quality['sw2_floor_over_spread']:.3f})"
     )
     print(
         f"fine-tuning: mean reward {rl['reward_mean_pretrained']:.3f} -> {rl['reward_mean']:.3f}, "
-        f"path KL to pretrained {rl['kl_to_pretrained']:.2f} nats, diversity {rl['diversity_pretrained']:.2f} -> {rl['diversity']:.2f}"
+        f"path KL to pretrained {rl['kl_to_pretrained']:.2f} nats, "
+        f"diversity {rl['diversity_pretrained']:.2f} -> {rl['diversity']:.2f}"
     )
     if "target_sw2" in rl:
         print(
-            f"distance to the KL-regularised optimum p_data exp(r / 0.1) / Z (exact samples): sliced W2 {rl['target_sw2_pretrained']:.3f} "
+            f"distance to the KL-regularised optimum p_data exp(r / 0.1) / Z (exact samples): "
+            f"sliced W2 {rl['target_sw2_pretrained']:.3f} "
             f"(pretrained) -> {rl['target_sw2']:.3f} (fine-tuned), floor {rl['target_sw2_floor']:.3f}; MMD^2 "
             f"{rl['target_mmd_pretrained']:.4f} -> {rl['target_mmd']:.4f}, floor {rl['target_mmd_floor']:.4f}; "
             f"optimum's mean reward {rl['target_reward_mean']:.3f}"

@@ -1,4 +1,5 @@
-"""The env's action modes: sample, residual (a shift of the frozen pretrained step) and noise (x_T of a deterministic chain)."""
+"""The env's action modes: sample, residual (a shift of the frozen pretrained step) and noise (x_T of a
+deterministic chain)."""
 
 import numpy as np
 import pytest

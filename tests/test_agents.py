@@ -13,10 +13,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rewards import build_reward
 from rl_diffusion.algos.agents import draw, load_agent
+from rl_diffusion.algos.sb3 import DenoisingVecEnvAdapter
 from rl_diffusion.checkpoint import CheckpointManager, load_run, read_run_config
 from rl_diffusion.cli import main
 from rl_diffusion.env import DenoisingVectorEnv
-from rl_diffusion.algos.sb3 import DenoisingVecEnvAdapter
 
 REWARD = dict(reward="target_point", reward_kwargs={"point": [1.5, 1.5]})  # in the gap between the two moons
 

@@ -98,7 +98,7 @@ def test_ddim_eta_0_is_the_closed_form_flow_of_gaussian_data_whatever_the_step_n
     def chain(eta: float, noise_seed: int) -> torch.Tensor:
         """The reverse chain from x_T, its per-step noise drawn from a generator of its own."""
         g, x = torch.Generator().manual_seed(noise_seed), x_T
-        for t, s in zip(steps, steps[1:] + [0]):
+        for t, s in zip(steps, steps[1:] + [0], strict=True):
             x = d.reverse_step(
                 eps_model(x, torch.full((8,), t)),
                 x,

@@ -142,7 +142,7 @@ def test_vector_env_matches_single_envs_driven_with_the_same_actions():
     actions[2, 1, 0] = 500.0  # one clipped coordinate
     for step_actions in actions:
         obs, rewards, terminated, truncated, info = vec.step(step_actions)
-        single = [env.step(a) for env, a in zip(singles, step_actions)]
+        single = [env.step(a) for env, a in zip(singles, step_actions, strict=True)]
         np.testing.assert_array_equal(rewards, np.array([s[1] for s in single], dtype=np.float32))
         np.testing.assert_array_equal(terminated, [s[2] for s in single])
         np.testing.assert_array_equal(info["clipped"], [s[4]["clipped"] for s in single])

@@ -63,7 +63,7 @@ def test_flat_folder_center_crops_and_scales(tmp_path: Path) -> None:
 
 
 def test_class_folders_give_sorted_labels(tmp_path: Path) -> None:
-    for name, color in (("dog", BLUE), ("cat", RED)):
+    for name, _color in (("dog", BLUE), ("cat", RED)):
         (tmp_path / name).mkdir()
     Image.new("RGB", (6, 6), RED).save(tmp_path / "cat" / "x.png")
     Image.new("RGB", (6, 6), BLUE).save(tmp_path / "dog" / "y.jpg", quality=95)

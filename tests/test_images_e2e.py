@@ -134,7 +134,8 @@ def test_pretraining_lowers_the_frechet_distance(
     metrics = json.loads((digits_run / "metrics.json").read_text())
     assert {"fd", "fd_floor", "kid", "kid_floor", "label_distribution", "mode_coverage"} <= metrics.keys()
     print(
-        f"run metrics: fd {metrics['fd']:.3g} (floor {metrics['fd_floor']:.3g}), kid {metrics['kid']:.3g} (floor {metrics['kid_floor']:.3g})"
+        f"run metrics: fd {metrics['fd']:.3g} (floor {metrics['fd_floor']:.3g}), "
+        f"kid {metrics['kid']:.3g} (floor {metrics['kid_floor']:.3g})"
     )
     assert metrics["fd_floor"] < metrics["fd"] < fd_initial / 3  # measured: 1.7 < 30
     assert metrics["mode_coverage"] == 10
@@ -249,8 +250,9 @@ def test_finetuning_with_the_digit_classifier_raises_that_digits_share(
     before, after = share(unconditional_run), share(out)
     metrics = json.loads((out / "metrics.json").read_text())
     print(
-        f"share of {DIGIT}s: {before:.3f} -> {after:.3f}; mean log p({DIGIT}) {metrics['reward_mean_pretrained']:.2f} -> "
-        f"{metrics['reward_mean']:.2f}, path KL {metrics['kl_to_pretrained']:.1f}"
+        f"share of {DIGIT}s: {before:.3f} -> {after:.3f}; "
+        f"mean log p({DIGIT}) {metrics['reward_mean_pretrained']:.2f} -> {metrics['reward_mean']:.2f}, "
+        f"path KL {metrics['kl_to_pretrained']:.1f}"
     )
     assert before < 0.25  # one digit of ten
     assert after > before + 0.3

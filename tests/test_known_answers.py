@@ -76,7 +76,8 @@ def test_finetuning_towards_the_posterior_lowers_the_mode_mass_error(pretrained_
     # the 16 prior modes the posterior leaves out hold ~16/25 of the pretrained mass, and lose most of it
     left_out = [w == 0 for w in m["target_mode_masses"]]
     mass_left_out = {
-        k: sum(x for x, out in zip(m[k], left_out) if out) for k in ("mode_masses", "mode_masses_pretrained")
+        k: sum(x for x, out in zip(m[k], left_out, strict=True) if out)
+        for k in ("mode_masses", "mode_masses_pretrained")
     }
     assert mass_left_out["mode_masses_pretrained"] > 0.5 and mass_left_out["mode_masses"] < 0.2, mass_left_out
 
