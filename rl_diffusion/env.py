@@ -4,7 +4,7 @@ t runs down `GaussianDiffusion.timesteps(sampler, sampling_steps)` (T..1 for DDP
 for DDIM) and the chain ends at x_0 with the reward r(x_0, c); gamma = 1. Three action modes
 expose the same chain to different agents (`ACTION_MODES`):
 
-  sample    the action is x_{t_prev} itself: the agent is a diffusion policy (ours, sb3.py). The
+  sample    the action is x_{t_prev} itself: the agent is a diffusion policy (ours, algos/sb3.py). The
             env never calls a network. Observation {x: x_t, t, c}.
   residual  the action a (in units of the step's sigma, in a box) shifts the frozen pretrained
             step's mean: x_{t_prev} = mu_pre(x_t, t, c) + sigma_t (a + z), z ~ N(0, I) drawn by

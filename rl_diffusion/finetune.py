@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import resource
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -420,6 +421,14 @@ def score(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
     return rewards
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """The run's peak memory so far in MiB: allocated tensors on a GPU, the process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
 def log_epoch(
     s: Setup,
     epoch: int,
@@ -445,6 +454,8 @@ def log_epoch(
         "reward/nonfinite": float(len(rewards) - len(finite)),
         "perf/steps_per_sec": len(rewards) * s.steps_per_chain / seconds,
         "perf/reward_queries": float(reward_queries),
+        "perf/epoch_seconds": seconds,
+        "perf/peak_memory_mb": peak_memory_mb(s.device),
         **{f"eval_reward/{label}/mean": finite_mean(r) for label, r in held_out.items()},
         **diversity_scalars(x0.detach(), s.modes),
         **scalars,

@@ -1,13 +1,17 @@
-"""Known answers: every native fine-tuning algorithm against tilted targets whose samples are exact.
+"""Known answers: every native fine-tuning algorithm raced on tilted targets whose samples are exact.
 
     python scripts/bench_tilt.py [--runs runs/bench_tilt] [--seeds 3] [--jobs 2] [--only gmm25_posterior]
 
 Each target is a (data set, reward) pair whose KL-regularised optimum p_data(x) exp(r(x) / beta) / Z
 `rl_diffusion.targets` samples exactly (a mixture tilted in closed form, or rejection sampling).
-For each target: the default pretraining run on its data set; then, for each beta, algorithm and
-seed, one fine-tuning run with the same budget of reward queries (chains x epochs), evaluated
-(`metrics.json`) against the exact target. Writes docs/benchmarks/tilt.json (every run and the
-mean and spread over seeds) and docs/figures/tilt.png (seed 0's samples over the exact target).
+For each target: the default pretraining run on its data set; then three passes of fine-tuning
+runs, each evaluated (`metrics.json`) against the exact target:
+  - matched reward queries: every algorithm, beta and seed with the same chains x epochs;
+  - matched wall time (beta = 1): every algorithm for the epochs that take it as long as ddpo-is's
+    run took (its seconds per epoch measured in the first pass);
+  - half the queries (beta = 1): adjoint and rtb with half of ddpo-is's reward queries.
+Writes docs/benchmarks/tilt.json (every run, the mean and spread over seeds) and one figure per
+target, docs/figures/tilt_<target>.png (seed 0's samples at beta = 1 over the exact target).
 Resumable: a run whose metrics.json exists is read, not redone.
 
 rwr has no KL weight: each epoch fits p_old exp(r / T), so after E epochs it aims at about
@@ -41,8 +45,20 @@ TARGETS = {
         "reward_args": {"center": [0.5, 0.5], "width": 0.5, "scale": 10.0},
     },
 }
-BETAS = (1.0, 0.5, 0.3, 0.1)
-ALGOS = ("ddpo-sf", "ddpo-is", "rwr")
+BETAS = (1.0, 0.3, 0.1)
+ALGOS = ("ddpo-sf", "ddpo-is", "rwr", "awm", "adjoint", "rtb", "draft")
+# each algorithm's own settings (the rest are the CLI's defaults)
+ALGO_FLAGS: dict[str, list[str]] = {
+    "ddpo-sf": [],
+    "ddpo-is": [],
+    "rwr": [],
+    "awm": [],
+    "adjoint": [],
+    "rtb": [],
+    "draft": [],
+}
+REFERENCE = "ddpo-is"  # the algorithm whose wall time and reward queries the other passes are matched to
+FAST = ("adjoint", "rtb")  # run again with half the reference's reward queries
 CHAINS, EPOCHS = 256, 40
 SAMPLING = [
     "--sampler",
@@ -68,6 +84,8 @@ KEYS = (
     "kl_to_pretrained",
     "diversity",
     "train_seconds",
+    "peak_memory_mb",
+    "epochs",
     "tilted_sw2",
     "tilted_sw2_floor",
 )
@@ -81,20 +99,25 @@ def cli(args: list[str], threads: int) -> subprocess.CompletedProcess:
     return proc
 
 
-def train_seconds(run: Path) -> float:
-    """Seconds spent in epochs (sampling, reward, update, logging), from the run's per-epoch throughput."""
+def training_record(run: Path) -> dict:
+    """Seconds spent in epochs (sampling, reward, update, logging), peak memory and epochs, from the run's history."""
     history = CheckpointManager(run).load_latest()["train_state"]["history"]
-    steps_per_epoch = CHAINS * 50
-    return float(sum(steps_per_epoch / h["perf/steps_per_sec"] for h in history))
+    return {
+        "train_seconds": float(sum(h["perf/epoch_seconds"] for h in history)),
+        "peak_memory_mb": history[-1]["perf/peak_memory_mb"],
+        "epochs": len(history),
+    }
 
 
-def finetune(pretrained: Path, out: Path, target: dict, algo: str, beta: float, seed: int, threads: int) -> dict:
+def finetune(
+    pretrained: Path, out: Path, target: dict, algo: str, beta: float, seed: int, threads: int, epochs: int = EPOCHS
+) -> dict:
     """One fine-tuning run (skipped when finished) and its metrics against the exact target."""
     if not (out / "metrics.json").exists():
         reward_args = [
             arg for k, v in target["reward_args"].items() for arg in ("--reward-arg", f"{k}={json.dumps(v)}")
         ]
-        strength = ["--rwr-temperature", str(EPOCHS * beta)] if algo == "rwr" else ["--kl-coef", str(beta)]
+        strength = ["--rwr-temperature", str(epochs * beta)] if algo == "rwr" else ["--kl-coef", str(beta)]
         cli(
             [
                 "finetune",
@@ -110,10 +133,11 @@ def finetune(pretrained: Path, out: Path, target: dict, algo: str, beta: float, 
                 *reward_args,
                 *strength,
                 *SAMPLING,
+                *ALGO_FLAGS[algo],
                 "--chains",
                 str(CHAINS),
                 "--epochs",
-                str(EPOCHS),
+                str(epochs),
                 "--seed",
                 str(seed),
                 "--quiet",
@@ -126,7 +150,7 @@ def finetune(pretrained: Path, out: Path, target: dict, algo: str, beta: float, 
         if not metrics_path.exists():
             metrics_path.write_text(cli(["evaluate", "--run", str(out), "--kl-coef", str(beta)], threads).stdout)
     metrics = json.loads(metrics_path.read_text())
-    return {**{k: metrics.get(k) for k in KEYS if k != "train_seconds"}, "train_seconds": train_seconds(out)}
+    return {**{k: metrics.get(k) for k in KEYS}, **training_record(out)}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -139,11 +163,16 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def run_pass(pool, jobs: list[tuple], run) -> list[dict]:
+    """Every job of a pass, `jobs` at a time; their results in order."""
+    return list(pool.map(lambda job: run(*job), jobs))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/bench_tilt", help="where the run directories go")
     parser.add_argument("--out", default="docs/benchmarks/tilt.json")
-    parser.add_argument("--figure", default="docs/figures/tilt.png")
+    parser.add_argument("--figures", default="docs/figures", help="folder of the tilt_<target>.png figures")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, each in its own process")
     parser.add_argument("--only", default="", help="comma-separated target names (default: all)")
@@ -156,12 +185,13 @@ def main() -> int:
             "epochs": EPOCHS,
             "reward_queries": CHAINS * EPOCHS,
             "sampling": " ".join(SAMPLING),
+            "algorithm_flags": ALGO_FLAGS,
             "seeds": args.seeds,
             "threads_per_run": threads,
         },
         "targets": {},
     }
-    rows = []
+    seeds = range(args.seeds)
     for name, target in TARGETS.items():
         if only and name not in only:
             continue
@@ -172,33 +202,37 @@ def main() -> int:
                 ["pretrain", "--dataset", target["dataset"], "--out", str(pretrained), "--overwrite", "--quiet"],
                 os.cpu_count() or 1,
             )
-        jobs = [(algo, beta, seed) for beta in BETAS for algo in ALGOS for seed in range(args.seeds)]
+
+        def run(algo, beta, seed, epochs=EPOCHS, suffix="", pretrained=pretrained, name=name, target=target):
+            out = runs / name / f"{algo}_beta{beta}_seed{seed}{suffix}"
+            return finetune(pretrained, out, target, algo, beta, seed, threads, epochs)
+
         started = time.perf_counter()
+        table: dict[str, dict] = {}
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            done = list(
-                pool.map(
-                    lambda j, pretrained=pretrained, name=name, target=target: finetune(
-                        pretrained, runs / name / f"{j[0]}_beta{j[1]}_seed{j[2]}", target, *j, threads
-                    ),
-                    jobs,
-                )
-            )
-        print(f"== {name}: {len(jobs)} runs in {time.perf_counter() - started:.0f} s", flush=True)
-        table = {}
-        for beta in BETAS:
+            jobs = [(algo, beta, seed) for beta in BETAS for algo in ALGOS for seed in seeds]
+            done = run_pass(pool, jobs, run)
+            for beta in BETAS:
+                for algo in ALGOS:
+                    per_seed = [r for (a, b, _), r in zip(jobs, done, strict=True) if a == algo and b == beta]
+                    table[f"{algo} beta={beta}"] = summarise(per_seed)
+            # matched wall time at beta = 1: each algorithm's epochs scaled by the reference's seconds over its own
+            seconds = {algo: table[f"{algo} beta=1.0"]["train_seconds"]["mean"] for algo in ALGOS}
+            epochs = {algo: max(1, round(EPOCHS * seconds[REFERENCE] / seconds[algo])) for algo in ALGOS}
+            timed = [(algo, 1.0, seed, epochs[algo], "_time") for algo in ALGOS if algo != REFERENCE for seed in seeds]
+            half = [(algo, 1.0, seed, EPOCHS // 2, "_half") for algo in FAST for seed in seeds]
+            done = run_pass(pool, timed + half, run)
             for algo in ALGOS:
-                per_seed = [r for (a, b, _), r in zip(jobs, done, strict=True) if a == algo and b == beta]
-                table[f"{algo} beta={beta}"] = summarise(per_seed)
-                l1, sw2 = (
-                    table[f"{algo} beta={beta}"].get("target_mode_mass_l1"),
-                    table[f"{algo} beta={beta}"]["target_sw2"],
-                )
-                print(
-                    f"  {algo:8s} beta={beta:<4} SW2 {sw2['mean']:.3f} +- {sw2['std']:.3f}"
-                    + (f"  mode L1 {l1['mean']:.3f} +- {l1['std']:.3f}" if l1 else ""),
-                    flush=True,
-                )
-        pre = json.loads((runs / name / "ddpo-is_beta1.0_seed0" / "metrics.json").read_text())
+                per_seed = [r for job, r in zip(timed, done, strict=False) if job[0] == algo]
+                if per_seed:
+                    table[f"{algo} beta=1.0 matched time"] = summarise(per_seed)
+            for algo in FAST:
+                per_seed = [
+                    r for job, r in zip(timed + half, done, strict=True) if job[4] == "_half" and job[0] == algo
+                ]
+                table[f"{algo} beta=1.0 half queries"] = summarise(per_seed)
+        print(f"== {name}: {len(jobs) + len(timed) + len(half)} runs in {time.perf_counter() - started:.0f} s")
+        pre = json.loads((runs / name / f"{REFERENCE}_beta1.0_seed0" / "metrics.json").read_text())
         results["targets"][name] = {
             **target,
             "yardstick": {
@@ -213,18 +247,20 @@ def main() -> int:
             "pretrained": {k: pre.get(f"{k}_pretrained") for k in ("target_sw2", "target_mmd", "target_mode_mass_l1")},
             "runs": table,
         }
+        print(markdown(name, results["targets"][name]), flush=True)
         # the figure: at beta = 1, seed 0's samples of each algorithm over the exact target
         exact = exact_target(target["dataset"], target["reward"], target["reward_args"], 1.0, 1000, seed=0)
-        cells = [("pretrained", sample_of(runs / name / "ddpo-is_beta1.0_seed0", pretrained=True))]
+        cells = [("pretrained", sample_of(runs / name / f"{REFERENCE}_beta1.0_seed0", pretrained=True))]
         cells += [(algo, sample_of(runs / name / f"{algo}_beta1.0_seed0")) for algo in ALGOS]
-        rows.append((f"{name}, beta = 1", [("exact target", exact.samples), *cells], exact.samples))
+        figure = Path(args.figures) / f"tilt_{name}.png"
+        row = [(f"{name}, beta = 1", [("exact target", exact.samples), *cells], exact.samples)]
+        figures.plot_grid(
+            row, figure, title="samples (black) over the exact tilted target (grey), equal reward queries"
+        )
     results["markdown"] = "\n\n".join(markdown(name, r) for name, r in results["targets"].items())
-    print(results["markdown"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    if rows:
-        figures.plot_grid(rows, args.figure, title="samples (black) over the exact tilted target (grey)")
-    print(f"wrote {args.out} and {args.figure}")
+    print(f"wrote {args.out} and the figures in {args.figures}")
     return 0
 
 
@@ -238,9 +274,9 @@ def markdown(name: str, result: dict) -> str:
     first = next(iter(runs.values()))
     modes = "target_mode_mass_l1" in first
     head = (
-        ["beta", "algorithm", "SW2 (floor)", "MMD^2 (floor)"]
+        ["beta", "algorithm", "budget", "SW2 (floor)", "MMD^2 (floor)"]
         + (["mode L1 (floor)", "outside modes"] if modes else [])
-        + ["E[r] (optimum)", "path KL", "train s"]
+        + ["E[r] (optimum)", "path KL", "train s", "peak MiB"]
     )
     lines = [
         f"**{name}** ({result['dataset']}, reward {result['reward']}): pretrained model SW2 "
@@ -251,10 +287,12 @@ def markdown(name: str, result: dict) -> str:
         "|" + "---|" * len(head),
     ]
     for label, r in runs.items():
-        algo, beta = label.split(" beta=")
+        algo, rest = label.split(" beta=")
+        beta, _, budget = rest.partition(" ")
         row = [
             beta,
             algo,
+            f"{budget or 'equal queries'} ({r['epochs']['mean'] * CHAINS:.0f})",
             f"{cell(r['target_sw2'])} ({r['target_sw2_floor']['mean']:.3f})",
             f"{cell(r['target_mmd'], '.4f')} ({r['target_mmd_floor']['mean']:.4f})",
         ]
@@ -267,6 +305,7 @@ def markdown(name: str, result: dict) -> str:
             f"{cell(r['reward_mean'], '.2f')} ({r['target_reward_mean']['mean']:.2f})",
             cell(r.get("kl_to_pretrained"), ".2f"),
             f"{r['train_seconds']['mean']:.0f}",
+            f"{r['peak_memory_mb']['mean']:.0f}",
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
