@@ -102,6 +102,25 @@ class Algorithm:
         self.optimizer.step()
         return grad_norm
 
+    def fit_denoising(self, batch: Batch, weights: Tensor, generator: torch.Generator) -> float:
+        """Minimise the per-sample weighted denoising loss sum_b w_b E_{t, eps} ||eps_theta(x_t, t) - eps||^2 / D on
+        the batch's x_0, for inner_epochs * max(1, K B // minibatch_size) steps (the forward-process family:
+        rwr, awm). Every step draws t and eps for the whole batch; returns the mean loss over the steps."""
+        s, cfg = self.s, self.s.config
+        steps = cfg.inner_epochs * max(1, batch.K * batch.B // cfg.minibatch_size)
+        shard = s.ranks.shard(batch.B, "--chains")
+        losses = torch.zeros(steps, device=s.device)
+        for step in range(steps):
+            loss = s.diffusion.training_loss(
+                s.synced_policy, batch.x0, batch.c, generator=generator, weights=weights, shard=shard
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.step()
+            losses[step] = loss.detach()
+        # each rank's loss is scaled so that the mean over ranks is the whole batch's
+        return s.ranks.sum(losses).mean().item() / s.ranks.world_size
+
     def own_rows(self, rows: Tensor, B: int) -> tuple[Tensor, Tensor]:
         """Of pair rows k * B + b of the whole batch, those of this rank's chains: (their rows, the same
         pairs' rows in this rank's Pairs). On one rank both are `rows`."""

@@ -31,20 +31,5 @@ class RewardWeightedRegression(Algorithm):
             )
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s, cfg = self.s, self.s.config
-        weights = rwr_weights(batch.rewards, cfg.rwr_temperature)
-        steps = cfg.inner_epochs * max(1, batch.K * batch.B // cfg.minibatch_size)
-        shard = s.ranks.shard(batch.B, "--chains")
-        losses = torch.zeros(steps, device=s.device)
-        for step in range(steps):
-            loss = s.diffusion.training_loss(
-                s.synced_policy, batch.x0, batch.c, generator=generator, weights=weights, shard=shard
-            )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.step()
-            losses[step] = loss.detach()
-        return {
-            "loss/policy": s.ranks.sum(losses).mean().item() / s.ranks.world_size,
-            "rwr/weight_max": weights.max().item(),
-        }
+        weights = rwr_weights(batch.rewards, self.s.config.rwr_temperature)
+        return {"loss/policy": self.fit_denoising(batch, weights, generator), "rwr/weight_max": weights.max().item()}
