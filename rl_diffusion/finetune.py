@@ -332,6 +332,8 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         r(torch.zeros((2, *data_shape), device=device), probe_labels)
     diffusion = pretrained.diffusion
     steps = len(diffusion.timesteps(config.sampling["sampler"], config.sampling_steps or None))
+    if config.algo in NATIVE:
+        algorithm(config.algo).validate_chain(config, steps)
     epochs = config.epochs
     if config.total_steps > 0:
         epochs = max(1, config.total_steps // (config.chains * steps))

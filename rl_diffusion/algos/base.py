@@ -62,6 +62,10 @@ class Algorithm:
     def validate(cls, config: FinetuneConfig) -> None:
         """Refuse settings this algorithm cannot use (UserError); called before anything is written."""
 
+    @classmethod
+    def validate_chain(cls, config: FinetuneConfig, steps_per_chain: int) -> None:
+        """Refuse settings that depend on the pretrained chain's length (UserError), before anything is written."""
+
     def sample(self, generator: torch.Generator) -> tuple[Pairs, Tensor, Tensor | None]:
         """This rank's share of the epoch's chains: its pairs, x_0 [B_rank, ...] and labels [B_rank] or None.
         On-policy: the current policy's chains (labels uniform for a class-conditional model)."""

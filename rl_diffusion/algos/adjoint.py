@@ -1,0 +1,112 @@
+"""Adjoint matching: regress the control onto the lean adjoint of the reward (Domingo-Enrich, Drozdzal,
+Karrer, Chen, "Adjoint Matching: Fine-tuning Flow and Diffusion Generative Models with Memoryless Stochastic
+Optimal Control", ICLR 2025), in discrete time on the reverse chain.
+
+The chain x_{k+1} = mu(x_k, t_k) + sigma_k z_k, k = 0..K-1 (x_0 = x_T, x_K the sample). With the control
+u_k(x) = (mu_theta(x, t_k) - mu_ref(x, t_k)) / sigma_k the per-step KL is ||u_k||^2 / 2, so
+    E[r(x_K)] / beta - sum_k E ||u_k||^2 / 2 = (E[r] - beta KL) / beta
+is a stochastic optimal control problem whose optimum is the KL-regularised one, p_pre exp(r / beta) / Z,
+on a memoryless chain (docs/design.md, section 2). Minimising over u_k at x_k gives
+u_k*(x) = sigma_k E[a_{k+1} | x_k = x], a_{k+1} = grad_{x_{k+1}} of the value-to-go.
+
+Update, once per epoch on chains of the current policy (detached):
+  - lean adjoint, backwards along each chain:
+        a_K = grad_x r(x_K) / beta,   a_k = (d mu_ref(x_k, t_k) / d x_k)^T a_{k+1}
+    (vector-Jacobian products through the REFERENCE mean: the terms of the full adjoint that involve the
+    control cancel at the optimum, where u_k = sigma_k a_{k+1}, so "lean" is exact there);
+  - adjoint-matching loss over (trajectory, timestep) pairs, states detached:
+        L = sum_k || u_k(x_k) - sigma_k a_{k+1} ||^2,   i.e. mu_theta - mu_ref -> sigma_k^2 a_{k+1},
+    minimised over --inner-epochs passes of shuffled minibatches (the loss is logged per pair: L / K).
+Fixed point: the regression's minimiser is u_k = sigma_k E[a_{k+1} | x_k], the optimality condition above,
+so the fixed point is the KL-regularised optimum. With a linear-Gaussian chain and r = A . x_K it is
+exactly the closed-form shift sigma_k^2 (A / beta) C_{k+1} (tests/test_adjoint.py).
+
+Scale: a_K = grad r / beta grows as beta shrinks; as in the paper nothing is clipped but --grad-clip.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.errors import UserError
+from rl_diffusion.path_kl import Pairs, policy_step
+
+
+def lean_adjoint(s, pairs: Pairs, K: int, a_final: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference's mean mu_ref(x_k, t_k), sigma_k and the lean adjoint a_{k+1} at every pair (rows k * B + b
+    of `pairs`), from a_K = a_final [B, ...]: a_k = J_ref(x_k)^T a_{k+1}, one batched VJP per step through the
+    reference's `reverse_step` (so the x_0 clipping is that of the chain)."""
+    cfg, B = s.config, len(pairs) // K
+    mean_ref, adjoint = torch.empty_like(pairs.x_t), torch.empty_like(pairs.x_t)
+    sigma = torch.empty(len(pairs), device=pairs.x_t.device)
+    a = a_final
+    for k in reversed(range(K)):
+        rows = slice(k * B, (k + 1) * B)
+        adjoint[rows] = a
+        with torch.enable_grad():
+            x = pairs.x_t[rows].detach().requires_grad_(True)
+            t = pairs.t[rows]
+            eps = s.reference(x, t, None if pairs.c is None else pairs.c[rows])
+            step = s.diffusion.reverse_step(
+                eps, x, t, t_prev=pairs.t_prev[rows], sampler=cfg.sampler, eta=cfg.eta, x_prev=pairs.x_prev[rows]
+            )
+            if k > 0:  # a_0 (at x_T) trains nothing
+                (a,) = torch.autograd.grad(step.mean, x, a)
+        mean_ref[rows], sigma[rows] = step.mean.detach(), step.sigma
+    return mean_ref, sigma, adjoint
+
+
+def matching_terms(mean: Tensor, mean_ref: Tensor, sigma: Tensor, adjoint: Tensor) -> Tensor:
+    """||u_k - sigma_k a_{k+1}||^2 per pair, u_k = (mu_theta - mu_ref) / sigma_k."""
+    sigma = sigma.reshape(-1, *([1] * (mean.dim() - 1)))
+    return ((mean - mean_ref) / sigma - sigma * adjoint).flatten(1).square().sum(1)
+
+
+class AdjointMatching(Algorithm):
+    """Adjoint matching: the policy's control regressed onto sigma_k times the lean adjoint of r / beta."""
+
+    needs_reward_gradient = True
+    needs_memoryless = True
+    needs_log_prob = False  # it regresses means: no action is scored
+    uses_kl = True
+
+    @classmethod
+    def validate(cls, config) -> None:
+        if config.kl_coef <= 0:
+            raise UserError(
+                "--algo adjoint needs --kl-coef > 0: its adjoint starts at grad r / beta, and beta = 0 has no optimum"
+            )
+
+    def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        s, cfg = self.s, self.s.config
+        K, B, pairs = batch.K, batch.B, batch.pairs
+        B_rank = len(pairs) // K
+        last = slice((K - 1) * B_rank, K * B_rank)  # this rank's x_K: the last step's actions
+        rewards, grad = s.reward.gradient(pairs.x_prev[last], None if pairs.c is None else pairs.c[last])
+        # a gradient that is non-finite where the reward was not: that chain is left out of the loss
+        finite = torch.isfinite(rewards).repeat(K)
+        with torch.no_grad():
+            a_final = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0) / cfg.kl_coef
+            mean_ref, sigma, adjoint = lean_adjoint(s, pairs, K, a_final)
+            target_norm = (sigma.reshape(-1, *[1] * (adjoint.dim() - 1)) * adjoint).flatten(1).norm(dim=1)
+            target_norm = s.ranks.sum(torch.stack([(target_norm * finite).sum(), finite.sum().float()]))
+        sums, count = torch.zeros((), device=s.device), 0
+        for _ in range(cfg.inner_epochs):
+            perm = torch.randperm(K * B, generator=generator, device=s.device)
+            for idx in perm.split(cfg.minibatch_size):
+                _, own = self.own_rows(idx, B)
+                ours = policy_step(s.diffusion, cfg, s.synced_policy, pairs, own)
+                terms = matching_terms(ours.mean, mean_ref[own], sigma[own], adjoint[own])
+                terms = torch.where(finite[own], terms, torch.zeros_like(terms))
+                self.optimizer.zero_grad(set_to_none=True)
+                # DDP's mean over ranks: the minibatch mean
+                (terms.sum() * s.ranks.world_size / len(idx)).backward()
+                self.step()
+                sums += terms.detach().sum()
+                count += len(idx)
+        return {
+            "loss/policy": s.ranks.sum(sums).item() / count,
+            "adjoint/target_norm": (target_norm[0] / target_norm[1].clamp(min=1)).item(),
+        }

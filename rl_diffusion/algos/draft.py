@@ -1,0 +1,119 @@
+"""DRaFT: back-propagate the reward (and the path KL) through the sampling chain itself.
+
+Clark, Vicol, Swersky, Fleet (2023), "Directly fine-tuning diffusion models on differentiable
+rewards". The chain is reparameterised: with its noises z_k fixed,
+    x_{k+1} = mu_theta(x_k, t_k) + sigma_k z_k,   k = 0 .. N - 1,   x_N = x_0,
+is a differentiable function of theta, and the update ascends
+    J(theta) = E_z[ r(x_0) - beta sum_k kl_k ],   kl_k = ||mu_theta(x_k) - mu_ref(x_k)||^2 / (2 sigma_k^2),
+the KL-regularised objective (the exact path KL, both chains sharing x_T and sigma: docs/design.md,
+section 2). The loss of chain b is -(r(x_0) - beta sum_k kl_k), averaged over chains.
+
+No new sampling: the loop's chains were drawn with the current policy and record every state and
+mean, so z_k = (x_{k+1} - mean_old_k) / sigma_k exactly, and replaying them at the current theta
+gives back the sampled x_0.
+
+DRaFT-K (--draft-steps K): gradients flow through the last K steps only, from the recorded state
+x_{N-K} (detached). kl_k is summed over ALL N steps: inside the window at the replayed states (its
+gradient reaches theta through mu_theta and through x_k, in both means), before it at the recorded
+states (through mu_theta only). K < N truncates the gradient, so it is biased, as in the paper;
+K = N (--draft-steps 0) is the exact pathwise gradient of J for the sampled noises, an unbiased
+estimate of grad J. Its fixed point is then the stationary point of J itself, the KL-regularised
+optimum p_pre(x_0) exp(r(x_0) / beta) / Z on a memoryless chain (on a chain that keeps x_T, the best
+the shared-x_T family reaches). With beta = 0 nothing holds the policy to the pretrained model.
+
+Memory: each replayed step (policy call, reverse step, reference call, kl_k) runs under gradient
+checkpointing, so only the states between steps are kept and recomputed in backward: memory is flat
+in K (one step's activations, plus a [B, ...] state per step).
+
+Batching: the batch's chains are split into minibatches of max(1, minibatch_size // N) chains (about
+minibatch_size pairs), whose gradients are accumulated into ONE optimizer step per inner epoch:
+the step follows the whole batch's mean gradient, as DDPO-SF does, and memory is bounded by the
+minibatch. Each rank replays its own chains, splitting them into the same number of minibatches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.errors import UserError
+
+
+def window_start(chain_steps: int, draft_steps: int) -> int:
+    """The first step gradients flow through: N - K (K = 0 means all N steps)."""
+    return chain_steps - (draft_steps or chain_steps)
+
+
+class DRaFT(Algorithm):
+    needs_reward_gradient = True
+    needs_memoryless = False  # a reparameterised stochastic chain of any kind
+    needs_log_prob = True  # sigma_k > 0: the noises are recovered by dividing by it, and the loop's path KL needs it
+    uses_kl = True
+
+    @classmethod
+    def validate(cls, config) -> None:
+        if config.draft_steps < 0:
+            raise UserError(
+                f"--draft-steps must be >= 0 (0 = back-propagate through every step), got {config.draft_steps}"
+            )
+
+    @classmethod
+    def validate_chain(cls, config, steps_per_chain: int) -> None:
+        if config.draft_steps > steps_per_chain:
+            raise UserError(
+                f"--draft-steps {config.draft_steps} exceeds the {steps_per_chain} steps of the chain "
+                f"(--sampler {config.sampler}); give at most {steps_per_chain}, or 0 for all of them"
+            )
+
+    def chain_step(self, x: Tensor, t: Tensor, t_prev: Tensor, noise: Tensor, c: Tensor | None):
+        """One reparameterised step from x: (x_{k+1} = mu_theta(x) + sigma z, kl_k [B])."""
+        s, cfg = self.s, self.s.config
+        kwargs = dict(t_prev=t_prev, sampler=cfg.sampler, eta=cfg.eta, noise=noise)
+        ours = s.diffusion.reverse_step(s.synced_policy(x, t, c), x, t, **kwargs)
+        ref = s.diffusion.reverse_step(s.reference(x, t, c), x, t, **kwargs)  # frozen; depends on theta via x
+        kl = ((ours.mean - ref.mean) ** 2).flatten(1).sum(1) / (2 * ours.sigma**2)
+        return ours.x_prev, kl
+
+    def replay(self, batch: Batch, chains: Tensor) -> tuple[Tensor, Tensor]:
+        """Replay this rank's chains `chains` (indices into its own B_rank) with gradients:
+        (x_0 [n, ...], sum_k kl_k [n])."""
+        s, cfg, pairs, N = self.s, self.s.config, batch.pairs, batch.K
+        B = len(pairs) // N
+        start = window_start(N, cfg.draft_steps)
+        x, kl_sum = pairs.x_t[start * B + chains], 0.0
+        for k in range(N):
+            rows = k * B + chains
+            t, t_prev, c = pairs.t[rows], pairs.t_prev[rows], None if pairs.c is None else pairs.c[rows]
+            with torch.no_grad():  # z_k = (x_{k+1} - mean_old_k) / sigma_k; sigma needs no network call
+                zeros = torch.zeros_like(pairs.x_t[rows])
+                step = s.diffusion.reverse_step(
+                    zeros, zeros, t, t_prev=t_prev, sampler=cfg.sampler, eta=cfg.eta, x_prev=zeros
+                )
+                noise = (pairs.x_prev[rows] - pairs.mean_old[rows]) / step.sigma.reshape(-1, *[1] * (x.dim() - 1))
+            state = x if k >= start else pairs.x_t[rows]  # before the window: the recorded, detached state
+            x_next, kl = checkpoint(self.chain_step, state, t, t_prev, noise, c, use_reentrant=False)
+            if k >= start:
+                x = x_next
+            kl_sum = kl_sum + kl
+        return x, kl_sum
+
+    def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        s, cfg, N = self.s, self.s.config, batch.K
+        B_rank = len(batch.pairs) // N
+        per_minibatch = max(1, cfg.minibatch_size // N)
+        sums = torch.zeros(3, device=s.device)  # loss, reward, kl: summed over chains and inner epochs
+        for _ in range(cfg.inner_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            for chains in torch.arange(B_rank, device=s.device).split(per_minibatch):
+                x0, kl = self.replay(batch, chains)
+                c = None if batch.pairs.c is None else batch.pairs.c[chains]
+                reward = s.reward(x0, c)
+                loss = -(reward - cfg.kl_coef * kl)
+                # DDP's mean over ranks: the sum over the whole batch's chains / B
+                (loss.sum() * s.ranks.world_size / batch.B).backward()
+                sums += torch.stack([loss.detach().sum(), reward.detach().sum(), kl.detach().sum()])
+            grad_norm = self.step()
+        loss, reward, kl = (s.ranks.sum(sums) / (batch.B * cfg.inner_epochs)).tolist()
+        return {"loss/policy": loss, "draft/reward": reward, "draft/kl": kl, "train/grad_norm": grad_norm.item()}

@@ -1,0 +1,221 @@
+"""RTB: relative trajectory balance, an off-policy squared loss whose fixed point is the tilted optimum.
+
+Venkatraman et al. (2024), "Amortizing intractable inference in diffusion models for vision, language,
+and control". For a chain tau = (x_T, ..., x_0), x_T ~ N(0, I) shared by the policy and the prior,
+
+    delta(tau) = log Z + sum_k log pi_theta(x_{k+1} | x_k) - sum_k log pi_ref(x_{k+1} | x_k) - r(x_0) / beta,
+    L = mean over training chains of delta(tau)^2,
+
+with log Z a learned scalar (its own learning rate, --log-z-lr). L = 0 on every chain exactly when
+p_theta(tau) = p_ref(tau) exp(r(x_0) / beta) / Z; on a memoryless chain that path measure's x_0-marginal is
+p_pre(x_0) exp(r(x_0) / beta) / Z, the KL-regularised optimum (docs/design.md, section 2). The loss is zero
+at that point whatever distribution the training chains come from, so they may be off-policy:
+  - an exploratory sampler (--explore-scale S > 1) draws the epoch's chains with the policy's mean and
+    sigma * S; the loss still scores them with the real policy (sigma);
+  - a replay buffer (--replay-size chains, first in first out) adds past scored chains, a --replay-fraction
+    share of each update's chains, drawn uniformly without replacement (no new reward queries).
+
+Gradient with flat memory: delta needs whole chains, so each pass first computes delta_b with no grad, then
+backpropagates sum_pairs 2 delta_b log pi_theta(pair) + 2 delta_b log Z with delta_b detached, minibatched
+over pairs; d/dtheta of that surrogate is sum_b 2 delta_b d delta_b / dtheta = d/dtheta sum_b delta_b^2.
+One optimizer step per pass (--inner-epochs passes), so the surrogate's delta is that of the current theta.
+log Z starts at the first batch's least-squares value, -mean(delta - log Z), not at 0.
+
+Data parallel: every rank holds the whole training set of chains (fresh ones gathered, the buffer the same on
+every rank); chain b belongs to rank b mod world_size, which computes its pairs' log-probs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.diffusion import Trajectory
+from rl_diffusion.errors import UserError
+from rl_diffusion.path_kl import Pairs, policy_step
+
+
+def relative_tb_delta(log_z: Tensor, log_ratio: Tensor, rewards: Tensor, beta: float) -> Tensor:
+    """delta [B] = log Z + sum_k (log pi_theta - log pi_ref) - r / beta, from log_ratio [B] summed over each chain."""
+    return log_z + log_ratio - rewards / beta
+
+
+def chain_pairs(xs: Tensor, t: Tensor, t_prev: Tensor, c: Tensor | None) -> Pairs:
+    """The pairs (step-major rows k * N + b) of whole chains xs [K + 1, N, ...] on timesteps t, t_prev [K]."""
+    N = xs.shape[1]
+    return Pairs(
+        x_t=xs[:-1].flatten(0, 1),
+        t=t.repeat_interleave(N),
+        t_prev=t_prev.repeat_interleave(N),
+        x_prev=xs[1:].flatten(0, 1),
+        log_prob_old=None,
+        c=None if c is None else c.repeat(len(t)),
+    )
+
+
+class RelativeTrajectoryBalance(Algorithm):
+    needs_memoryless = True  # the path-measure optimum has the tilted x_0-marginal only on a memoryless chain
+    needs_reward_gradient = False
+
+    def __init__(self, s):
+        self.log_z = torch.nn.Parameter(torch.zeros((), device=s.device))
+        self.log_z_ready = False  # set to the first batch's least-squares value on the first update
+        self.buffer: dict | None = None  # replay: xs [K + 1, R, ...], c [R] or None, rewards [R]
+        super().__init__(s)
+
+    def parameters(self):
+        return [{"params": list(self.s.policy.parameters())}, {"params": [self.log_z], "lr": self.s.config.log_z_lr}]
+
+    @classmethod
+    def validate(cls, config) -> None:
+        if config.kl_coef <= 0:
+            raise UserError(f"--algo rtb needs --kl-coef > 0: its balance uses r / beta, got {config.kl_coef}")
+        if config.log_z_lr <= 0:
+            raise UserError(f"--log-z-lr must be positive, got {config.log_z_lr}")
+        if not 0 <= config.replay_fraction < 1:
+            raise UserError(f"--replay-fraction must be in [0, 1), got {config.replay_fraction}")
+        if config.replay_size < 0:
+            raise UserError(f"--replay-size must be >= 0 chains (0 = no replay), got {config.replay_size}")
+        if config.explore_scale < 1:
+            raise UserError(f"--explore-scale must be >= 1 (1 = on-policy), got {config.explore_scale}")
+        if config.log_prob_reduction != "sum":
+            raise UserError(
+                "--algo rtb balances whole-chain log-densities: use --log-prob-reduction sum "
+                "(mean would tilt by r D / beta)"
+            )
+
+    def sample(self, generator: torch.Generator) -> tuple[Pairs, Tensor, Tensor | None]:
+        """The epoch's chains from the exploratory sampler: the policy's mean, sigma * --explore-scale.
+        Draws as in diffusion.sample (the whole batch's, cut to this rank's shard); log_prob_old is the
+        log-prob under the real policy (sigma), so the loop's path KL is that of the policy's own means."""
+        s, cfg = self.s, self.s.config
+        scale = cfg.explore_scale
+        if scale == 1:
+            return super().sample(generator)
+        shard = s.ranks.shard(cfg.chains, "--chains")
+        c = None
+        if num_classes := getattr(s.policy, "num_classes", 0):
+            c = torch.randint(0, num_classes, (cfg.chains,), generator=generator, device=s.device)[shard]
+        sampling = cfg.sampling
+        steps = s.diffusion.timesteps(sampling["sampler"], sampling["sampling_steps"])
+        prevs = steps[1:] + [0]
+
+        def standard_normal() -> Tensor:
+            return torch.randn((cfg.chains, *s.data_shape), device=s.device, generator=generator)[shard]
+
+        x = standard_normal()
+        xs, means, log_probs = [x], [], []
+        with torch.no_grad():
+            for t, t_prev in zip(steps, prevs, strict=True):
+                t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=s.device)
+                out = s.diffusion.reverse_step(
+                    s.policy(x, t_batch, c),
+                    x,
+                    t_batch,
+                    t_prev=t_prev,
+                    sampler=sampling["sampler"],
+                    eta=sampling["eta"],
+                    noise=scale * standard_normal(),  # x_prev = mean + (S sigma) z, scored at sigma
+                    log_prob_reduction=cfg.log_prob_reduction,
+                )
+                x = out.x_prev
+                xs.append(x)
+                means.append(out.mean)
+                log_probs.append(out.log_prob)
+        traj = Trajectory(
+            xs=torch.stack(xs),
+            timesteps=torch.tensor(steps, device=s.device),
+            prev_timesteps=torch.tensor(prevs, device=s.device),
+            log_probs=torch.stack(log_probs),
+            means=torch.stack(means),
+            c=c,
+        )
+        return Pairs.from_trajectory(traj), x, c
+
+    def mine(self, rows: Tensor, N: int) -> Tensor:
+        """Of pair rows k * N + b, those of this rank's chains (b mod world_size = rank)."""
+        return rows[(rows % N) % self.s.ranks.world_size == self.s.ranks.rank]
+
+    def chain_log_probs(self, model: torch.nn.Module, pairs: Pairs, N: int) -> Tensor:
+        """sum_k log pi(x_{k+1} | x_k) of each of the N chains [N] under `model`, no grad, minibatched;
+        each rank scores its chains' pairs and the sum over ranks fills in the rest."""
+        s = self.s
+        log_probs = torch.zeros(len(pairs), device=s.device)
+        with torch.no_grad():
+            for idx in torch.arange(len(pairs), device=s.device).split(s.config.minibatch_size):
+                own = self.mine(idx, N)
+                log_probs[own] = policy_step(s.diffusion, s.config, model, pairs, own).log_prob
+        return s.ranks.sum(log_probs).reshape(-1, N).sum(0)
+
+    def training_chains(self, batch: Batch, generator: torch.Generator) -> tuple[Pairs, Tensor, int]:
+        """The update's chains, the epoch's fresh ones then those replayed, as whole-batch pairs; their
+        rewards; the number replayed. The fresh chains then enter the buffer (first in, first out)."""
+        s, cfg, K = self.s, self.s.config, batch.K
+        x_t = batch.pairs.x_t.reshape(K, -1, *batch.pairs.x_t.shape[1:])
+        fresh = torch.cat([x_t, batch.pairs.x_prev.reshape(x_t.shape)[-1:]])  # [K + 1, B_rank, ...]
+        fresh = s.ranks.gather(fresh, dim=1)
+        t, t_prev = batch.pairs.t.reshape(K, -1)[:, 0], batch.pairs.t_prev.reshape(K, -1)[:, 0]
+        xs, c, rewards = fresh, batch.c, batch.rewards
+        replayed = 0
+        if self.buffer is not None and cfg.replay_fraction > 0:
+            stored = len(self.buffer["rewards"])
+            replayed = min(stored, round(cfg.replay_fraction * batch.B / (1 - cfg.replay_fraction)))
+            pick = torch.randperm(stored, generator=generator, device=s.device)[:replayed]
+            xs = torch.cat([xs, self.buffer["xs"][:, pick]], 1)
+            rewards = torch.cat([rewards, self.buffer["rewards"][pick]])
+            c = None if c is None else torch.cat([c, self.buffer["c"][pick]])
+        if cfg.replay_size > 0:
+            old = self.buffer or {
+                "xs": fresh[:, :0],
+                "rewards": batch.rewards[:0],
+                "c": None if batch.c is None else batch.c[:0],
+            }
+            self.buffer = {
+                "xs": torch.cat([old["xs"], fresh], 1)[:, -cfg.replay_size :],
+                "rewards": torch.cat([old["rewards"], batch.rewards])[-cfg.replay_size :],
+                "c": None if batch.c is None else torch.cat([old["c"], batch.c])[-cfg.replay_size :],
+            }
+        return chain_pairs(xs, t, t_prev, c), rewards, replayed
+
+    def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        s, cfg = self.s, self.s.config
+        beta = cfg.kl_coef
+        pairs, rewards, replayed = self.training_chains(batch, generator)
+        N = len(rewards)
+        log_ref = self.chain_log_probs(s.reference, pairs, N)
+        losses, delta_abs = [], []
+        for _ in range(cfg.inner_epochs):
+            log_ratio = self.chain_log_probs(s.policy, pairs, N) - log_ref
+            if not self.log_z_ready:
+                with torch.no_grad():
+                    self.log_z.fill_(-(log_ratio - rewards / beta).mean())
+                self.log_z_ready = True
+            delta = relative_tb_delta(self.log_z.detach(), log_ratio, rewards, beta)
+            self.optimizer.zero_grad(set_to_none=True)
+            # Surrogate with delta detached: its gradient is that of sum_b delta_b^2 (module docstring).
+            # DDP's mean over ranks of world_size / N times each rank's pairs: the surrogate / N, the grad of L.
+            for idx in torch.arange(len(pairs), device=s.device).split(cfg.minibatch_size):
+                own = self.mine(idx, N)
+                log_prob = policy_step(s.diffusion, cfg, s.synced_policy, pairs, own).log_prob
+                ((2 * delta[own % N] * log_prob).sum() * s.ranks.world_size / N).backward()
+            (2 * delta.mean() * self.log_z).backward()  # log Z is outside DDP: every rank takes the whole term
+            self.step()
+            losses.append(delta.square().mean())
+            delta_abs.append(delta.abs().mean())
+        return {
+            "loss/policy": torch.stack(losses).mean().item(),
+            "rtb/log_z": self.log_z.item(),
+            "rtb/delta_abs": torch.stack(delta_abs).mean().item(),
+            "rtb/replayed": float(replayed),
+        }
+
+    def state_dict(self) -> dict:
+        rtb = {"log_z": self.log_z.detach().clone(), "log_z_ready": self.log_z_ready, "buffer": self.buffer}
+        return {**super().state_dict(), "rtb": rtb}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self.log_z.copy_(state["rtb"]["log_z"])
+        self.log_z_ready, self.buffer = state["rtb"]["log_z_ready"], state["rtb"]["buffer"]

@@ -1,0 +1,191 @@
+"""DRaFT: the replayed chain, its pathwise gradient against finite differences, the closed-form optimum."""
+
+import json
+import types
+
+import pytest
+import torch
+
+from rl_diffusion.algos.draft import DRaFT
+from rl_diffusion.cli import main
+from rl_diffusion.diffusion import GaussianDiffusion
+from rl_diffusion.distributed import Ranks
+from rl_diffusion.finetune import FinetuneConfig
+from tests.test_kl_objective import A, D, NoStep, T, batch_of, closed_form_setup, optimal_theta
+
+
+class TinyEps(torch.nn.Module):
+    """A small nonlinear noise predictor, so that mu_theta - mu_ref depends on the state."""
+
+    def __init__(self, seed: int, hidden: int = 8):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w_in = torch.nn.Parameter(torch.randn(hidden, D, generator=g) * 0.7)
+        self.time = torch.nn.Parameter(torch.randn(T + 1, hidden, generator=g) * 0.3)
+        self.w_out = torch.nn.Parameter(torch.randn(D, hidden, generator=g) * 0.3)
+
+    def forward(self, x, t, c=None):
+        return torch.tanh(x @ self.w_in.T + self.time[t]) @ self.w_out.T
+
+
+def smooth_reward(x0, c=None):
+    return torch.sin(x0[:, 0]) - (x0[:, 1] - 1.0) ** 2
+
+
+def tiny_setup(beta: float, draft_steps: int) -> types.SimpleNamespace:
+    diffusion = GaussianDiffusion("linear", T)
+    cfg = FinetuneConfig(run="unused", kl_coef=beta, grad_clip=1e9, minibatch_size=7 * T, draft_steps=draft_steps)
+    policy, reference = TinyEps(0).double(), TinyEps(1).double().requires_grad_(False)
+    return types.SimpleNamespace(
+        config=cfg,
+        diffusion=diffusion,
+        policy=policy,
+        synced_policy=policy,
+        reference=reference,
+        reward=smooth_reward,
+        ranks=Ranks(),
+        device=torch.device("cpu"),
+        steps_per_chain=T,
+    )
+
+
+def objective(s, xs: torch.Tensor, noises: torch.Tensor, start: int) -> torch.Tensor:
+    """J = mean over chains of r(x_0) - beta sum_k kl_k, written out independently of the module: states
+    xs[k] (recorded) before step `start`, reparameterised with the fixed noises from it on."""
+    x, kl = xs[start], 0.0
+    for k, t in enumerate(range(T, 0, -1)):
+        state = xs[k] if k < start else x
+        ours = s.diffusion.reverse_step(s.policy(state, t), state, t, noise=noises[k])
+        ref = s.diffusion.reverse_step(s.reference(state, t), state, t, x_prev=ours.x_prev)
+        kl = kl + ((ours.mean - ref.mean) ** 2).sum(1) / (2 * ours.sigma**2)
+        if k >= start:
+            x = ours.x_prev
+    return (s.reward(x) - s.config.kl_coef * kl).mean()
+
+
+@pytest.mark.parametrize("draft_steps", [0, 1, 4])
+def test_gradient_equals_finite_differences_of_the_objective(draft_steps):
+    # float64 throughout; K = 0 (all steps) is the exact pathwise gradient, K = 1 and 4 that of the truncated J
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        s = tiny_setup(beta=0.3, draft_steps=draft_steps)
+        chains = 12
+        with torch.no_grad():
+            traj = s.diffusion.sample(s.policy, (chains, D), generator=torch.Generator().manual_seed(3), record=True)
+        g = torch.Generator().manual_seed(3)  # the same draws as sample: x_T, then one noise per step
+        noises = torch.stack([torch.randn(chains, D, generator=g) for _ in range(T + 1)])[1:]
+        algo = DRaFT(s)
+        algo.optimizer = NoStep()
+        stats = algo.update(batch_of(s, traj, s.reward(traj.xs[-1])), torch.Generator())
+        grads = [-p.grad for p in s.policy.parameters()]  # the loss is -J
+        start = T - (draft_steps or T)
+        with torch.no_grad():
+            assert stats["loss/policy"] == pytest.approx(-objective(s, traj.xs, noises, start).item(), rel=1e-10)
+            params = list(s.policy.parameters())
+            directions = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(3)]
+            for v in directions:
+                h = 1e-5
+                for p, d in zip(params, v, strict=True):
+                    p += h * d
+                up = objective(s, traj.xs, noises, start)
+                for p, d in zip(params, v, strict=True):
+                    p -= 2 * h * d
+                down = objective(s, traj.xs, noises, start)
+                for p, d in zip(params, v, strict=True):
+                    p += h * d
+                finite_difference = (up - down) / (2 * h)
+                pathwise = sum((gr * d).sum() for gr, d in zip(grads, v, strict=True))
+                assert pathwise.item() == pytest.approx(finite_difference.item(), rel=1e-6, abs=1e-9)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_last_step_only_sends_the_reward_gradient_to_t_equals_1():
+    # linear-Gaussian chain, r = A . x_0, beta = 0, K = 1: x_0 = mu_theta(x_1, 1) + sigma z, so d r / d theta_t
+    # is b_1 A at t = 1 and 0 elsewhere, b_1 the eps coefficient of the last step's mean
+    s = closed_form_setup(0.0, draft_steps=1)
+    s.reward = lambda x0, c=None: x0 @ A
+    with torch.no_grad():
+        s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
+        traj = s.diffusion.sample(s.policy, (16, D), generator=torch.Generator().manual_seed(1), record=True)
+    algo = DRaFT(s)
+    algo.optimizer = NoStep()
+    algo.update(batch_of(s, traj, traj.xs[-1] @ A), torch.Generator())
+    b1 = s.diffusion.np["mean_coef_eps"][1]
+    expected = torch.zeros(T + 1, D)
+    expected[1] = -b1 * A
+    torch.testing.assert_close(s.policy.theta.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("draft_steps", [0, 5])
+def test_replay_reproduces_the_sampled_chain_and_its_path_kl(draft_steps):
+    s = closed_form_setup(0.5, draft_steps=draft_steps)
+    with torch.no_grad():
+        s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
+        traj = s.diffusion.sample(s.policy, (32, D), generator=torch.Generator().manual_seed(1), record=True)
+    batch = batch_of(s, traj, traj.xs[-1] @ A)
+    x0, kl = DRaFT(s).replay(batch, torch.arange(32))
+    torch.testing.assert_close(x0.detach(), batch.x0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kl.detach(), batch.kl.sum(0), rtol=1e-5, atol=1e-6)
+    assert batch.kl.sum().item() > 1  # the policy is far from the reference: a KL to compare
+
+
+def test_replay_reproduces_x0_of_the_pretrained_network(pretrained_moons, tmp_path):
+    from tests.test_ddpo import make_setup
+
+    s = make_setup(pretrained_moons, tmp_path, algo="draft", draft_steps=0)
+    algo = DRaFT(s)
+    pairs, x0, _ = algo.sample(torch.Generator().manual_seed(0))
+    batch = types.SimpleNamespace(pairs=pairs, K=20)
+    replayed, kl = algo.replay(batch, torch.arange(32))
+    torch.testing.assert_close(replayed.detach(), x0, rtol=0, atol=1e-5)
+    assert kl.abs().max().item() < 1e-8  # the policy is the pretrained model
+
+
+def test_gradient_ascent_converges_to_the_kl_regularised_optimum():
+    # the linear-Gaussian chain: with K = all the pathwise gradient of E[A . x_0] - beta KL is exact, and
+    # here even noise-free, so AdamW reaches theta*
+    beta = 0.5
+    s = closed_form_setup(beta, draft_steps=0, lr=0.05)
+    s.reward = lambda x0, c=None: x0 @ A
+    algo = DRaFT(s)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        with torch.no_grad():
+            traj = s.diffusion.sample(s.policy, (8, D), generator=g, record=True)
+        algo.update(batch_of(s, traj, traj.xs[-1] @ A), g)
+    optimum = optimal_theta(s.diffusion, beta)[1:]
+    error = (s.policy.theta.detach()[1:] - optimum).abs().max().item()
+    assert error < 1e-3 * optimum.abs().max().item(), (error, optimum.abs().max().item())
+
+
+def test_short_run_raises_mean_reward(pretrained_moons, tmp_path):
+    out = tmp_path / "draft"
+    args = ["finetune", "--run", str(pretrained_moons), "--out", str(out), "--algo", "draft"]
+    args += ["--reward", "target_point", "--reward-arg", "point=[1.5, 1.5]", "--chains", "32", "--epochs", "5"]
+    args += ["--lr", "3e-3", "--kl-coef", "0.01", "--draft-steps", "0", "--quiet"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 0.3, metrics
+    ckpt = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
+    history = ckpt["train_state"]["history"]
+    assert len(history) == 5 and history[-1]["reward/mean"] > history[0]["reward/mean"]
+    # the replayed reward is the sampled one (before the update of the same epoch)
+    assert history[0]["draft/reward"] == pytest.approx(history[0]["reward/mean"], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--draft-steps", "-1"], "--draft-steps must be >= 0"),
+        (["--draft-steps", "21"], "--draft-steps 21 exceeds the 20 steps of the chain"),
+        (["--reward", "tests.reward_plugin_example:factory"], "does not declare itself differentiable"),
+    ],
+)
+def test_bad_settings_are_one_error_line(pretrained_moons, tmp_path, capsys, flags, message):
+    args = ["finetune", "--run", str(pretrained_moons), "--out", str(tmp_path / "r"), "--algo", "draft", "--quiet"]
+    assert main([*args, "--epochs", "1", "--chains", "8", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not (tmp_path / "r").exists()  # refused before anything is written

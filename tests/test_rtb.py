@@ -1,0 +1,175 @@
+"""RTB (relative trajectory balance): its loss at the known optimum, its surrogate gradient, its fixed point."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from rl_diffusion.algos.base import Batch
+from rl_diffusion.algos.rtb import RelativeTrajectoryBalance, relative_tb_delta
+from rl_diffusion.cli import main
+from rl_diffusion.path_kl import policy_step
+from tests.test_kl_objective import A, D, NoStep, T, batch_of, closed_form_setup, optimal_theta
+
+BETA = 0.5
+M = torch.tensor([0.3, -0.2])
+
+
+class ConstantMean(torch.nn.Module):
+    """The noise prediction whose DDPM reverse step has the mean means[t] whatever x_t: a memoryless chain."""
+
+    def __init__(self, diffusion, means: torch.Tensor):
+        super().__init__()
+        d = diffusion.np
+        self.register_buffer("a", torch.tensor(d["mean_coef_x"], dtype=torch.float32))
+        self.register_buffer("b", torch.tensor(d["mean_coef_eps"], dtype=torch.float32))
+        self.means = torch.nn.Parameter(means.clone())
+
+    def forward(self, x, t, c=None):
+        return (self.means[t] - self.a[t, None] * x) / self.b[t, None]
+
+
+def rtb_setup(beta: float, **config):
+    """tests.test_kl_objective's closed-form Setup (DDPM, T = 10, D = 2) with these FinetuneConfig fields."""
+    s = closed_form_setup(beta)
+    s.config = dataclasses.replace(s.config, **config)
+    s.data_shape = (D,)
+    return s
+
+
+def tilted_setup(**config):
+    """A reference whose every step has a constant mean (x_1's is M), and the policy that tilts its last
+    step by sigma_1^2 A / beta: p_theta(tau) = p_ref(tau) exp(A . x_0 / beta) / Z exactly, with
+    log Z = A . M / beta + sigma_1^2 |A|^2 / (2 beta^2) (the earlier steps cancel in the ratio)."""
+    s = rtb_setup(BETA, replay_size=0, **config)
+    means = torch.zeros(T + 1, D)
+    means[1] = M
+    sigma2 = s.diffusion.np["reverse_sigma"][1] ** 2
+    s.reference = ConstantMean(s.diffusion, means).requires_grad_(False)
+    tilted = means.clone()
+    tilted[1] += sigma2 * A / BETA
+    s.policy = s.synced_policy = ConstantMean(s.diffusion, tilted)
+    log_z = (A @ M).item() / BETA + sigma2 * (A @ A).item() / (2 * BETA**2)
+    return s, log_z
+
+
+def deltas(algo, batch) -> torch.Tensor:
+    pairs, rewards, _ = algo.training_chains(batch, torch.Generator())
+    N = len(rewards)
+    log_ratio = algo.chain_log_probs(algo.s.policy, pairs, N) - algo.chain_log_probs(algo.s.reference, pairs, N)
+    return relative_tb_delta(algo.log_z.detach(), log_ratio, rewards, algo.s.config.kl_coef)
+
+
+@pytest.mark.parametrize("explore_scale", [1.0, 3.0])
+def test_the_exact_tilted_policy_and_log_z_balance_every_chain(explore_scale):
+    s, log_z = tilted_setup(chains=64, explore_scale=explore_scale, minibatch_size=100)
+    algo = RelativeTrajectoryBalance(s)
+    with torch.no_grad():
+        algo.log_z.fill_(log_z)
+    pairs, x0, c = algo.sample(torch.Generator().manual_seed(0))
+    batch = Batch(pairs, x0, c, x0 @ A, None, s.steps_per_chain)
+    delta = deltas(algo, batch)
+    assert delta.abs().max().item() < 2e-4, delta
+    spread = x0.std(0).mean().item()
+    expected_spread = explore_scale * s.diffusion.np["reverse_sigma"][1]
+    assert spread == pytest.approx(expected_spread, rel=0.25)  # the chains were drawn at sigma * S
+    with torch.no_grad():
+        algo.log_z.fill_(log_z + 0.7)  # a wrong log Z: delta is its error on every chain, the loss its square
+    delta = deltas(algo, batch)
+    torch.testing.assert_close(delta, torch.full_like(delta, 0.7), atol=2e-4, rtol=0)
+    assert delta.square().mean().item() == pytest.approx(0.49, abs=3e-4)
+
+
+def sampled_batch(s, chains: int, seed: int) -> Batch:
+    with torch.no_grad():
+        traj = s.diffusion.sample(
+            s.policy, (chains, D), generator=torch.Generator().manual_seed(seed), record=True, **s.config.sampling
+        )
+    return batch_of(s, traj, traj.xs[-1] @ A)
+
+
+def test_surrogate_gradient_is_the_gradient_of_the_mean_squared_delta():
+    s = rtb_setup(0.7, minibatch_size=7, replay_size=8, replay_fraction=0.5)
+    with torch.no_grad():
+        s.policy.theta.copy_(0.3 * torch.randn(T + 1, D, generator=torch.Generator().manual_seed(1)))
+    algo = RelativeTrajectoryBalance(s)
+    algo.optimizer, algo.log_z_ready = NoStep(), True
+    with torch.no_grad():
+        algo.log_z.fill_(0.4)
+    algo.training_chains(sampled_batch(s, 8, seed=2), torch.Generator())  # fills the buffer with 8 chains
+    buffer, batch = dict(algo.buffer), sampled_batch(s, 6, seed=3)
+    # autograd of mean delta^2 over the same chains: the 6 fresh ones and the 6 drawn from the buffer
+    pairs, rewards, replayed = algo.training_chains(batch, torch.Generator().manual_seed(4))
+    assert replayed == 6 and len(rewards) == 12
+    log_pi = policy_step(s.diffusion, s.config, s.policy, pairs, torch.arange(len(pairs))).log_prob
+    log_ref = policy_step(s.diffusion, s.config, s.reference, pairs, torch.arange(len(pairs))).log_prob
+    delta = algo.log_z + (log_pi - log_ref).reshape(T, 12).sum(0) - rewards / 0.7
+    loss = delta.square().mean()
+    theta_grad, log_z_grad = torch.autograd.grad(loss, [s.policy.theta, algo.log_z])
+    algo.buffer = buffer
+    stats = algo.update(batch, torch.Generator().manual_seed(4))
+    assert stats["loss/policy"] == pytest.approx(loss.item(), rel=1e-5)
+    assert stats["rtb/replayed"] == 6
+    torch.testing.assert_close(s.policy.theta.grad, theta_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(algo.log_z.grad, log_z_grad, rtol=1e-5, atol=1e-6)
+    assert theta_grad.abs().max() > 0.1  # a gradient worth comparing
+
+
+def test_training_from_theta_zero_moves_towards_the_closed_form_optimum():
+    s = rtb_setup(BETA, lr=0.05, log_z_lr=0.05, chains=128, replay_size=256, explore_scale=1.5)
+    optimum = optimal_theta(s.diffusion, BETA)[1:]
+    algo = RelativeTrajectoryBalance(s)
+    generator = torch.Generator().manual_seed(0)
+
+    def distance() -> float:
+        return ((s.policy.theta[1:] - optimum).norm() / optimum.norm()).item()
+
+    assert distance() == pytest.approx(1.0)
+    for _ in range(60):
+        pairs, x0, c = algo.sample(generator)
+        algo.update(Batch(pairs, x0, c, x0 @ A, None, s.steps_per_chain), generator)
+    assert distance() < 0.25  # measured: 0.038 after 60 epochs
+    # log Z -> log E_pre exp(A . x_0 / beta) = v |A|^2 / (2 beta^2), v the variance of the pretrained chain's x_0
+    # (0.19 on this 10-step chain, not S^2): measured 0.376 against 0.385
+    with torch.no_grad():
+        x0 = s.diffusion.sample(s.reference, (20000, D), generator=torch.Generator().manual_seed(1)).xs[-1]
+    assert algo.log_z.item() == pytest.approx((x0 @ A).var().item() / (2 * BETA**2), abs=0.05)
+
+
+def finetune(pretrained, out, *flags: str) -> list[str]:
+    return ["finetune", "--run", str(pretrained), "--out", str(out), "--algo", "rtb", "--quiet", *flags]
+
+
+def test_short_run_raises_mean_reward(pretrained_moons, tmp_path):
+    out = tmp_path / "rtb"
+    flags = ["--reward", "target_point", "--reward-arg", "point=[1.5, 1.5]", "--chains", "64", "--epochs", "8"]
+    flags += ["--kl-coef", "0.1", "--lr", "3e-3", "--minibatch-size", "1024", "--explore-scale", "1.5"]
+    assert main(finetune(pretrained_moons, out, *flags)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["train_state"][
+        "history"
+    ]
+    assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 0.3, metrics
+    assert len(history) == 8 and history[-1]["reward/mean"] > history[0]["reward/mean"]
+    assert history[-1]["rtb/replayed"] == 64 and history[0]["rtb/replayed"] == 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--kl-coef", "0"], "--kl-coef > 0"),
+        (["--kl-coef", "1", "--log-z-lr", "0"], "--log-z-lr must be positive"),
+        (["--kl-coef", "1", "--replay-fraction", "1"], "--replay-fraction must be in [0, 1)"),
+        (["--kl-coef", "1", "--replay-fraction", "-0.1"], "--replay-fraction must be in [0, 1)"),
+        (["--kl-coef", "1", "--replay-size", "-1"], "--replay-size must be >= 0"),
+        (["--kl-coef", "1", "--explore-scale", "0.5"], "--explore-scale must be >= 1"),
+        (["--kl-coef", "1", "--log-prob-reduction", "mean"], "--log-prob-reduction sum"),
+        (["--kl-coef", "1", "--sampler", "ddim", "--eta", "0.5"], "memoryless"),
+    ],
+)
+def test_bad_settings_are_refused(tmp_path, capsys, flags, message):
+    assert main(finetune(tmp_path / "missing", tmp_path / "out", *flags)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
