@@ -271,6 +271,7 @@ class GaussianDiffusion:
         record: bool = False,
         log_prob_reduction: str = "sum",
         shard: slice | None = None,
+        noise_scale: float = 1.0,
     ) -> Trajectory:
         """Run the reverse chain from x_T ~ N(0, I) for a batch of `shape` [B, ...].
 
@@ -282,6 +283,9 @@ class GaussianDiffusion:
         `shard` samples only those rows of the batch (a data-parallel rank's chains; `c` holds
         their labels): every random draw is made for the whole batch and cut to the shard, so
         the rows are exactly the ones one process would sample.
+
+        `noise_scale` S > 1 draws x_{t-1} = mean + S sigma z, an exploratory chain (off-policy
+        training); its log-probs stay those of the real step (sigma).
         """
         steps = self.timesteps(sampler, sampling_steps)
         prevs = steps[1:] + [0]
@@ -301,7 +305,7 @@ class GaussianDiffusion:
                 t_prev=t_prev,
                 sampler=sampler,
                 eta=eta,
-                noise=standard_normal(),
+                noise=noise_scale * standard_normal(),
                 log_prob_reduction=log_prob_reduction,
             )
             x = out.x_prev

@@ -66,9 +66,10 @@ class Algorithm:
     def validate_chain(cls, config: FinetuneConfig, steps_per_chain: int) -> None:
         """Refuse settings that depend on the pretrained chain's length (UserError), before anything is written."""
 
-    def sample(self, generator: torch.Generator) -> tuple[Pairs, Tensor, Tensor | None]:
+    def sample(self, generator: torch.Generator, noise_scale: float = 1.0) -> tuple[Pairs, Tensor, Tensor | None]:
         """This rank's share of the epoch's chains: its pairs, x_0 [B_rank, ...] and labels [B_rank] or None.
-        On-policy: the current policy's chains (labels uniform for a class-conditional model)."""
+        On-policy: the current policy's chains (labels uniform for a class-conditional model); noise_scale > 1
+        widens every step's noise (GaussianDiffusion.sample)."""
         s, cfg = self.s, self.s.config
         shard = s.ranks.shard(cfg.chains, "--chains")
         num_classes = getattr(s.policy, "num_classes", 0)
@@ -86,6 +87,7 @@ class Algorithm:
                 record=True,
                 log_prob_reduction=cfg.log_prob_reduction,
                 shard=shard,
+                noise_scale=noise_scale,
                 **cfg.sampling,
             )
         return Pairs.from_trajectory(traj), traj.xs[-1], c

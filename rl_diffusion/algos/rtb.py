@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from rl_diffusion.algos.base import Algorithm, Batch
-from rl_diffusion.diffusion import Trajectory
 from rl_diffusion.errors import UserError
 from rl_diffusion.path_kl import Pairs, policy_step
 
@@ -85,53 +84,10 @@ class RelativeTrajectoryBalance(Algorithm):
                 "(mean would tilt by r D / beta)"
             )
 
-    def sample(self, generator: torch.Generator) -> tuple[Pairs, Tensor, Tensor | None]:
-        """The epoch's chains from the exploratory sampler: the policy's mean, sigma * --explore-scale.
-        Draws as in diffusion.sample (the whole batch's, cut to this rank's shard); log_prob_old is the
-        log-prob under the real policy (sigma), so the loop's path KL is that of the policy's own means."""
-        s, cfg = self.s, self.s.config
-        scale = cfg.explore_scale
-        if scale == 1:
-            return super().sample(generator)
-        shard = s.ranks.shard(cfg.chains, "--chains")
-        c = None
-        if num_classes := getattr(s.policy, "num_classes", 0):
-            c = torch.randint(0, num_classes, (cfg.chains,), generator=generator, device=s.device)[shard]
-        sampling = cfg.sampling
-        steps = s.diffusion.timesteps(sampling["sampler"], sampling["sampling_steps"])
-        prevs = steps[1:] + [0]
-
-        def standard_normal() -> Tensor:
-            return torch.randn((cfg.chains, *s.data_shape), device=s.device, generator=generator)[shard]
-
-        x = standard_normal()
-        xs, means, log_probs = [x], [], []
-        with torch.no_grad():
-            for t, t_prev in zip(steps, prevs, strict=True):
-                t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=s.device)
-                out = s.diffusion.reverse_step(
-                    s.policy(x, t_batch, c),
-                    x,
-                    t_batch,
-                    t_prev=t_prev,
-                    sampler=sampling["sampler"],
-                    eta=sampling["eta"],
-                    noise=scale * standard_normal(),  # x_prev = mean + (S sigma) z, scored at sigma
-                    log_prob_reduction=cfg.log_prob_reduction,
-                )
-                x = out.x_prev
-                xs.append(x)
-                means.append(out.mean)
-                log_probs.append(out.log_prob)
-        traj = Trajectory(
-            xs=torch.stack(xs),
-            timesteps=torch.tensor(steps, device=s.device),
-            prev_timesteps=torch.tensor(prevs, device=s.device),
-            log_probs=torch.stack(log_probs),
-            means=torch.stack(means),
-            c=c,
-        )
-        return Pairs.from_trajectory(traj), x, c
+    def sample(self, generator: torch.Generator, noise_scale: float = 1.0) -> tuple[Pairs, Tensor, Tensor | None]:
+        """The epoch's chains from the exploratory sampler: the policy's mean, sigma * --explore-scale; their
+        log_prob_old is under the real policy (sigma), so the loop's path KL is that of the policy's own means."""
+        return super().sample(generator, noise_scale=self.s.config.explore_scale)
 
     def mine(self, rows: Tensor, N: int) -> Tensor:
         """Of pair rows k * N + b, those of this rank's chains (b mod world_size = rank)."""
