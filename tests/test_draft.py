@@ -1,5 +1,6 @@
 """DRaFT: the replayed chain, its pathwise gradient against finite differences, the closed-form optimum."""
 
+import dataclasses
 import json
 import types
 
@@ -8,9 +9,6 @@ import torch
 
 from rl_diffusion.algos.draft import DRaFT
 from rl_diffusion.cli import main
-from rl_diffusion.diffusion import GaussianDiffusion
-from rl_diffusion.distributed import Ranks
-from rl_diffusion.finetune import FinetuneConfig
 from tests.test_kl_objective import A, D, NoStep, T, batch_of, closed_form_setup, optimal_theta
 
 
@@ -33,20 +31,13 @@ def smooth_reward(x0, c=None):
 
 
 def tiny_setup(beta: float, draft_steps: int) -> types.SimpleNamespace:
-    diffusion = GaussianDiffusion("linear", T)
-    cfg = FinetuneConfig(run="unused", kl_coef=beta, grad_clip=1e9, minibatch_size=7 * T, draft_steps=draft_steps)
-    policy, reference = TinyEps(0).double(), TinyEps(1).double().requires_grad_(False)
-    return types.SimpleNamespace(
-        config=cfg,
-        diffusion=diffusion,
-        policy=policy,
-        synced_policy=policy,
-        reference=reference,
-        reward=smooth_reward,
-        ranks=Ranks(),
-        device=torch.device("cpu"),
-        steps_per_chain=T,
-    )
+    """The closed-form Setup with a nonlinear policy and reference (float64) and a smooth reward."""
+    s = closed_form_setup(beta, draft_steps=draft_steps)
+    s.config = dataclasses.replace(s.config, minibatch_size=7 * T)
+    s.policy = s.synced_policy = TinyEps(0).double()
+    s.reference = TinyEps(1).double().requires_grad_(False)
+    s.reward = smooth_reward
+    return s
 
 
 def objective(s, xs: torch.Tensor, noises: torch.Tensor, start: int) -> torch.Tensor:
