@@ -161,14 +161,20 @@ class GaussianDiffusion:
         network sees only those rows, and the loss is scaled so that the mean over equal shards
         (what DistributedDataParallel averages) is the whole batch's loss.
         """
-        t = torch.randint(1, self.num_timesteps + 1, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         rows = slice(None) if shard is None else shard
-        eps = model(self.q_sample(x0[rows], t[rows], noise[rows]), t[rows], None if c is None else c[rows])
-        per_sample = ((eps - noise[rows]) ** 2).flatten(1).mean(1)
+        x_t, t, noise = self.noised(x0, generator, rows)
+        eps = model(x_t, t, None if c is None else c[rows])
+        per_sample = ((eps - noise) ** 2).flatten(1).mean(1)
         if weights is None:
             return per_sample.mean()
         return len(x0) / len(per_sample) * (weights[rows] * per_sample).sum()
+
+    def noised(self, x0: Tensor, generator: torch.Generator | None, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t, t, eps) of the training loss for the rows of x0 [B, ...]: t ~ U{1..T} and eps ~ N(0, I) drawn
+        for the whole batch (so a rank's rows are those one process would draw), x_t = q_sample(x0, t, eps)."""
+        t = torch.randint(1, self.num_timesteps + 1, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        return self.q_sample(x0[rows], t[rows], noise[rows]), t[rows], noise[rows]
 
     # Reverse process
 

@@ -3,16 +3,15 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from rl_diffusion.algos.awm import AdvantageWeightedMatching, chain_returns
+from rl_diffusion.algos.awm import AdvantageWeightedMatching, chain_returns, nft_loss, optimality
 from rl_diffusion.algos.base import Batch
 from rl_diffusion.cli import main
 from rl_diffusion.path_kl import Pairs
 from tests.test_cli_errors import assert_one_line_error
-from tests.test_kl_objective import D, NoStep, S, T, batch_of, closed_form_setup
+from tests.test_kl_objective import D, NoStep, T, batch_of, closed_form_setup
 
 
 def sample_batch(s, chains: int, seed: int, c=None):
@@ -23,56 +22,41 @@ def sample_batch(s, chains: int, seed: int, c=None):
 
 
 def awm_loss(diffusion, model, x0, c, adv, generator):
-    """(1 / B) sum_b A_b ||eps_theta(x_t, t, c_b) - eps||^2 / D, as the update computes it."""
+    """(1 / B) sum_b A_b ||eps_theta(x_t, t, c_b) - eps||^2 / D: the plain advantage-weighted denoising loss."""
     return diffusion.training_loss(model, x0, c, generator=generator, weights=adv / len(x0))
 
 
-def test_loss_and_gradient_equal_a_hand_computation():
-    """Two samples, advantages +1 and -1, the linear-Gaussian eps network with a known shift theta:
-    L = (1/2) (||e_1||^2 - ||e_2||^2) / D, e_b = slope_t x_t + theta_t - eps, and dL/dtheta_t = A_b e_b / (B D)."""
+def test_nft_loss_equals_a_hand_computation():
+    eps, eps_old, noise = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.2, 0.1]]), torch.tensor([[1.0, 0.0]])
+    w = torch.tensor([0.25])
+    # 0.25 * ((-0.5)^2 + (-1)^2) / 2 + 0.75 * ((0.4 - 0.5 - 1)^2 + (0.2 + 1 - 0)^2) / 2
+    expected = 0.25 * (0.25 + 1.0) / 2 + 0.75 * (1.21 + 1.44) / 2
+    assert nft_loss(eps, eps_old, noise, w).item() == pytest.approx(expected, rel=1e-6)
+    assert optimality(torch.tensor([-5.0, 0.0, 2.5]), 5.0).tolist() == [0.0, 0.5, 0.75]
+
+
+def update_gradient(s, batch, seed: int) -> tuple[dict, torch.Tensor]:
+    algo = AdvantageWeightedMatching(s)
+    algo.optimizer = NoStep()
+    stats = algo.update(batch, torch.Generator().manual_seed(seed))
+    grad = s.policy.theta.grad.clone()
+    s.policy.theta.grad = None
+    return stats, grad
+
+
+def test_first_step_is_the_advantage_weighted_gradient_over_adv_clip():
+    """Two chains with rewards 1 and 0: leave-one-out advantages +-2. At theta = theta_old the bounded loss's
+    gradient is that of (1 / B) sum_b A_b ||eps_theta - eps||^2 / D, divided by adv_clip, on the same draws."""
     s = closed_form_setup(0.0)
     with torch.no_grad():
         s.policy.theta.copy_(torch.linspace(-1, 1, (T + 1) * D).reshape(T + 1, D))
-    x0 = torch.tensor([[0.3, -0.7], [1.2, 0.4]])
-    adv = torch.tensor([1.0, -1.0])
-    loss = awm_loss(s.diffusion, s.policy, x0, None, adv, torch.Generator().manual_seed(5))
-    loss.backward()
-
-    # the same draws as the loss makes: t first, then eps, for the whole batch
-    g = torch.Generator().manual_seed(5)
-    t = torch.randint(1, T + 1, (2,), generator=g).numpy()
-    eps = torch.randn((2, D), generator=g).double().numpy()
-    abar = s.diffusion.np["abar"]
-    theta = s.policy.theta.detach().double().numpy()
-    expected, grad = 0.0, np.zeros((T + 1, D))
-    for b in range(2):
-        a = abar[t[b]]
-        x_t = np.sqrt(a) * x0[b].double().numpy() + np.sqrt(1 - a) * eps[b]
-        e = np.sqrt(1 - a) / (a * S**2 + 1 - a) * x_t + theta[t[b]] - eps[b]  # data mean M = 0: no offset
-        expected += adv[b].item() * (e**2).sum() / D / 2
-        grad[t[b]] += adv[b].item() * 2 * e / D / 2
-    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
-    assert expected != 0
-    np.testing.assert_allclose(s.policy.theta.grad.numpy(), grad, rtol=1e-5, atol=1e-7)
-
-
-def test_update_weights_the_loss_by_leave_one_out_advantages():
-    """Two chains with rewards 1 and 0: leave-one-out advantages +-2 (difference over the batch's spread 0.5);
-    the update's one gradient is that of the loss with those weights, on the same draws."""
-    s = closed_form_setup(0.0)
     traj = sample_batch(s, 2, seed=0)
-    algo = AdvantageWeightedMatching(s)
-    algo.optimizer = NoStep()
-    stats = algo.update(batch_of(s, traj, torch.tensor([1.0, 0.0])), torch.Generator().manual_seed(3))
+    stats, got = update_gradient(s, batch_of(s, traj, torch.tensor([1.0, 0.0])), seed=3)
     assert stats["awm/adv_abs"] == pytest.approx(2.0)
-    got = s.policy.theta.grad.clone()
-    s.policy.theta.grad = None
-    loss = awm_loss(
+    awm_loss(
         s.diffusion, s.policy, traj.xs[-1], None, torch.tensor([2.0, -2.0]), torch.Generator().manual_seed(3)
-    )
-    loss.backward()
-    assert stats["loss/policy"] == pytest.approx(loss.item(), rel=1e-6)
-    torch.testing.assert_close(got, s.policy.theta.grad)
+    ).backward()
+    torch.testing.assert_close(got, s.policy.theta.grad / s.config.adv_clip)
     assert got.abs().sum() > 0
 
 
@@ -83,11 +67,9 @@ def test_equal_rewards_give_a_zero_gradient(labelled):
         s.policy.theta.normal_(generator=torch.Generator().manual_seed(1))  # a policy with a non-zero denoising loss
     c = torch.arange(16) % 2 if labelled else None
     traj = sample_batch(s, 16, seed=0, c=c)
-    algo = AdvantageWeightedMatching(s)
-    algo.optimizer = NoStep()
-    stats = algo.update(batch_of(s, traj, torch.full((16,), 0.7), c), torch.Generator().manual_seed(0))
-    assert stats["awm/adv_abs"] == 0 and stats["loss/policy"] == 0
-    assert s.policy.theta.grad is not None and torch.count_nonzero(s.policy.theta.grad) == 0
+    stats, grad = update_gradient(s, batch_of(s, traj, torch.full((16,), 0.7), c), seed=0)
+    assert stats["awm/adv_abs"] == 0 and stats["loss/policy"] > 0  # w = 1/2 everywhere: balanced, not zero
+    assert torch.count_nonzero(grad) == 0
 
 
 def test_path_kl_enters_the_return():
@@ -96,17 +78,27 @@ def test_path_kl_enters_the_return():
     torch.testing.assert_close(chain_returns(torch.ones(2), kl, 2.0), torch.tensor([0.4, 0.0]))
     torch.testing.assert_close(chain_returns(torch.ones(2), kl, 0.0), torch.ones(2))
     s = closed_form_setup(2.0)
+    with torch.no_grad():
+        s.policy.theta.fill_(0.3)
     traj = sample_batch(s, 2, seed=0)
-    algo = AdvantageWeightedMatching(s)
-    algo.optimizer = NoStep()
     batch = Batch(Pairs.from_trajectory(traj), traj.xs[-1], None, torch.ones(2), kl, s.steps_per_chain)
-    stats = algo.update(batch, torch.Generator().manual_seed(0))
-    got = s.policy.theta.grad.clone()
-    s.policy.theta.grad = None
+    stats, got = update_gradient(s, batch, seed=0)
     weights = torch.tensor([2.0, -2.0])  # returns 0.4 and 0: +-2
     awm_loss(s.diffusion, s.policy, traj.xs[-1], None, weights, torch.Generator().manual_seed(0)).backward()
     assert stats["awm/adv_abs"] == pytest.approx(2.0)
-    torch.testing.assert_close(got, s.policy.theta.grad)
+    torch.testing.assert_close(got, s.policy.theta.grad / s.config.adv_clip)
+
+
+def test_a_sample_the_advantages_reject_is_left_a_bounded_distance():
+    """w = 0 on one sample: minimising over eps_theta lands on the reflection 2 eps_old - eps, not at infinity."""
+    eps_old, noise = torch.tensor([[0.2, 0.1]]), torch.tensor([[1.0, 0.0]])
+    eps = eps_old.clone().requires_grad_(True)
+    opt = torch.optim.SGD([eps], lr=0.5)
+    for _ in range(200):
+        opt.zero_grad()
+        nft_loss(eps, eps_old, noise, torch.zeros(1)).sum().backward()
+        opt.step()
+    torch.testing.assert_close(eps.detach(), 2 * eps_old - noise)
 
 
 def finetune(pretrained, out, *extra: str) -> tuple[dict, list[dict]]:

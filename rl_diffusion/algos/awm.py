@@ -1,39 +1,38 @@
-"""AWM: advantage-weighted matching, the pretraining denoising loss on the policy's own samples weighted by advantages.
+"""AWM: advantage-weighted matching, the pretraining denoising loss on the policy's own samples weighted by
+advantages, in DiffusionNFT's bounded form.
 
 Xue et al. (2025), "Advantage Weighted Matching: Aligning RL with Pretraining in Diffusion Models";
-the same likelihood-free, forward-process family as DiffusionNFT (Zheng et al. 2025).
+Zheng et al. (2025), "DiffusionNFT: Online Diffusion Reinforcement with Forward Process". The likelihood-free,
+forward-process family: only x_0 is trained on, through the forward process, so no reverse-step log-probs are
+needed and the sampler may be deterministic (DDIM, eta = 0).
 
-Per epoch: sample B chains, score x_0 once, then take inner_epochs * max(1, K B // minibatch_size)
-gradient steps on
-    L(theta) = (1 / B) sum_b A_b E_{t, eps} ||eps_theta(x_t, t, c_b) - eps||^2 / D,
-    x_t = sqrt(abar_t) x0_b + sqrt(1 - abar_t) eps,   t ~ U{1..T},   eps ~ N(0, I),
-with a fresh (t, eps) per sample and step, drawn for the whole batch by the run's generator (so
-every rank draws the same). The advantages are those of DDPO, from one return per chain
+Per epoch: sample B chains, score x_0 once, turn one return per chain into an advantage, as DDPO does,
     G_b = r(x0_b) - beta sum_k kl_k,b   (beta = --kl-coef; G_b = r(x0_b) when beta = 0),
-    A_b = (G_b - mean of the other chains of b's class) / scale, clipped to +-adv_clip,
-leave-one-out, so A_b does not depend on G_b's own noise, and equal returns give A = 0 exactly.
-Advantages may be negative: the loss then pushes the model's denoising error UP on bad samples.
+    A_b = (G_b - mean of the other chains of b's class) / scale, clipped to +-adv_clip (ddpo.advantages),
+then an optimality weight w_b = 1/2 + A_b / (2 adv_clip) in [0, 1], and take
+inner_epochs * K B / minibatch_size gradient steps on
+    L(theta) = (1 / B) sum_b E_{t, eps} [ w_b ||eps_theta - eps||^2 + (1 - w_b) ||2 eps_old - eps_theta - eps||^2 ] / D,
+    x_t = sqrt(abar_t) x0_b + sqrt(1 - abar_t) eps,   t ~ U{1..T},   eps ~ N(0, I),
+with eps_old the policy before this epoch's update. The second term fits the reflection of eps_theta about
+eps_old (DiffusionNFT's implicit negative policy, at strength 1): a sample with w_b < 1/2 pushes the model away
+from denoising it, but only as far as a quadratic allows. The plain weighted loss sum_b A_b ||eps_theta - eps||^2,
+unbounded below in its negative part, diverged on the known-answer targets at the default learning rate (every
+seed at the same collapsed samples, path KL 149): that is why the bounded form.
 
-Why it climbs the reward. The simple denoising loss is, up to constants and a per-t weighting,
--ELBO(x_0) <= -log p_theta(x_0), so -grad L ~ E[A grad log p_theta(x_0)]: the score-function
-(REINFORCE) gradient of E[G] on the marginal of x_0, with no log-probs of the reverse chain. So
-no reverse-step scores are needed (needs_log_prob = False) and the sampler may be deterministic
-(DDIM, eta = 0): only x_0 is trained on.
+Why it climbs the reward. At theta = theta_old the gradient of L is (2 / adv_clip) (1 / B) sum_b A_b
+E (eps_old - eps) d eps_theta / d theta, that of the advantage-weighted denoising loss. The denoising loss is,
+up to constants and a per-t weighting, -ELBO(x_0) >= -log p_theta(x_0), so -grad ~ E[A grad log p_theta(x_0)]:
+a score-function gradient of E[G] on the marginal of x_0. For one sample the minimiser is
+eps_theta = eps_old + (2 w_b - 1)(eps - eps_old): a step of bounded size towards (or away from) the sample.
 
-Fixed point (caveat). With an exact likelihood and beta > 0 the stationary point of E[A grad log p]
-would be p_pre(x_0) exp(r(x_0) / beta) / Z. Here it is not exactly that: the ELBO is a surrogate
-for log p (its gap depends on theta), the simple loss weights the timesteps uniformly rather than
-as the ELBO does, and the per-chain path KL stands in for log p_theta(x_0) / p_pre(x_0) (a bound on
-it, tight only for a memoryless chain). Treat beta as a regulariser towards the pretrained model,
-not as the temperature of an exact tilt. With beta = 0 nothing holds the policy: like RWR, it
-keeps moving towards high reward.
-
-No trust region: the loss on negative advantages is unbounded below, but advantages are
-standardised and clipped, steps are few per batch and the gradient norm is clipped (--grad-clip);
-simplicity first.
+Fixed point (caveat): not exactly p_pre exp(r / beta) / Z. The ELBO is a surrogate for log p, the simple loss
+weights timesteps uniformly, and the per-chain path KL stands in for log p_theta(x_0) / p_pre(x_0). beta acts as
+a regulariser towards the pretrained model, not as the temperature of an exact tilt.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import Tensor
@@ -49,14 +48,44 @@ def chain_returns(rewards: Tensor, kl: Tensor | None, beta: float) -> Tensor:
     return rewards
 
 
+def optimality(adv: Tensor, adv_clip: float) -> Tensor:
+    """w_b = 1/2 + A_b / (2 adv_clip) in [0, 1]: 1/2 for an average chain, 1 for the best the clip allows."""
+    return 0.5 + 0.5 * adv / adv_clip
+
+
+def nft_loss(eps: Tensor, eps_old: Tensor, noise: Tensor, w: Tensor) -> Tensor:
+    """Per sample: w ||eps - noise||^2 / D + (1 - w) ||2 eps_old - eps - noise||^2 / D."""
+    positive = (eps - noise).square().flatten(1).mean(1)
+    negative = (2 * eps_old - eps - noise).square().flatten(1).mean(1)
+    return w * positive + (1 - w) * negative
+
+
 class AdvantageWeightedMatching(Algorithm):
-    """AWM: minimise the advantage-weighted denoising loss on the epoch's x_0, over several steps."""
+    """AWM: the bounded advantage-weighted denoising loss on the epoch's x_0, over several steps."""
 
     needs_log_prob = False  # trains on x_0 only: any sampler, deterministic DDIM included
 
+    def __init__(self, s):
+        super().__init__(s)
+        self.old = copy.deepcopy(s.policy).requires_grad_(False)  # eps_old: the policy before this epoch's update
+
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        cfg = self.s.config
+        s, cfg = self.s, self.s.config
+        self.old.load_state_dict(s.policy.state_dict())
         returns = chain_returns(batch.rewards, batch.kl, cfg.kl_coef)
         adv = advantages(returns[None], batch.c, cfg.adv_clip)[0][0]  # [B]
-        loss = self.fit_denoising(batch, adv / batch.B, generator)  # (1 / B) sum_b A_b ||eps_theta - eps||^2 / D
-        return {"loss/policy": loss, "awm/adv_abs": adv.abs().mean().item()}
+        w = optimality(adv, cfg.adv_clip)
+        rows = s.ranks.shard(batch.B, "--chains")
+
+        def loss() -> Tensor:
+            x_t, t, noise = s.diffusion.noised(batch.x0, generator, rows)
+            c = None if batch.c is None else batch.c[rows]
+            with torch.no_grad():
+                eps_old = self.old(x_t, t, c)
+            per_sample = nft_loss(s.synced_policy(x_t, t, c), eps_old, noise, w[rows])
+            return per_sample.sum() * s.ranks.world_size / batch.B  # DDP's mean over ranks: the batch mean
+
+        return {
+            "loss/policy": self.descend(loss, self.forward_process_steps(batch)),
+            "awm/adv_abs": adv.abs().mean().item(),
+        }

@@ -12,7 +12,7 @@ rows, scaled so that DDP's mean over ranks is the one-process loss (`own_rows`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -108,24 +108,23 @@ class Algorithm:
         self.optimizer.step()
         return grad_norm
 
-    def fit_denoising(self, batch: Batch, weights: Tensor, generator: torch.Generator) -> float:
-        """Minimise the per-sample weighted denoising loss sum_b w_b E_{t, eps} ||eps_theta(x_t, t) - eps||^2 / D on
-        the batch's x_0, for inner_epochs * max(1, K B // minibatch_size) steps (the forward-process family:
-        rwr, awm). Every step draws t and eps for the whole batch; returns the mean loss over the steps."""
-        s, cfg = self.s, self.s.config
-        steps = cfg.inner_epochs * max(1, batch.K * batch.B // cfg.minibatch_size)
-        shard = s.ranks.shard(batch.B, "--chains")
-        losses = torch.zeros(steps, device=s.device)
+    def forward_process_steps(self, batch: Batch) -> int:
+        """Gradient steps per epoch of the algorithms that train on x_0 through the forward process (rwr, awm):
+        --inner-epochs passes of K B / --minibatch-size steps, as many as ddpo-is takes over the batch's pairs."""
+        cfg = self.s.config
+        return cfg.inner_epochs * max(1, batch.K * batch.B // cfg.minibatch_size)
+
+    def descend(self, loss: Callable[[], Tensor], steps: int) -> float:
+        """`steps` optimizer steps on loss(), each on a fresh draw; returns the mean loss over them. Each rank's
+        loss is scaled so that the mean over ranks is the whole batch's."""
+        losses = torch.zeros(steps, device=self.s.device)
         for step in range(steps):
-            loss = s.diffusion.training_loss(
-                s.synced_policy, batch.x0, batch.c, generator=generator, weights=weights, shard=shard
-            )
+            value = loss()
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             self.step()
-            losses[step] = loss.detach()
-        # each rank's loss is scaled so that the mean over ranks is the whole batch's
-        return s.ranks.sum(losses).mean().item() / s.ranks.world_size
+            losses[step] = value.detach()
+        return self.s.ranks.sum(losses).mean().item() / self.s.ranks.world_size
 
     def own_rows(self, rows: Tensor, B: int) -> tuple[Tensor, Tensor]:
         """Of pair rows k * B + b of the whole batch, those of this rank's chains: (their rows, the same

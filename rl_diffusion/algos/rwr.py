@@ -31,5 +31,14 @@ class RewardWeightedRegression(Algorithm):
             )
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        weights = rwr_weights(batch.rewards, self.s.config.rwr_temperature)
-        return {"loss/policy": self.fit_denoising(batch, weights, generator), "rwr/weight_max": weights.max().item()}
+        s, cfg = self.s, self.s.config
+        weights = rwr_weights(batch.rewards, cfg.rwr_temperature)
+        shard = s.ranks.shard(batch.B, "--chains")
+
+        def weighted_denoising_loss() -> Tensor:  # sum_b w_b E_{t, eps} ||eps_theta(x_t, t) - eps||^2 / D
+            return s.diffusion.training_loss(
+                s.synced_policy, batch.x0, batch.c, generator=generator, weights=weights, shard=shard
+            )
+
+        loss = self.descend(weighted_denoising_loss, self.forward_process_steps(batch))
+        return {"loss/policy": loss, "rwr/weight_max": weights.max().item()}
