@@ -15,16 +15,24 @@ the autograd graph: no ``torch.no_grad``, ``detach``, numpy or argmax between x0
 and any network it runs frozen (``requires_grad_(False)``) so no gradient accumulates in it.
 Decorating the factory with ``@differentiable`` (under ``@register``) declares it on every
 function the factory returns, and marks the reward in ``rl-diffusion rewards``.
+
+A spec that is a URL (``http://HOST:PORT``) is a reward served by another process
+(``rl-diffusion serve-reward``; rewards/remote.py), scored over HTTP and never differentiable.
+
+Every built reward carries a fingerprint (``reward_fingerprint``): its name, arguments, version and
+a hash of its factory's source. A fine-tuning run records it, and refuses to resume with another.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.metadata
 import inspect
 import json
 import re
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -40,6 +48,10 @@ _REGISTRY: dict[str, Factory] = {}
 
 class RewardError(UserError):
     """A reward raised, returned the wrong shape, or returned non-finite values."""
+
+
+class ServedRewardError(RewardError):
+    """A served reward failed (server down, timed out, wrong answer); the message names the server."""
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -76,12 +88,18 @@ class Reward:
     """
 
     def __init__(
-        self, name: str, fn: RewardFn, kwargs: dict[str, Any] | None = None, skip_nonfinite: bool = False
+        self,
+        name: str,
+        fn: RewardFn,
+        kwargs: dict[str, Any] | None = None,
+        skip_nonfinite: bool = False,
+        fingerprint: dict | None = None,
     ) -> None:
         self.name = name
         self.fn = fn
         self.kwargs = dict(kwargs or {})
         self.skip_nonfinite = skip_nonfinite
+        self.fingerprint = fingerprint or {"name": name, "arguments": _jsonable(self.kwargs)}
 
     def __repr__(self) -> str:
         return f"Reward({self.name!r}, {self.kwargs!r})"
@@ -97,9 +115,21 @@ class Reward:
         """Whether the reward declares a useful gradient d r / d x0 (``fn.differentiable``)."""
         return bool(getattr(self.fn, "differentiable", False))
 
+    @property
+    def components(self) -> dict[str, torch.Tensor]:
+        """A weighted sum's (rewards/weighted.py) unweighted component scores [B] of the last call, by label."""
+        return dict(getattr(self.fn, "last_components", {}))
+
+    @property
+    def missing(self) -> int:
+        """Samples of the last call that a served reward could not score (nan; --on-reward-failure skip)."""
+        return int(getattr(self.fn, "missing", 0))
+
     def __call__(self, x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         try:
             r = self.fn(x0, c)
+        except ServedRewardError:
+            raise  # it names the server and the cause already
         except Exception as e:
             raise RewardError(f"reward '{self.name}' raised {_one_line(e)}") from e
         expected = (x0.shape[0],)
@@ -219,12 +249,24 @@ def _check_kwargs(name: str, factory: Factory, kwargs: dict[str, Any]) -> None:
         )
 
 
-def build_reward(spec: str, kwargs: dict[str, Any] | None = None, *, skip_nonfinite: bool = False) -> Reward:
-    """Build the reward ``spec`` (registered name, 'package.module:factory', or entry point).
+def build_reward(
+    spec: str, kwargs: dict[str, Any] | None = None, *, skip_nonfinite: bool = False, on_failure: str = "stop"
+) -> Reward:
+    """Build the reward ``spec`` (registered name, 'package.module:factory', entry point, the URL of a
+    served reward: rewards/remote.py, or a weighted sum of those: rewards/weighted.py).
 
     A registered name wins over an entry point of the same name. Every user mistake (unknown
-    name, failed import, unknown argument, bad argument value) is a UserError.
+    name, failed import, unknown argument, bad argument value) is a UserError. ``on_failure``
+    (stop | skip) applies to a served reward only: what a batch that fails every try becomes.
     """
+    from rewards.weighted import build_weighted_sum, is_weighted_sum
+
+    if is_weighted_sum(spec):
+        return build_weighted_sum(spec, kwargs, skip_nonfinite=skip_nonfinite, on_failure=on_failure)
+    if spec.startswith(("http://", "https://")):
+        from rewards.remote import build_remote
+
+        return build_remote(spec, kwargs, skip_nonfinite=skip_nonfinite, on_failure=on_failure)
     kwargs = dict(kwargs or {})
     factory = _find_factory(spec)
     _check_kwargs(spec, factory, kwargs)
@@ -234,7 +276,78 @@ def build_reward(spec: str, kwargs: dict[str, Any] | None = None, *, skip_nonfin
         raise UserError(f"reward '{spec}': {' '.join(str(e).split())}") from e
     if not callable(fn):
         raise UserError(f"reward factory '{spec}' returned a {type(fn).__name__}, not a function")
-    return Reward(spec, fn, kwargs, skip_nonfinite=skip_nonfinite)
+    return Reward(
+        spec, fn, kwargs, skip_nonfinite=skip_nonfinite, fingerprint=reward_fingerprint(spec, factory, kwargs)
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """value as it reads back from JSON (tuples become lists), so a fingerprint compares equal to a saved one."""
+    return json.loads(json.dumps(value, sort_keys=True, default=repr))
+
+
+@functools.lru_cache(maxsize=None)
+def _distribution_versions() -> dict[str, str]:
+    """Top-level module -> version of the installed distribution providing it."""
+    versions = {}
+    for module, dists in importlib.metadata.packages_distributions().items():
+        try:
+            versions[module] = importlib.metadata.version(dists[0])
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _factory_version(factory: Factory) -> str | None:
+    top = (getattr(inspect.unwrap(factory), "__module__", None) or "").partition(".")[0]
+    if top in ("rewards", "rl_diffusion"):  # the built-ins ship with this package, installed or not
+        from rl_diffusion import __version__
+
+        return __version__
+    module = sys.modules.get(top)
+    return _distribution_versions().get(top) or getattr(module, "__version__", None)
+
+
+def _source_sha256(factory: Factory) -> str | None:
+    """sha256 of the factory's source (inspect.getsource, which unwraps @differentiable); None if it has none.
+
+    Only the factory's own text: a change in a helper it calls goes unseen, while a change to another
+    reward in the same module does not block a resume.
+    """
+    try:
+        source = inspect.getsource(factory)
+    except (OSError, TypeError):  # built in C, or defined at an interactive prompt
+        return None
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def reward_fingerprint(name: str, factory: Factory, kwargs: dict[str, Any]) -> dict:
+    """What identifies a built reward: name, arguments, version (of the distribution providing it) and the
+    sha256 of its factory's source. JSON-ready; a run's config.json records it."""
+    return {
+        "name": name,
+        "arguments": _jsonable(kwargs),
+        "version": _factory_version(factory),
+        "source_sha256": _source_sha256(factory),
+    }
+
+
+def fingerprint_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for each fingerprint entry that differs, nested entries (a weighted sum's components)
+    as 'label.key'; hashes shortened to 12 characters."""
+
+    def show(value: Any) -> str:
+        text = json.dumps(value, sort_keys=True)
+        return text[1:13] if isinstance(value, str) and len(value) == 64 else text
+
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "arguments":
+            changes += fingerprint_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {show(a)} -> {show(b)}")
+    return changes
 
 
 def reward_names() -> list[str]:

@@ -1,4 +1,5 @@
-"""The `rl-diffusion` command: pretrain, finetune, ablate, frontier, sample, evaluate, data, datasets, rewards.
+"""The `rl-diffusion` command: pretrain, finetune, ablate, frontier, sample, evaluate, data, datasets, rewards,
+serve-reward.
 
 Every user mistake ends as one line `error: ...` on stderr with exit status 2.
 """
@@ -238,6 +239,20 @@ def cmd_rewards(args: argparse.Namespace) -> None:
     print(describe_rewards())
 
 
+def cmd_serve_reward(args: argparse.Namespace) -> None:
+    from rewards import parse_reward_args
+    from rewards.remote import serve
+
+    serve(
+        args.name,
+        parse_reward_args(args.reward_arg or []),
+        host=args.host,
+        port=args.port,
+        max_batches=args.max_batches,
+        device=args.device,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pretrain.train import PretrainConfig
     from rl_diffusion.finetune import FinetuneConfig
@@ -364,6 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("datasets", help="list the data sets").set_defaults(func=cmd_datasets)
     sub.add_parser("rewards", help="list the rewards and their arguments").set_defaults(func=cmd_rewards)
+
+    p = sub.add_parser(
+        "serve-reward",
+        help="serve a reward over HTTP, for --reward http://HOST:PORT in another process or machine",
+        description="Serves reward NAME at POST /score (a compact binary batch format, rewards/remote.py) and "
+        "GET /info (its fingerprint). No authentication: keep --host on loopback, or put it behind a proxy.",
+    )
+    p.add_argument("name", metavar="NAME", help="reward name, module:factory, or entry point (see `rewards`)")
+    p.add_argument(
+        "--reward-arg", action="append", metavar="KEY=VALUE", help="reward keyword argument (repeatable; JSON values)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on; 0 picks a free one (default: 8765)")
+    p.add_argument("--device", default="cpu", help="where the reward runs: cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument(
+        "--max-batches", type=int, default=0, help="stop after this many POST /score requests (0 = never; for tests)"
+    )
+    p.set_defaults(func=cmd_serve_reward)
     return parser
 
 

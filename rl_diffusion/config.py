@@ -39,6 +39,9 @@ def given_flags(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
 
 # Flags that may differ on --resume without changing the result.
 RESUMABLE_OVERRIDES = ("device",)
+# Keys of a saved config.json that describe the run rather than set a config field: the kind of run, and
+# the fingerprint of the reward it trains on (rewards.reward_fingerprint; checked by finetune's --resume).
+RUN_METADATA = ("kind", "reward_fingerprint")
 
 
 def resume_config(cls: type[C], kind: str, run_dir, overrides: dict[str, Any]) -> C:
@@ -48,7 +51,7 @@ def resume_config(cls: type[C], kind: str, run_dir, overrides: dict[str, Any]) -
     saved = read_run_config(run_dir)
     if saved.get("kind") != kind:
         raise UserError(f"{run_dir} is a {saved.get('kind')} run, not a {kind} run")
-    fields = {k: v for k, v in saved.items() if k != "kind"}
+    fields = {k: v for k, v in saved.items() if k not in RUN_METADATA}
     changed = [k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and fields.get(k) != v]
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
@@ -61,7 +64,7 @@ def saved_config(cls: type[C], run_dir) -> C:
     """The config a run directory was started with (its config.json)."""
     from rl_diffusion.checkpoint import read_run_config
 
-    return config_from_dict(cls, {k: v for k, v in read_run_config(run_dir).items() if k != "kind"})
+    return config_from_dict(cls, {k: v for k, v in read_run_config(run_dir).items() if k not in RUN_METADATA})
 
 
 def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:

@@ -24,7 +24,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from pretrain.data import data_of_checkpoint, reference_draws
 from pretrain.train import EVAL_DATA_SEED, to_markdown_table
-from rewards import Reward, RewardError, build_reward, finite_mean
+from rewards import Reward, RewardError, build_reward, fingerprint_changes, finite_mean
+from rewards.remote import served
 from rl_diffusion import distributed, figures
 from rl_diffusion.algos import AGENT_ALGOS, ALGOS, NATIVE, algorithm
 from rl_diffusion.checkpoint import (
@@ -32,6 +33,7 @@ from rl_diffusion.checkpoint import (
     LoadedRun,
     load_run,
     prepare_run_dir,
+    read_run_config,
 )
 from rl_diffusion.config import arg
 from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, GaussianDiffusion, check_sampler, is_memoryless
@@ -48,8 +50,19 @@ MODE_HELD_MASS = 0.01  # a mode holds samples when at least this fraction of the
 class FinetuneConfig:
     # --pretrained: under torchrun, whose own parser reads --run as an abbreviation of its --run-path
     run: str = arg("", "pretrained run directory to start from (also --pretrained)", aliases=("--pretrained",))
-    reward: str = arg("target_point", "reward name, module:factory, or entry point (see `rl-diffusion rewards`)")
+    reward: str = arg(
+        "target_point",
+        "reward name, module:factory, or entry point (see `rl-diffusion rewards`); http://HOST:PORT of a reward "
+        "served by `rl-diffusion serve-reward` (its --reward-arg are then the client's: timeout, retries, backoff, "
+        "batch); or a weighted sum of those, '0.7*in_region+0.3*target_point', each term [WEIGHT*][LABEL=]REWARD "
+        "with --reward-arg LABEL:KEY=VALUE",
+    )
     reward_args: dict = dataclasses.field(default_factory=dict, metadata={"help": "reward keyword arguments"})
+    on_reward_failure: str = arg(
+        "stop",
+        "a served reward's batch that still fails after its retries: stop (exit 2; the last good checkpoint stays) "
+        "| skip (drop those chains, counted in reward/missing); never scored 0",
+    )
     eval_rewards: dict = dataclasses.field(
         default_factory=dict,
         metadata={
@@ -170,15 +183,26 @@ class FinetuneConfig:
             )
         if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
             raise UserError(f"unknown --log-prob-reduction '{self.log_prob_reduction}'; choose sum or mean")
+        self.validate_on_reward_failure()
         if self.x_axis not in ("epoch", "reward_queries"):
             raise UserError(f"unknown --x-axis '{self.x_axis}'; choose epoch or reward_queries")
         sb3_refused = {
             "--timestep-fraction": self.timestep_fraction < 1,
             "--skip-nonfinite-rewards": self.skip_nonfinite_rewards,
+            "--on-reward-failure skip": self.on_reward_failure == "skip",
         }
         if self.algo == "sb3-ppo" and any(sb3_refused.values()):
             flags = ", ".join(flag for flag, given in sb3_refused.items() if given)
             raise UserError(f"--algo sb3-ppo does not support {flags}; use --algo ddpo-is for them")
+
+    def validate_on_reward_failure(self) -> None:
+        if self.on_reward_failure not in ("stop", "skip"):
+            raise UserError(f"unknown --on-reward-failure '{self.on_reward_failure}'; choose stop or skip")
+        if self.on_reward_failure == "skip" and not any(url in self.reward for url in ("http://", "https://")):
+            raise UserError(
+                "--on-reward-failure skip applies to a served reward (--reward http://HOST:PORT); "
+                f"reward '{self.reward}' runs in this process, where a failure is a bug to fix"
+            )
 
     def validate_native(self) -> None:
         """What the chosen algorithm declares it needs (algos/base.py), then its own checks."""
@@ -236,6 +260,7 @@ class FinetuneConfig:
         refused = {
             "--timestep-fraction": self.timestep_fraction < 1,
             "--skip-nonfinite-rewards": self.skip_nonfinite_rewards,
+            "--on-reward-failure skip": self.on_reward_failure == "skip",
             "--log-prob-reduction": self.log_prob_reduction != "sum",
         }
         if any(refused.values()):
@@ -285,6 +310,9 @@ class Setup:
         default_factory=dict
     )  # held-out rewards by label: logged, never trained on
     modes: Modes | None = None  # a mixture data set's modes, for diversity/modes_held
+    component_means: dict[str, float] = dataclasses.field(
+        default_factory=dict
+    )  # a weighted sum of rewards: each component's mean over the last scored batch, by label
 
     @property
     def steps_per_chain(self) -> int:
@@ -310,15 +338,22 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     if ranks.world_size > 1:
         if config.algo.startswith("sb3-"):
             raise UserError(f"--algo {config.algo} runs in one process; under torchrun use ddpo-sf, ddpo-is or rwr")
-        if config.skip_nonfinite_rewards:
-            raise UserError(
-                "--skip-nonfinite-rewards would leave the ranks with unequal batches; it needs a single process"
-            )
+        if config.skip_nonfinite_rewards or config.on_reward_failure == "skip":
+            flag = "--skip-nonfinite-rewards" if config.skip_nonfinite_rewards else "--on-reward-failure skip"
+            raise UserError(f"{flag} would leave the ranks with unequal batches; it needs a single process")
     ranks.shard(config.chains, "--chains")  # an uneven split is refused before anything is written
     pretrained = load_run(Path(config.run), device)
     if pretrained.checkpoint["kind"] != "pretrain":
         raise UserError(f"--run {config.run} is a {pretrained.checkpoint['kind']} run; fine-tune from a pretrain run")
-    reward = build_reward(config.reward, config.reward_args, skip_nonfinite=config.skip_nonfinite_rewards)
+    reward = build_reward(
+        config.reward,
+        config.reward_args,
+        skip_nonfinite=config.skip_nonfinite_rewards,
+        on_failure=config.on_reward_failure,
+    )
+    out = Path(out)
+    if resume:
+        check_reward_unchanged(out, reward)
     if config.algo in NATIVE and algorithm(config.algo).needs_reward_gradient and not reward.differentiable:
         raise UserError(
             f"--algo {config.algo} needs the reward's gradient and reward '{reward.name}' does not declare itself "
@@ -337,9 +372,9 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     epochs = config.epochs
     if config.total_steps > 0:
         epochs = max(1, config.total_steps // (config.chains * steps))
-    out = Path(out)
     if not resume and ranks.is_main:
-        prepare_run_dir(out, json.dumps(dict(kind="finetune", **dataclasses.asdict(config)), indent=2), overwrite)
+        saved = dict(kind="finetune", **dataclasses.asdict(config), reward_fingerprint=reward.fingerprint)
+        prepare_run_dir(out, json.dumps(saved, indent=2), overwrite)
     if config.kl_coef > 0 and not is_memoryless(config.sampler, config.eta) and ranks.is_main:
         print(
             f"warning: DDIM with --eta {config.eta} keeps memory of x_T, so the KL-regularised optimum "
@@ -383,6 +418,22 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     )
 
 
+def check_reward_unchanged(out: Path, reward: Reward) -> None:
+    """Refuse to --resume a run whose reward's fingerprint differs from the one its config.json recorded.
+
+    A run started before fingerprints were recorded has none, and resumes as before.
+    """
+    saved = read_run_config(out).get("reward_fingerprint")
+    if saved is None:
+        return
+    changes = fingerprint_changes(saved, reward.fingerprint)
+    if changes:
+        raise UserError(
+            f"--resume {out}: reward '{reward.name}' changed since the run started ({'; '.join(changes)}); "
+            "resuming would mix two rewards in one run: restore the reward it was trained with, or start a new run"
+        )
+
+
 def build_eval_rewards(eval_rewards: dict) -> dict[str, Reward]:
     """The held-out rewards of FinetuneConfig.eval_rewards by label; a non-finite value is left out of their means."""
     return {
@@ -416,9 +467,12 @@ def score(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
         rewards = s.reward(x0, c)
     except RewardError as e:
         raise RewardError(f"{e}; stopped at epoch {epoch + 1}, the last good checkpoint is kept in {s.out}") from None
+    s.component_means = {label: finite_mean(r) for label, r in s.reward.components.items()}
     if torch.isfinite(rewards).sum() < 2:
+        missing = f" ({s.reward.missing} of {len(rewards)} missing: the server failed)" if s.reward.missing else ""
         raise RewardError(
-            f"reward '{s.reward.name}' returned fewer than 2 finite values at epoch {epoch + 1}; nothing to learn from"
+            f"reward '{s.reward.name}' returned fewer than 2 finite values at epoch {epoch + 1}{missing}; nothing "
+            f"to learn from; the last good checkpoint is kept in {s.out}"
         )
     return rewards
 
@@ -459,6 +513,10 @@ def log_epoch(
         "perf/epoch_seconds": seconds,
         "perf/peak_memory_mb": peak_memory_mb(s.device),
         **{f"eval_reward/{label}/mean": finite_mean(r) for label, r in held_out.items()},
+        # a served reward: samples of the epoch's batch it failed to score (in reward/nonfinite too, and dropped)
+        **({"reward/missing": float(s.reward.missing)} if served(s.reward) else {}),
+        # a weighted sum: each component's unweighted mean over the scored batch (dropped chains included)
+        **{f"reward/component/{label}/mean": mean for label, mean in s.component_means.items()},
         **diversity_scalars(x0.detach(), s.modes),
         **scalars,
     }
