@@ -260,7 +260,7 @@ def main() -> int:
         figure = Path(args.figures) / f"tilt_{name}.png"
         row = [(f"{name}, beta = 1", [("exact target", exact.samples), *cells], exact.samples)]
         figures.plot_grid(
-            row, figure, title="samples (black) over the exact tilted target (grey), equal reward queries"
+            row, figure, title="samples (blue) over the exact tilted target (grey), equal reward queries"
         )
     if Path(args.out).exists():  # targets run earlier (another --only) are kept
         results["targets"] = {**json.loads(Path(args.out).read_text())["targets"], **results["targets"]}
