@@ -26,6 +26,17 @@ pretrained here into a temporary directory unless --pretrained gives one.
    pretrained model and the floor of the target against itself; and sliced W2 to the pretrained
    model's own tilt p_pre exp(r / beta) / Z (importance resampling).
 
+4. Where a fine-tuning run's time goes (--epoch-split-only runs this part alone and updates its field
+   in --out, leaving the rest as it was): ddpo-is with the race's settings on dino (the default MLP) and
+   on digits (the default U-Net, a 20-step pretrain, digit_classifier digit=3, 64 chains, the DDPM chain),
+   with timers wrapped around the loop's own calls from outside (rl_diffusion/algos/loop.py is not
+   touched): sampling (Algorithm.sample), reward (score), the reference call for the KL (path_kls), update
+   (Algorithm.update), logging and figures (log_epoch, and the final figures), checkpoints (save), the
+   final evaluation (evaluate_finetuned; skipped on digits, where 500 samples with the path KL take longer
+   than the epochs), and the rest of the loop. Then the ceiling of one epoch (collect + update): its
+   matrix products and convolutions counted by FlopCounterMode and replayed back to back
+   (rl_diffusion/flops.py), the achieved FLOP/s as a fraction of that replay.
+
 One torch thread by default (--threads): on 2 cores any other busy process (a test suite) makes
 torch's 2 OpenMP threads spin against it and slows these small networks down 20x or more, while
 one thread stays steady. The load average before and after is recorded.
@@ -34,12 +45,14 @@ Prints the JSON and a markdown table, and writes both (the table as a field) to 
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # else scripts/pretrain.py shadows the pretrain package
@@ -49,10 +62,12 @@ import torch  # noqa: E402
 from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 
-from pretrain.train import PretrainConfig, pretrain  # noqa: E402
-from rl_diffusion.algos import sb3, trainer  # noqa: E402
+from pretrain.train import PretrainConfig, config_for, pretrain  # noqa: E402
+from rl_diffusion import figures  # noqa: E402
+from rl_diffusion.algos import algorithm, loop, sb3, trainer  # noqa: E402
 from rl_diffusion.env import DenoisingEnv  # noqa: E402
 from rl_diffusion.finetune import FinetuneConfig, setup  # noqa: E402
+from rl_diffusion.flops import record_matmuls, replay_seconds  # noqa: E402
 
 SAMPLING = {"sampler": "ddim", "sampling_steps": 50, "eta": 1.0}
 REWARD = {"reward": "in_region", "reward_args": {"shape": "disc", "center": [2.0, -1.0], "radius": 1.0}}
@@ -287,6 +302,205 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+EPOCH_PHASES = (
+    "setup",
+    "sampling",
+    "reward",
+    "reference_call_for_kl",
+    "update",
+    "logging_and_figures",
+    "checkpoints",
+    "final_evaluation",
+    "other",
+)
+
+
+class PhaseTimers:
+    """Wall seconds by phase of the calls it wraps (functions of a module or methods of a class); unwrap()
+    puts the originals back."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.originals: list[tuple[object, str, object, bool]] = []
+
+    def wrap(self, owner, name: str, phase: str, instead=None) -> None:
+        """Time owner.name under `phase`; with `instead`, call that in its place."""
+        original = getattr(owner, name)
+        call = instead or original
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - started
+
+        self.originals.append((owner, name, original, name in vars(owner)))
+        setattr(owner, name, timed)
+
+    def unwrap(self) -> None:
+        for owner, name, original, own in reversed(self.originals):
+            if own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)  # an inherited method: drop the override
+        self.originals = []
+
+
+def timed_run(cfg: FinetuneConfig, out: Path, final_evaluation: bool) -> dict:
+    """One fine-tuning run with every phase of the loop timed from outside; seconds per epoch and in all."""
+    timers, algo = PhaseTimers(), algorithm(cfg.algo)
+    started = time.perf_counter()
+    s = setup(cfg, out)
+    timers.seconds["setup"] = time.perf_counter() - started
+    timers.wrap(algo, "sample", "sampling")
+    timers.wrap(algo, "update", "update")
+    timers.wrap(loop, "score", "reward")
+    timers.wrap(loop, "path_kls", "reference_call_for_kl")
+    timers.wrap(loop, "log_epoch", "logging_and_figures")
+    timers.wrap(loop, "save", "checkpoints")
+    if final_evaluation:
+        timers.wrap(loop, "evaluate_finetuned", "final_evaluation")
+        for name in ("save_gif", "save_image_grid", "plot_finetune_summary"):
+            timers.wrap(figures, name, "logging_and_figures")
+    else:
+        timers.wrap(loop, "finish", "final_evaluation", instead=lambda s: s.writer.close() or {})
+    try:
+        loop.train(s, progress=False)
+    finally:
+        timers.unwrap()
+    total = time.perf_counter() - started
+    seconds = {phase: timers.seconds.get(phase, 0.0) for phase in EPOCH_PHASES}
+    seconds["other"] = total - sum(seconds.values())
+    return {"epochs": s.epochs, "total_seconds": total, "seconds": seconds}
+
+
+def epoch_ceiling(cfg: FinetuneConfig, out: Path, epochs: int) -> dict:
+    """Achieved FLOP/s of the epoch's collect + update against the replay of its own products."""
+    s = setup(cfg, out)
+    algo = algorithm(cfg.algo)(s)
+    generator = torch.Generator(device=s.device).manual_seed(cfg.seed)
+
+    def epoch(k: int) -> None:
+        algo.update(loop.collect(s, algo, generator, k), generator)
+
+    epoch(0)  # warm-up
+    started = time.perf_counter()
+    for k in range(1, epochs + 1):
+        epoch(k)
+    seconds = (time.perf_counter() - started) / epochs
+    _, matmuls = record_matmuls(lambda: epoch(epochs + 1))
+    products = replay_seconds(matmuls)
+    s.writer.close()
+    return {
+        "epoch_seconds": seconds,
+        "flops": matmuls.flops,
+        "product_calls": matmuls.calls,
+        "mean_flops_per_product": matmuls.flops / matmuls.calls,
+        "achieved_gflops": matmuls.flops / seconds / 1e9,
+        "attainable_gflops": matmuls.flops / products / 1e9,
+        "fraction_of_attainable": products / seconds,
+        "products_seconds_at_replay_speed": products,
+    }
+
+
+def epoch_split(pretrained: Path, tmp: Path, device: str, epochs: int, lr: float) -> dict:
+    """Where a ddpo-is run's time goes, per phase, on dino (MLP) and digits (U-Net), with each epoch's ceiling."""
+    log("epoch split: pretraining digits (20 steps: the speed, not the quality, is measured) ...")
+    digits = tmp / "digits-pretrained"
+    pretrain(config_for_digits(device), digits, progress=False)
+    cases = {
+        "dino MLP: ddpo-is, 256 chains, DDIM 50 steps (eta 1), in_region": (
+            config(pretrained, device, algo="ddpo-is", chains=256, epochs=epochs, lr=lr),
+            True,
+        ),
+        "digits U-Net: ddpo-is, 64 chains, DDPM 100 steps, digit_classifier 3": (
+            FinetuneConfig(
+                run=str(digits),
+                reward="digit_classifier",
+                reward_args={"digit": 3},
+                algo="ddpo-is",
+                chains=64,
+                epochs=3,
+                seed=0,
+                device=device,
+            ),
+            False,
+        ),
+    }
+    result = {}
+    for name, (cfg, final_evaluation) in cases.items():
+        log(f"epoch split: {name} ...")
+        slug = name.split(":")[0].replace(" ", "-")
+        run = timed_run(cfg, tmp / f"split-{slug}", final_evaluation)
+        per_epoch = {p: run["seconds"][p] / run["epochs"] for p in EPOCH_PHASES if p not in ONE_OFF}
+        result[name] = {
+            "epochs": run["epochs"],
+            "total_seconds": run["total_seconds"],
+            "seconds": run["seconds"],
+            "per_epoch_seconds": per_epoch,
+            "final_evaluation_timed": final_evaluation,
+            "ceiling": epoch_ceiling(cfg, tmp / f"ceiling-{slug}", epochs=3 if final_evaluation else 1),
+        }
+        c = result[name]["ceiling"]
+        log(
+            f"  {c['achieved_gflops']:.1f} GFLOP/s of {c['attainable_gflops']:.1f} attainable "
+            f"({c['fraction_of_attainable']:.0%})"
+        )
+    return result
+
+
+ONE_OFF = ("setup", "final_evaluation")  # once per run, not per epoch (figures are in logging_and_figures)
+
+
+def config_for_digits(device: str) -> PretrainConfig:
+    return config_for({"dataset": "digits", "steps": 20, "eval_every": 20, "eval_samples": 16, "device": device})
+
+
+def markdown_epoch_split(split: dict) -> str:
+    lines = [
+        "| run | " + " | ".join(p.replace("_", " ") for p in EPOCH_PHASES) + " | total s | ceiling fraction |",
+        "|---|" + "---|" * (len(EPOCH_PHASES) + 2),
+    ]
+    for name, r in split.items():
+        cells = " | ".join(f"{r['seconds'][p]:.2f}" for p in EPOCH_PHASES)
+        c = r["ceiling"]
+        ceiling = (
+            f"{c['fraction_of_attainable']:.0%} ({c['achieved_gflops']:.1f} of {c['attainable_gflops']:.1f} GFLOP/s)"
+        )
+        lines.append(f"| {name} ({r['epochs']} epochs) | {cells} | {r['total_seconds']:.1f} | {ceiling} |")
+    return "\n".join(lines)
+
+
+def epoch_split_fields(split: dict, load_before: tuple) -> dict:
+    """Part 4's fields of the JSON."""
+    return {
+        "epoch_split": {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+            "load_average_1_5_15min_before": load_before,
+            "load_average_1_5_15min_after": os.getloadavg(),
+            "phases": "seconds of the whole run by phase (setup and final evaluation once; the others summed over "
+            "its epochs; other: the loop's own work between them, gathering, statistics, progress)",
+            "runs": split,
+        },
+        "markdown_epoch_split": markdown_epoch_split(split),
+    }
+
+
+def write_epoch_split(out: Path, split: dict, load_before: tuple) -> int:
+    """Part 4's fields into the JSON at `out` (the other parts' as they were), printed too."""
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result.update(epoch_split_fields(split, load_before))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["epoch_split"], indent=2))
+    print()
+    print(result["markdown_epoch_split"])
+    return 0
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -294,7 +508,7 @@ def log(message: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--pretrained", default=None, help="a dino pretrain run to reuse (default: pretrain one, ~40 s)"
+        "--pretrained", default=None, help="a dino pretrain run to reuse (default: pretrain one, ~16 s)"
     )
     parser.add_argument("--epochs", type=int, default=30, help="epoch budget of every fine-tuning run")
     parser.add_argument(
@@ -306,6 +520,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default, one per core)")
     parser.add_argument("--out", default="docs/benchmarks/rl.json")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--epoch-split-only",
+        action="store_true",
+        help="run only part 4 (where a fine-tuning run's time goes) and update its fields in --out",
+    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -323,6 +542,12 @@ def main() -> int:
             t0 = time.perf_counter()
             pretrain(PretrainConfig(dataset="dino", device=args.device), pretrained, progress=False)
             seconds["pretrain"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        split = epoch_split(pretrained, tmp, args.device, args.epochs, args.lr)
+        seconds["epoch_split"] = time.perf_counter() - t0
+        if args.epoch_split_only:
+            return write_epoch_split(Path(args.out), split, load_before)
 
         log("env throughput ...")
         t0 = time.perf_counter()
@@ -451,6 +676,7 @@ def main() -> int:
         },
         "markdown_table": table,
         "seconds": seconds,
+        **epoch_split_fields(split, load_before),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

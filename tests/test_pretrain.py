@@ -1,11 +1,14 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from pretrain.datasets import sample_2d
+from pretrain.train import PHASES, PhaseClock, PretrainConfig, eval_sampling, start_run, train
 from rl_diffusion.checkpoint import CheckpointManager, load_run
 from rl_diffusion.cli import main
+from rl_diffusion.errors import UserError
 from rl_diffusion.metrics import gaussian_fit, sample_quality
 
 
@@ -90,3 +93,32 @@ def test_loaded_model_is_the_ema(pretrained_moons):
     raw, ema = ckpt["train_state"]["model"], ckpt["model"]
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
     assert all(torch.equal(run.model.state_dict()[k], ema[k]) for k in ema)
+
+
+def test_timing_splits_the_run_into_its_phases(pretrained_moons):
+    timing = json.loads((pretrained_moons / "timing.json").read_text())
+    assert set(timing["seconds"]) == {*PHASES, "other"}
+    assert all(timing["seconds"][phase] > 0 for phase in ("setup", "optimizer_steps", "final_evaluation", "figures"))
+    assert sum(timing["seconds"].values()) == pytest.approx(timing["total_seconds"])
+
+
+def test_in_training_evaluations_leave_the_training_unchanged(tmp_path):
+    """However often and with whatever sampler it evaluates, a run trains the same weights: the evaluations
+    draw from a generator of their own, never the training one."""
+    tiny = dict(dataset="moons", steps=30, num_timesteps=10, hidden_size=16, batch_size=64, checkpoint_every=30)
+    often = PretrainConfig(**tiny, eval_every=7, eval_samples=300, eval_sampling_steps=0)
+    rarely = PretrainConfig(**tiny, eval_every=30, eval_samples=100, eval_sampling_steps=3)
+    weights = []
+    for name, config in (("often", often), ("rarely", rarely)):
+        run = start_run(config, tmp_path / name, overwrite=False, resume=False)
+        train(run, resume=False, progress=False, clock=PhaseClock())
+        weights.append(run.model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_in_training_evaluations_sample_ddim_in_fewer_steps_or_the_full_chain():
+    assert eval_sampling(20, 200) == {"sampler": "ddim", "sampling_steps": 20, "eta": 0.0}
+    assert eval_sampling(0, 200) == eval_sampling(200, 200) == eval_sampling(20, 10) == {}
+    for steps in (1, -1):
+        with pytest.raises(UserError, match="--eval-sampling-steps"):
+            PretrainConfig(dataset="moons", eval_sampling_steps=steps).validate()
