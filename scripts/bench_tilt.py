@@ -259,9 +259,7 @@ def main() -> int:
         cells += [(algo, sample_of(runs / name / f"{algo}_beta1.0_seed0")) for algo in ALGOS]
         figure = Path(args.figures) / f"tilt_{name}.png"
         row = [(f"{name}, beta = 1", [("exact target", exact.samples), *cells], exact.samples)]
-        figures.plot_grid(
-            row, figure, title="samples (blue) over the exact tilted target (grey), equal reward queries"
-        )
+        figures.plot_grid(row, figure, title="samples (blue) over the exact tilted target (grey), equal reward queries")
     if Path(args.out).exists():  # targets run earlier (another --only) are kept
         results["targets"] = {**json.loads(Path(args.out).read_text())["targets"], **results["targets"]}
     results["markdown"] = "\n\n".join(markdown(name, r) for name, r in results["targets"].items())
