@@ -249,6 +249,13 @@ def _check_kwargs(name: str, factory: Factory, kwargs: dict[str, Any]) -> None:
         )
 
 
+URL_SCHEMES = ("http://", "https://")  # a reward spec starting with one is served by another process
+
+
+def is_url(spec: str) -> bool:
+    return spec.startswith(URL_SCHEMES)
+
+
 def build_reward(
     spec: str, kwargs: dict[str, Any] | None = None, *, skip_nonfinite: bool = False, on_failure: str = "stop"
 ) -> Reward:
@@ -263,7 +270,7 @@ def build_reward(
 
     if is_weighted_sum(spec):
         return build_weighted_sum(spec, kwargs, skip_nonfinite=skip_nonfinite, on_failure=on_failure)
-    if spec.startswith(("http://", "https://")):
+    if is_url(spec):
         from rewards.remote import build_remote
 
         return build_remote(spec, kwargs, skip_nonfinite=skip_nonfinite, on_failure=on_failure)

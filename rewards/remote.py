@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from rewards import Reward, ServedRewardError, _one_line
+from rewards import Reward, ServedRewardError, _one_line, is_url
 from rl_diffusion.errors import UserError, nearest
 
 PROTOCOL = 1
@@ -56,12 +56,7 @@ HEADER = struct.Struct("<4sBBBB")
 MAX_NDIM = 8
 MAX_BODY = 1 << 30  # bytes; a larger body is refused unread, and the client sizes its chunks to stay below
 IDLE_SECONDS = 120  # a keep-alive connection with no request for this long is closed: no handler waits forever
-SCHEMES = ("http://", "https://")
 CLIENT_ARGS = {"timeout": 60.0, "retries": 3, "backoff": 0.5, "batch": 4096}
-
-
-def is_url(spec: str) -> bool:
-    return spec.startswith(SCHEMES)
 
 
 # ---------------------------------------------------------------- wire format

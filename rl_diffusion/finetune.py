@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from pretrain.data import data_of_checkpoint, reference_draws
 from pretrain.train import EVAL_DATA_SEED, to_markdown_table
-from rewards import Reward, RewardError, build_reward, fingerprint_changes, finite_mean
+from rewards import URL_SCHEMES, Reward, RewardError, build_reward, fingerprint_changes, finite_mean
 from rewards.remote import served
 from rl_diffusion import distributed, figures
 from rl_diffusion.algos import AGENT_ALGOS, ALGOS, NATIVE, algorithm
@@ -198,7 +198,7 @@ class FinetuneConfig:
     def validate_on_reward_failure(self) -> None:
         if self.on_reward_failure not in ("stop", "skip"):
             raise UserError(f"unknown --on-reward-failure '{self.on_reward_failure}'; choose stop or skip")
-        if self.on_reward_failure == "skip" and not any(url in self.reward for url in ("http://", "https://")):
+        if self.on_reward_failure == "skip" and not any(scheme in self.reward for scheme in URL_SCHEMES):
             raise UserError(
                 "--on-reward-failure skip applies to a served reward (--reward http://HOST:PORT); "
                 f"reward '{self.reward}' runs in this process, where a failure is a bug to fix"

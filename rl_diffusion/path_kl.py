@@ -43,7 +43,7 @@ class Pairs:
             t_prev=traj.prev_timesteps.repeat_interleave(B),
             x_prev=traj.xs[1:].flatten(0, 1),
             log_prob_old=None if traj.log_probs is None else traj.log_probs.flatten(),
-            mean_old=traj.means.flatten(0, 1),
+            mean_old=None if traj.means is None else traj.means.flatten(0, 1),
             c=None if traj.c is None else traj.c.repeat(len(traj.timesteps)),
         )
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.diffusion import Trajectory
 from rl_diffusion.errors import UserError
 from rl_diffusion.path_kl import Pairs, policy_step
 
@@ -38,19 +39,6 @@ from rl_diffusion.path_kl import Pairs, policy_step
 def relative_tb_delta(log_z: Tensor, log_ratio: Tensor, rewards: Tensor, beta: float) -> Tensor:
     """delta [B] = log Z + sum_k (log pi_theta - log pi_ref) - r / beta, from log_ratio [B] summed over each chain."""
     return log_z + log_ratio - rewards / beta
-
-
-def chain_pairs(xs: Tensor, t: Tensor, t_prev: Tensor, c: Tensor | None) -> Pairs:
-    """The pairs (step-major rows k * N + b) of whole chains xs [K + 1, N, ...] on timesteps t, t_prev [K]."""
-    N = xs.shape[1]
-    return Pairs(
-        x_t=xs[:-1].flatten(0, 1),
-        t=t.repeat_interleave(N),
-        t_prev=t_prev.repeat_interleave(N),
-        x_prev=xs[1:].flatten(0, 1),
-        log_prob_old=None,
-        c=None if c is None else c.repeat(len(t)),
-    )
 
 
 class RelativeTrajectoryBalance(Algorithm):
@@ -132,7 +120,8 @@ class RelativeTrajectoryBalance(Algorithm):
                 "rewards": torch.cat([old["rewards"], batch.rewards])[-cfg.replay_size :],
                 "c": None if batch.c is None else torch.cat([old["c"], batch.c])[-cfg.replay_size :],
             }
-        return chain_pairs(xs, t, t_prev, c), rewards, replayed
+        chains = Trajectory(xs=xs, timesteps=t, prev_timesteps=t_prev, log_probs=None, c=c)
+        return Pairs.from_trajectory(chains), rewards, replayed
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         s, cfg = self.s, self.s.config
