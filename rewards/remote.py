@@ -34,6 +34,7 @@ import http.client
 import json
 import math
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -112,7 +113,12 @@ class RewardServer(ThreadingHTTPServer):
     itself down after that many POST /score requests (tests, benchmarks); ``shutdown()`` stops it too.
     """
 
-    daemon_threads = True  # a connection still open never keeps the process alive
+    # server_close() joins every thread the server started: one still ending while the process exits may drop
+    # the last reference to the reward, whose tensors then free without the interpreter's lock, which aborts
+    # the process in C++ ("terminate called without an active exception"); idle keep-alive connections are
+    # shut first, so the join never waits on a client
+    daemon_threads = False
+    block_on_close = True
     handler: type[BaseHTTPRequestHandler]  # _Handler, set below; tests serve misbehaving subclasses
 
     def __init__(
@@ -132,11 +138,35 @@ class RewardServer(ThreadingHTTPServer):
         self.device = torch.device(device)
         self.batches = 0
         self.score_lock = threading.Lock()
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        self.stopper: threading.Thread | None = None  # calls shutdown() once --max-batches is reached
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        with self.connections_lock:  # a handler waiting for a client's next request reads EOF and ends
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already gone
+        super().server_close()
+        if self.stopper is not None:
+            self.stopper.join()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no server error
@@ -190,7 +220,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._score()
         finally:
             if last:  # shutdown() waits for serve_forever, which runs in another thread: call it from a third
-                threading.Thread(target=self.server.shutdown, daemon=True).start()
+                self.server.stopper = threading.Thread(target=self.server.shutdown)
+                self.server.stopper.start()
 
     def _score(self) -> None:
         try:
