@@ -1,5 +1,6 @@
 # Two commands: `make demo` runs the main job on its defaults, `make test` runs the test suite.
-# Both create .venv and install on first use (CPU torch, pinned: an unpinned torch pulls a CUDA build).
+# Both create .venv and install on first use (CPU torch, pinned: an unpinned torch pulls a CUDA build), with
+# the optional extras (diffusers, ray) so that the tests of import-diffusers and --ray always run.
 # `make format` rewrites the tree in the house style (ruff format, then ruff check --fix).
 PYTHON ?= python3.11
 VENV := .venv
@@ -13,7 +14,7 @@ $(BIN)/rl-diffusion: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,diffusers,ray]'
 	touch $@
 
 install: $(BIN)/rl-diffusion
