@@ -26,7 +26,7 @@ from pretrain.data import data_of_checkpoint, reference_draws
 from pretrain.train import EVAL_DATA_SEED, to_markdown_table
 from rewards import URL_SCHEMES, Reward, RewardError, build_reward, fingerprint_changes, finite_mean
 from rewards.remote import served
-from rl_diffusion import distributed, figures
+from rl_diffusion import distributed, figures, lora
 from rl_diffusion.algos import AGENT_ALGOS, ALGOS, NATIVE, algorithm
 from rl_diffusion.checkpoint import (
     CheckpointManager,
@@ -39,7 +39,8 @@ from rl_diffusion.config import arg
 from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, GaussianDiffusion, check_sampler, is_memoryless
 from rl_diffusion.distributed import NoWriter, Ranks
 from rl_diffusion.errors import UserError, nearest
-from rl_diffusion.metrics import mode_masses, vendi_score
+from rl_diffusion.metrics import diversity, mode_masses, vendi_score
+from rl_diffusion.precision import autocast_forward, check_precision
 from rl_diffusion.targets import Modes, dataset_modes
 
 AGENT_ACTION_MODES = ("residual", "noise")
@@ -145,6 +146,17 @@ class FinetuneConfig:
     replay_size: int = arg(1024, "rtb: chains kept in the replay buffer (0 = none)")
     replay_fraction: float = arg(0.5, "rtb: fraction of each update's chains drawn from the replay buffer")
     log_z_lr: float = arg(0.1, "rtb: learning rate of log Z")
+    lora_rank: int = arg(
+        0,
+        "train rank-R adapters on the policy's Linear and Conv2d layers, the pretrained weights frozen "
+        "(native algorithms; checkpoints hold the adapters and point at --run); 0 = train every weight",
+    )
+    lora_alpha: float = arg(0.0, "--lora-rank: adapters scaled by alpha / rank (0 = the rank: scale 1)")
+    precision: str = arg(
+        "fp32",
+        "fp32 | bf16 | fp16: the network's forward under torch.autocast; log-probs, ratios and the KL stay fp32 "
+        "(fp16 has no loss scaler: prefer bf16)",
+    )
 
     def validate(self) -> None:
         if self.algo not in ALGOS:
@@ -184,6 +196,7 @@ class FinetuneConfig:
         if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
             raise UserError(f"unknown --log-prob-reduction '{self.log_prob_reduction}'; choose sum or mean")
         self.validate_on_reward_failure()
+        self.validate_lora_and_precision()
         if self.x_axis not in ("epoch", "reward_queries"):
             raise UserError(f"unknown --x-axis '{self.x_axis}'; choose epoch or reward_queries")
         sb3_refused = {
@@ -203,6 +216,18 @@ class FinetuneConfig:
                 "--on-reward-failure skip applies to a served reward (--reward http://HOST:PORT); "
                 f"reward '{self.reward}' runs in this process, where a failure is a bug to fix"
             )
+
+    def validate_lora_and_precision(self) -> None:
+        if self.lora_rank < 0:
+            raise UserError(f"--lora-rank must be >= 0 (0: no adapters), got {self.lora_rank}")
+        if self.lora_alpha < 0:
+            raise UserError(f"--lora-alpha must be > 0 (or 0: the rank), got {self.lora_alpha}")
+        if self.lora_alpha and not self.lora_rank:
+            raise UserError("--lora-alpha scales the adapters of --lora-rank R; give a rank too")
+        check_precision(self.precision)
+        if self.algo.startswith("sb3-") and (self.lora_rank or self.precision != "fp32"):
+            flag = "--lora-rank" if self.lora_rank else "--precision"
+            raise UserError(f"{flag} applies to the native algorithms; --algo {self.algo} trains through SB3")
 
     def validate_native(self) -> None:
         """What the chosen algorithm declares it needs (algos/base.py), then its own checks."""
@@ -279,6 +304,24 @@ class FinetuneConfig:
         return {"sampler": self.sampler, "sampling_steps": self.sampling_steps or None, "eta": self.eta}
 
 
+# Defaults that differ for image runs (docs/design.md, section 9). A U-Net step costs ~100x an MLP step on
+# a CPU, so chains take DDPO's few DDIM steps with eta = 1 (memoryless: the KL optimum stays reachable), and
+# beta = 1 holds the policy to the data: for a log-probability reward log p(y | x) the optimum
+# p_pre(x) p(y | x) / Z is the pretrained model's own images of class y, where beta = 0 let every sample
+# become one pattern that fools the classifier.
+IMAGE_DEFAULTS = {"sampler": "ddim", "sampling_steps": 20, "eta": 1.0, "kl_coef": 1.0, "chains": 128}
+
+
+def config_for(flags: dict) -> FinetuneConfig:
+    """The config of the given flags over the defaults of the pretrained run's data (points or images)."""
+    run = Path(flags.get("run") or FinetuneConfig.run)
+    try:
+        image = len(CheckpointManager(run).load_latest()["data"]["shape"]) > 1
+    except (UserError, OSError, KeyError):
+        image = False  # setup() says what is wrong with --run
+    return FinetuneConfig(**{**(IMAGE_DEFAULTS if image else {}), **flags})
+
+
 @dataclass
 class Setup:
     """Everything an algorithm needs; built once by `setup()`, the same for every algo."""
@@ -287,8 +330,8 @@ class Setup:
     out: Path
     device: torch.device
     diffusion: GaussianDiffusion
-    policy: nn.Module  # trainable copy of the pretrained network
-    reference: nn.Module  # the frozen pretrained network (path KL)
+    policy: nn.Module  # trainable copy of the pretrained network (--lora-rank: the network itself, adapted)
+    reference: nn.Module  # the frozen pretrained network (path KL; --lora-rank: the policy, adapters off)
     pretrained: LoadedRun
     reward: Reward
     data_shape: tuple[int, ...]
@@ -313,6 +356,7 @@ class Setup:
     component_means: dict[str, float] = dataclasses.field(
         default_factory=dict
     )  # a weighted sum of rewards: each component's mean over the last scored batch, by label
+    base_fingerprint: str = ""  # --lora-rank: lora.fingerprint of the pretrained weights the adapters adapt
 
     @property
     def steps_per_chain(self) -> int:
@@ -326,8 +370,21 @@ class Setup:
             "diffusion_config": ckpt["diffusion_config"],
             "data": ckpt["data"],
             "sampling": self.config.sampling,
-            "model": self.policy.state_dict(),
+            "model": lora.adapter_state(self.policy) if self.config.lora_rank else self.policy.state_dict(),
+            **({"lora": self.lora_base} if self.config.lora_rank else {}),
             "train_state": train_state,
+        }
+
+    @property
+    def lora_base(self) -> dict:
+        """What load_run needs to rebuild a LoRA run's network: the adapters' shape and the base they adapt
+        (the pretrained run's directory, and a digest of its weights at the start)."""
+        cfg = self.config
+        return {
+            "rank": cfg.lora_rank,
+            "alpha": cfg.lora_alpha or cfg.lora_rank,
+            "base_run": str(Path(cfg.run).resolve()),
+            "base_fingerprint": self.base_fingerprint,
         }
 
 
@@ -385,8 +442,18 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     torch.manual_seed(config.seed)
     # eval mode for good: sampling, rescoring and the update must see one network (dropout would
     # break ratio = 1 and KL = 0 before the first update)
-    policy = copy.deepcopy(pretrained.model).eval().requires_grad_(True)
-    reference = pretrained.model.eval().requires_grad_(False)
+    base_fingerprint = lora.fingerprint(pretrained.model) if config.lora_rank else ""
+    if config.lora_rank:  # one copy of the weights: the reference is the policy with its adapters off
+        policy = lora.adapt(pretrained.model.eval(), config.lora_rank, config.lora_alpha or config.lora_rank)
+        reference = lora.Pretrained(policy)
+        if ranks.is_main:
+            fraction = lora.trainable_fraction(policy)
+            print(f"LoRA rank {config.lora_rank}: {fraction:.2%} of the policy's weights train", file=sys.stderr)
+    else:
+        policy = copy.deepcopy(pretrained.model).eval().requires_grad_(True)
+        reference = pretrained.model.eval().requires_grad_(False)
+    for network in (policy, reference):
+        autocast_forward(network, config.precision, device)
     checkpoints = CheckpointManager(out, keep=config.keep_checkpoints)
     resumed = checkpoints.load_latest(map_location=device) if resume else None
     purge_step = None
@@ -415,6 +482,7 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         synced_policy=ranks.wrap(policy),
         eval_rewards=eval_rewards,
         modes=dataset_modes(pretrained.checkpoint["data"]["dataset"]),
+        base_fingerprint=base_fingerprint,
     )
 
 
@@ -442,19 +510,70 @@ def build_eval_rewards(eval_rewards: dict) -> dict[str, Reward]:
     }
 
 
-def diversity_scalars(x0: Tensor, modes: Modes | None) -> dict[str, float]:
-    """diversity/vendi of 2D samples x0 [B, 2] (metrics.vendi_score, data units) and, with a mixture's
-    modes, diversity/modes_held (modes holding at least MODE_HELD_MASS of the samples) and
-    diversity/outside_mass (the fraction within the mode radius of none). Images: {}."""
+def monitor_scalars(x0: Tensor, data: np.ndarray, modes: Modes | None) -> dict[str, float]:
+    """The per-epoch monitors of reward hacking (docs/design.md, section 9) for samples x0 [B, ...]:
+
+    - realism/nearest_data: mean over samples of the RMS distance (data units per coordinate) to the
+      nearest of `data` (the run's draws of its data set): rises when samples leave the data;
+    - diversity/pairwise: mean pairwise distance (metrics.diversity): falls when samples collapse;
+    - 2D: diversity/vendi (metrics.vendi_score, data units) and, with a mixture's modes,
+      diversity/modes_held (modes holding at least MODE_HELD_MASS of the samples) and
+      diversity/outside_mass (the fraction within the mode radius of none);
+    - grey images: diversity/label_entropy, the entropy (nats) of the digit CNN's predicted labels over
+      the batch: log 10 = 2.30 for all digits in equal shares, 0 for one digit.
+    """
+    flat = x0.detach().flatten(1).double()
+    reference = torch.tensor(data, dtype=torch.float64, device=flat.device).flatten(1)  # a copy: data may be read-only
+    if len(reference):
+        nearest = torch.cdist(flat, reference).min(dim=1).values / flat.shape[1] ** 0.5
+    else:  # a network imported without its data (rl_diffusion/diffusers_io.py): nothing to be near
+        nearest = flat.new_full((len(flat),), torch.nan)
+    values = {"realism/nearest_data": nearest.mean().item(), "diversity/pairwise": diversity(flat)}
+    if x0.dim() == 4 and x0.shape[1] == 1:
+        from rewards.digit_classifier import load_digit_classifier
+
+        classifier = load_digit_classifier().to(x0.device)
+        with torch.no_grad():
+            labels = classifier(x0.detach().float()).argmax(dim=1)
+        shares = torch.bincount(labels, minlength=10).double() / len(labels)
+        values["diversity/label_entropy"] = -(shares[shares > 0] * shares[shares > 0].log()).sum().item()
     if x0.dim() != 2:
-        return {}
-    values = {"diversity/vendi": vendi_score(x0)}
+        return values
+    values["diversity/vendi"] = vendi_score(x0)
     if modes is not None:
         masses, outside = mode_masses(x0, modes.means, modes.radius)
         values.update(
             {"diversity/modes_held": float((masses >= MODE_HELD_MASS).sum()), "diversity/outside_mass": outside}
         )
     return values
+
+
+REALISM_RISE = 1.5  # flag: the samples' distance to the data this many times the pretrained model's ...
+REALISM_MARGIN = 0.1  # ... and higher by this fraction of the data's std (a tiny distance doubling is no news)
+COLLAPSE_FALL = 0.5  # flag: the mean pairwise distance below this fraction of the pretrained model's
+
+
+def hacking_warnings(history: list[dict], data: np.ndarray) -> list[str]:
+    """Signs of reward hacking in the monitors (`monitor_scalars`), the last epoch's samples against the
+    first epoch's, which the pretrained model drew (docs/design.md, section 9). `data`: the run's draws."""
+    if len(history) < 2:
+        return []
+    first, last = history[0], history[-1]
+    warnings = []
+    a, b = first["realism/nearest_data"], last["realism/nearest_data"]
+    if b > REALISM_RISE * a and b - a > REALISM_MARGIN * float(np.std(data)):
+        warnings.append(
+            f"samples left the data: their distance to the nearest data point rose from {a:.3g} to {b:.3g} "
+            f"(realism/nearest_data, x{b / a:.1f}); the reward is likely hacked off the data: look at figures/, "
+            "raise --kl-coef or set --kl-target"
+        )
+    a, b = first["diversity/pairwise"], last["diversity/pairwise"]
+    if b < COLLAPSE_FALL * a:
+        warnings.append(
+            f"samples collapsed: their mean pairwise distance fell from {a:.3g} to {b:.3g} (diversity/pairwise); "
+            "unless the reward asks for that (one point, a small region), raise --kl-coef or set --kl-target"
+        )
+    return warnings
 
 
 def score(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
@@ -517,7 +636,7 @@ def log_epoch(
         **({"reward/missing": float(s.reward.missing)} if served(s.reward) else {}),
         # a weighted sum: each component's unweighted mean over the scored batch (dropped chains included)
         **{f"reward/component/{label}/mean": mean for label, mean in s.component_means.items()},
-        **diversity_scalars(x0.detach(), s.modes),
+        **monitor_scalars(x0, s.eval_data, s.modes),
         **scalars,
     }
     for tag, value in values.items():
@@ -532,6 +651,8 @@ def log_epoch(
 
 def write_hyperparameters(s: Setup) -> None:
     s.writer.add_text("hyperparameters", to_markdown_table(dataclasses.asdict(s.config)), 0)
+    if s.config.lora_rank:
+        s.writer.add_scalar("lora/trainable_fraction", lora.trainable_fraction(s.policy), 0)
 
 
 def best_tag(config: FinetuneConfig) -> str:
@@ -574,6 +695,11 @@ def restore(s: Setup) -> dict:
     """The train state of the newest good checkpoint, with frames and history put back into `s`."""
     ckpt = s.resumed
     state = ckpt["train_state"]
-    s.policy.load_state_dict(ckpt["model"])
+    if s.config.lora_rank:
+        if ckpt["lora"]["base_fingerprint"] != s.base_fingerprint:
+            raise UserError(f"--resume {s.out}: the weights of --run {s.config.run} changed since its adapters started")
+        lora.load_adapters(s.policy, ckpt["model"])
+    else:
+        s.policy.load_state_dict(ckpt["model"])
     s.frames, s.history = state["frames"], state["history"]
     return state

@@ -1,6 +1,7 @@
 """Image benchmark on the 8x8 digits: time to match the data, sampling throughput, fine-tuning speed.
 
     python scripts/bench_images.py [--out docs/benchmarks/images.json] [--figures docs/figures]
+    python scripts/bench_images.py --finetune-defaults runs/digits-prior [--old-epochs 30]
 
 1. Runs `rl-diffusion pretrain --dataset digits` on the image defaults (2,000 steps of 128, lr 2e-3,
    T = 100, U-Net of 32 base channels, class-conditional), keeping the EMA checkpoint of every 250th
@@ -19,6 +20,17 @@
    docs/figures/digits_before.png and docs/figures/digits_after.png. The run's own final evaluation
    (500 samples with the path KL: about 100 s on one CPU thread, longer than the 4 epochs) is skipped:
    it is not what is timed, and the share before/after is measured here instead.
+
+With --finetune-defaults RUN (a pretrained digits run; the README uses an unconditional one), it does
+only this instead: the default `finetune --reward digit_classifier --reward-arg digit=3` before and after
+images got their own defaults (finetune.IMAGE_DEFAULTS: 20 DDIM steps with eta = 1, 128 chains,
+beta = 1; before: the 2D defaults, DDPM over all T steps, 256 chains, no KL), one after the other in
+this process on the same model: seconds per epoch, the reward curve, the monitors of reward hacking
+(share of the digit, label entropy, distance to the nearest training digit, the run's warnings) and
+grids of the last epoch's samples (docs/figures/digits_default_{before,after}_change.png). The old
+defaults run --old-epochs epochs (their 30 take about 16 minutes), the new ones all 30; each run's
+own final evaluation is skipped, its per-epoch monitors are what is compared.
+Writes docs/benchmarks/image_finetune.json.
 
 Everything runs in one process with torch's thread count as set (OMP_NUM_THREADS); the JSON records
 it and the load average, since other jobs on the machine slow every figure down.
@@ -41,11 +53,14 @@ import torch  # noqa: E402
 from pretrain.data import load_training_data, reference_draws  # noqa: E402
 from pretrain.train import EVAL_DATA_SEED, config_for, draw_samples, pretrain  # noqa: E402
 from rewards.digit_classifier import load_digit_classifier  # noqa: E402
-from rl_diffusion import figures  # noqa: E402
+from rl_diffusion import (
+    figures,  # noqa: E402
+    finetune,  # noqa: E402
+)
 from rl_diffusion.ablate import scalars  # noqa: E402
 from rl_diffusion.algos import loop  # noqa: E402
-from rl_diffusion.checkpoint import load_run, load_weights  # noqa: E402
-from rl_diffusion.finetune import FinetuneConfig, setup  # noqa: E402
+from rl_diffusion.checkpoint import load_run, load_weights, read_run_config  # noqa: E402
+from rl_diffusion.finetune import FinetuneConfig, hacking_warnings, setup  # noqa: E402
 from rl_diffusion.image_metrics import classifier_features, frechet_distance  # noqa: E402
 from rl_diffusion.models import build_model  # noqa: E402
 
@@ -58,12 +73,16 @@ FT_CHAINS = 64
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/benchmarks/images.json")
+    parser.add_argument("--out", help="JSON (default docs/benchmarks/images.json, image_finetune.json)")
     parser.add_argument("--figures", default="docs/figures")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the image default, 2000)")
     parser.add_argument("--ft-epochs", type=int, default=4, help="fine-tuning epochs")
+    parser.add_argument("--finetune-defaults", metavar="RUN", help="only compare the image fine-tuning defaults")
+    parser.add_argument("--old-epochs", type=int, default=30, help="--finetune-defaults: epochs of the old defaults")
     args = parser.parse_args()
+    if args.finetune_defaults:
+        return compare_finetune_defaults(Path(args.finetune_defaults), args)
     device = torch.device(args.device)
     load_before = os.getloadavg()
     started_all = time.perf_counter()
@@ -207,9 +226,72 @@ def main() -> int:
         },
         "benchmark_total_seconds": time.perf_counter() - started_all,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out = Path(args.out or "docs/benchmarks/images.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    return 0
+
+
+# The digits fine-tuning defaults before images got their own (finetune.IMAGE_DEFAULTS): the 2D ones.
+OLD_IMAGE_DEFAULTS = {"sampler": "ddpm", "sampling_steps": 0, "eta": 1.0, "kl_coef": 0.0, "chains": 256}
+MONITORS = ("reward/mean", "kl/to_pretrained", "diversity/label_entropy", "realism/nearest_data", "perf/epoch_seconds")
+
+
+def compare_finetune_defaults(run: Path, args: argparse.Namespace) -> int:
+    """`--finetune-defaults RUN`: the old and the new image fine-tuning defaults on one model (module docstring)."""
+    load_before = os.getloadavg()
+    classifier = load_digit_classifier()
+    results = {}
+    for name, overrides, epochs in (("before", OLD_IMAGE_DEFAULTS, args.old_epochs), ("after", {}, 30)):
+        config = finetune.config_for(
+            {
+                "run": str(run),
+                "reward": "digit_classifier",
+                "reward_args": {"digit": DIGIT},
+                "epochs": epochs,
+                "device": args.device,
+                **overrides,
+            }
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            s = setup(config, Path(tmp) / "finetuned")
+            loop.finish = lambda s: s.writer.close() or {}  # skip the run's final evaluation (module docstring)
+            started = time.perf_counter()
+            loop.train(s, progress=False)
+            total = time.perf_counter() - started
+        last = s.frames[-1][1]
+        labels = classifier_features(torch.from_numpy(last), classifier)[1]
+        path = Path(args.figures) / f"digits_default_{name}_change.png"
+        figures.save_image_grid(last[:80], path, columns=10)
+        results[name] = {
+            "config": {k: getattr(config, k) for k in ("sampler", "sampling_steps", "eta", "kl_coef", "chains")},
+            "epochs": s.epochs,
+            "seconds_total_without_final_evaluation": total,
+            "seconds_per_epoch_median": float(np.median([h["perf/epoch_seconds"] for h in s.history])),
+            "per_epoch": {tag: [h[tag] for h in s.history] for tag in MONITORS},
+            f"share_of_{DIGIT}s_first_epoch": float(
+                (classifier_features(torch.from_numpy(s.frames[0][1]), classifier)[1] == DIGIT).float().mean()
+            ),
+            f"share_of_{DIGIT}s_last_epoch": float((labels == DIGIT).float().mean()),
+            "warnings": hacking_warnings(s.history, s.eval_data),
+            "figure": str(path),
+        }
+        print(name, json.dumps({k: v for k, v in results[name].items() if k != "per_epoch"}), flush=True)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads, device {args.device}",
+        "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
+        "pretrained_run": {
+            k: v for k, v in read_run_config(run).items() if k in ("dataset", "class_conditional", "steps", "seed")
+        },
+        "reward": f"digit_classifier digit={DIGIT}, algo ddpo-is",
+        "shares_method": "the epoch's own samples (first epoch: the pretrained model's), read by the digit classifier",
+        **results,
+    }
+    out = Path(args.out or "docs/benchmarks/image_finetune.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     return 0
 
 

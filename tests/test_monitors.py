@@ -1,4 +1,5 @@
-"""Held-out rewards, early stopping on one, and the diversity monitors (Vendi score, modes held)."""
+"""Held-out rewards, early stopping on one, and the monitors of reward hacking (realism, Vendi score, modes held,
+label entropy)."""
 
 import json
 import math
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from pretrain.images import load_digits_images
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
-from rl_diffusion.finetune import diversity_scalars
+from rl_diffusion.finetune import hacking_warnings, monitor_scalars
 from rl_diffusion.metrics import VENDI_BANDWIDTH, vendi_score
 from rl_diffusion.targets import dataset_modes
 
@@ -29,20 +31,50 @@ def test_vendi_score_closed_forms():
     )
 
 
-def test_diversity_scalars_count_modes_holding_one_percent():
+def test_monitors_count_modes_holding_one_percent_and_the_distance_off_the_data():
     modes = dataset_modes("gmm25")
     counts = {0: 300, 4: 300, 20: 100, 24: 5}  # the grid's corners; the last holds 5 / 715 = 0.7%: below 1%
     x0 = torch.cat(
         [torch.tensor(modes.means[m]).float().expand(n, 2) for m, n in counts.items()] + [torch.full((10, 2), 10.0)]
     )  # 10 points outside every mode
-    values = diversity_scalars(x0, modes)
+    values = monitor_scalars(x0, modes.means, modes)  # the data: the 25 mode centres
     assert values["diversity/modes_held"] == 3.0
     assert values["diversity/outside_mass"] == pytest.approx(10 / 715)
     # identical points per cluster, clusters far apart: K is block-diagonal, the score exp(entropy of the
     # cluster masses)
     p = np.array([*counts.values(), 10]) / 715
     assert values["diversity/vendi"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
-    assert diversity_scalars(torch.zeros(4, 3, 8, 8), modes) == {}  # images: not monitored
+    # 705 points on a centre, 10 at (10, 10): its nearest centre (2, 2) is 8 away per coordinate
+    assert values["realism/nearest_data"] == pytest.approx(10 * 8 / 715)
+
+
+def test_hacking_warnings_compare_the_last_epoch_with_the_pretrained_models():
+    data = np.random.default_rng(0).normal(size=(100, 2))  # std 1: the realism margin is 0.1
+    first = {"realism/nearest_data": 0.3, "diversity/pairwise": 2.0}
+
+    def warnings(realism, pairwise):
+        return hacking_warnings([first, {"realism/nearest_data": realism, "diversity/pairwise": pairwise}], data)
+
+    assert warnings(0.449, 1.01) == []  # below 1.5x, above half
+    left = warnings(0.46, 1.0)
+    assert len(left) == 1 and left[0].startswith("samples left the data") and "from 0.3 to 0.46" in left[0]
+    assert "samples collapsed" in warnings(0.3, 0.99)[0]
+    assert len(warnings(0.5, 0.1)) == 2
+    tiny = {"realism/nearest_data": 0.01, "diversity/pairwise": 2.0}  # x3, but 0.02 is a fifth of the margin
+    assert hacking_warnings([tiny, {**tiny, "realism/nearest_data": 0.03}], data) == []
+    assert hacking_warnings([first], data) == []  # one epoch: nothing to compare
+
+
+def test_label_entropy_of_grey_images_counts_the_digits_the_classifier_reads():
+    images, labels = load_digits_images()
+    zeros, ones = images[labels == 0][:40], images[labels == 1][:40]
+    one_digit = monitor_scalars(torch.as_tensor(zeros), images, None)
+    two_digits = monitor_scalars(torch.as_tensor(np.concatenate([zeros, ones])), images, None)
+    assert one_digit["diversity/label_entropy"] == pytest.approx(0.0, abs=0.15)
+    assert two_digits["diversity/label_entropy"] == pytest.approx(math.log(2), abs=0.1)
+    assert one_digit["realism/nearest_data"] == 0.0  # real images are data
+    noise = monitor_scalars(torch.rand(40, 1, 8, 8) * 2 - 1, images, None)
+    assert noise["realism/nearest_data"] > 0.3  # pixels in [-1, 1]: noise is far from every digit
 
 
 def finetune(pretrained, out, *args: str) -> list[dict]:

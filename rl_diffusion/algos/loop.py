@@ -33,6 +33,7 @@ from rl_diffusion.finetune import (
     Setup,
     best_epoch,
     early_stop,
+    hacking_warnings,
     log_epoch,
     restore,
     save,
@@ -140,14 +141,21 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
 def finish(s: Setup) -> dict:
     """Metrics file and figures of a finished run: samples before/after, reward curve, a GIF across epochs.
     Rank 0 only; the others get {}."""
+    warnings = hacking_warnings(s.history, s.eval_data)
+    for warning in warnings:
+        s.writer.add_text("warnings", warning)
     s.writer.close()
     if not s.ranks.is_main:
         return {}
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     # Images: 500 samples, not 5,000. Each sample costs a U-Net call per step for the policy, the
     # pretrained model and the path KL, with every step kept: 5,000 took minutes on a CPU at T = 20.
     metrics = evaluate_finetuned(s.out, num_samples=5000 if len(s.data_shape) == 1 else 500, device=str(s.device))
     if s.config.early_stop_on:
         metrics["best_epoch"] = best_epoch(s)
+    if warnings:
+        metrics["warnings"] = warnings
     atomic_write_text(s.out / "metrics.json", json.dumps(metrics, indent=2))
     if s.frames:
         lim = figures.limits(s.eval_data)
