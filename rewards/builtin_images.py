@@ -100,8 +100,9 @@ def brightness() -> RewardFn:
     return reward
 
 
-def _class_log_prob(model: nn.Module, class_index: int, what: str) -> RewardFn:
-    """reward(x0) = log_softmax(model(x0))[:, class_index]; the model follows x0 to its device.
+def _class_log_prob(model: nn.Module, classes: list[int], what: str) -> RewardFn:
+    """reward(x0) = log sum_{k in classes} softmax(model(x0))[:, k], the log-probability that x0 is of one of
+    `classes`; the model follows x0 to its device.
 
     Differentiable in x0: the model runs with autograd, in eval mode and frozen, so the gradient
     reaches x0 and none accumulates in the model's parameters.
@@ -115,28 +116,31 @@ def _class_log_prob(model: nn.Module, class_index: int, what: str) -> RewardFn:
         logits = model.to(x0.device)(x0.clamp(-1, 1))
         if logits.dim() != 2 or logits.shape[0] != x0.shape[0]:
             raise ValueError(f"{what} returned shape {list(logits.shape)}, expected logits [B, num_classes]")
-        if class_index >= logits.shape[1]:
-            raise ValueError(f"class_index {class_index} is out of range: {what} has {logits.shape[1]} classes")
-        return torch.log_softmax(logits.float(), dim=1)[:, class_index]
+        if max(classes) >= logits.shape[1]:
+            raise ValueError(f"class_index {max(classes)} is out of range: {what} has {logits.shape[1]} classes")
+        return torch.logsumexp(torch.log_softmax(logits.float(), dim=1)[:, classes], dim=1)
 
     return reward
 
 
 @register("digit_classifier")
 @differentiable
-def digit_classifier(digit: int = 0) -> RewardFn:
-    """Log-probability (nats, <= 0) that a grey digit image shows ``digit``, under a small CNN.
+def digit_classifier(digit: int | list[int] = 0) -> RewardFn:
+    """Log-probability (nats, <= 0) that a grey digit image shows ``digit`` (or one of a list of digits), under a
+    small CNN.
 
     The CNN (``rewards.digit_classifier``) is trained on scikit-learn's 8x8 digits the first
     time it is needed (a few seconds) and cached; images of any size are resized to 8x8.
     Pitfall: a classifier can be fooled; check samples by eye, not only this score.
 
     Args:
-        digit: the class to reward, 0..9.
+        digit: the class to reward, 0..9, or a list of them, e.g. [0, 2, 4, 6, 8]: log p(even | x), whose
+            KL-regularised optimum at beta = 1 is the prior restricted to even digits (posterior sampling).
     """
-    if not isinstance(digit, int) or not 0 <= digit <= 9:
-        raise ValueError(f"digit must be an integer 0..9, got {digit!r}")
-    return _class_log_prob(load_digit_classifier(), digit, "the digit classifier")
+    digits = digit if isinstance(digit, list) else [digit]
+    if not digits or not all(isinstance(d, int) and 0 <= d <= 9 for d in digits) or len(set(digits)) < len(digits):
+        raise ValueError(f"digit must be an integer 0..9 or a list of distinct ones, got {digit!r}")
+    return _class_log_prob(load_digit_classifier(), digits, "the digit classifier")
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -181,4 +185,4 @@ def classifier(checkpoint: str, class_index: int = 0) -> RewardFn:
             f"{path} holds an object of type {type(model).__name__}, not a model; save the whole "
             f"module with torch.save(model, path) or torch.jit.save(torch.jit.script(model), path)"
         )
-    return _class_log_prob(model, class_index, f"classifier {path}")
+    return _class_log_prob(model, [class_index], f"classifier {path}")

@@ -101,6 +101,13 @@ def test_digit_reward_ranks_each_class_first(digit_cache: Path) -> None:
     assert bool((mean_log_prob.diagonal() > off_diagonal + 2.0).all())  # nats
     with pytest.raises(UserError, match="digit must be an integer 0..9"):
         build_reward("digit_classifier", {"digit": 10})
+    # a set of digits: log of the summed probabilities, here by a second path (exp of each single-digit reward)
+    even = build_reward("digit_classifier", {"digit": [0, 2, 4, 6, 8]})(held_x)
+    singles = torch.stack([build_reward("digit_classifier", {"digit": k})(held_x) for k in (0, 2, 4, 6, 8)])
+    assert torch.allclose(even, singles.exp().sum(dim=0).log(), atol=1e-5)
+    assert (even[held_y % 2 == 0].mean() > -0.1) and (even[held_y % 2 == 1].mean() < -2.0)
+    with pytest.raises(UserError, match="list of distinct ones"):
+        build_reward("digit_classifier", {"digit": [2, 2]})
 
 
 def test_damaged_cache_is_reported_with_its_path(tmp_path: Path) -> None:
