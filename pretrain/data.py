@@ -13,6 +13,8 @@ from pretrain.images import IMAGE_DATASETS, load_image_dataset
 from rl_diffusion.errors import UserError, nearest
 
 POOL_SIZE_2D = 100_000  # fresh 2D points drawn once per run; batches index into them
+# The `data` record of a network imported from a diffusers pipeline (rl_diffusion/diffusers_io.py): its data is unknown.
+IMPORTED = "diffusers"
 
 
 @dataclass
@@ -63,5 +65,7 @@ def reference_draws(data: TrainingData, n: int, seed: int) -> tuple[np.ndarray, 
 
 
 def data_of_checkpoint(info: dict) -> TrainingData:
-    """The data set a checkpoint's model was trained on, from its `data` record."""
+    """The data set a checkpoint's model was trained on, from its `data` record; empty for an imported network."""
+    if info["dataset"] == IMPORTED:
+        return TrainingData(IMPORTED, torch.zeros((0, *info["shape"])), None, 0)
     return load_training_data(info["dataset"], info.get("seed", 0), info.get("root", ""), info.get("image_size", 0))

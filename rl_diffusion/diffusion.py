@@ -66,17 +66,26 @@ class GaussianDiffusion:
     """A DDPM with T steps over a beta schedule; knows nothing about the network.
 
     Args:
-        beta_schedule: one of `rl_diffusion.schedules.SCHEDULES`.
+        beta_schedule: one of `rl_diffusion.schedules.SCHEDULES`; None when `betas` are given.
         num_timesteps: T, the number of noising steps the network was trained on.
         x0_range: (low, high) that every predicted x_0 is clipped to while sampling, each a
             number or one number per coordinate of a sample (data units); None: no clipping.
+        betas: beta_1..beta_T taken as they are instead of a named schedule: a network imported
+            from another library keeps the schedule it was trained with, to the bit. len(betas) = T.
     """
 
-    def __init__(self, beta_schedule: str = "linear", num_timesteps: int = 100, x0_range: tuple | list | None = None):
-        self.beta_schedule = beta_schedule
+    def __init__(
+        self,
+        beta_schedule: str | None = "linear",
+        num_timesteps: int = 100,
+        x0_range: tuple | list | None = None,
+        betas: list[float] | None = None,
+    ):
+        self.beta_schedule = None if betas is not None else beta_schedule
         self.x0_range = None if x0_range is None else (x0_range[0], x0_range[1])
         self.num_timesteps = T = num_timesteps
-        betas = np.concatenate([[0.0], betas_for(beta_schedule, T)])  # float64, index t
+        self.explicit_betas = None if betas is None else checked_betas(betas, T).tolist()
+        betas = np.concatenate([[0.0], betas_for(beta_schedule, T) if betas is None else self.explicit_betas])
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
         abar_prev = np.concatenate([[1.0], abar[:-1]])
@@ -113,6 +122,8 @@ class GaussianDiffusion:
         config = {"beta_schedule": self.beta_schedule, "num_timesteps": self.num_timesteps}
         if self.x0_range is not None:
             config["x0_range"] = list(self.x0_range)
+        if self.explicit_betas is not None:
+            config["betas"] = self.explicit_betas
         return config
 
     def _coef(self, name: str, t: Tensor, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -327,6 +338,16 @@ class GaussianDiffusion:
             means=torch.stack(means) if record else None,
             c=c,
         )
+
+
+def checked_betas(betas: list[float], num_timesteps: int) -> np.ndarray:
+    """beta_1..beta_T as given, float64 [T]; refused unless there are T of them, each in (0, 1)."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.shape != (num_timesteps,):
+        raise UserError(f"betas must hold one number per timestep, {num_timesteps}; got {betas.size}")
+    if not np.all((betas > 0) & (betas < 1)):
+        raise UserError(f"every beta must be in (0, 1); got {betas.min()} to {betas.max()}")
+    return betas
 
 
 def check_sampler(sampler: str, eta: float = 1.0) -> None:

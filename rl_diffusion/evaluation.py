@@ -75,6 +75,15 @@ def evaluate_run(
     run = load_run(run_dir, device)
     dataset = run.checkpoint["data"]["dataset"]
     reference, again = reference_draws(data_of_checkpoint(run.checkpoint["data"]), num_samples, EVAL_DATA_SEED)
+    if len(reference) == 0:  # an imported network: no data to compare with
+        return {
+            "run": str(run_dir),
+            "kind": "pretrain",
+            "dataset": dataset,
+            "note": f"the network was imported ('{dataset}') without its data set: sample quality (sliced W2, MMD, "
+            "energy distance, Frechet distance, KID) needs data to compare with and is not computed; fine-tuning "
+            "runs from it report reward, path KL and diversity",
+        }
     samples = draw_samples(run.diffusion, run.model, len(reference), seed=seed, device=device)
     metrics = {
         "run": str(run_dir),

@@ -5,10 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from rl_diffusion.errors import UserError
+from rl_diffusion.models.diffusers_unet import DiffusersUNet
 from rl_diffusion.models.mlp import INPUT_EMBEDDINGS, TIME_EMBEDDINGS, MLPEps
 from rl_diffusion.models.unet import UNetEps
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLPEps, "unet": UNetEps}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLPEps, "unet": UNetEps, "diffusers-unet": DiffusersUNet}
 
 __all__ = ["MODELS", "build_model", "MLPEps", "UNetEps", "TIME_EMBEDDINGS", "INPUT_EMBEDDINGS"]
 
