@@ -41,6 +41,7 @@ from rl_diffusion.errors import UserError
 from rl_diffusion.metrics import sample_quality, sliced_wasserstein2
 from rl_diffusion.models import build_model
 from rl_diffusion.models.unet import drop_labels, guided_eps
+from rl_diffusion.precision import autocast_forward, check_precision
 
 EVAL_DATA_SEED = 12345  # the reference draw every evaluation compares against
 
@@ -86,6 +87,10 @@ class PretrainConfig:
     checkpoint_every: int = arg(1000, "steps between checkpoints")
     keep_checkpoints: int = arg(3, "checkpoints kept (plus the best)")
     device: str = arg("cpu", "cpu | cuda | cuda:N")
+    precision: str = arg(
+        "fp32",
+        "fp32 | bf16 | fp16: the network's forward under torch.autocast, the loss in fp32 (fp16: no loss scaler)",
+    )
 
     def model_config(self, data: TrainingData) -> dict:
         """The network for this data: an MLP for points, a U-Net for images."""
@@ -144,6 +149,7 @@ class PretrainConfig:
             raise UserError(f"--label-dropout must be in [0, 1], got {self.label_dropout}")
         GaussianDiffusion(self.beta_schedule, self.num_timesteps)
         distributed.resolve_device(self.device)
+        check_precision(self.precision)
         data = load_training_data(self.dataset, self.seed, self.data_root, self.image_size)
         build_model(self.model_config(data))
         return data
@@ -288,6 +294,8 @@ def start_run(config: PretrainConfig, out: Path, overwrite: bool, resume: bool) 
     ema = build_model(model_config).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
+    for network in (model, ema):
+        autocast_forward(network, config.precision, device)
     synced = ranks.wrap(model)
     # fused: one kernel for all parameters; on a CPU torch's default loops over them in Python (8% of a dino step)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)

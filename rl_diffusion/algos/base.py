@@ -55,8 +55,9 @@ class Algorithm:
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=s.config.lr, weight_decay=0.0)
 
     def parameters(self) -> Iterable:
-        """What the optimizer trains: the policy's parameters (or parameter groups)."""
-        return self.s.policy.parameters()
+        """What the optimizer trains: the policy's trainable parameters (or parameter groups); under --lora-rank
+        the adapters only."""
+        return [p for p in self.s.policy.parameters() if p.requires_grad]
 
     @classmethod
     def validate(cls, config: FinetuneConfig) -> None:

@@ -52,7 +52,7 @@ class RelativeTrajectoryBalance(Algorithm):
         super().__init__(s)
 
     def parameters(self):
-        return [{"params": list(self.s.policy.parameters())}, {"params": [self.log_z], "lr": self.s.config.log_z_lr}]
+        return [{"params": super().parameters()}, {"params": [self.log_z], "lr": self.s.config.log_z_lr}]
 
     @classmethod
     def validate(cls, config) -> None:
