@@ -6,15 +6,18 @@
 Each setting runs as `rl-diffusion pretrain|finetune` in its own process (`--jobs N` runs N
 at once), in OUT/<param>=<value>. A setting whose metrics.json exists is complete and
 skipped; one with checkpoints is resumed; so rerunning an interrupted ablation finishes
-it. Then OUT/grid.png (rows = values, columns = points during training, each cell the
+it. `--ray ADDRESS` hands the same commands to a Ray cluster instead (`run_commands`).
+Then OUT/grid.png (rows = values, columns = points during training, each cell the
 samples of that moment) and OUT/curves.png (the metric against training steps) are drawn,
 and OUT/ablation.json sums the numbers up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -52,27 +55,72 @@ def setting_dir(out: Path, param: str, value) -> Path:
     return out / f"{param}={value}"
 
 
-def run_setting(kind: str, run_dir: Path, param: str, value, flags: list[str], threads: int) -> tuple[Path, int, str]:
-    """Run (or resume, or skip) one setting in a subprocess; returns (dir, exit status, last stderr line)."""
+def setting_command(kind: str, run_dir: Path, param: str, value, flags: list[str]) -> list[str] | None:
+    """The `rl-diffusion` arguments that run (or resume) one setting; None if it is complete."""
     if (run_dir / "metrics.json").exists():
-        return run_dir, 0, "complete, skipped"
+        return None
     if CheckpointManager(run_dir).paths():
-        args = [kind, "--resume", str(run_dir), "--quiet"]
-    else:
-        args = [
-            kind,
-            "--out",
-            str(run_dir),
-            "--overwrite",
-            "--quiet",
-            *flags,
-            f"--{param.replace('_', '-')}",
-            str(value),
-        ]
+        return [kind, "--resume", str(run_dir), "--quiet"]
+    return [kind, "--out", str(run_dir), "--overwrite", "--quiet", *flags, f"--{param.replace('_', '-')}", str(value)]
+
+
+def run_command(args: list[str], threads: int, cwd: str) -> tuple[int, str]:
+    """`python -m rl_diffusion.cli ARGS` in `cwd` on `threads` threads; (exit status, last stderr line)."""
     env = {"OMP_NUM_THREADS": str(threads), **os.environ}  # a thread count the user set wins
-    proc = subprocess.run([sys.executable, "-m", "rl_diffusion.cli", *args], capture_output=True, text=True, env=env)
-    last = (proc.stderr.strip().splitlines() or [""])[-1]
-    return run_dir, proc.returncode, last
+    proc = subprocess.run(
+        [sys.executable, "-m", "rl_diffusion.cli", *args], capture_output=True, text=True, env=env, cwd=cwd
+    )
+    return proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1]
+
+
+def run_commands(commands: list[list[str]], jobs: int, ray: str | None = None) -> list[tuple[int, str]]:
+    """Run every command, `jobs` at once on this machine's cores, or as Ray tasks when `ray` names a cluster.
+
+    Each run takes this machine's cores / jobs threads. A Ray task declares that many CPUs (at most a
+    node's), so Ray runs as many at once as the cluster's free CPUs hold. Relative paths in the
+    commands resolve against this process's working directory on whichever node runs them.
+    """
+    if not commands:
+        return []
+    threads, cwd = max(1, (os.cpu_count() or 1) // jobs), os.getcwd()
+    if ray is None:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            return list(pool.map(lambda args: run_command(args, threads, cwd), commands))
+    with ray_cluster(ray) as ray_module:
+        largest_node = max(node["Resources"].get("CPU", 0) for node in ray_module.nodes() if node["Alive"])
+        threads = max(1, min(threads, int(largest_node)))
+        task = ray_module.remote(num_cpus=threads)(run_command)
+        return ray_module.get([task.remote(args, threads, cwd) for args in commands])
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str):
+    """Ray, connected to the cluster `address` names for the duration: `auto` (the cluster `ray start` runs on
+    this machine), `local` (a fresh one-machine instance, stopped afterwards) or HOST:PORT / ray://HOST:PORT.
+    A process that is already connected (a notebook, a test) keeps its connection."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray: pip install -e .[ray]") from None
+    if ray.is_initialized():
+        yield ray
+        return
+    try:
+        ray.init(
+            address=None if address == "local" else address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+        )
+    except ConnectionError as e:
+        raise UserError(
+            f"--ray {address}: no Ray cluster reached ({e}); start one with `ray start --head`, "
+            "or pass --ray local for a one-machine instance"
+        ) from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 def scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
@@ -83,21 +131,28 @@ def scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
 
 
 def ablate(
-    kind: str, param: str, values: list, out: Path, flags: list[str], jobs: int = 1, progress: bool = True
+    kind: str,
+    param: str,
+    values: list,
+    out: Path,
+    flags: list[str],
+    jobs: int = 1,
+    progress: bool = True,
+    ray: str | None = None,
 ) -> dict:
-    """Run every setting, then draw the grid and the curves; returns the summary written to ablation.json."""
+    """Run every setting (as Ray tasks with `ray`), then draw the grid and the curves; returns the summary
+    written to ablation.json."""
     if kind not in ("pretrain", "finetune"):
         raise UserError(f"ablate takes pretrain or finetune, got '{kind}'")
     if jobs < 1:
         raise UserError(f"--jobs must be positive, got {jobs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     dirs = [setting_dir(out, param, v) for v in values]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(
-            pool.map(lambda dv: run_setting(kind, dv[0], param, dv[1], flags, threads), zip(dirs, values, strict=True))
-        )
+    commands = {d: setting_command(kind, d, param, v, flags) for d, v in zip(dirs, values, strict=True)}
+    pending = [d for d, args in commands.items() if args is not None]
+    ran = dict(zip(pending, run_commands([commands[d] for d in pending], jobs, ray), strict=True))
+    results = [(d, *ran.get(d, (0, "complete, skipped"))) for d in dirs]
     for run_dir, code, last in results:
         if progress:
             print(f"{run_dir.name}: {'ok' if code == 0 else 'failed'} ({last})", file=sys.stderr)

@@ -5,12 +5,14 @@ A checkpoint is one torch file holding everything a continuation needs:
     model_config      {"kind": ..., constructor kwargs}: rebuilds the network
     diffusion_config  {"beta_schedule", "num_timesteps"}
     data              {"dataset", "shape"}: what the samples should look like
-    model             the weights to sample with (the EMA for pretraining)
+    model             the weights to sample with (the EMA for pretraining; a LoRA fine-tune: its adapters only)
+    lora              a LoRA fine-tune only: {"rank", "alpha", "base_run", "base_fingerprint"}, the base it adapts
     train_state       optimizer, scheduler, counters and every RNG state, for --resume
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -27,7 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from rl_diffusion import lora
 from rl_diffusion.diffusion import GaussianDiffusion
+from rl_diffusion.distributed import is_main_process
 from rl_diffusion.errors import UserError
 from rl_diffusion.models import build_model
 
@@ -159,15 +163,39 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Load the sampling weights of the newest checkpoint of a pretrain or finetune run."""
+    """Load the sampling weights of the newest checkpoint of a pretrain or finetune run (a LoRA fine-tune's
+    adapters merged into its base: an ordinary network)."""
     config = read_run_config(run_dir)
     ckpt = CheckpointManager(run_dir).load_latest(map_location=device)
-    model = build_model(ckpt["model_config"]).to(device)
-    load_weights(model, ckpt["model"], source=str(run_dir))
+    if "lora" in ckpt:
+        model = merged_adapters(ckpt["lora"], ckpt["model"], source=str(run_dir)).to(device)
+    else:
+        model = build_model(ckpt["model_config"]).to(device)
+        load_weights(model, ckpt["model"], source=str(run_dir))
     model.eval()
     return LoadedRun(
         model=model, diffusion=GaussianDiffusion(**ckpt["diffusion_config"]), checkpoint=ckpt, config=config
     )
+
+
+def merged_adapters(lora_base: dict, adapters: dict, source: str) -> nn.Module:
+    """The base run's network (on the CPU) with a LoRA checkpoint's adapters folded into its weights."""
+    base_run = lora_base["base_run"]
+    if not Path(base_run).exists():
+        raise UserError(f"checkpoint {source} holds LoRA adapters of the pretrained run {base_run}, which is gone")
+    model = load_run(Path(base_run)).model
+    if lora.fingerprint(model) != lora_base["base_fingerprint"]:
+        raise UserError(
+            f"checkpoint {source} holds LoRA adapters of the weights {base_run} had when fine-tuning started; "
+            "that run's weights have changed since (was it resumed?)"
+        )
+    with torch.random.fork_rng(devices=[]):  # A's initial draw is overwritten: leave the caller's RNG alone
+        lora.adapt(model, lora_base["rank"], lora_base["alpha"])
+    try:
+        lora.load_adapters(model, adapters)
+    except ValueError as e:
+        raise UserError(f"checkpoint {source}: {e}") from None
+    return lora.merge(model)
 
 
 def load_weights(model: nn.Module, state: dict, source: str) -> None:
@@ -194,16 +222,42 @@ def rng_state(generator: torch.Generator | None = None) -> dict:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "generator": generator.get_state() if generator is not None else None,
+        "generator": generator_state(generator) if generator is not None else None,
     }
 
 
 def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # torch.load(map_location=cuda) moved it; torch takes a CPU tensor
     if generator is not None and state["generator"] is not None:
-        generator.set_state(state["generator"])
+        set_generator_state(generator, state["generator"])
+
+
+def generator_state(generator: torch.Generator) -> dict:
+    """A generator's state and the kind of device it draws on: a CUDA generator's state (Philox: seed and
+    offset, 16 bytes) does not fit a CPU one (Mersenne Twister, 5,056 bytes), nor the other way round."""
+    return {"device": generator.device.type, "state": generator.get_state()}
+
+
+def set_generator_state(generator: torch.Generator, saved: dict | torch.Tensor) -> None:
+    """Put back a `generator_state`. One saved on another kind of device cannot be: the generator is seeded
+    from a hash of it instead, so a run resumed on another device continues deterministically, but not
+    with the draws it would have made on the first one."""
+    if isinstance(saved, torch.Tensor):  # written before the device was recorded: its size tells
+        saved = {"device": "cpu" if saved.numel() == torch.Generator().get_state().numel() else "cuda", "state": saved}
+    state = saved["state"].cpu()
+    if saved["device"] == generator.device.type:
+        generator.set_state(state)
+        return
+    generator.manual_seed(int.from_bytes(hashlib.sha256(state.numpy().tobytes()).digest()[:8], "little"))
+    if is_main_process():
+        print(
+            f"warning: this run's random draws were saved on {saved['device']} and continue on "
+            f"{generator.device.type}: the generator is reseeded from its saved state, so the continuation is "
+            "deterministic but not bit-identical to one on the first device",
+            file=sys.stderr,
+        )
 
 
 class StopSignal:

@@ -1,5 +1,5 @@
-"""The `rl-diffusion` command: pretrain, finetune, ablate, frontier, sample, evaluate, data, datasets, rewards,
-serve-reward.
+"""The `rl-diffusion` command: pretrain, finetune, ablate, frontier, sample, evaluate, import-diffusers,
+export-diffusers, data, datasets, rewards, serve-reward.
 
 Every user mistake ends as one line `error: ...` on stderr with exit status 2.
 """
@@ -59,14 +59,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from rewards import parse_reward_args
     from rl_diffusion.algos import trainer
-    from rl_diffusion.finetune import FinetuneConfig, setup
+    from rl_diffusion.finetune import FinetuneConfig, config_for, setup
 
     flags = given_flags(FinetuneConfig, args)
     if args.reward_arg:
         flags["reward_args"] = parse_reward_args(args.reward_arg)
     if args.eval_reward or args.eval_reward_arg:
         flags["eval_rewards"] = _eval_rewards(args.eval_reward or [], args.eval_reward_arg or [])
-    config, out = _config_and_run_dir(args, FinetuneConfig, "finetune", flags, lambda f: FinetuneConfig(**f))
+    config, out = _config_and_run_dir(args, FinetuneConfig, "finetune", flags, config_for)
     s = setup(config, out, overwrite=args.overwrite, resume=bool(args.resume))
     metrics = trainer(config.algo)(s, resume=bool(args.resume), progress=not args.quiet)
     if not s.ranks.is_main:
@@ -114,6 +114,11 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     own.add_argument("--values", required=True, help="comma-separated values")
     own.add_argument("--out", required=True, help="folder holding one run directory per value")
     own.add_argument("--jobs", type=int, default=1, help="settings run at once, in parallel processes")
+    own.add_argument(
+        "--ray",
+        help="a Ray cluster to run the settings on instead: auto (the one `ray start` runs here), local (a fresh "
+        "one-machine instance) or HOST:PORT; run directories must be on a file system every node sees",
+    )
     opts, flags = own.parse_known_args(args.rest)
     if args.kind not in ("pretrain", "finetune"):
         raise UserError(f"ablate takes pretrain or finetune, got '{args.kind}'")
@@ -121,7 +126,9 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         PretrainConfig if args.kind == "pretrain" else FinetuneConfig, opts.param.replace("-", "_"), opts.values
     )
     build_parser().parse_args([args.kind, "--out", "unused", *flags])  # a bad flag is an error before any run
-    summary = ablate(args.kind, opts.param.replace("-", "_"), values, Path(opts.out), flags, jobs=opts.jobs)
+    summary = ablate(
+        args.kind, opts.param.replace("-", "_"), values, Path(opts.out), flags, jobs=opts.jobs, ray=opts.ray
+    )
     print(json.dumps(summary, indent=2))
     print(f"figures: {Path(opts.out) / 'grid.png'}, {Path(opts.out) / 'curves.png'}; tensorboard --logdir {opts.out}")
 
@@ -139,7 +146,12 @@ def cmd_frontier(args: argparse.Namespace) -> None:
     if finetune_args.kl_coef is not None or finetune_args.kl_target is not None:
         raise UserError("frontier sets each run's --kl-coef from --kl-coefs; drop --kl-coef and --kl-target")
     summary = frontier(
-        kl_coefs, Path(args.out), args.finetune_flags, jobs=args.jobs, device=finetune_args.device or "cpu"
+        kl_coefs,
+        Path(args.out),
+        args.finetune_flags,
+        jobs=args.jobs,
+        device=finetune_args.device or "cpu",
+        ray=args.ray,
     )
     print(json.dumps(summary, indent=2))
     print(f"figure: {Path(args.out) / 'frontier.png'}; numbers: {Path(args.out) / 'frontier.json'}")
@@ -218,6 +230,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_import_diffusers(args: argparse.Namespace) -> None:
+    from rl_diffusion.diffusers_io import import_diffusers
+
+    out = import_diffusers(Path(args.path), Path(args.out), overwrite=args.overwrite)
+    print(f"imported {args.path} into {out}; sample it with: rl-diffusion sample --run {out} --out samples.npy")
+
+
+def cmd_export_diffusers(args: argparse.Namespace) -> None:
+    from rl_diffusion.diffusers_io import export_diffusers
+
+    out = export_diffusers(Path(args.run), Path(args.out))
+    print(f"wrote a DDPMPipeline to {out}; load it with: diffusers.DDPMPipeline.from_pretrained('{out}')")
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     from pretrain.datasets import sample_2d
 
@@ -242,6 +268,7 @@ def cmd_rewards(args: argparse.Namespace) -> None:
 def cmd_serve_reward(args: argparse.Namespace) -> None:
     from rewards import parse_reward_args
     from rewards.remote import serve
+    from rl_diffusion.distributed import resolve_device
 
     serve(
         args.name,
@@ -249,7 +276,7 @@ def cmd_serve_reward(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         max_batches=args.max_batches,
-        device=args.device,
+        device=resolve_device(args.device),
     )
 
 
@@ -301,13 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         "ablate",
         help="run one hyperparameter at several values and draw the grid",
         description="rl-diffusion ablate pretrain|finetune --param NAME --values V1,V2 --out DIR [--jobs N] "
-        "[flags of that command]",
+        "[--ray ADDRESS] [flags of that command]",
     )
     p.add_argument("kind", help="pretrain | finetune")
     p.add_argument(
         "rest",
         nargs=argparse.REMAINDER,
-        help="--param NAME --values V1,V2 --out DIR [--jobs N] and flags of the command",
+        help="--param NAME --values V1,V2 --out DIR [--jobs N] [--ray ADDRESS] and flags of the command",
     )
     p.set_defaults(func=cmd_ablate)
 
@@ -315,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         "frontier",
         help="fine-tune at several betas and draw mean reward against path KL",
         description="rl-diffusion frontier --run PRETRAINED --reward NAME --kl-coefs 0.03,0.1,0.3,1 --out DIR "
-        "[--jobs N] "
+        "[--jobs N] [--ray ADDRESS] "
         "[flags of finetune]",
         allow_abbrev=False,
     )  # --kl-coef is finetune's, not short for --kl-coefs
@@ -324,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="folder holding one run directory per beta, frontier.png and frontier.json"
     )
     p.add_argument("--jobs", type=int, default=1, help="runs at once, in parallel processes")
+    p.add_argument(
+        "--ray",
+        help="a Ray cluster to run the settings on instead: auto (the one `ray start` runs here), local (a fresh "
+        "one-machine instance) or HOST:PORT; run directories must be on a file system every node sees",
+    )
     p.set_defaults(func=cmd_frontier)
 
     p = sub.add_parser("sample", help="draw samples from a trained run")
@@ -369,6 +401,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "import-diffusers",
+        help="turn a local diffusers DDPM/DDIM pipeline directory into a pretrain run (needs the diffusers extra)",
+    )
+    p.add_argument("path", metavar="PATH", help="a pipeline folder written by save_pretrained (nothing is downloaded)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.set_defaults(func=cmd_import_diffusers)
+
+    p = sub.add_parser(
+        "export-diffusers", help="write a run on a diffusers U-Net (imported, maybe fine-tuned) as a DDPMPipeline"
+    )
+    p.add_argument("--run", required=True, help="run directory (pretrain or finetune) with a diffusers-unet network")
+    p.add_argument("--out", required=True, help="pipeline folder to create")
+    p.set_defaults(func=cmd_export_diffusers)
 
     p = sub.add_parser("data", help="write points of a data set")
     p.add_argument("name")

@@ -89,6 +89,9 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UserError(f"--device {name}: this machine has {count} GPU(s), numbered 0 to {count - 1}")
     return device
 
 
@@ -118,7 +121,7 @@ def init(device_name: str) -> tuple[Ranks, torch.device]:
             raise UserError(
                 f"--device {device_name} under torchrun: pass --device cuda, each rank takes the GPU of its LOCAL_RANK"
             )
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = resolve_device(f"cuda:{os.environ['LOCAL_RANK']}")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

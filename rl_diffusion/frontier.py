@@ -1,8 +1,10 @@
 """`rl-diffusion frontier`: mean reward against path KL to the pretrained model, one fine-tuning run per beta.
 
-    rl-diffusion frontier --run PRETRAINED --reward NAME --kl-coefs 0.03,0.1,0.3,1 --out DIR [--jobs N] [finetune flags]
+    rl-diffusion frontier --run PRETRAINED --reward NAME --kl-coefs 0.03,0.1,0.3,1 --out DIR [--jobs N] [--ray ADDRESS]
+        [finetune flags]
 
-The runs are an `ablate finetune --param kl_coef` (DIR/kl_coef=<beta>, resumable the same way).
+The runs are an `ablate finetune --param kl_coef` (DIR/kl_coef=<beta>, resumable the same way, local
+processes or Ray tasks).
 DIR/frontier.png draws each run's (path KL, mean reward) over its epochs, its end point labelled
 with beta, and the curve traced by mixing the smallest beta's network with the pretrained one at
 inference time, eps = (1 - lambda) eps_pre + lambda eps_ft (`rl-diffusion sample --mix`);
@@ -81,7 +83,13 @@ def mixed_point(run_dir: Path, mix: float, num_samples: int, seed: int, device: 
 
 
 def frontier(
-    kl_coefs: list[float], out: Path, flags: list[str], jobs: int = 1, device: str = "cpu", progress: bool = True
+    kl_coefs: list[float],
+    out: Path,
+    flags: list[str],
+    jobs: int = 1,
+    device: str = "cpu",
+    progress: bool = True,
+    ray: str | None = None,
 ) -> dict:
     """Run (or resume, or skip) one fine-tuning run per beta, then write frontier.json and frontier.png."""
     from rl_diffusion.distributed import resolve_device
@@ -90,7 +98,7 @@ def frontier(
     if not kl_coefs or min(kl_coefs) <= 0:
         raise UserError(f"--kl-coefs needs positive betas, got {','.join(map(str, kl_coefs))}")
     out = Path(out)
-    ablate("finetune", "kl_coef", kl_coefs, out, flags, jobs=jobs, progress=progress)
+    ablate("finetune", "kl_coef", kl_coefs, out, flags, jobs=jobs, progress=progress, ray=ray)
     dirs = [setting_dir(out, "kl_coef", beta) for beta in kl_coefs]
     runs = {}
     for beta, run_dir in zip(kl_coefs, dirs, strict=True):

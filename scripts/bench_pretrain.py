@@ -1,6 +1,6 @@
 """Pretraining benchmark: where the default dino run's time goes, old defaults against new, and the ceiling.
 
-    python scripts/bench_pretrain.py [--seeds 3] [--out docs/benchmarks/pretrain.json] [--skip-levers]
+    python scripts/bench_pretrain.py [--seeds 3] [--out docs/benchmarks/pretrain.json] [--skip-levers] [--device cuda]
 
 1. Side by side: `rl-diffusion pretrain --dataset dino` as a user runs it (a fresh process, torch's own thread
    count), on today's defaults and on the defaults before issue 17 (given as flags, OLD_DEFAULTS), seed by
@@ -120,6 +120,7 @@ def cli_run(tmp: Path, name: str, flags: dict, seed: int, quality: Quality, env:
         "wall_seconds": wall,
         "phases": phases,
         "torch_threads": timing["torch_threads"],
+        "steps_per_sec": flags.get("steps", PretrainConfig.steps) / timing["seconds"]["optimizer_steps"],
         **quality(out, seed),
     }
     log(
@@ -139,6 +140,7 @@ def summarize(runs: list[dict]) -> dict:
     return {
         "seeds": [r["seed"] for r in runs],
         "wall_seconds": spread("wall_seconds"),
+        "steps_per_sec": spread("steps_per_sec"),
         "sw2_over_floor": spread("sw2_over_floor"),
         "mmd_over_floor": spread("mmd_over_floor"),
         "phases_mean_seconds": {p: statistics.mean(r["phases"][p] for r in runs) for p in ALL_PHASES},
@@ -320,6 +322,7 @@ def main() -> int:
     parser.add_argument("--lever-seeds", type=int, default=1, help="seeds of each lever's runs")
     parser.add_argument("--skip-levers", action="store_true")
     parser.add_argument("--skip-ceiling", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where the side-by-side runs train (levers, ceiling: CPU)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -339,8 +342,8 @@ def main() -> int:
         tmp = Path(tmp_name)
         old, new = [], []
         for seed in range(args.seeds):
-            old.append(cli_run(tmp, "old", OLD_DEFAULTS, seed, quality))
-            new.append(cli_run(tmp, "new", {}, seed, quality))
+            old.append(cli_run(tmp, "old", {**OLD_DEFAULTS, "device": args.device}, seed, quality))
+            new.append(cli_run(tmp, "new", {"device": args.device}, seed, quality))
         result["old_defaults"], result["new_defaults"] = summarize(old), summarize(new)
         result["new_over_old_wall"] = (
             result["new_defaults"]["wall_seconds"]["mean"] / (result["old_defaults"]["wall_seconds"]["mean"])

@@ -31,7 +31,16 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rl_diffusion.algos.sb3 import DenoisingVecEnvAdapter, end_of_training
-from rl_diffusion.checkpoint import CheckpointManager, LoadedRun, StopSignal, load_run, rng_state, set_rng_state
+from rl_diffusion.checkpoint import (
+    CheckpointManager,
+    LoadedRun,
+    StopSignal,
+    generator_state,
+    load_run,
+    rng_state,
+    set_generator_state,
+    set_rng_state,
+)
 from rl_diffusion.config import saved_config
 from rl_diffusion.env import DenoisingVectorEnv
 from rl_diffusion.finetune import FinetuneConfig, Setup, log_epoch, restore, save, write_hyperparameters
@@ -171,7 +180,7 @@ def train_state(model: BaseAlgorithm, reward_queries: int, epochs_logged: int) -
         "rng": rng_state(),
         "action_space_rng": model.action_space.np_random.bit_generator.state,
         "env_rng": env.np_random.bit_generator.state,
-        "env_generator": env.generator.get_state(),
+        "env_generator": generator_state(env.generator),
         "x_T": env.x,
         "c": env.c,
         "reward_queries": reward_queries,
@@ -196,7 +205,7 @@ def load_train_state(s: Setup, model: BaseAlgorithm, state: dict) -> BaseAlgorit
     set_rng_state(state["rng"])
     model.action_space.np_random.bit_generator.state = state["action_space_rng"]
     env.env.np_random.bit_generator.state = state["env_rng"]
-    env.env.generator.set_state(state["env_generator"])
+    set_generator_state(env.env.generator, state["env_generator"])
     env.env.start(state["x_T"], state["c"])
     return model
 

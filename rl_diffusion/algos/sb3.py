@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rl_diffusion.algos.loop import finish
-from rl_diffusion.checkpoint import StopSignal, rng_state, set_rng_state
+from rl_diffusion.checkpoint import StopSignal, generator_state, rng_state, set_generator_state, set_rng_state
 from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep
 from rl_diffusion.env import DenoisingVectorEnv
 from rl_diffusion.errors import UserError
@@ -428,7 +428,7 @@ class EpochCallback(BaseCallback):
             "optimizer": self.model.policy.optimizer.state_dict(),
             "rng": rng_state(),
             "env_rng": env.np_random.bit_generator.state,
-            "env_generator": env.generator.get_state(),
+            "env_generator": generator_state(env.generator),
             "x_T": env.x,
             "c": env.c,
             "reward_queries": self.reward_queries,
@@ -508,7 +508,7 @@ def load_train_state(model: PPO, state: dict) -> None:
     model.policy.optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     env.np_random.bit_generator.state = state["env_rng"]
-    env.generator.set_state(state["env_generator"])
+    set_generator_state(env.generator, state["env_generator"])
     env.start(state["x_T"], state["c"])
     model._last_obs = env.observation()
     model._last_episode_starts = np.ones(env.num_envs, dtype=bool)
