@@ -6,24 +6,8 @@ import torch
 from rl_diffusion.checkpoint import CheckpointManager, atomic_save, generator_state, set_generator_state
 from rl_diffusion.cli import main
 from rl_diffusion.distributed import resolve_device
+from tests.test_resume import TINY  # a tiny moons pretraining
 
-TINY = [
-    "--dataset",
-    "moons",
-    "--num-timesteps",
-    "10",
-    "--hidden-size",
-    "16",
-    "--batch-size",
-    "64",
-    "--eval-every",
-    "40",
-    "--eval-samples",
-    "100",
-    "--checkpoint-every",
-    "20",
-    "--quiet",
-]
 CUDA_STATE = torch.arange(16, dtype=torch.uint8)  # what a CUDA generator's get_state holds: Philox seed and offset
 
 

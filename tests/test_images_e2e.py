@@ -35,6 +35,13 @@ def predicted_labels(images: np.ndarray, classifier: torch.nn.Module) -> torch.T
     return classifier_features(torch.from_numpy(images), classifier)[1]
 
 
+def digit_share(run_dir: Path, classifier: torch.nn.Module) -> float:
+    """Share of 400 samples of a run (DDPM, seed 7) that the classifier reads as DIGIT."""
+    run = load_run(run_dir)
+    samples = draw_samples(run.diffusion, run.model, 400, seed=7, device=CPU)
+    return (predicted_labels(samples, classifier) == DIGIT).float().mean().item()
+
+
 def test_pretraining_lowers_the_frechet_distance(
     digits_run: Path, classifier: torch.nn.Module, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -155,15 +162,6 @@ def test_env_of_a_digits_run_has_image_observations_and_labels(digits_run: Path)
 def test_finetuning_with_the_digit_classifier_raises_that_digits_share(
     unconditional_run: Path, classifier: torch.nn.Module, tmp_path: Path
 ) -> None:
-    def share(run_dir: Path) -> float:
-        run = load_run(run_dir)
-        return (
-            (predicted_labels(draw_samples(run.diffusion, run.model, 400, seed=7, device=CPU), classifier) == DIGIT)
-            .float()
-            .mean()
-            .item()
-        )
-
     out = tmp_path / "finetuned"
     assert (
         main(
@@ -188,7 +186,7 @@ def test_finetuning_with_the_digit_classifier_raises_that_digits_share(
         )
         == 0
     )
-    before, after = share(unconditional_run), share(out)
+    before, after = digit_share(unconditional_run, classifier), digit_share(out, classifier)
     metrics = json.loads((out / "metrics.json").read_text())
     print(
         f"share of {DIGIT}s: {before:.3f} -> {after:.3f}; "

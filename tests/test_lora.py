@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.train import draw_samples
 from rl_diffusion import lora
 from rl_diffusion.checkpoint import CheckpointManager, load_run
 from rl_diffusion.cli import main
@@ -136,16 +135,11 @@ def test_lora_run_keeps_adapters_only_resumes_bit_identically_and_loads_merged(p
 def test_lora_on_the_digits_unet_raises_the_rewarded_digits_share(
     unconditional_run: Path, classifier: nn.Module, tmp_path: Path
 ):
-    def share(run_dir: Path) -> float:
-        run = load_run(run_dir)
-        samples = draw_samples(run.diffusion, run.model, 400, seed=7, device=torch.device("cpu"))
-        return (e2e.predicted_labels(samples, classifier) == DIGIT).float().mean().item()
-
     out = tmp_path / "lora_digits"
     args = ["finetune", "--run", str(unconditional_run), "--out", str(out), "--reward", "digit_classifier"]
     args += ["--reward-arg", f"digit={DIGIT}", "--algo", "ddpo-is", "--chains", "64", "--epochs", "4"]
     assert main([*args, "--lora-rank", "4", "--lr", "3e-2", "--quiet"]) == 0
-    before, after = share(unconditional_run), share(out)
+    before, after = e2e.digit_share(unconditional_run, classifier), e2e.digit_share(out, classifier)
     metrics = json.loads((out / "metrics.json").read_text())
     print(
         f"LoRA rank 4 on the digits U-Net: share of {DIGIT}s {before:.3f} -> {after:.3f}, mean log p({DIGIT}) "
