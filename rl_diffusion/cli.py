@@ -116,8 +116,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     own.add_argument("--jobs", type=int, default=1, help="settings run at once, in parallel processes")
     own.add_argument(
         "--ray",
-        help="a Ray cluster to run the settings on instead: auto (the one `ray start` runs here), local (a fresh "
-        "one-machine instance) or HOST:PORT; run directories must be on a file system every node sees",
+        metavar="ADDRESS",
+        help=RAY_HELP,
     )
     opts, flags = own.parse_known_args(args.rest)
     if args.kind not in ("pretrain", "finetune"):
@@ -280,6 +280,12 @@ def cmd_serve_reward(args: argparse.Namespace) -> None:
     )
 
 
+RAY_HELP = (
+    "a Ray cluster to run the settings on instead: auto (the one `ray start` runs here), local (a fresh one-machine "
+    "instance) or HOST:PORT; run directories must be on a file system every node sees"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pretrain.train import PretrainConfig
     from rl_diffusion.finetune import FinetuneConfig
@@ -353,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs at once, in parallel processes")
     p.add_argument(
         "--ray",
-        help="a Ray cluster to run the settings on instead: auto (the one `ray start` runs here), local (a fresh "
-        "one-machine instance) or HOST:PORT; run directories must be on a file system every node sees",
+        metavar="ADDRESS",
+        help=RAY_HELP,
     )
     p.set_defaults(func=cmd_frontier)
 
