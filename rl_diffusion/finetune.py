@@ -305,11 +305,12 @@ class FinetuneConfig:
 
 
 # Defaults that differ for image runs (docs/design.md, section 9). A U-Net step costs ~100x an MLP step on
-# a CPU, so chains take DDPO's few DDIM steps with eta = 1 (memoryless: the KL optimum stays reachable), and
+# a CPU, so chains take DDPO's few DDIM steps with eta = 1 (memoryless: the KL optimum stays reachable);
 # beta = 1 holds the policy to the data: for a log-probability reward log p(y | x) the optimum
 # p_pre(x) p(y | x) / Z is the pretrained model's own images of class y, where beta = 0 let every sample
-# become one pattern that fools the classifier.
-IMAGE_DEFAULTS = {"sampler": "ddim", "sampling_steps": 20, "eta": 1.0, "kl_coef": 1.0, "chains": 128}
+# become one pattern that fools the classifier; and DDPO's lr 3e-4, since at 1e-3 the first epochs jump
+# tens of nats away and the policy collapses onto one shape before the KL term can pull it back.
+IMAGE_DEFAULTS = {"sampler": "ddim", "sampling_steps": 20, "eta": 1.0, "kl_coef": 1.0, "chains": 128, "lr": 3e-4}
 
 
 def config_for(flags: dict) -> FinetuneConfig:

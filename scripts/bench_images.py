@@ -24,7 +24,7 @@
 With --finetune-defaults RUN (a pretrained digits run; the README uses an unconditional one), it does
 only this instead: the default `finetune --reward digit_classifier --reward-arg digit=3` before and after
 images got their own defaults (finetune.IMAGE_DEFAULTS: 20 DDIM steps with eta = 1, 128 chains,
-beta = 1; before: the 2D defaults, DDPM over all T steps, 256 chains, no KL), one after the other in
+beta = 1, lr 3e-4; before: the 2D defaults, DDPM over all T steps, 256 chains, no KL, lr 1e-3), one after the other in
 this process on the same model: seconds per epoch, the reward curve, the monitors of reward hacking
 (share of the digit, label entropy, distance to the nearest training digit, the run's warnings) and
 grids of the last epoch's samples (docs/figures/digits_default_{before,after}_change.png). The old
@@ -234,7 +234,7 @@ def main() -> int:
 
 
 # The digits fine-tuning defaults before images got their own (finetune.IMAGE_DEFAULTS): the 2D ones.
-OLD_IMAGE_DEFAULTS = {"sampler": "ddpm", "sampling_steps": 0, "eta": 1.0, "kl_coef": 0.0, "chains": 256}
+OLD_IMAGE_DEFAULTS = {"sampler": "ddpm", "sampling_steps": 0, "eta": 1.0, "kl_coef": 0.0, "chains": 256, "lr": 1e-3}
 MONITORS = ("reward/mean", "kl/to_pretrained", "diversity/label_entropy", "realism/nearest_data", "perf/epoch_seconds")
 
 
@@ -265,7 +265,7 @@ def compare_finetune_defaults(run: Path, args: argparse.Namespace) -> int:
         path = Path(args.figures) / f"digits_default_{name}_change.png"
         figures.save_image_grid(last[:80], path, columns=10)
         results[name] = {
-            "config": {k: getattr(config, k) for k in ("sampler", "sampling_steps", "eta", "kl_coef", "chains")},
+            "config": {k: getattr(config, k) for k in ("sampler", "sampling_steps", "eta", "kl_coef", "chains", "lr")},
             "epochs": s.epochs,
             "seconds_total_without_final_evaluation": total,
             "seconds_per_epoch_median": float(np.median([h["perf/epoch_seconds"] for h in s.history])),
