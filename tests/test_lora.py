@@ -17,7 +17,7 @@ from rl_diffusion.checkpoint import CheckpointManager, load_run
 from rl_diffusion.cli import main
 from rl_diffusion.errors import UserError
 from rl_diffusion.finetune import FinetuneConfig
-from rl_diffusion.models import MLPEps, UNetEps
+from rl_diffusion.models import DiffusersUNet, MLPEps, UNetEps
 from tests import test_images_e2e as e2e
 from tests.test_resume import assert_same_weights, finetuned_straight_and_resumed
 
@@ -25,28 +25,20 @@ DIGIT = e2e.DIGIT
 
 
 def tiny_diffusers_unet() -> nn.Module:
-    """A diffusers UNet2DModel of 8x8 images, returning the output tensor as the native networks do."""
-    diffusers = pytest.importorskip("diffusers")
-
-    class Eps(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = diffusers.UNet2DModel(
-                sample_size=8,
-                in_channels=1,
-                out_channels=1,
-                block_out_channels=(8, 16),
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                layers_per_block=1,
-                norm_num_groups=4,
-                attention_head_dim=4,
-            )
-
-        def forward(self, x, t, c=None):
-            return self.unet(x, t).sample
-
-    return Eps()
+    """The project's wrapper of a diffusers UNet2DModel (models/diffusers_unet.py) on 8x8 images."""
+    return DiffusersUNet(
+        {
+            "sample_size": 8,
+            "in_channels": 1,
+            "out_channels": 1,
+            "block_out_channels": (8, 16),
+            "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+            "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "attention_head_dim": 4,
+        }
+    )
 
 
 NETWORKS = {

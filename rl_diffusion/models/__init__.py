@@ -11,7 +11,7 @@ from rl_diffusion.models.unet import UNetEps
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLPEps, "unet": UNetEps, "diffusers-unet": DiffusersUNet}
 
-__all__ = ["MODELS", "build_model", "MLPEps", "UNetEps", "TIME_EMBEDDINGS", "INPUT_EMBEDDINGS"]
+__all__ = ["MODELS", "build_model", "DiffusersUNet", "MLPEps", "UNetEps", "TIME_EMBEDDINGS", "INPUT_EMBEDDINGS"]
 
 
 def build_model(config: dict) -> nn.Module:
