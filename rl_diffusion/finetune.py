@@ -39,7 +39,7 @@ from rl_diffusion.config import arg
 from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, GaussianDiffusion, check_sampler, is_memoryless
 from rl_diffusion.distributed import NoWriter, Ranks
 from rl_diffusion.errors import UserError, nearest
-from rl_diffusion.metrics import diversity, mode_masses, vendi_score
+from rl_diffusion.metrics import diversity, entropy, mode_masses, vendi_score
 from rl_diffusion.precision import autocast_forward, check_precision
 from rl_diffusion.targets import Modes, dataset_modes
 
@@ -354,6 +354,7 @@ class Setup:
         default_factory=dict
     )  # held-out rewards by label: logged, never trained on
     modes: Modes | None = None  # a mixture data set's modes, for diversity/modes_held
+    label_classifier: nn.Module | None = None  # grey images: the digit CNN, for diversity/label_entropy
     component_means: dict[str, float] = dataclasses.field(
         default_factory=dict
     )  # a weighted sum of rewards: each component's mean over the last scored batch, by label
@@ -482,6 +483,7 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         ranks=ranks,
         synced_policy=ranks.wrap(policy),
         eval_rewards=eval_rewards,
+        label_classifier=label_classifier(data_shape, device),
         modes=dataset_modes(pretrained.checkpoint["data"]["dataset"]),
         base_fingerprint=base_fingerprint,
     )
@@ -511,7 +513,18 @@ def build_eval_rewards(eval_rewards: dict) -> dict[str, Reward]:
     }
 
 
-def monitor_scalars(x0: Tensor, data: np.ndarray, modes: Modes | None) -> dict[str, float]:
+def label_classifier(data_shape: tuple[int, ...], device: torch.device) -> nn.Module | None:
+    """The digit CNN (trained and cached on first use) for grey images, loaded once per run; None otherwise."""
+    if len(data_shape) != 3 or data_shape[0] != 1:
+        return None
+    from rewards.digit_classifier import load_digit_classifier
+
+    return load_digit_classifier().to(device)
+
+
+def monitor_scalars(
+    x0: Tensor, data: np.ndarray, modes: Modes | None, classifier: nn.Module | None = None
+) -> dict[str, float]:
     """The per-epoch monitors of reward hacking (docs/design.md, section 9) for samples x0 [B, ...]:
 
     - realism/nearest_data: mean over samples of the RMS distance (data units per coordinate) to the
@@ -520,8 +533,9 @@ def monitor_scalars(x0: Tensor, data: np.ndarray, modes: Modes | None) -> dict[s
     - 2D: diversity/vendi (metrics.vendi_score, data units) and, with a mixture's modes,
       diversity/modes_held (modes holding at least MODE_HELD_MASS of the samples) and
       diversity/outside_mass (the fraction within the mode radius of none);
-    - grey images: diversity/label_entropy, the entropy (nats) of the digit CNN's predicted labels over
-      the batch: log 10 = 2.30 for all digits in equal shares, 0 for one digit.
+    - with a `classifier` (grey images: the digit CNN, `label_classifier`): diversity/label_entropy, the
+      entropy (nats) of its predicted labels over the batch: log 10 = 2.30 for all digits in equal shares,
+      0 for one digit.
     """
     flat = x0.detach().flatten(1).double()
     reference = torch.tensor(data, dtype=torch.float64, device=flat.device).flatten(1)  # a copy: data may be read-only
@@ -530,14 +544,10 @@ def monitor_scalars(x0: Tensor, data: np.ndarray, modes: Modes | None) -> dict[s
     else:  # a network imported without its data (rl_diffusion/diffusers_io.py): nothing to be near
         nearest = flat.new_full((len(flat),), torch.nan)
     values = {"realism/nearest_data": nearest.mean().item(), "diversity/pairwise": diversity(flat)}
-    if x0.dim() == 4 and x0.shape[1] == 1:
-        from rewards.digit_classifier import load_digit_classifier
-
-        classifier = load_digit_classifier().to(x0.device)
+    if classifier is not None:
         with torch.no_grad():
             labels = classifier(x0.detach().float()).argmax(dim=1)
-        shares = torch.bincount(labels, minlength=10).double() / len(labels)
-        values["diversity/label_entropy"] = -(shares[shares > 0] * shares[shares > 0].log()).sum().item()
+        values["diversity/label_entropy"] = entropy(torch.bincount(labels, minlength=10) / len(labels))
     if x0.dim() != 2:
         return values
     values["diversity/vendi"] = vendi_score(x0)
@@ -637,7 +647,7 @@ def log_epoch(
         **({"reward/missing": float(s.reward.missing)} if served(s.reward) else {}),
         # a weighted sum: each component's unweighted mean over the scored batch (dropped chains included)
         **{f"reward/component/{label}/mean": mean for label, mean in s.component_means.items()},
-        **monitor_scalars(x0, s.eval_data, s.modes),
+        **monitor_scalars(x0, s.eval_data, s.modes, s.label_classifier),
         **scalars,
     }
     for tag, value in values.items():

@@ -121,6 +121,13 @@ def energy_distance(x: Points, y: Points) -> float:
     return _two_sample(x, y, torch.negative)
 
 
+def entropy(shares: Points) -> float:
+    """Entropy (nats) of a distribution given as shares [K] summing to 1; 0 log 0 = 0."""
+    shares = torch.as_tensor(shares, dtype=torch.float64)
+    positive = shares[shares > 0]
+    return -(positive * positive.log()).sum().item()
+
+
 def diversity(x: Points) -> float:
     """Mean Euclidean distance between distinct points of x [N, d] (self-pairs excluded).
 

@@ -50,6 +50,7 @@ from rl_diffusion.checkpoint import load_run, read_run_config  # noqa: E402
 from rl_diffusion.config import saved_config  # noqa: E402
 from rl_diffusion.evaluation import sample_with_path_kl  # noqa: E402
 from rl_diffusion.image_metrics import classifier_features, frechet_distance  # noqa: E402
+from rl_diffusion.metrics import entropy  # noqa: E402
 
 EVEN = [0, 2, 4, 6, 8]
 REWARD = {"reward": "digit_classifier", "reward_args": {"digit": EVEN}}
@@ -60,11 +61,6 @@ def label_shares(labels: torch.Tensor, weights: torch.Tensor | None = None) -> n
     weights = torch.ones(len(labels), dtype=torch.float64) if weights is None else weights.double()
     shares = torch.zeros(10, dtype=torch.float64).index_add_(0, labels.cpu(), weights.cpu())
     return (shares / shares.sum()).numpy()
-
-
-def entropy(shares: np.ndarray) -> float:
-    positive = shares[shares > 0]
-    return float(-(positive * np.log(positive)).sum())
 
 
 def main() -> int:

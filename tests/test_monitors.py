@@ -11,7 +11,7 @@ import torch
 from pretrain.images import load_digits_images
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
-from rl_diffusion.finetune import hacking_warnings, monitor_scalars
+from rl_diffusion.finetune import hacking_warnings, label_classifier, monitor_scalars
 from rl_diffusion.metrics import VENDI_BANDWIDTH, vendi_score
 from rl_diffusion.targets import dataset_modes
 
@@ -68,12 +68,13 @@ def test_hacking_warnings_compare_the_last_epoch_with_the_pretrained_models():
 def test_label_entropy_of_grey_images_counts_the_digits_the_classifier_reads():
     images, labels = load_digits_images()
     zeros, ones = images[labels == 0][:40], images[labels == 1][:40]
-    one_digit = monitor_scalars(torch.as_tensor(zeros), images, None)
-    two_digits = monitor_scalars(torch.as_tensor(np.concatenate([zeros, ones])), images, None)
+    classifier = label_classifier(images.shape[1:], torch.device("cpu"))
+    one_digit = monitor_scalars(torch.as_tensor(zeros), images, None, classifier)
+    two_digits = monitor_scalars(torch.as_tensor(np.concatenate([zeros, ones])), images, None, classifier)
     assert one_digit["diversity/label_entropy"] == pytest.approx(0.0, abs=0.15)
     assert two_digits["diversity/label_entropy"] == pytest.approx(math.log(2), abs=0.1)
     assert one_digit["realism/nearest_data"] == 0.0  # real images are data
-    noise = monitor_scalars(torch.rand(40, 1, 8, 8) * 2 - 1, images, None)
+    noise = monitor_scalars(torch.rand(40, 1, 8, 8) * 2 - 1, images, None, classifier)
     assert noise["realism/nearest_data"] > 0.3  # pixels in [-1, 1]: noise is far from every digit
 
 
