@@ -146,6 +146,17 @@ class FinetuneConfig:
     replay_size: int = arg(1024, "rtb: chains kept in the replay buffer (0 = none)")
     replay_fraction: float = arg(0.5, "rtb: fraction of each update's chains drawn from the replay buffer")
     log_z_lr: float = arg(0.1, "rtb: learning rate of log Z")
+    pool_size: int = arg(
+        10_000,
+        "iw-distill: chains drawn and scored per epoch (reward queries), weighted towards the tilt; its defaults "
+        "differ: --epochs 3 --kl-coef 1 --lr 5e-4 --minibatch-size 512 (samples per gradient step)",
+    )
+    distill_steps: int = arg(4000, "iw-distill: gradient steps of the denoising loss per epoch, on resampled pools")
+    ess_target: float = arg(
+        0.25,
+        "iw-distill: effective sample size, as a fraction of the pool, that each tempering stage keeps; below it the "
+        "epoch fits an intermediate tilt exp(r / beta_e), beta_e > beta",
+    )
     lora_rank: int = arg(
         0,
         "train rank-R adapters on the policy's Linear and Conv2d layers, the pretrained weights frozen "
@@ -314,13 +325,16 @@ IMAGE_DEFAULTS = {"sampler": "ddim", "sampling_steps": 20, "eta": 1.0, "kl_coef"
 
 
 def config_for(flags: dict) -> FinetuneConfig:
-    """The config of the given flags over the defaults of the pretrained run's data (points or images)."""
+    """The config of the given flags over the algorithm's own defaults, over those of the pretrained run's data
+    (points or images)."""
     run = Path(flags.get("run") or FinetuneConfig.run)
     try:
         image = len(CheckpointManager(run).load_latest()["data"]["shape"]) > 1
     except (UserError, OSError, KeyError):
         image = False  # setup() says what is wrong with --run
-    return FinetuneConfig(**{**(IMAGE_DEFAULTS if image else {}), **flags})
+    algo = flags.get("algo", FinetuneConfig.algo)
+    algo_defaults = algorithm(algo).defaults if algo in NATIVE else {}
+    return FinetuneConfig(**{**(IMAGE_DEFAULTS if image else {}), **algo_defaults, **flags})
 
 
 @dataclass

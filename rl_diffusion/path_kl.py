@@ -73,22 +73,45 @@ def step_kl(
     (differentiable in theta)."""
     with torch.no_grad():
         ref = policy_step(diffusion, cfg, reference, pairs, idx)
+    return kl_to(mean, ref)
+
+
+def kl_to(mean: Tensor, ref: ReverseStep) -> Tensor:
+    """KL(N(mean, sigma^2 I) || N(ref.mean, sigma^2 I)) = ||mean - ref.mean||^2 / (2 sigma^2), per row."""
     return ((mean - ref.mean) ** 2).flatten(1).sum(1) / (2 * ref.sigma**2)
 
 
 def path_kls(
     diffusion: GaussianDiffusion, cfg, policy: torch.nn.Module, reference: torch.nn.Module, pairs: Pairs, K: int
 ) -> Tensor:
-    """kl_k of every pair as [K, B]; summed over k it is the exact path KL of each chain.
+    """kl_k of every pair as [K, B]; summed over k it is the exact path KL of each chain."""
+    return reference_scores(diffusion, cfg, policy, reference, pairs, K)[0]
 
-    The policy's means are those recorded while sampling when the pairs have them (then only the
+
+def reference_scores(
+    diffusion: GaussianDiffusion, cfg, policy: torch.nn.Module, reference: torch.nn.Module, pairs: Pairs, K: int
+) -> tuple[Tensor, Tensor]:
+    """(kl_k, log pi_ref(x_prev | x_t) - log pi_policy(x_prev | x_t)) of every pair, each [K, B], from one
+    reference call per pair: summed over k, the exact path KL of each chain and its path log-ratio
+    log P_ref(tau) / P_policy(tau) (both chains start at x_T ~ N(0, I)).
+
+    The policy's means and log-probs are those recorded while sampling when the pairs have them (then only the
     reference is called), else the policy is called (sb3-ppo's rollout buffer keeps no means).
     """
 
-    def policy_mean(idx: Tensor) -> Tensor:
-        return policy_step(diffusion, cfg, policy, pairs, idx).mean if pairs.mean_old is None else pairs.mean_old[idx]
+    def scores(idx: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            ref = policy_step(diffusion, cfg, reference, pairs, idx)
+        if pairs.mean_old is None or pairs.log_prob_old is None:
+            step = policy_step(diffusion, cfg, policy, pairs, idx)
+            mean, log_prob = step.mean, step.log_prob
+        else:
+            mean, log_prob = pairs.mean_old[idx], pairs.log_prob_old[idx]
+        return kl_to(mean, ref), ref.log_prob - log_prob
 
     with torch.no_grad():
-        rows = torch.arange(len(pairs), device=pairs.t.device).split(cfg.minibatch_size)
-        kl = torch.cat([step_kl(diffusion, cfg, reference, policy_mean(idx), pairs, idx) for idx in rows])
-    return kl.reshape(K, -1)
+        kl, log_ratio = zip(
+            *(scores(idx) for idx in torch.arange(len(pairs), device=pairs.t.device).split(cfg.minibatch_size)),
+            strict=True,
+        )
+    return torch.cat(kl).reshape(K, -1), torch.cat(log_ratio).reshape(K, -1)

@@ -144,6 +144,7 @@ def test_ddpo_is_on_two_ranks_matches_one_rank_and_resumes_on_one(pretrained_moo
         ("adjoint", ["--kl-coef", "1"]),
         ("rtb", ["--kl-coef", "1", "--replay-size", "64"]),
         ("draft", ["--kl-coef", "0.1", "--draft-steps", "5"]),
+        ("iw-distill", ["--kl-coef", "0.1", "--pool-size", "64", "--distill-steps", "5", "--ess-target", "0.9"]),
     ],
 )
 def test_native_algorithms_on_two_ranks_match_one_rank(pretrained_moons, tmp_path, algo, extra):

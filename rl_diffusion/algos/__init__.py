@@ -22,6 +22,7 @@ NATIVE = {
     "adjoint": "rl_diffusion.algos.adjoint:AdjointMatching",
     "rtb": "rl_diffusion.algos.rtb:RelativeTrajectoryBalance",
     "draft": "rl_diffusion.algos.draft:DRaFT",
+    "iw-distill": "rl_diffusion.algos.iw_distill:ImportanceWeightedDistillation",
 }
 AGENT_ALGOS = ("sb3-sac", "sb3-td3", "sb3-a2c", "sb3-ppo-mlp")  # SB3's MultiInputPolicy on the residual or noise env
 SB3 = {"sb3-ppo": "rl_diffusion.algos.sb3", **dict.fromkeys(AGENT_ALGOS, "rl_diffusion.algos.agents")}

@@ -36,6 +36,8 @@ class Batch:
     kl: Tensor | None  # [K, B] kl_k of every chain to the pretrained model (summed over k, its exact path KL);
     # None on a deterministic chain (DDIM with eta = 0), where the path KL is not defined
     K: int  # steps per chain
+    log_ratio: Tensor | None = None  # [K, B] log pi_ref - log pi_old of every step's action (summed over k:
+    # log P_pre(tau) / P_old(tau)); None on a deterministic chain
 
     @property
     def B(self) -> int:
@@ -49,6 +51,7 @@ class Algorithm:
     needs_memoryless: ClassVar[bool] = False  # the chain must forget x_T (DDPM, or DDIM with eta = 1)
     needs_reward_gradient: ClassVar[bool] = False  # the reward must declare itself differentiable
     needs_log_prob: ClassVar[bool] = True  # the chain must be stochastic (eta > 0): the update scores actions
+    defaults: ClassVar[dict] = {}  # config fields whose default differs for this algorithm (finetune.config_for)
 
     def __init__(self, s: Setup):
         self.s = s
@@ -68,20 +71,27 @@ class Algorithm:
         """Refuse settings that depend on the pretrained chain's length (UserError), before anything is written."""
 
     def sample(self, generator: torch.Generator, noise_scale: float = 1.0) -> tuple[Pairs, Tensor, Tensor | None]:
-        """This rank's share of the epoch's chains: its pairs, x_0 [B_rank, ...] and labels [B_rank] or None.
-        On-policy: the current policy's chains (labels uniform for a class-conditional model); noise_scale > 1
+        """This rank's share of the epoch's --chains chains: its pairs, x_0 [B_rank, ...] and labels [B_rank] or
+        None. On-policy: the current policy's chains (labels uniform for a class-conditional model); noise_scale > 1
         widens every step's noise (GaussianDiffusion.sample)."""
+        return self.sample_chains(self.s.config.chains, "--chains", generator, noise_scale)
+
+    def sample_chains(
+        self, chains: int, flag: str, generator: torch.Generator, noise_scale: float = 1.0
+    ) -> tuple[Pairs, Tensor, Tensor | None]:
+        """This rank's share of `chains` chains of the current policy (the number `flag` sets), as `sample`
+        returns them."""
         s, cfg = self.s, self.s.config
-        shard = s.ranks.shard(cfg.chains, "--chains")
+        shard = s.ranks.shard(chains, flag)
         num_classes = getattr(s.policy, "num_classes", 0)
         c = None
         if num_classes:
-            c = torch.randint(0, num_classes, (cfg.chains,), generator=generator, device=s.device)[shard]
+            c = torch.randint(0, num_classes, (chains,), generator=generator, device=s.device)[shard]
         # no_grad, not inference_mode: these tensors are inputs to the update's autograd graph.
         with torch.no_grad():
             traj = s.diffusion.sample(
                 s.policy,
-                (cfg.chains, *s.data_shape),
+                (chains, *s.data_shape),
                 c=c,
                 generator=generator,
                 device=s.device,

@@ -40,7 +40,7 @@ from rl_diffusion.finetune import (
     score,
     write_hyperparameters,
 )
-from rl_diffusion.path_kl import path_kls
+from rl_diffusion.path_kl import reference_scores
 
 KL_ERROR_CLIP = 0.2  # Ziegler et al.: a KL far off target moves beta no faster than one 20% off
 
@@ -54,8 +54,9 @@ def adapted_kl_coef(kl_coef: float, kl: float, kl_target: float, kl_gain: float)
     return kl_coef * (1 + kl_gain * error)
 
 
-def collect(s: Setup, algo: Algorithm, generator: torch.Generator, epoch: int) -> Batch:
-    """The epoch's chains (algo.sample), scored once, with the path KL of each: the whole batch on every rank.
+def collect(s: Setup, algo: Algorithm, generator: torch.Generator, epoch: int) -> tuple[Batch, int]:
+    """The epoch's chains (algo.sample), scored once, with the path KL and path log-ratio of each: the whole
+    batch on every rank; and the number of samples scored (reward queries).
 
     Under --skip-nonfinite-rewards (one rank) chains with a non-finite reward are dropped entirely.
     """
@@ -67,10 +68,12 @@ def collect(s: Setup, algo: Algorithm, generator: torch.Generator, epoch: int) -
     K = s.steps_per_chain
     if not finite.all():
         pairs = pairs.select(finite.repeat(K))
-    kl = None
-    if pairs.log_prob_old is not None:  # a stochastic chain: its path KL is defined
-        kl = s.ranks.gather(path_kls(s.diffusion, cfg, s.policy, s.reference, pairs, K), dim=1)
-    return Batch(pairs, x0[finite], None if c is None else c[finite], rewards[finite], kl, K)
+    kl = log_ratio = None
+    if pairs.log_prob_old is not None:  # a stochastic chain: its path KL and path density are defined
+        scores = reference_scores(s.diffusion, cfg, s.policy, s.reference, pairs, K)
+        kl, log_ratio = (s.ranks.gather(v, dim=1) for v in scores)
+    c = None if c is None else c[finite]
+    return Batch(pairs, x0[finite], c, rewards[finite], kl, K, log_ratio), len(rewards)
 
 
 def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
@@ -101,15 +104,15 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
     with StopSignal() as stop, bar:
         for epoch in range(start, s.epochs):
             started = time.perf_counter()
-            batch = collect(s, algo, generator, epoch)
-            reward_queries += cfg.chains
+            batch, scored = collect(s, algo, generator, epoch)
+            reward_queries += scored
             stats = algo.update(batch, generator)
             if not math.isfinite(stats["loss/policy"]):
                 raise UserError(
                     f"the {cfg.algo} loss became {stats['loss/policy']} at epoch {epoch + 1}; "
                     f"the last good checkpoint is kept in {s.out} (try a lower --lr)"
                 )
-            stats["reward/nonfinite"] = float(cfg.chains - batch.B)
+            stats["reward/nonfinite"] = float(scored - batch.B)
             if batch.kl is not None:
                 kl_path = batch.kl.sum(0)
                 stats["kl/to_pretrained"], stats["kl/to_pretrained_max"] = kl_path.mean().item(), kl_path.max().item()
@@ -152,6 +155,8 @@ def finish(s: Setup) -> dict:
     # Images: 500 samples, not 5,000. Each sample costs a U-Net call per step for the policy, the
     # pretrained model and the path KL, with every step kept: 5,000 took minutes on a CPU at T = 20.
     metrics = evaluate_finetuned(s.out, num_samples=5000 if len(s.data_shape) == 1 else 500, device=str(s.device))
+    # every sample scored in training (pools and exploratory chains included), so runs compare at equal cost
+    metrics["reward_queries"] = s.history[-1]["reward_queries"] if s.history else 0
     if s.config.early_stop_on:
         metrics["best_epoch"] = best_epoch(s)
     if warnings:

@@ -1,0 +1,142 @@
+"""IW-distill: importance-weighted denoising. Fit the model to its own samples, weighted towards the tilt.
+
+The target of every algorithm here is the x_0-marginal p_pre(x_0) exp(r(x_0) / beta) / Z. On the path space
+of the run's chain it is the marginal of P*(tau) = P_pre(tau) exp(r(x_0) / beta) / Z, for any chain, memoryless
+or not (the reward sees only x_0). Chains tau_b drawn from the current policy Q are weighted exactly towards P*:
+
+    log w_b = lambda r(x0_b) + sum_k [log pi_ref(x_{k-1} | x_k) - log pi_theta(x_{k-1} | x_k)],   lambda = 1 / beta,
+
+(both chains start at x_T ~ N(0, I), so the path ratio is the product of the steps' ratios), self-normalised
+over the pool (within each class for a class-conditional model, whose optimum keeps each chain's label). Each
+epoch draws a pool of --pool-size chains, weights it, then takes --distill-steps gradient steps of the
+pretraining loss on minibatches of --minibatch-size samples resampled in proportion to the weights. Resampling,
+not a weighted loss: at an effective sample size of 28% (the 9-mode posterior) three quarters of a uniform
+minibatch would carry almost no weight; a resampled one spends every row on the target and its expected
+gradient is the weighted loss's. The minimiser of the denoising loss is the score of the weighted
+distribution, so nothing has to explore: every mode the pool reaches is fitted in proportion.
+
+Adaptive tempering (docs/design.md, section 8): where the full tilt's effective sample size is below
+--ess-target of the pool, the epoch fits an intermediate tilt lambda_e in [lambda_{e-1}, 1 / beta], the largest
+whose weights keep that effective sample size (found by bisection). The next epoch's pool comes from the fitted
+model; its path ratio corrects exactly for the fit's error, so the stages make no approximation in their
+weights, only in what a finite pool and finite steps can fit. Epochs after the tilt is reached refine it: the
+better the fit, the more uniform the weights.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor
+
+from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.errors import UserError
+from rl_diffusion.path_kl import Pairs
+
+BISECTION_STEPS = 50  # halvings of [lambda_prev, 1 / beta]: far below any reward's resolution
+ESS_FLOOR = 0.01  # warn when a stage's weights keep fewer than this fraction of the pool
+
+
+def self_normalised(log_weights: Tensor, c: Tensor | None) -> Tensor:
+    """Weights [B] from log-weights [B], summing to 1; with labels c [B], each class's weights sum to its share of
+    the pool (a class-conditional optimum tilts within each class). float64."""
+    log_weights = log_weights.double()
+    if c is None:
+        return torch.softmax(log_weights, 0)
+    weights = torch.zeros_like(log_weights)
+    for label in c.unique():
+        rows = c == label
+        weights[rows] = torch.softmax(log_weights[rows], 0) * rows.sum() / len(c)
+    return weights
+
+
+def effective_sample_size(weights: Tensor) -> float:
+    """Kish's effective sample size 1 / sum_b w_b^2 of normalised weights: N for equal weights, 1 for one."""
+    return 1.0 / weights.square().sum().item()
+
+
+def tempered_lambda(
+    rewards: Tensor, log_ratio: Tensor, c: Tensor | None, lambda_prev: float, lambda_final: float, ess_target: float
+) -> float:
+    """The stage's inverse temperature: the largest lambda in [lambda_prev, lambda_final] whose weights
+    exp(lambda r + log_ratio) keep an effective sample size of ess_target * B; lambda_final when it does;
+    lambda_prev when even that falls short. Assumes the effective sample size falls as lambda grows."""
+
+    def ess(lam: float) -> float:
+        return effective_sample_size(self_normalised(lam * rewards.double() + log_ratio, c)) / len(rewards)
+
+    if ess(lambda_final) >= ess_target:
+        return lambda_final
+    if ess(lambda_prev) < ess_target:
+        return lambda_prev
+    low, high = lambda_prev, lambda_final
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if ess(middle) >= ess_target else (low, middle)
+    return low
+
+
+class ImportanceWeightedDistillation(Algorithm):
+    """IW-distill: each epoch, a pool of the policy's chains weighted towards the tilt, fitted by the denoising
+    loss on resampled minibatches."""
+
+    defaults = {"epochs": 3, "kl_coef": 1.0, "lr": 5e-4, "minibatch_size": 512}
+
+    def __init__(self, s):
+        super().__init__(s)
+        self.lam = 0.0  # lambda of the last stage fitted: 0 before the first (the pretrained model)
+        self.warned = False
+
+    @classmethod
+    def validate(cls, config) -> None:
+        if config.kl_coef <= 0:
+            raise UserError("--algo iw-distill fits p_pre exp(r / beta) / Z: it needs --kl-coef > 0, got 0")
+        if config.kl_target:
+            raise UserError("--algo iw-distill fits the tilt at the fixed beta of --kl-coef; --kl-target adapts none")
+        if config.pool_size < 2:
+            raise UserError(f"--pool-size must be at least 2 chains, got {config.pool_size}")
+        if config.distill_steps < 1:
+            raise UserError(f"--distill-steps must be positive, got {config.distill_steps}")
+        if not 0 < config.ess_target <= 1:
+            raise UserError(f"--ess-target must be a fraction of the pool in (0, 1], got {config.ess_target}")
+        if config.log_prob_reduction != "sum":
+            raise UserError("--algo iw-distill weights chains by their exact path ratio: use --log-prob-reduction sum")
+
+    def sample(self, generator: torch.Generator, noise_scale: float = 1.0) -> tuple[Pairs, Tensor, Tensor | None]:
+        """The epoch's pool: --pool-size chains of the current policy (on-policy: the loop logs their rewards)."""
+        return self.sample_chains(self.s.config.pool_size, "--pool-size", generator, noise_scale)
+
+    def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        s, cfg = self.s, self.s.config
+        log_ratio = batch.log_ratio.sum(0).double()  # [B] log P_pre(tau) / Q(tau)
+        self.lam = tempered_lambda(batch.rewards, log_ratio, batch.c, self.lam, 1 / cfg.kl_coef, cfg.ess_target)
+        weights = self_normalised(self.lam * batch.rewards.double() + log_ratio, batch.c)
+        ess = effective_sample_size(weights) / batch.B
+        if ess < ESS_FLOOR and not self.warned and s.ranks.is_main:
+            self.warned = True
+            print(
+                f"warning: iw-distill's weights keep {ess:.2%} of the pool of {batch.B:,} (effective sample size "
+                f"below {ESS_FLOOR:.0%}): the fit follows a few chains; raise --pool-size or --ess-target",
+                file=sys.stderr,
+            )
+        rows = s.ranks.shard(cfg.minibatch_size, "--minibatch-size")
+
+        def denoising_loss() -> Tensor:  # E_{t, eps} ||eps_theta(x_t, t) - eps||^2 / D on a resampled minibatch
+            pick = torch.multinomial(weights.float(), cfg.minibatch_size, replacement=True, generator=generator)
+            c = None if batch.c is None else batch.c[pick]
+            return s.diffusion.training_loss(s.synced_policy, batch.x0[pick], c, generator=generator, shard=rows)
+
+        return {
+            "loss/policy": self.descend(denoising_loss, cfg.distill_steps),
+            "iw/lambda": self.lam,  # 1 / beta of the stage fitted: reaches 1 / --kl-coef when tempering is done
+            "iw/ess_fraction": ess,
+            "iw/log_ratio_mean": log_ratio.mean().item(),
+        }
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "iw": {"lambda": self.lam, "warned": self.warned}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.lam, self.warned = state["iw"]["lambda"], state["iw"]["warned"]
