@@ -90,16 +90,17 @@ def path_kls(
 
 def reference_scores(
     diffusion: GaussianDiffusion, cfg, policy: torch.nn.Module, reference: torch.nn.Module, pairs: Pairs, K: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """(kl_k, log pi_ref(x_prev | x_t) - log pi_policy(x_prev | x_t)) of every pair, each [K, B], from one
     reference call per pair: summed over k, the exact path KL of each chain and its path log-ratio
-    log P_ref(tau) / P_policy(tau) (both chains start at x_T ~ N(0, I)).
+    log P_ref(tau) / P_policy(tau) (both chains start at x_T ~ N(0, I)). The log-ratio is None on a
+    deterministic chain (DDIM, eta = 0), which has no density; its KL is still that of the means.
 
     The policy's means and log-probs are those recorded while sampling when the pairs have them (then only the
     reference is called), else the policy is called (sb3-ppo's rollout buffer keeps no means).
     """
 
-    def scores(idx: Tensor) -> tuple[Tensor, Tensor]:
+    def scores(idx: Tensor) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad():
             ref = policy_step(diffusion, cfg, reference, pairs, idx)
         if pairs.mean_old is None or pairs.log_prob_old is None:
@@ -107,11 +108,13 @@ def reference_scores(
             mean, log_prob = step.mean, step.log_prob
         else:
             mean, log_prob = pairs.mean_old[idx], pairs.log_prob_old[idx]
-        return kl_to(mean, ref), ref.log_prob - log_prob
+        return kl_to(mean, ref), None if ref.log_prob is None else ref.log_prob - log_prob
 
     with torch.no_grad():
         kl, log_ratio = zip(
             *(scores(idx) for idx in torch.arange(len(pairs), device=pairs.t.device).split(cfg.minibatch_size)),
             strict=True,
         )
+    if log_ratio[0] is None:
+        return torch.cat(kl).reshape(K, -1), None
     return torch.cat(kl).reshape(K, -1), torch.cat(log_ratio).reshape(K, -1)
