@@ -243,11 +243,31 @@ _POSTERIOR_MODES = {
     (5, 0): 15,
     (5, 10): 4,
 }
-GMM25_POSTERIOR = Mixture(
-    MIXTURES["gmm25"].means,
-    MIXTURES["gmm25"].std,
-    np.array([_POSTERIOR_MODES.get(tuple((5 * m).round()), 0) for m in MIXTURES["gmm25"].means]),
-)
+
+
+def gmm25_posterior(modes: list | None = None) -> Mixture:
+    """A posterior over the ``gmm25`` prior: some of its 25 components, reweighted.
+
+    ``modes``: [[x, y, weight], ...] on the grid {-10, -5, 0, 5, 10}^2 of Venkatraman et al. (2024), scaled
+    like the data by 1/5; None: their 9-mode posterior (weights 4, 10, 4, 5, 10, 5, 4, 15, 4 over 61).
+    """
+    weights = _POSTERIOR_MODES
+    if modes is not None:
+        try:
+            weights = {(int(x), int(y)): float(w) for x, y, w in modes}
+        except (TypeError, ValueError):
+            raise ValueError(f"modes must be [[x, y, weight], ...], got {modes!r}") from None
+        grid = {tuple((5 * m).round()) for m in MIXTURES["gmm25"].means}
+        off = [point for point in weights if point not in grid]
+        if off or not weights or min(weights.values()) <= 0:
+            raise ValueError(
+                f"modes must be points of the grid {{-10, -5, 0, 5, 10}}^2 with weights > 0, got {modes!r}"
+            )
+    means = MIXTURES["gmm25"].means
+    return Mixture(means, MIXTURES["gmm25"].std, np.array([weights.get(tuple((5 * m).round()), 0) for m in means]))
+
+
+GMM25_POSTERIOR = gmm25_posterior()
 """The 9-mode posterior of Venkatraman et al. (2024) over the ``gmm25`` prior, scaled like it by 1/5.
 
 Written as a mixture over the prior's 25 components, 16 of them with weight 0.
@@ -263,17 +283,18 @@ def _log_mixture(x0: torch.Tensor, mixture: Mixture) -> torch.Tensor:
 
 @register("gmm_posterior")
 @differentiable
-def gmm_posterior() -> RewardFn:
-    """log p_post(x0) - log p_prior(x0): the ``gmm25`` prior tilted at kl_coef 1 is the 9-mode posterior.
+def gmm_posterior(modes: list | None = None) -> RewardFn:
+    """log p_post(x0) - log p_prior(x0): the ``gmm25`` prior tilted at kl_coef 1 is the posterior.
 
-    The prior is the ``gmm25`` data set; the posterior is ``GMM25_POSTERIOR``, 9 of its 25
-    components with weights (4, 10, 4, 5, 10, 5, 4, 15, 4) / 61 (Venkatraman et al. 2024).
-    Both share one std, so their normalisers cancel; computed in float64 because far from
+    The prior is the ``gmm25`` data set; the posterior is ``gmm25_posterior(modes)``: by default
+    ``GMM25_POSTERIOR``, 9 of its 25 components with weights (4, 10, 4, 5, 10, 5, 4, 15, 4) / 61
+    (Venkatraman et al. 2024); ``modes`` [[x, y, weight], ...] on their grid {-10, -5, 0, 5, 10}^2 picks
+    another. Both share one std, so their normalisers cancel; computed in float64 because far from
     the grid it is a difference of two large numbers. With v the posterior and w the prior
     weights of the same components, p_post <= max_k (v_k / w_k) p_prior, so the score is at
-    most log max_k (v_k / w_k) = log(25 * 15 / 61).
+    most log max_k (v_k / w_k).
     """
-    prior, posterior = MIXTURES["gmm25"], GMM25_POSTERIOR
+    prior, posterior = MIXTURES["gmm25"], gmm25_posterior(modes)
 
     def reward(x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         _check_2d(x0)

@@ -22,7 +22,7 @@ import torch
 
 from pretrain.datasets import DATASETS_2D, MIXTURES, Mixture, sample_2d
 from rewards import Reward, build_reward
-from rewards.builtin_2d import GMM25_POSTERIOR, linear
+from rewards.builtin_2d import gmm25_posterior, linear
 from rl_diffusion.metrics import mode_masses
 
 # A sample within 4 component stds of a mode counts for it: a 2D Gaussian holds 1 - exp(-8)
@@ -145,7 +145,7 @@ def exact_target(
         samples = rejection_sample(dataset, reward, kl_coef, num_samples, rng)
         return ExactTarget(
             samples,
-            Modes(mixture.means, GMM25_POSTERIOR.weights, radius),
+            Modes(mixture.means, gmm25_posterior(reward_args.get("modes")).weights, radius),
             f"{description}; mode masses: the posterior's weights",
         )
     samples = rejection_sample(dataset, reward, kl_coef, num_samples + MASS_ESTIMATE_SAMPLES, rng)

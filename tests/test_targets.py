@@ -14,6 +14,7 @@ from rewards import Reward, build_reward
 from rewards.builtin_2d import GMM25_POSTERIOR
 from rl_diffusion import evaluation
 from rl_diffusion.cli import main
+from rl_diffusion.errors import UserError
 from rl_diffusion.metrics import mode_masses
 from rl_diffusion.targets import MODE_RADIUS_STDS, RejectionTooCostly, dataset_modes, exact_target, tilt_linear
 
@@ -62,6 +63,20 @@ def test_gmm_posterior_at_beta_one_is_the_nine_mode_posterior() -> None:
     assert np.all(masses[posterior == 0] == 0) and (posterior > 0).sum() == 9
     np.testing.assert_allclose(masses, posterior, atol=4 * np.sqrt(posterior * (1 - posterior) / n).max())
     assert outside < 0.002  # 1 - exp(-8) of each Gaussian lies within 4 stds
+
+
+def test_gmm_posterior_with_other_modes_is_that_posterior() -> None:
+    """Seven corner and edge modes with unequal weights: the exact target's masses are those weights, sampled."""
+    modes = [[-10, -10, 1], [10, 10, 6], [-10, 10, 2], [10, -10, 3], [0, 10, 1], [-10, 0, 4], [5, 5, 2]]
+    n = 20_000
+    target = exact_target("gmm25", "gmm_posterior", {"modes": modes}, kl_coef=1.0, num_samples=n, seed=0)
+    weights = {(x / 5, y / 5): w / 19 for x, y, w in modes}
+    expected = np.array([weights.get(tuple(m), 0.0) for m in target.modes.means])
+    np.testing.assert_allclose(target.modes.masses, expected)
+    masses, _ = mode_masses(target.samples, target.modes.means, target.modes.radius)
+    np.testing.assert_allclose(masses, expected, atol=4 * np.sqrt(expected * (1 - expected) / n).max())
+    with pytest.raises(UserError, match="points of the grid"):
+        build_reward("gmm_posterior", {"modes": [[1, 2, 3]]})
 
 
 def test_checkerboard_times_bump_mean_matches_quadrature() -> None:
