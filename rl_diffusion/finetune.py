@@ -143,7 +143,9 @@ class FinetuneConfig:
     explore_scale: float = arg(
         1.0, "rtb: sigma multiplier of the exploratory sampler that draws the training chains (1 = on-policy)"
     )
-    replay_size: int = arg(1024, "rtb: chains kept in the replay buffer (0 = none)")
+    explore_epochs: int = arg(0, "rtb: epochs at the full --explore-scale before it decays (0 = for the whole run)")
+    explore_decay_epochs: int = arg(0, "rtb: epochs of linear decay of --explore-scale to 1 after --explore-epochs")
+    replay_size: int = arg(0, "rtb: chains kept in the replay buffer (0 = none)")
     replay_fraction: float = arg(0.5, "rtb: fraction of each update's chains drawn from the replay buffer")
     log_z_lr: float = arg(0.1, "rtb: learning rate of log Z")
     pool_size: int = arg(

@@ -2,12 +2,13 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
 from rl_diffusion.algos.base import Batch
-from rl_diffusion.algos.rtb import RelativeTrajectoryBalance, relative_tb_delta
+from rl_diffusion.algos.rtb import RelativeTrajectoryBalance, explore_scale, initial_log_z, relative_tb_delta
 from rl_diffusion.cli import main
 from rl_diffusion.path_kl import policy_step
 from tests.test_kl_objective import A, D, NoStep, T, batch_of, closed_form_setup, optimal_theta
@@ -145,6 +146,7 @@ def test_short_run_raises_mean_reward(pretrained_moons, tmp_path):
     out = tmp_path / "rtb"
     flags = ["--reward", "target_point", "--reward-arg", "point=[1.5, 1.5]", "--chains", "64", "--epochs", "8"]
     flags += ["--kl-coef", "0.1", "--lr", "3e-3", "--minibatch-size", "1024", "--explore-scale", "1.5"]
+    flags += ["--replay-size", "64", "--explore-epochs", "2", "--explore-decay-epochs", "4"]
     assert main(finetune(pretrained_moons, out, *flags)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     history = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["train_state"][
@@ -153,6 +155,35 @@ def test_short_run_raises_mean_reward(pretrained_moons, tmp_path):
     assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 0.3, metrics
     assert len(history) == 8 and history[-1]["reward/mean"] > history[0]["reward/mean"]
     assert history[-1]["rtb/replayed"] == 64 and history[0]["rtb/replayed"] == 0
+    assert [h["rtb/explore_scale"] for h in history] == pytest.approx([1.5, 1.5, 1.5, 1.375, 1.25, 1.125, 1, 1])
+
+
+def test_initial_log_z_is_the_log_mean_exp_of_the_weights():
+    beta = 0.5
+    rewards = torch.tensor([0.0, 0.5 * math.log(3.0)])  # r / beta = 0, log 3
+    assert initial_log_z(torch.zeros(2), rewards, beta).item() == pytest.approx(math.log(2.0))
+    # a chain the policy favours over the reference by log 2 counts half: log((1 + 3 / 2) / 2)
+    log_ratio = torch.tensor([0.0, math.log(2.0)])
+    assert initial_log_z(log_ratio, rewards, beta).item() == pytest.approx(math.log(1.25))
+
+
+def test_the_first_update_starts_log_z_at_log_e_pre_exp_r_over_beta():
+    """On the pretrained chain, log Z = log E_pre exp(A . x_0 / beta) = v |A|^2 / (2 beta^2) (v the variance of
+    its x_0): the first batch's estimate lands there, where the mean of r / beta (0 here) would not."""
+    s = rtb_setup(BETA, chains=4096, minibatch_size=1 << 16)
+    algo = RelativeTrajectoryBalance(s)
+    algo.optimizer = NoStep()
+    generator = torch.Generator().manual_seed(0)
+    pairs, x0, c = algo.sample(generator)
+    algo.update(Batch(pairs, x0, c, x0 @ A, None, s.steps_per_chain), generator)
+    v = (x0 @ A).var().item()
+    assert algo.log_z.item() == pytest.approx(v / (2 * BETA**2), abs=0.03)  # 0.385 on this chain
+
+
+def test_the_exploration_schedule_holds_then_decays_to_on_policy():
+    assert [explore_scale(e, 3.0, 2, 4) for e in range(8)] == [3, 3, 3, 2.5, 2, 1.5, 1, 1]
+    assert [explore_scale(e, 3.0, 2, 0) for e in range(4)] == [3, 3, 1, 1]  # no decay: on-policy at once
+    assert {explore_scale(e, 3.0, 0, 4) for e in range(50)} == {3.0}  # no hold: the whole run
 
 
 @pytest.mark.parametrize(

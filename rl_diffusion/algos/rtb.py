@@ -11,21 +11,29 @@ p_theta(tau) = p_ref(tau) exp(r(x_0) / beta) / Z; on a memoryless chain that pat
 p_pre(x_0) exp(r(x_0) / beta) / Z, the KL-regularised optimum (docs/design.md, section 2). The loss is zero
 at that point whatever distribution the training chains come from, so they may be off-policy:
   - an exploratory sampler (--explore-scale S > 1) draws the epoch's chains with the policy's mean and
-    sigma * S; the loss still scores them with the real policy (sigma);
-  - a replay buffer (--replay-size chains, first in first out) adds past scored chains, a --replay-fraction
-    share of each update's chains, drawn uniformly without replacement (no new reward queries).
+    sigma * S, held for --explore-epochs epochs, then decayed linearly to on-policy over
+    --explore-decay-epochs (the authors' schedule); the loss still scores them with the real policy (sigma);
+  - a replay buffer (--replay-size chains, off by default) adds past scored chains, a --replay-fraction share
+    of each update's chains, drawn uniformly without replacement (no new reward queries). The fixed point
+    survives only where the loss can reach zero: short of it, a log Z off its value pulls the policy along
+    the mean score of old chains, which is not zero (log Z from 0 with 50% replay diverged on gmm25).
 
 Gradient with flat memory: delta needs whole chains, so each pass first computes delta_b with no grad, then
 backpropagates sum_pairs 2 delta_b log pi_theta(pair) + 2 delta_b log Z with delta_b detached, minibatched
 over pairs; d/dtheta of that surrogate is sum_b 2 delta_b d delta_b / dtheta = d/dtheta sum_b delta_b^2.
 One optimizer step per pass (--inner-epochs passes), so the surrogate's delta is that of the current theta.
-log Z starts at the first batch's least-squares value, -mean(delta - log Z), not at 0.
+log Z starts at log mean_b exp(r_b / beta - sum_k log pi_theta / pi_ref), the importance estimate of
+log E_ref exp(r / beta) from the first batch (exact in expectation for on-policy chains), not at the
+least-squares value -mean(delta - log Z): that is the mean of r / beta, -42 on the 9-mode posterior where the
+true log Z is +0.06, and the gap took hundreds of updates to close.
 
 Data parallel: every rank holds the whole training set of chains (fresh ones gathered, the buffer the same on
 every rank); chain b belongs to rank b mod world_size, which computes its pairs' log-probs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -34,6 +42,22 @@ from rl_diffusion.algos.base import Algorithm, Batch
 from rl_diffusion.diffusion import Trajectory
 from rl_diffusion.errors import UserError
 from rl_diffusion.path_kl import Pairs, policy_step
+
+
+def initial_log_z(log_ratio: Tensor, rewards: Tensor, beta: float) -> Tensor:
+    """log mean_b exp(r_b / beta - log_ratio_b): the importance estimate of log Z = log E_ref exp(r / beta) from
+    chains of the policy, log_ratio [B] = sum_k log pi_theta - log pi_ref of each."""
+    return torch.logsumexp(rewards / beta - log_ratio, 0) - math.log(len(rewards))
+
+
+def explore_scale(epoch: int, scale: float, hold_epochs: int, decay_epochs: int) -> float:
+    """The exploratory sampler's sigma multiplier at `epoch` (0-based): `scale` for hold_epochs epochs (0: for
+    good), then linearly down to 1 (on-policy) over decay_epochs epochs (0: at once)."""
+    if hold_epochs == 0 or epoch < hold_epochs:
+        return scale
+    if epoch >= hold_epochs + decay_epochs:
+        return 1.0
+    return scale - (scale - 1) * (epoch - hold_epochs) / decay_epochs
 
 
 def relative_tb_delta(log_z: Tensor, log_ratio: Tensor, rewards: Tensor, beta: float) -> Tensor:
@@ -47,7 +71,8 @@ class RelativeTrajectoryBalance(Algorithm):
 
     def __init__(self, s):
         self.log_z = torch.nn.Parameter(torch.zeros((), device=s.device))
-        self.log_z_ready = False  # set to the first batch's least-squares value on the first update
+        self.log_z_ready = False  # set to the first batch's estimate on the first update
+        self.epoch = 0  # epochs trained: the exploration schedule's clock
         self.buffer: dict | None = None  # replay: xs [K + 1, R, ...], c [R] or None, rewards [R]
         super().__init__(s)
 
@@ -66,6 +91,8 @@ class RelativeTrajectoryBalance(Algorithm):
             raise UserError(f"--replay-size must be >= 0 chains (0 = no replay), got {config.replay_size}")
         if config.explore_scale < 1:
             raise UserError(f"--explore-scale must be >= 1 (1 = on-policy), got {config.explore_scale}")
+        if config.explore_epochs < 0 or config.explore_decay_epochs < 0:
+            raise UserError("--explore-epochs and --explore-decay-epochs must be >= 0")
         if config.log_prob_reduction != "sum":
             raise UserError(
                 "--algo rtb balances whole-chain log-densities: use --log-prob-reduction sum "
@@ -73,9 +100,12 @@ class RelativeTrajectoryBalance(Algorithm):
             )
 
     def sample(self, generator: torch.Generator, noise_scale: float = 1.0) -> tuple[Pairs, Tensor, Tensor | None]:
-        """The epoch's chains from the exploratory sampler: the policy's mean, sigma * --explore-scale; their
-        log_prob_old is under the real policy (sigma), so the loop's path KL is that of the policy's own means."""
-        return super().sample(generator, noise_scale=self.s.config.explore_scale)
+        """The epoch's chains from the exploratory sampler: the policy's mean, sigma times the schedule's scale;
+        their log_prob_old is under the real policy (sigma), so the loop's path KL is that of the policy's own
+        means."""
+        cfg = self.s.config
+        scale = explore_scale(self.epoch, cfg.explore_scale, cfg.explore_epochs, cfg.explore_decay_epochs)
+        return super().sample(generator, noise_scale=scale)
 
     def mine(self, rows: Tensor, N: int) -> Tensor:
         """Of pair rows k * N + b, those of this rank's chains (b mod world_size = rank)."""
@@ -134,7 +164,7 @@ class RelativeTrajectoryBalance(Algorithm):
             log_ratio = self.chain_log_probs(s.policy, pairs, N) - log_ref
             if not self.log_z_ready:
                 with torch.no_grad():
-                    self.log_z.fill_(-(log_ratio - rewards / beta).mean())
+                    self.log_z.copy_(initial_log_z(log_ratio, rewards, beta))
                 self.log_z_ready = True
             delta = relative_tb_delta(self.log_z.detach(), log_ratio, rewards, beta)
             self.optimizer.zero_grad(set_to_none=True)
@@ -148,7 +178,10 @@ class RelativeTrajectoryBalance(Algorithm):
             self.step()
             losses.append(delta.square().mean())
             delta_abs.append(delta.abs().mean())
+        scale = explore_scale(self.epoch, cfg.explore_scale, cfg.explore_epochs, cfg.explore_decay_epochs)
+        self.epoch += 1
         return {
+            "rtb/explore_scale": scale,
             "loss/policy": torch.stack(losses).mean().item(),
             "rtb/log_z": self.log_z.item(),
             "rtb/delta_abs": torch.stack(delta_abs).mean().item(),
@@ -157,6 +190,7 @@ class RelativeTrajectoryBalance(Algorithm):
 
     def state_dict(self) -> dict:
         rtb = {"log_z": self.log_z.detach().clone(), "log_z_ready": self.log_z_ready, "buffer": self.buffer}
+        rtb["epoch"] = self.epoch
         return {**super().state_dict(), "rtb": rtb}
 
     def load_state_dict(self, state: dict) -> None:
@@ -164,3 +198,4 @@ class RelativeTrajectoryBalance(Algorithm):
         with torch.no_grad():
             self.log_z.copy_(state["rtb"]["log_z"])
         self.log_z_ready, self.buffer = state["rtb"]["log_z_ready"], state["rtb"]["buffer"]
+        self.epoch = state["rtb"].get("epoch", 0)
