@@ -236,3 +236,11 @@ def test_console_script_prints_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown data set 'nope'") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_saved_config_with_a_non_finite_number_is_refused(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "pretrain", "lr": float("nan")}))  # JSON's NaN
+    code, err = run_cli(capsys, "pretrain", "--resume", str(run))
+    assert_one_line_error(code, err, "PretrainConfig field lr must be a finite number, got nan")
