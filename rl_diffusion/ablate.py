@@ -29,6 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rl_diffusion import figures
 from rl_diffusion.checkpoint import CheckpointManager, atomic_write_text
+from rl_diffusion.config import finite_float
 from rl_diffusion.errors import UserError, nearest
 
 MAX_COLUMNS = 6
@@ -39,9 +40,12 @@ def parse_values(cls: type, param: str, values: str) -> list:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if param not in fields or param in ("run", "reward_args", "device"):
         raise UserError(f"--param '{param}' is not an ablatable setting{nearest(param, fields)}")
-    kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}[
-        str(fields[param].type)
-    ]
+    kind = {
+        "int": int,
+        "float": finite_float(f"--values for {param}"),
+        "str": str,
+        "bool": lambda v: v.lower() in ("1", "true", "yes"),
+    }[str(fields[param].type)]
     items = [v.strip() for v in values.split(",") if v.strip()]
     if len(items) < 1:
         raise UserError("--values needs at least one value, comma-separated")

@@ -74,6 +74,11 @@ def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:
     """Create a fresh run directory holding config.json; refuse to clobber an existing run."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
+        if not overwrite and (out / CONFIG_FILE).exists() and not CheckpointManager(out).paths():
+            raise UserError(
+                f"{out} holds a run stopped before its first checkpoint, which --resume cannot continue; pass "
+                "--overwrite to start it again, or pick another --out"
+            )
         if not overwrite:
             raise UserError(
                 f"{out} already holds files; pass --resume {out} to continue it, --overwrite to replace it, or pick "
@@ -140,7 +145,10 @@ class CheckpointManager:
         """The newest checkpoint that loads; a truncated or corrupt file is reported and skipped."""
         paths = self.paths()
         if not paths:
-            raise UserError(f"no checkpoint in {self.dir}; was the run started?")
+            raise UserError(
+                f"no checkpoint in {self.dir}: the run stopped before its first one (or never started); start it "
+                f"again with --out {self.dir.parent} --overwrite"
+            )
         for path in reversed(paths):
             try:
                 return torch.load(path, map_location=map_location, weights_only=False)

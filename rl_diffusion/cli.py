@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rl_diffusion import distributed
-from rl_diffusion.config import add_config_args, given_flags, resume_config
+from rl_diffusion.config import add_config_args, finite_float, given_flags, resume_config, seed_int
 from rl_diffusion.errors import UserError, nearest
 
 
@@ -137,7 +137,7 @@ def cmd_frontier(args: argparse.Namespace) -> None:
     from rl_diffusion.frontier import frontier
 
     try:
-        kl_coefs = [float(v) for v in args.kl_coefs.split(",") if v.strip()]
+        kl_coefs = [finite_float("--kl-coefs")(v) for v in args.kl_coefs.split(",") if v.strip()]
     except ValueError as e:
         raise UserError(f"--kl-coefs: {e}") from None
     finetune_args = build_parser().parse_args(
@@ -370,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npy file (samples in the data set's coordinates)")
     p.add_argument("--sampler", default="ddpm", help="ddpm | ddim")
     p.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (default: all T)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity in [0, 1] (0 = deterministic)")
+    p.add_argument(
+        "--eta", type=finite_float("--eta"), default=1.0, help="DDIM stochasticity in [0, 1] (0 = deterministic)"
+    )
     p.add_argument(
         "--clip-denoised",
         action=argparse.BooleanOptionalAction,
@@ -379,18 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--guidance-scale",
-        type=float,
+        type=finite_float("--guidance-scale"),
         default=1.0,
         help="classifier-free guidance of a class-conditional model (0 unconditional, 1 conditional, >1 sharper)",
     )
     p.add_argument(
         "--mix",
-        type=float,
+        type=finite_float("--mix"),
         default=None,
         metavar="LAMBDA",
         help="finetune runs: sample with eps = (1 - LAMBDA) eps_pretrained + LAMBDA eps_finetuned, LAMBDA in [0, 1]",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)
 
@@ -398,13 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument(
         "--kl-coef",
-        type=float,
+        type=finite_float("--kl-coef"),
         default=None,
         help="fine-tuning runs: the beta of the tilted optimum p exp(r / beta) / Z to measure against "
         "(default: the run's own)",
     )
     p.add_argument("--num-samples", type=int, default=5000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)
 
@@ -428,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=cmd_data)
 
     sub.add_parser("datasets", help="list the data sets").set_defaults(func=cmd_datasets)

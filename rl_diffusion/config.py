@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from rl_diffusion.errors import UserError
@@ -16,20 +18,51 @@ def arg(default: Any, help: str, aliases: tuple[str, ...] = ()) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "aliases": aliases})
 
 
+def finite_float(flag: str) -> Callable[[str], float]:
+    """The argparse type of a float flag: NaN passes every range check (its comparisons are all false), so no
+    float flag takes it, nor an infinity."""
+
+    def convert(text: str) -> float:
+        value = float(text)  # a ValueError is argparse's "invalid float value"
+        if not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
+        return value
+
+    convert.__name__ = "float"  # the name argparse gives the type in its messages
+    return convert
+
+
+def seed_int(text: str) -> int:
+    """The argparse type of a --seed flag: numpy's generators take no negative seed."""
+    value = int(text)
+    if value < 0:
+        raise UserError(f"--seed must be >= 0, got {value}")
+    return value
+
+
+seed_int.__name__ = "int"
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add one --flag per field of dataclass `cls`, defaulting to None so that given flags can be told apart."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        # argparse %-formats help text: "10% of" would crash --help
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")
         if f.type in (bool, "bool"):
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(
-                f.type if isinstance(f.type, str) else f.type.__name__, str
+            type_name = f.type if isinstance(f.type, str) else f.type.__name__
+            kind = {"int": int, "float": finite_float(flags[0]), "str": str}.get(type_name, str)
+            parser.add_argument(
+                *flags,
+                type=seed_int if f.name == "seed" else kind,
+                default=None,
+                help=help_text,
+                metavar=f.name.upper(),
             )
-            parser.add_argument(*flags, type=kind, default=None, help=help_text, metavar=f.name.upper())
 
 
 def given_flags(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
@@ -72,4 +105,7 @@ def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
     unknown = set(values) - names
     if unknown:
         raise UserError(f"unknown config field(s) {', '.join(sorted(unknown))} for {cls.__name__}")
+    for name, value in values.items():  # JSON reads NaN and Infinity
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{cls.__name__} field {name} must be a finite number, got {value}")
     return cls(**values)

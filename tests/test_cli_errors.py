@@ -236,3 +236,42 @@ def test_console_script_prints_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown data set 'nope'") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_stopped_before_its_first_checkpoint_names_the_way_out(capsys, pretrained_moons, tmp_path, monkeypatch):
+    out = tmp_path / "ft"
+    start = [
+        "finetune",
+        "--run",
+        str(pretrained_moons),
+        "--out",
+        str(out),
+        "--chains",
+        "16",
+        "--epochs",
+        "1",
+        "--quiet",
+    ]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("rl_diffusion.algos.trainer", lambda algo: killed)
+        assert_one_line_error(*run_cli(capsys, *start), "interrupted")
+    assert (out / "config.json").exists() and CheckpointManager(out).paths() == []
+
+    code, err = run_cli(capsys, "finetune", "--resume", str(out))
+    assert_one_line_error(code, err, "no checkpoint", f"start it again with --out {out} --overwrite")
+    code, err = run_cli(capsys, *start)
+    assert_one_line_error(code, err, "stopped before its first checkpoint", "pass --overwrite to start it again")
+    assert run_cli(capsys, *start, "--overwrite")[0] == 0
+    assert CheckpointManager(out).paths()
+
+
+def test_saved_config_with_a_non_finite_number_is_refused(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "pretrain", "lr": float("nan")}))  # JSON's NaN
+    code, err = run_cli(capsys, "pretrain", "--resume", str(run))
+    assert_one_line_error(code, err, "PretrainConfig field lr must be a finite number, got nan")
