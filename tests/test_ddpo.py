@@ -7,6 +7,7 @@ import torch
 
 from rl_diffusion.algos import ddpo, rwr
 from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
 from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.evaluation import tilted_target
@@ -217,3 +218,18 @@ def test_tilted_target_resamples_by_exp_reward_over_beta():
     samples, ess = tilted_target(pool, np.array([0.0, np.log(3.0)]), kl_coef=1.0, num_samples=40_000, seed=0)
     assert (samples[:, 0] == 1.0).mean() == pytest.approx(0.75, abs=0.01)  # weights 1 : 3
     assert ess == pytest.approx(1 / (0.25**2 + 0.75**2))
+
+
+def test_final_evaluation_draws_eval_samples_or_is_skipped(pretrained_moons, tmp_path):
+    base = ["finetune", "--run", str(pretrained_moons), "--reward", "target_point", "--chains", "32"]
+    base += ["--epochs", "2", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "evaluated"), "--eval-samples", "300"]) == 0
+    metrics = json.loads((tmp_path / "evaluated" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 300 and metrics["reward_queries"] == 64 and "kl_to_pretrained" in metrics
+    assert main([*base, "--out", str(tmp_path / "skipped"), "--no-final-eval"]) == 0
+    skipped = json.loads((tmp_path / "skipped" / "metrics.json").read_text())
+    assert skipped["final_evaluation"].startswith("skipped") and skipped["reward_queries"] == 64
+    assert "kl_to_pretrained" not in skipped and "num_samples" not in skipped
+    assert (tmp_path / "skipped" / "figures" / "finetune.png").exists()
+    history = CheckpointManager(tmp_path / "skipped").load_latest()["train_state"]["history"]
+    assert skipped["reward_mean"] == history[-1]["reward/mean"]
