@@ -15,6 +15,7 @@ from rl_diffusion.errors import UserError, nearest
 POOL_SIZE_2D = 100_000  # fresh 2D points drawn once per run; batches index into them
 # The `data` record of a network imported from a diffusers pipeline (rl_diffusion/diffusers_io.py): its data is unknown.
 IMPORTED = "diffusers"
+EVAL_DATA_SEED = 12345  # the reference draw every evaluation compares against
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """2D point-set data sets, drawn fresh from a seeded numpy generator.
 
-Every set lives in coordinates with a spread (``data_spread``) between about 0.8
-and 2.1; the model trains directly in these coordinates, so no normalisation
-happens elsewhere. Each description in ``DATASETS_2D`` states its coordinates.
+Every set lives in coordinates with a spread (``rl_diffusion.metrics.data_spread``)
+between about 0.8 and 2.1; the model trains directly in these coordinates, so no
+normalisation happens elsewhere. Each description in ``DATASETS_2D`` states its coordinates.
 """
 
 from __future__ import annotations
@@ -165,12 +165,3 @@ def sample_2d(name: str, num_samples: int, seed: int | np.random.Generator) -> n
     if num_samples < 1:
         raise UserError(f"num_samples must be at least 1, got {num_samples}")
     return _SAMPLERS[name](np.random.default_rng(seed), num_samples).astype(np.float32)
-
-
-def data_spread(x: np.ndarray) -> float:
-    """sigma = sqrt(mean over axes of the per-axis variance) of points [N, d].
-
-    The scale to divide SW2 by: a distance in data units over the data's own
-    standard deviation. Accepts numpy arrays or CPU tensors.
-    """
-    return float(np.sqrt(np.asarray(x, dtype=np.float64).var(axis=0).mean()))

@@ -24,7 +24,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from pretrain.data import TrainingData, is_image_dataset, load_training_data, reference_draws
+from pretrain.data import EVAL_DATA_SEED, TrainingData, is_image_dataset, load_training_data, reference_draws
 from rl_diffusion import distributed, figures
 from rl_diffusion.checkpoint import (
     CheckpointManager,
@@ -35,15 +35,14 @@ from rl_diffusion.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from rl_diffusion.config import arg
+from rl_diffusion.config import arg, to_markdown_table
 from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.errors import UserError
-from rl_diffusion.metrics import sample_quality, sliced_wasserstein2
+from rl_diffusion.metrics import quality_metrics, sliced_wasserstein2
 from rl_diffusion.models import build_model
-from rl_diffusion.models.unet import drop_labels, guided_eps
+from rl_diffusion.models.unet import drop_labels
 from rl_diffusion.precision import autocast_forward, check_precision
-
-EVAL_DATA_SEED = 12345  # the reference draw every evaluation compares against
+from rl_diffusion.sampling import draw_samples, sample_shape_and_labels
 
 
 @dataclass
@@ -508,54 +507,6 @@ def data_info(config: PretrainConfig, data: TrainingData) -> dict:
     }
 
 
-def draw_samples(
-    diffusion: GaussianDiffusion,
-    model: torch.nn.Module,
-    num_samples: int,
-    seed: int,
-    device: torch.device,
-    guidance_scale: float = 1.0,
-    **sampling,
-) -> np.ndarray:
-    """num_samples samples (DDPM, or as `sampling` says) as numpy, in the data's shape.
-
-    A class-conditional model gets balanced labels 0, 1, ..., K-1, 0, 1, ...; guidance_scale != 1
-    mixes in its unconditional prediction (classifier-free guidance).
-    """
-    generator = torch.Generator(device=device).manual_seed(seed)
-    shape, c = sample_shape_and_labels(model, num_samples, device)
-    with torch.inference_mode():
-        traj = diffusion.sample(
-            guided(model, guidance_scale), shape, c=c, generator=generator, device=device, **sampling
-        )
-    return traj.xs[-1].cpu().numpy()
-
-
-def sample_shape_and_labels(
-    model: torch.nn.Module, num_samples: int, device: torch.device
-) -> tuple[tuple[int, ...], torch.Tensor | None]:
-    """The batch shape a network produces, and balanced labels when it is class-conditional."""
-    shape = (
-        (num_samples, model.in_channels, model.image_size, model.image_size)
-        if hasattr(model, "image_size")
-        else (num_samples, model.data_dim)
-    )
-    c = torch.arange(num_samples, device=device) % model.num_classes if model.num_classes else None
-    return shape, c
-
-
-def guided(model: torch.nn.Module, guidance_scale: float) -> torch.nn.Module:
-    """The model itself at scale 1; else a module computing the classifier-free guided eps."""
-    if guidance_scale == 1.0:
-        return model
-
-    class Guided(torch.nn.Module):
-        def forward(self, x, t, c=None):
-            return guided_eps(model, x, t, c, guidance_scale)
-
-    return Guided()
-
-
 def finish(
     out: Path,
     diffusion: GaussianDiffusion,
@@ -587,18 +538,6 @@ def finish(
         draw_figures(out / "figures", diffusion, model, config.dataset, samples, reference, device, config.seed, chains)
         if frames:
             figures.save_gif(frames, out / "figures" / "training.gif", lim=figures.limits(reference))
-
-
-def quality_metrics(samples: np.ndarray, reference: np.ndarray, again: np.ndarray) -> dict:
-    """Sliced W2, MMD, energy distance with floors; for grey images also Frechet distance and KID on
-    digit-classifier features."""
-    metrics = sample_quality(samples, reference, again)
-    if samples.ndim == 4 and samples.shape[1] == 1:
-        from rewards.digit_classifier import load_digit_classifier
-        from rl_diffusion.image_metrics import image_quality
-
-        metrics.update(image_quality(samples, reference, again, load_digit_classifier()))
-    return metrics
 
 
 def draw_figures(
@@ -651,7 +590,3 @@ def draw_figures(
     figures.save_gif(
         [(f"t = {t}", xs[T - t]) for t in gif_ts], fig_dir / "reverse_process.gif", lim=figures.limits(data)
     )
-
-
-def to_markdown_table(values: dict) -> str:
-    return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in values.items())

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from rewards import RewardFn, differentiable, register
-from rewards.digit_classifier import load_digit_classifier
+from rl_diffusion.models.digit_classifier import load_digit_classifier
 
 
 def _check_images(x0: torch.Tensor) -> None:
@@ -129,7 +129,7 @@ def digit_classifier(digit: int | list[int] = 0) -> RewardFn:
     """Log-probability (nats, <= 0) that a grey digit image shows ``digit`` (or one of a list of digits), under a
     small CNN.
 
-    The CNN (``rewards.digit_classifier``) is trained on scikit-learn's 8x8 digits the first
+    The CNN (``rl_diffusion.models.digit_classifier``) is trained on scikit-learn's 8x8 digits the first
     time it is needed (a few seconds) and cached; images of any size are resized to 8x8.
     Pitfall: a classifier can be fooled; check samples by eye, not only this score.
 

@@ -168,8 +168,7 @@ def ablate(
 
 def draw(kind: str, param: str, values: list, dirs: list[Path], out: Path) -> dict:
     """grid.png, curves.png (and kl.png for fine-tuning) and ablation.json from finished setting directories."""
-    from pretrain.data import data_of_checkpoint, reference_draws
-    from pretrain.train import EVAL_DATA_SEED
+    from pretrain.data import EVAL_DATA_SEED, data_of_checkpoint, reference_draws
 
     rows, histories, summary = [], {}, {"kind": kind, "param": param, "values": values, "settings": {}}
     for value, run_dir in zip(values, dirs, strict=True):

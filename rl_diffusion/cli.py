@@ -158,12 +158,12 @@ def cmd_frontier(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from pretrain.train import draw_samples
     from rl_diffusion import figures
     from rl_diffusion.checkpoint import load_run
     from rl_diffusion.distributed import resolve_device
     from rl_diffusion.finetune import AGENT_ALGOS
     from rl_diffusion.frontier import load_mixed
+    from rl_diffusion.sampling import draw_samples
 
     device = resolve_device(args.device)
     run = load_run(Path(args.run), device)

@@ -109,3 +109,7 @@ def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{cls.__name__} field {name} must be a finite number, got {value}")
     return cls(**values)
+
+
+def to_markdown_table(values: dict) -> str:
+    return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in values.items())

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.data import data_of_checkpoint, reference_draws
-from pretrain.train import EVAL_DATA_SEED, draw_samples, quality_metrics, sample_shape_and_labels
+from pretrain.data import EVAL_DATA_SEED, data_of_checkpoint, reference_draws
 from rewards import Reward, build_reward, finite_mean
 from rl_diffusion.checkpoint import LoadedRun, atomic_save_npy, load_run, read_run_config
 from rl_diffusion.config import saved_config
@@ -21,9 +20,11 @@ from rl_diffusion.metrics import (
     mmd_rbf,
     mode_mass_l1,
     mode_masses,
+    quality_metrics,
     sliced_wasserstein2,
     vendi_score,
 )
+from rl_diffusion.sampling import draw_samples, sample_shape_and_labels
 from rl_diffusion.targets import ExactTarget, Modes, RejectionTooCostly, dataset_modes, exact_target
 
 TILTED_POOL = 50_000  # pretrained samples importance-resampled into the KL-regularised optimum

@@ -22,8 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from pretrain.data import data_of_checkpoint, reference_draws
-from pretrain.train import EVAL_DATA_SEED, to_markdown_table
+from pretrain.data import EVAL_DATA_SEED, data_of_checkpoint, reference_draws
 from rewards import URL_SCHEMES, Reward, RewardError, build_reward, fingerprint_changes, finite_mean
 from rewards.remote import served
 from rl_diffusion import distributed, figures, lora
@@ -35,7 +34,7 @@ from rl_diffusion.checkpoint import (
     prepare_run_dir,
     read_run_config,
 )
-from rl_diffusion.config import arg
+from rl_diffusion.config import arg, to_markdown_table
 from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, GaussianDiffusion, check_sampler, is_memoryless
 from rl_diffusion.distributed import NoWriter, Ranks
 from rl_diffusion.errors import UserError, nearest
@@ -545,7 +544,7 @@ def label_classifier(data_shape: tuple[int, ...], device: torch.device) -> nn.Mo
     """The digit CNN (trained and cached on first use) for grey images, loaded once per run; None otherwise."""
     if len(data_shape) != 3 or data_shape[0] != 1:
         return None
-    from rewards.digit_classifier import load_digit_classifier
+    from rl_diffusion.models.digit_classifier import load_digit_classifier
 
     return load_digit_classifier().to(device)
 

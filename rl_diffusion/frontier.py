@@ -36,7 +36,7 @@ class MixedEps(nn.Module):
     def __init__(self, pretrained: nn.Module, finetuned: nn.Module, mix: float):
         super().__init__()
         self.pretrained, self.finetuned, self.mix = pretrained, finetuned, mix
-        # what pretrain.train.sample_shape_and_labels reads to shape a batch
+        # what rl_diffusion.sampling.sample_shape_and_labels reads to shape a batch
         for name in ("data_dim", "in_channels", "image_size", "num_classes"):
             if hasattr(finetuned, name):
                 setattr(self, name, getattr(finetuned, name))
@@ -69,10 +69,10 @@ def load_mixed(run_dir: Path, mix: float, device: torch.device) -> tuple[LoadedR
 def mixed_point(run_dir: Path, mix: float, num_samples: int, seed: int, device: torch.device) -> dict[str, float]:
     """Mean reward and exact mean path KL to the pretrained model of the mixed sampler, on the chain the
     run was trained on; the mixed eps is scored as a policy, as `evaluate` scores the fine-tuned one."""
-    from pretrain.train import sample_shape_and_labels
     from rewards import build_reward, finite_mean
     from rl_diffusion.evaluation import sample_with_path_kl
     from rl_diffusion.finetune import FinetuneConfig
+    from rl_diffusion.sampling import sample_shape_and_labels
 
     run, pretrained, mixed = load_mixed(run_dir, mix, device)
     cfg = saved_config(FinetuneConfig, run_dir)

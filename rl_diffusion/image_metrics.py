@@ -1,7 +1,7 @@
 """Image sample quality in a classifier's feature space: Frechet distance, KID, label coverage.
 
 FID and KID proper use Inception-v3 features of photos; for the 8x8 digits the feature
-extractor is the penultimate layer of the small digit CNN (``rewards.digit_classifier``),
+extractor is the penultimate layer of the small digit CNN (``rl_diffusion.models.digit_classifier``),
 so the numbers are comparable between runs of this codebase, never with published FIDs.
 Both distances depend on the sample size (FD is biased upwards for small N), which is why
 ``image_quality`` reports each next to its floor: the same metric between two real sets of

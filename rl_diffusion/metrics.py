@@ -16,8 +16,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pretrain.datasets import data_spread
-
 Points = Tensor | np.ndarray
 Kernel = Callable[[Tensor], Tensor]
 
@@ -183,6 +181,15 @@ def far_fraction(samples: Points, radius: float) -> float:
     return (_as_points(samples).norm(dim=1) > radius).double().mean().item()
 
 
+def data_spread(x: np.ndarray) -> float:
+    """sigma = sqrt(mean over axes of the per-axis variance) of points [N, d].
+
+    The scale to divide SW2 by: a distance in data units over the data's own
+    standard deviation. Accepts numpy arrays or CPU tensors.
+    """
+    return float(np.sqrt(np.asarray(x, dtype=np.float64).var(axis=0).mean()))
+
+
 def sample_quality(samples: Points, data: Points, data_again: Points) -> dict[str, float]:
     """SW2, MMD^2 and energy distance of samples to data, each with its floor.
 
@@ -204,6 +211,18 @@ def sample_quality(samples: Points, data: Points, data_again: Points) -> dict[st
     quality["sw2_over_spread"] = quality["sw2"] / quality["spread"]
     quality["sw2_floor_over_spread"] = quality["sw2_floor"] / quality["spread"]
     return quality
+
+
+def quality_metrics(samples: np.ndarray, reference: np.ndarray, again: np.ndarray) -> dict:
+    """Sliced W2, MMD, energy distance with floors; for grey images also Frechet distance and KID on
+    digit-classifier features."""
+    metrics = sample_quality(samples, reference, again)
+    if samples.ndim == 4 and samples.shape[1] == 1:
+        from rl_diffusion.image_metrics import image_quality
+        from rl_diffusion.models.digit_classifier import load_digit_classifier
+
+        metrics.update(image_quality(samples, reference, again, load_digit_classifier()))
+    return metrics
 
 
 def gaussian_fit(data: Points, num_samples: int, seed: int) -> np.ndarray:

@@ -50,9 +50,8 @@ sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # else scripts/pret
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pretrain.data import load_training_data, reference_draws  # noqa: E402
-from pretrain.train import EVAL_DATA_SEED, config_for, draw_samples, pretrain  # noqa: E402
-from rewards.digit_classifier import load_digit_classifier  # noqa: E402
+from pretrain.data import EVAL_DATA_SEED, load_training_data, reference_draws  # noqa: E402
+from pretrain.train import config_for, pretrain  # noqa: E402
 from rl_diffusion import (
     figures,  # noqa: E402
     finetune,  # noqa: E402
@@ -63,6 +62,8 @@ from rl_diffusion.checkpoint import load_run, load_weights, read_run_config  # n
 from rl_diffusion.finetune import FinetuneConfig, hacking_warnings, setup  # noqa: E402
 from rl_diffusion.image_metrics import classifier_features, frechet_distance  # noqa: E402
 from rl_diffusion.models import build_model  # noqa: E402
+from rl_diffusion.models.digit_classifier import load_digit_classifier  # noqa: E402
+from rl_diffusion.sampling import draw_samples  # noqa: E402
 
 N = 500  # samples per FD evaluation, and digits in each reference half (the data set has 1,797)
 EVAL_EVERY = 250

@@ -41,9 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pretrain.data import data_of_checkpoint  # noqa: E402
-from pretrain.train import draw_samples, sample_shape_and_labels  # noqa: E402
 from rewards import build_reward  # noqa: E402
-from rewards.digit_classifier import load_digit_classifier  # noqa: E402
 from rl_diffusion import figures, finetune  # noqa: E402
 from rl_diffusion.algos import trainer  # noqa: E402
 from rl_diffusion.checkpoint import load_run, read_run_config  # noqa: E402
@@ -51,6 +49,8 @@ from rl_diffusion.config import saved_config  # noqa: E402
 from rl_diffusion.evaluation import sample_with_path_kl  # noqa: E402
 from rl_diffusion.image_metrics import classifier_features, frechet_distance  # noqa: E402
 from rl_diffusion.metrics import entropy  # noqa: E402
+from rl_diffusion.models.digit_classifier import load_digit_classifier  # noqa: E402
+from rl_diffusion.sampling import draw_samples, sample_shape_and_labels  # noqa: E402
 
 EVEN = [0, 2, 4, 6, 8]
 REWARD = {"reward": "digit_classifier", "reward_args": {"digit": EVEN}}

@@ -43,21 +43,13 @@ sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # else scripts/pret
 
 import torch  # noqa: E402
 
-from pretrain.data import reference_draws  # noqa: E402
+from pretrain.data import EVAL_DATA_SEED, reference_draws  # noqa: E402
 from pretrain.datasets import sample_2d  # noqa: E402
-from pretrain.train import (  # noqa: E402
-    EVAL_DATA_SEED,
-    PHASES,
-    PretrainConfig,
-    config_for,
-    draw_samples,
-    eval_sampling,
-    optimizer_step,
-    start_run,
-)
+from pretrain.train import PHASES, PretrainConfig, config_for, eval_sampling, optimizer_step, start_run  # noqa: E402
 from rl_diffusion.checkpoint import load_run  # noqa: E402
 from rl_diffusion.flops import peak_flops_per_sec, record_matmuls, replay_seconds  # noqa: E402
 from rl_diffusion.metrics import mmd_rbf, sliced_wasserstein2  # noqa: E402
+from rl_diffusion.sampling import draw_samples  # noqa: E402
 
 N = 5000  # samples and data points of the final evaluation
 # The defaults before issue 17 that it changed: 3,000 steps of 1,024, in-training evaluations on the full

@@ -320,8 +320,8 @@ def sample_of(run: Path, pretrained: bool = False) -> np.ndarray:
     """1,000 samples of a fine-tuning run (or of the model it started from), DDIM as it was trained."""
     import torch
 
-    from pretrain.train import draw_samples
     from rl_diffusion.checkpoint import load_run, read_run_config
+    from rl_diffusion.sampling import draw_samples
 
     config = read_run_config(run)
     loaded = load_run(Path(config["run"]) if pretrained else run, torch.device("cpu"))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rewards.digit_classifier import CACHE_ENV, load_digit_classifier
 from rl_diffusion.cli import main
+from rl_diffusion.models.digit_classifier import CACHE_ENV, load_digit_classifier
 
 TINY_PRETRAIN = [
     "--dataset",

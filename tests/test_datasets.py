@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from pretrain.datasets import DATASETS_2D, MIXTURES, Mixture, data_spread, sample_2d
+from pretrain.datasets import DATASETS_2D, MIXTURES, Mixture, sample_2d
 from rl_diffusion.errors import UserError
+from rl_diffusion.metrics import data_spread
 
 
 @pytest.mark.parametrize("name", list(DATASETS_2D))

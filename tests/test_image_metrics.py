@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.digit_classifier import split_digits, train_digit_classifier
 from rl_diffusion.image_metrics import frechet_distance, image_quality, kernel_inception_distance
+from rl_diffusion.models.digit_classifier import split_digits, train_digit_classifier
 
 
 def _gaussian(n: int, dim: int, seed: int, mean: float | np.ndarray = 0.0, std: float | np.ndarray = 1.0) -> np.ndarray:

@@ -13,8 +13,15 @@ from torch import nn
 import rewards.builtin_images  # registers the image rewards
 from pretrain.images import load_digits_images
 from rewards import RewardError, build_reward
-from rewards.digit_classifier import CACHE_ENV, CACHE_FILE, DigitCNN, accuracy, load_digit_classifier, split_digits
 from rl_diffusion.errors import UserError
+from rl_diffusion.models.digit_classifier import (
+    CACHE_ENV,
+    CACHE_FILE,
+    DigitCNN,
+    accuracy,
+    load_digit_classifier,
+    split_digits,
+)
 
 
 class TinyClassifier(nn.Module):

@@ -20,12 +20,12 @@ from PIL import Image
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import rl_diffusion  # noqa: F401  (registers RLDiffusion/Denoise-v0)
-from pretrain.data import data_of_checkpoint, reference_draws
-from pretrain.train import EVAL_DATA_SEED, draw_samples
+from pretrain.data import EVAL_DATA_SEED, data_of_checkpoint, reference_draws
 from rl_diffusion.checkpoint import load_run
 from rl_diffusion.cli import main
 from rl_diffusion.image_metrics import classifier_features, frechet_distance, kernel_inception_distance
 from rl_diffusion.models import build_model
+from rl_diffusion.sampling import draw_samples
 
 CPU = torch.device("cpu")
 DIGIT = 3
