@@ -59,7 +59,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from rewards import parse_reward_args
     from rl_diffusion.algos import trainer
-    from rl_diffusion.finetune import FinetuneConfig, config_for, setup
+    from rl_diffusion.finetune import FinetuneConfig, config_for
+    from rl_diffusion.run import setup
 
     flags = given_flags(FinetuneConfig, args)
     if args.reward_arg:
@@ -159,9 +160,9 @@ def cmd_frontier(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from rl_diffusion import figures
+    from rl_diffusion.algos import AGENT_ALGOS
     from rl_diffusion.checkpoint import load_run
     from rl_diffusion.distributed import resolve_device
-    from rl_diffusion.finetune import AGENT_ALGOS
     from rl_diffusion.frontier import load_mixed
     from rl_diffusion.sampling import draw_samples
 

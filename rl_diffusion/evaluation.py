@@ -149,8 +149,9 @@ def evaluate_finetuned(
     ``kl_coef`` is the beta of the optimum measured against: the run's own --kl-coef by default;
     give one to measure a run trained without a KL term (rwr, or kl_coef 0) against a tilt.
     """
-    from rl_diffusion.algos import agents
-    from rl_diffusion.finetune import AGENT_ALGOS, FinetuneConfig, build_eval_rewards
+    from rl_diffusion.algos import AGENT_ALGOS, agents
+    from rl_diffusion.finetune import FinetuneConfig
+    from rl_diffusion.run import build_eval_rewards
 
     device = resolve_device(device)
     cfg = saved_config(FinetuneConfig, run_dir)

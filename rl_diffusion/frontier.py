@@ -48,7 +48,7 @@ class MixedEps(nn.Module):
 def load_mixed(run_dir: Path, mix: float, device: torch.device) -> tuple[LoadedRun, LoadedRun, MixedEps]:
     """The fine-tuned run, its pretrained run and their mix; a pretrain run, an SB3 agent's run (no
     fine-tuned eps network) or a mix outside [0, 1] is a UserError."""
-    from rl_diffusion.finetune import AGENT_ALGOS
+    from rl_diffusion.algos import AGENT_ALGOS
 
     if not 0 <= mix <= 1:
         raise UserError(f"--mix must be in [0, 1], got {mix}")
@@ -92,8 +92,8 @@ def frontier(
     ray: str | None = None,
 ) -> dict:
     """Run (or resume, or skip) one fine-tuning run per beta, then write frontier.json and frontier.png."""
+    from rl_diffusion.algos import AGENT_ALGOS
     from rl_diffusion.distributed import resolve_device
-    from rl_diffusion.finetune import AGENT_ALGOS
 
     if not kl_coefs or min(kl_coefs) <= 0:
         raise UserError(f"--kl-coefs needs positive betas, got {','.join(map(str, kl_coefs))}")

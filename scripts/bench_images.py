@@ -59,10 +59,11 @@ from rl_diffusion import (
 from rl_diffusion.ablate import scalars  # noqa: E402
 from rl_diffusion.algos import loop  # noqa: E402
 from rl_diffusion.checkpoint import load_run, load_weights, read_run_config  # noqa: E402
-from rl_diffusion.finetune import FinetuneConfig, hacking_warnings, setup  # noqa: E402
+from rl_diffusion.finetune import FinetuneConfig  # noqa: E402
 from rl_diffusion.image_metrics import classifier_features, frechet_distance  # noqa: E402
 from rl_diffusion.models import build_model  # noqa: E402
 from rl_diffusion.models.digit_classifier import load_digit_classifier  # noqa: E402
+from rl_diffusion.run import hacking_warnings, setup  # noqa: E402
 from rl_diffusion.sampling import draw_samples  # noqa: E402
 
 N = 500  # samples per FD evaluation, and digits in each reference half (the data set has 1,797)

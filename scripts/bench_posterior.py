@@ -50,6 +50,7 @@ from rl_diffusion.evaluation import sample_with_path_kl  # noqa: E402
 from rl_diffusion.image_metrics import classifier_features, frechet_distance  # noqa: E402
 from rl_diffusion.metrics import entropy  # noqa: E402
 from rl_diffusion.models.digit_classifier import load_digit_classifier  # noqa: E402
+from rl_diffusion.run import setup  # noqa: E402
 from rl_diffusion.sampling import draw_samples, sample_shape_and_labels  # noqa: E402
 
 EVEN = [0, 2, 4, 6, 8]
@@ -118,7 +119,7 @@ def main() -> int:
             config = finetune.config_for({**flags, "device": args.device})
             out = Path(work) / entry
             started = time.perf_counter()
-            s = finetune.setup(config, out)
+            s = setup(config, out)
             trainer(algo)(s, progress=False)
             seconds = time.perf_counter() - started
             cfg, run = saved_config(finetune.FinetuneConfig, out), load_run(out, device)

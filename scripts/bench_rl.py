@@ -66,8 +66,9 @@ from pretrain.train import PretrainConfig, config_for, pretrain  # noqa: E402
 from rl_diffusion import figures  # noqa: E402
 from rl_diffusion.algos import algorithm, loop, sb3, trainer  # noqa: E402
 from rl_diffusion.env import DenoisingEnv  # noqa: E402
-from rl_diffusion.finetune import FinetuneConfig, setup  # noqa: E402
+from rl_diffusion.finetune import FinetuneConfig  # noqa: E402
 from rl_diffusion.flops import record_matmuls, replay_seconds  # noqa: E402
+from rl_diffusion.run import setup  # noqa: E402
 
 SAMPLING = {"sampler": "ddim", "sampling_steps": 50, "eta": 1.0}
 REWARD = {"reward": "in_region", "reward_args": {"shape": "disc", "center": [2.0, -1.0], "radius": 1.0}}

@@ -84,7 +84,8 @@ import json, os, sys
 from pathlib import Path
 import torch
 from rl_diffusion.algos.base import Algorithm
-from rl_diffusion.finetune import FinetuneConfig, setup
+from rl_diffusion.finetune import FinetuneConfig
+from rl_diffusion.run import setup
 from rl_diffusion.path_kl import path_kls, policy_step
 
 precision, work = sys.argv[1], Path(os.environ["WORK"])

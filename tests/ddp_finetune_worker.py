@@ -15,7 +15,8 @@ import torch
 
 from rl_diffusion import distributed
 from rl_diffusion.algos import loop
-from rl_diffusion.finetune import FinetuneConfig, setup
+from rl_diffusion.finetune import FinetuneConfig
+from rl_diffusion.run import setup
 
 pretrained, run_dir, dump_dir, *overrides = sys.argv[1:]
 config = FinetuneConfig(run=pretrained, **{k: json.loads(v) for k, v in (o.split("=", 1) for o in overrides)})

@@ -11,8 +11,9 @@ from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
 from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.evaluation import tilted_target
-from rl_diffusion.finetune import FinetuneConfig, setup
+from rl_diffusion.finetune import FinetuneConfig
 from rl_diffusion.path_kl import path_kls, policy_step
+from rl_diffusion.run import setup
 
 
 def make_setup(pretrained, tmp_path, **overrides):

@@ -6,7 +6,8 @@ from rl_diffusion import evaluation
 from rl_diffusion.algos import loop
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
-from rl_diffusion.finetune import FinetuneConfig, setup
+from rl_diffusion.finetune import FinetuneConfig
+from rl_diffusion.run import setup
 from tests.test_resume import assert_same_weights, finetuned_straight_and_resumed
 
 

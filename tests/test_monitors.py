@@ -11,8 +11,8 @@ import torch
 from pretrain.images import load_digits_images
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
-from rl_diffusion.finetune import hacking_warnings, label_classifier, monitor_scalars
 from rl_diffusion.metrics import VENDI_BANDWIDTH, vendi_score
+from rl_diffusion.run import hacking_warnings, label_classifier, monitor_scalars
 from rl_diffusion.targets import dataset_modes
 
 

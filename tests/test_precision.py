@@ -16,8 +16,9 @@ import torch
 from pretrain.train import PretrainConfig, optimizer_step, start_run
 from rl_diffusion.algos.base import Algorithm
 from rl_diffusion.errors import UserError
-from rl_diffusion.finetune import FinetuneConfig, setup
+from rl_diffusion.finetune import FinetuneConfig
 from rl_diffusion.path_kl import path_kls, policy_step
+from rl_diffusion.run import setup
 
 RATIO_TOLERANCE = 1e-3  # |pi / pi_old - 1| before the first update; PPO's clip range is 0.2
 

@@ -23,7 +23,8 @@ from rewards.remote import RewardServer, _Handler, decode_batch, encode_batch, r
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
 from rl_diffusion.config import saved_config
-from rl_diffusion.finetune import FinetuneConfig, check_reward_unchanged
+from rl_diffusion.finetune import FinetuneConfig
+from rl_diffusion.run import check_reward_unchanged
 
 HANG_SECONDS = 10.0  # a hanging handler gives up after this, so no thread outlives the test by much
 FAST_CLIENT = ["--reward-arg", "timeout=0.3", "--reward-arg", "retries=1", "--reward-arg", "backoff=0.05"]

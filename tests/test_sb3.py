@@ -20,8 +20,9 @@ from rl_diffusion.cli import main
 from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.env import DenoisingEnv, DenoisingVectorEnv
 from rl_diffusion.errors import UserError
-from rl_diffusion.finetune import FinetuneConfig, Setup, setup
+from rl_diffusion.finetune import FinetuneConfig
 from rl_diffusion.models import MLPEps
+from rl_diffusion.run import Setup, setup
 
 TARGET = [1.5, 1.5]  # in the gap between the two moons: off the data
 

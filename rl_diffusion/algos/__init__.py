@@ -6,7 +6,8 @@ Adding one: write a module with an `Algorithm` subclass and add one line to NATI
 (docs/design.md, section 7). The sb3 family runs stable-baselines3's own loop (`train` in sb3.py
 and agents.py) over the same run directory, logging and checkpoints.
 
-This module imports no algorithm: each is loaded when named, so the registry costs nothing.
+This module imports nothing: each algorithm is loaded when named, so the registry costs nothing and
+sits below everything that looks a name up in it (the config, the run's services, evaluation).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ NATIVE = {
 AGENT_ALGOS = ("sb3-sac", "sb3-td3", "sb3-a2c", "sb3-ppo-mlp")  # SB3's MultiInputPolicy on the residual or noise env
 SB3 = {"sb3-ppo": "rl_diffusion.algos.sb3", **dict.fromkeys(AGENT_ALGOS, "rl_diffusion.algos.agents")}
 ALGOS = (*NATIVE, *SB3)
+TRAINERS = {**dict.fromkeys(NATIVE, "rl_diffusion.algos.loop"), **SB3}  # --algo -> the module whose train() runs it
 
 
 def algorithm(name: str):
@@ -37,6 +39,4 @@ def algorithm(name: str):
 
 def trainer(name: str) -> Callable:
     """train(s, resume, progress) -> metrics of any --algo: the shared epoch loop, or SB3's own loop for sb3-*."""
-    if name in NATIVE:
-        return importlib.import_module("rl_diffusion.algos.loop").train
-    return importlib.import_module(SB3[name]).train
+    return importlib.import_module(TRAINERS[name]).train

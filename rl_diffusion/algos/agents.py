@@ -43,7 +43,8 @@ from rl_diffusion.checkpoint import (
 )
 from rl_diffusion.config import saved_config
 from rl_diffusion.env import DenoisingVectorEnv
-from rl_diffusion.finetune import FinetuneConfig, Setup, log_epoch, restore, save, write_hyperparameters
+from rl_diffusion.finetune import FinetuneConfig
+from rl_diffusion.run import Setup, log_epoch, restore, save, write_hyperparameters
 
 AGENTS: dict[str, type[BaseAlgorithm]] = {"sb3-sac": SAC, "sb3-td3": TD3, "sb3-a2c": A2C, "sb3-ppo-mlp": PPO}
 

@@ -22,7 +22,8 @@ from torch import Tensor
 from rl_diffusion.path_kl import Pairs
 
 if TYPE_CHECKING:
-    from rl_diffusion.finetune import FinetuneConfig, Setup
+    from rl_diffusion.finetune import FinetuneConfig
+    from rl_diffusion.run import Setup
 
 
 @dataclass

@@ -29,7 +29,8 @@ from rl_diffusion.algos.base import Algorithm, Batch
 from rl_diffusion.checkpoint import StopSignal, atomic_write_text, rng_state, set_rng_state
 from rl_diffusion.errors import UserError
 from rl_diffusion.evaluation import evaluate_finetuned
-from rl_diffusion.finetune import (
+from rl_diffusion.path_kl import reference_scores
+from rl_diffusion.run import (
     Setup,
     best_epoch,
     early_stop,
@@ -40,7 +41,6 @@ from rl_diffusion.finetune import (
     score,
     write_hyperparameters,
 )
-from rl_diffusion.path_kl import reference_scores
 
 KL_ERROR_CLIP = 0.2  # Ziegler et al.: a KL far off target moves beta no faster than one 20% off
 

@@ -9,7 +9,7 @@ Three pieces connect SB3 to the shared code, and nothing here re-derives the mat
   - `DenoisingVecEnvAdapter`: an SB3 VecEnv over ONE `DenoisingVectorEnv`, so all chains step as
     one tensor op.
   - `EpochCallback`: per-rollout logging and checkpoints through the shared helpers of
-    finetune.py, so TensorBoard tags, checkpoints and figures are those of the native algos.
+    run.py, so TensorBoard tags, checkpoints and figures are those of the native algos.
 
 One epoch is one PPO rollout (exactly one chain per env: n_steps = steps per chain) and one
 update. PPO settings: gamma = gae_lambda = 1, so every step's return is the terminal reward
@@ -59,8 +59,8 @@ from rl_diffusion.checkpoint import StopSignal, generator_state, rng_state, set_
 from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep
 from rl_diffusion.env import DenoisingVectorEnv
 from rl_diffusion.errors import UserError
-from rl_diffusion.finetune import Setup, log_epoch, restore, save, write_hyperparameters
 from rl_diffusion.path_kl import Pairs, path_kls, policy_step
+from rl_diffusion.run import Setup, log_epoch, restore, save, write_hyperparameters
 
 # SB3 logger keys of an update -> our TensorBoard tags (the names ddpo.py logs).
 PPO_TAGS = {
