@@ -28,6 +28,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
         return
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_FILE
     with open(lock, "a+") as f:
@@ -48,4 +49,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             yield
         finally:
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:  # refused before any work
+                lock.unlink()
+                run_dir.rmdir()
             fcntl.flock(f, fcntl.LOCK_UN)
