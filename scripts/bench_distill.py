@@ -166,14 +166,24 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, stages) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=(3, 2))
+    colors = dict(zip(TARGETS, plt.cm.tab10.colors, strict=False))  # one color per target in both panels
+    for name, r in results.items():
+        epochs = np.arange(1, len(r["reward_queries"]) + 1)
+        color = colors[name]
+        stages.plot(epochs, np.array(r["lambda"]).T * r["beta"], "o-", lw=1, alpha=0.7, color=color)
+        stages.plot(epochs, [e["mean"] for e in r["by_epoch"]["ess_fraction"]], "x:", color=color, label=name)
+    stages.axhline(1.0, color="black", lw=0.5)
+    stages.set(xlabel="epoch", ylabel="lambda_e beta (o, per seed); pool ESS fraction (x, mean)", ylim=(0, 1.05))
+    stages.set_title("tempering stages (lambda_e beta = 1: the full tilt)")
+    stages.legend(fontsize=8)
     for name, r in results.items():
         if r["by_epoch"]["target_mode_mass_l1"][0] is None:
             continue
         q = np.array(r["reward_queries"])
         mean = np.array([s["mean"] for s in r["by_epoch"]["target_mode_mass_l1"]])
         std = np.array([s["std"] for s in r["by_epoch"]["target_mode_mass_l1"]])
-        (line,) = ax.plot(q, mean, "o-", label=f"iw-distill, {name}")
+        (line,) = ax.plot(q, mean, "o-", color=colors[name], label=f"iw-distill, {name}")
         ax.fill_between(q, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         ax.axhline(r["by_epoch"]["target_mode_mass_l1_floor"][-1]["mean"], color=line.get_color(), ls=":", lw=1)
     ref = np.array(REFERENCE_RTB)
