@@ -76,8 +76,9 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:
-    """Create a fresh run directory holding config.json; refuse to clobber an existing run."""
+def refuse_to_clobber(out: Path, overwrite: bool) -> bool:
+    """Refuse (UserError) to start a new run in `out` when it holds one (or anything) and `overwrite` is not
+    given, or holds something that is not a run; whether there is an old run to replace."""
     out = Path(out)
     if out.exists() and any(path.name != LOCK_FILE for path in out.iterdir()):
         if not overwrite and (out / CONFIG_FILE).exists() and not CheckpointManager(out).paths():
@@ -92,6 +93,14 @@ def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:
             )
         if not (out / CONFIG_FILE).exists():
             raise UserError(f"{out} is not a run directory (no {CONFIG_FILE}); refusing to --overwrite it")
+        return True
+    return False
+
+
+def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:
+    """Create a fresh run directory holding config.json; refuse to clobber an existing run."""
+    out = Path(out)
+    if refuse_to_clobber(out, overwrite):
         for path in out.iterdir():  # all but the lock this process holds on the run
             if path.name != LOCK_FILE:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rl_diffusion import distributed
+from rl_diffusion.checkpoint import refuse_to_clobber
 from rl_diffusion.config import add_config_args, finite_float, given_flags, resume_config, seed_int
 from rl_diffusion.errors import UserError, nearest
 from rl_diffusion.runlock import run_lock
@@ -49,6 +50,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from pretrain.train import PretrainConfig, config_for, pretrain
 
     config, out = _config_and_run_dir(args, PretrainConfig, "pretrain", given_flags(PretrainConfig, args), config_for)
+    if not args.resume:  # refused before the lock: a refused command touches nothing in the run
+        refuse_to_clobber(out, args.overwrite)
     with run_lock(out):
         pretrain(config, out, overwrite=args.overwrite, resume=bool(args.resume), progress=not args.quiet)
     if not distributed.is_main_process():
@@ -69,6 +72,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.eval_reward or args.eval_reward_arg:
         flags["eval_rewards"] = _eval_rewards(args.eval_reward or [], args.eval_reward_arg or [])
     config, out = _config_and_run_dir(args, FinetuneConfig, "finetune", flags, config_for)
+    if not args.resume:  # refused before the lock: a refused command touches nothing in the run
+        refuse_to_clobber(out, args.overwrite)
     with run_lock(out):
         s = setup(config, out, overwrite=args.overwrite, resume=bool(args.resume))
         metrics = trainer(config.algo)(s, resume=bool(args.resume), progress=not args.quiet)

@@ -133,6 +133,8 @@ def test_short_run_raises_mean_reward(pretrained_moons, tmp_path, algo):
         "256",
         "--rwr-temperature",
         "0.3",
+        "--eval-samples",
+        "1000",
         "--quiet",
     ]
     assert main(args) == 0
