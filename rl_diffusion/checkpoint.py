@@ -34,6 +34,7 @@ from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.distributed import is_main_process
 from rl_diffusion.errors import UserError
 from rl_diffusion.models import build_model
+from rl_diffusion.runlock import LOCK_FILE
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -43,16 +44,21 @@ _NAME = re.compile(r"step_(\d+)\.pt$")
 def atomic_write(path: Path, write) -> None:
     """Call write(file_object) on a temporary file next to `path`, then rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            kept = "its previous version is kept" if path.exists() else "nothing of it was written"
+            raise UserError(f"could not write {path}: {e.strerror or e}; {kept}") from e
         raise
 
 
@@ -70,10 +76,11 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:
-    """Create a fresh run directory holding config.json; refuse to clobber an existing run."""
+def refuse_to_clobber(out: Path, overwrite: bool) -> bool:
+    """Refuse (UserError) to start a new run in `out` when it holds one (or anything) and `overwrite` is not
+    given, or holds something that is not a run; whether there is an old run to replace."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(path.name != LOCK_FILE for path in out.iterdir()):
         if not overwrite and (out / CONFIG_FILE).exists() and not CheckpointManager(out).paths():
             raise UserError(
                 f"{out} holds a run stopped before its first checkpoint, which --resume cannot continue; pass "
@@ -86,7 +93,17 @@ def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:
             )
         if not (out / CONFIG_FILE).exists():
             raise UserError(f"{out} is not a run directory (no {CONFIG_FILE}); refusing to --overwrite it")
-        shutil.rmtree(out)
+        return True
+    return False
+
+
+def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> Path:
+    """Create a fresh run directory holding config.json; refuse to clobber an existing run."""
+    out = Path(out)
+    if refuse_to_clobber(out, overwrite):
+        for path in out.iterdir():  # all but the lock this process holds on the run
+            if path.name != LOCK_FILE:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG_FILE, config_json)
     return out
@@ -130,7 +147,12 @@ class CheckpointManager:
     def save(self, state: dict, step: int, score: float | None = None) -> Path:
         """Save `state` as the checkpoint of `step`; `score` (higher is better) elects the best."""
         path = self.dir / f"step_{step:08d}.pt"
-        atomic_save(state, path)
+        try:
+            atomic_save(state, path)
+        except UserError as e:
+            kept = self.paths()
+            last = f"the last good checkpoint, {kept[-1].name}, is kept: resume from it" if kept else "no checkpoint"
+            raise UserError(f"{e}; {last}") from e
         index = self._index()
         if score is not None and (index.get("best_score") is None or score > index["best_score"]):
             index.update(best_step=step, best_score=score)

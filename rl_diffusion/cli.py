@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from rl_diffusion import distributed
+from rl_diffusion.checkpoint import refuse_to_clobber
 from rl_diffusion.config import add_config_args, finite_float, given_flags, resume_config, seed_int
 from rl_diffusion.errors import UserError, nearest
+from rl_diffusion.runlock import run_lock
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,7 +50,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from pretrain.train import PretrainConfig, config_for, pretrain
 
     config, out = _config_and_run_dir(args, PretrainConfig, "pretrain", given_flags(PretrainConfig, args), config_for)
-    pretrain(config, out, overwrite=args.overwrite, resume=bool(args.resume), progress=not args.quiet)
+    if not args.resume:  # refused before the lock: a refused command touches nothing in the run
+        refuse_to_clobber(out, args.overwrite)
+    with run_lock(out):
+        pretrain(config, out, overwrite=args.overwrite, resume=bool(args.resume), progress=not args.quiet)
     if not distributed.is_main_process():
         return
     metrics = json.loads((out / "metrics.json").read_text())
@@ -68,8 +73,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.eval_reward or args.eval_reward_arg:
         flags["eval_rewards"] = _eval_rewards(args.eval_reward or [], args.eval_reward_arg or [])
     config, out = _config_and_run_dir(args, FinetuneConfig, "finetune", flags, config_for)
-    s = setup(config, out, overwrite=args.overwrite, resume=bool(args.resume))
-    metrics = trainer(config.algo)(s, resume=bool(args.resume), progress=not args.quiet)
+    if not args.resume:  # refused before the lock: a refused command touches nothing in the run
+        refuse_to_clobber(out, args.overwrite)
+    with run_lock(out):
+        s = setup(config, out, overwrite=args.overwrite, resume=bool(args.resume))
+        metrics = trainer(config.algo)(s, resume=bool(args.resume), progress=not args.quiet)
     if not s.ranks.is_main:
         return
     print(json.dumps(metrics, indent=2))
@@ -470,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         completed = True
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun every rank's line stays whole
+        return 2
+    except OSError as e:  # a full disk, a read-only file system, a path that is a file: no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"error: {where}{e.strerror or e}\n")
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -1,10 +1,11 @@
-"""One fine-tuning run on this process's rank; launched by test_distributed.py, alone or under torchrun.
+"""Fine-tuning runs on this process's rank; launched by test_distributed.py, alone or under torchrun.
 
-    python tests/ddp_finetune_worker.py PRETRAINED RUN_DIR DUMP_DIR [FLAG=VALUE ...]
+    python tests/ddp_finetune_worker.py PRETRAINED RUNS_JSON OUT_DIR
 
-Runs `setup` + `loop.train` as `rl-diffusion finetune` does, then saves what this rank saw (its
-logged history and its policy's parameters) to DUMP_DIR/rank<R>.pt, so the test can compare
-ranks with each other and with a one-process run.
+RUNS_JSON maps a name to FinetuneConfig overrides. For each, in one launch (a torchrun start costs seconds):
+`setup` + `loop.train` as `rl-diffusion finetune` does, in OUT_DIR/NAME/run, then what this rank saw (its
+logged history and its policy's parameters) saved to OUT_DIR/NAME/rank<R>.pt, so the test can compare ranks
+with each other and with a one-process run.
 """
 
 import json
@@ -18,12 +19,12 @@ from rl_diffusion.algos import loop
 from rl_diffusion.finetune import FinetuneConfig
 from rl_diffusion.run import setup
 
-pretrained, run_dir, dump_dir, *overrides = sys.argv[1:]
-config = FinetuneConfig(run=pretrained, **{k: json.loads(v) for k, v in (o.split("=", 1) for o in overrides)})
-s = setup(config, Path(run_dir))
-loop.train(s, progress=False)
-torch.save(
-    {"history": s.history, "policy": s.policy.state_dict(), "world_size": s.ranks.world_size},
-    Path(dump_dir) / f"rank{s.ranks.rank}.pt",
-)
+pretrained, runs, out = sys.argv[1:]
+for name, overrides in json.loads(Path(runs).read_text()).items():
+    s = setup(FinetuneConfig(run=pretrained, **overrides), Path(out) / name / "run")
+    loop.train(s, progress=False)
+    torch.save(
+        {"history": s.history, "policy": s.policy.state_dict(), "world_size": s.ranks.world_size},
+        Path(out) / name / f"rank{s.ranks.rank}.pt",
+    )
 distributed.shutdown(completed=True)

@@ -129,6 +129,7 @@ def test_short_run_raises_mean_reward(pretrained_moons, tmp_path):
     args = ["finetune", "--run", str(pretrained_moons), "--out", str(out), "--algo", "adjoint"]
     args += ["--reward", "target_point", "--reward-arg", "point=[1.5, 1.5]", "--kl-coef", "0.3"]
     args += ["--chains", "64", "--epochs", "8", "--lr", "1e-3", "--minibatch-size", "256", "--quiet"]
+    args += ["--eval-samples", "1000"]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 0.3, metrics

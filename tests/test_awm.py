@@ -104,7 +104,7 @@ def test_a_sample_the_advantages_reject_is_left_a_bounded_distance():
 def finetune(pretrained, out, *extra: str) -> tuple[dict, list[dict]]:
     args = ["finetune", "--run", str(pretrained), "--out", str(out), "--algo", "awm", "--reward", "target_point"]
     args += ["--reward-arg", "point=[1.5, 1.5]", "--chains", "64", "--epochs", "8", "--lr", "1e-3"]
-    args += ["--minibatch-size", "256", "--quiet", *extra]
+    args += ["--minibatch-size", "256", "--eval-samples", "1000", "--quiet", *extra]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     checkpoint = sorted((out / "checkpoints").glob("step_*.pt"))[-1]

@@ -87,6 +87,14 @@ def test_weighted_training_loss_with_uniform_weights_is_the_mean_loss():
     plain = d.training_loss(model, x0, generator=torch.Generator().manual_seed(1))
     weighted = d.training_loss(model, x0, generator=torch.Generator().manual_seed(1), weights=torch.full((64,), 1 / 64))
     assert weighted.item() == pytest.approx(plain.item(), rel=1e-6)
+    # non-uniform weights: sum_b w_b ||eps_b - eps_theta||^2 / D, from the same t and eps drawn by hand
+    w = torch.rand(64, generator=torch.Generator().manual_seed(2))
+    w /= w.sum()
+    x_t, t, noise = d.noised(x0, torch.Generator().manual_seed(1), slice(None))
+    by_hand = (w * ((0.5 * x_t - noise) ** 2).mean(1)).sum()
+    weighted = d.training_loss(model, x0, generator=torch.Generator().manual_seed(1), weights=w)
+    assert weighted.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert weighted.item() != pytest.approx(plain.item(), rel=1e-3)  # the weights matter
 
 
 def test_batch_advantages_without_kl_are_those_of_the_rewards_at_every_step(pretrained_moons, tmp_path):
@@ -134,6 +142,8 @@ def test_short_run_raises_mean_reward(pretrained_moons, tmp_path, algo):
         "256",
         "--rwr-temperature",
         "0.3",
+        "--eval-samples",
+        "1000",
         "--quiet",
     ]
     assert main(args) == 0
@@ -219,6 +229,10 @@ def test_tilted_target_resamples_by_exp_reward_over_beta():
     samples, ess = tilted_target(pool, np.array([0.0, np.log(3.0)]), kl_coef=1.0, num_samples=40_000, seed=0)
     assert (samples[:, 0] == 1.0).mean() == pytest.approx(0.75, abs=0.01)  # weights 1 : 3
     assert ess == pytest.approx(1 / (0.25**2 + 0.75**2))
+    # beta = 0.5: weights exp(r / beta) = 1 : 9, not exp(r * beta) = 1 : sqrt(3)
+    samples, ess = tilted_target(pool, np.array([0.0, np.log(3.0)]), kl_coef=0.5, num_samples=40_000, seed=0)
+    assert (samples[:, 0] == 1.0).mean() == pytest.approx(0.9, abs=0.01)
+    assert ess == pytest.approx(1 / (0.1**2 + 0.9**2))
 
 
 def test_final_evaluation_draws_eval_samples_or_is_skipped(pretrained_moons, tmp_path):

@@ -1,5 +1,6 @@
 """Data parallelism (torchrun + DDP, gloo on CPU): 2 ranks compute what 1 rank computes for the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -88,35 +89,33 @@ def test_pretraining_on_two_ranks_matches_one_rank(tmp_path):
     assert two.stdout.count("run written to") == 1  # the summary is printed once
 
 
-def test_ddpo_is_on_two_ranks_matches_one_rank_and_resumes_on_one(pretrained_moons, tmp_path):
-    # kl_coef > 0 and a timestep fraction exercise the gathered KLs and the minibatches drawn over
-    # the whole batch's pairs; 100 pairs per minibatch leave each rank unequal shares of them.
-    overrides = [
-        'algo="ddpo-is"',
-        "chains=32",
-        "epochs=2",
-        "minibatch_size=100",
-        "kl_coef=0.1",
-        "timestep_fraction=0.5",
-        'reward="target_point"',
-        'reward_args={"point": [1.5, 1.5]}',
-        "checkpoint_every=1",
-    ]
-    worker = str(TESTS / "ddp_finetune_worker.py")
-    (tmp_path / "dump2").mkdir()
-    (tmp_path / "dump1").mkdir()
-    two = torchrun(worker, str(pretrained_moons), str(tmp_path / "two"), str(tmp_path / "dump2"), *overrides)
+def on_two_ranks_and_one(pretrained: Path, tmp_path: Path, runs: dict) -> tuple[Path, Path]:
+    """The runs {name: config overrides} on 2 ranks under torchrun and in one process, each in one launch of
+    the worker; the two output folders."""
+    worker, spec = str(TESTS / "ddp_finetune_worker.py"), tmp_path / "runs.json"
+    spec.write_text(json.dumps(runs))
+    two = torchrun(worker, str(pretrained), str(spec), str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-2000:]
     one = subprocess.run(
-        [sys.executable, worker, str(pretrained_moons), str(tmp_path / "one"), str(tmp_path / "dump1"), *overrides],
+        [sys.executable, worker, str(pretrained), str(spec), str(tmp_path / "one")],
         capture_output=True,
         text=True,
         env=ENV,
         timeout=300,
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    rank0, rank1 = (torch.load(tmp_path / "dump2" / f"rank{r}.pt") for r in (0, 1))
-    single = torch.load(tmp_path / "dump1" / "rank0.pt")
+    return tmp_path / "two", tmp_path / "one"
+
+
+def test_ddpo_is_on_two_ranks_matches_one_rank_and_resumes_on_one(pretrained_moons, tmp_path):
+    # kl_coef > 0 and a timestep fraction exercise the gathered KLs and the minibatches drawn over
+    # the whole batch's pairs; 100 pairs per minibatch leave each rank unequal shares of them. This run keeps
+    # the final evaluation: rank 0 alone writes metrics.json and the figures, as one process does.
+    config = {"algo": "ddpo-is", "chains": 32, "epochs": 2, "minibatch_size": 100, "kl_coef": 0.1}
+    config |= {"timestep_fraction": 0.5, "reward": "target_point", "reward_args": {"point": [1.5, 1.5]}}
+    two, one = on_two_ranks_and_one(pretrained_moons, tmp_path, {"ddpo-is": {**config, "checkpoint_every": 1}})
+    rank0, rank1 = (torch.load(two / "ddpo-is" / f"rank{r}.pt") for r in (0, 1))
+    single = torch.load(one / "ddpo-is" / "rank0.pt")
     assert (rank0["world_size"], single["world_size"]) == (2, 1)
     stats = ("reward/mean", "reward/std", "reward/min", "reward/max", "kl/to_pretrained", "loss/policy", "ppo/clipfrac")
     for h0, h1, h in zip(rank0["history"], rank1["history"], single["history"], strict=True):
@@ -126,48 +125,35 @@ def test_ddpo_is_on_two_ranks_matches_one_rank_and_resumes_on_one(pretrained_moo
     assert rank0["history"][-1]["kl/to_pretrained"] > 0  # the update moved the policy
     assert_same_parameters(rank0["policy"], rank1["policy"])
     assert_same_parameters(rank0["policy"], single["policy"])
-    assert written_files(tmp_path / "two") == written_files(tmp_path / "one")
-    assert len(list((tmp_path / "two").glob("events.*"))) == 1
+    run_two, run_one = two / "ddpo-is" / "run", one / "ddpo-is" / "run"
+    assert "metrics.json" in written_files(run_two) and written_files(run_two) == written_files(run_one)
+    assert len(list(run_two.glob("events.*"))) == 1
 
     # resume with another number of ranks: drop the 2-rank run's last epoch and redo it in one process
-    (tmp_path / "two" / "checkpoints" / "step_00000002.pt").unlink()
-    assert main(["finetune", "--resume", str(tmp_path / "two"), "--quiet"]) == 0
-    assert_same_parameters(latest_checkpoint(tmp_path / "two")["model"], single["policy"])
+    (run_two / "checkpoints" / "step_00000002.pt").unlink()
+    assert main(["finetune", "--resume", str(run_two), "--quiet"]) == 0
+    assert_same_parameters(latest_checkpoint(run_two)["model"], single["policy"])
 
 
-@pytest.mark.parametrize(
-    "algo, extra",
-    [
-        ("ddpo-sf", ["--kl-coef", "0.1"]),
-        ("rwr", []),
-        ("awm", ["--kl-coef", "0.1"]),
-        ("adjoint", ["--kl-coef", "1"]),
-        ("rtb", ["--kl-coef", "1", "--replay-size", "64"]),
-        ("draft", ["--kl-coef", "0.1", "--draft-steps", "5"]),
-        ("iw-distill", ["--kl-coef", "0.1", "--pool-size", "64", "--distill-steps", "5", "--ess-target", "0.9"]),
-    ],
-)
-def test_native_algorithms_on_two_ranks_match_one_rank(pretrained_moons, tmp_path, algo, extra):
-    flags = [
-        "--pretrained",
-        str(pretrained_moons),
-        "--reward",
-        "target_point",
-        "--chains",
-        "32",
-        "--epochs",
-        "2",
-        "--algo",
-        algo,
-        "--minibatch-size",
-        "100",
-        "--quiet",
-        *extra,
-    ]
-    two = torchrun("-m", "rl_diffusion.cli", "finetune", "--out", str(tmp_path / "two"), *flags)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert main(["finetune", "--out", str(tmp_path / "one"), *flags]) == 0
-    one_ckpt, two_ckpt = latest_checkpoint(tmp_path / "one"), latest_checkpoint(tmp_path / "two")
-    assert_same_parameters(two_ckpt["model"], one_ckpt["model"])
-    for h1, h2 in zip(one_ckpt["train_state"]["history"], two_ckpt["train_state"]["history"], strict=True):
-        assert h2["loss/policy"] == pytest.approx(h1["loss/policy"], rel=1e-4, abs=1e-6)
+NATIVE = {  # algorithm: its settings on top of the shared ones
+    "ddpo-sf": {"kl_coef": 0.1},
+    "rwr": {},
+    "awm": {"kl_coef": 0.1},
+    "adjoint": {"kl_coef": 1.0},
+    "rtb": {"kl_coef": 1.0, "replay_size": 64},
+    "draft": {"kl_coef": 0.1, "draft_steps": 5},
+    "iw-distill": {"kl_coef": 0.1, "pool_size": 64, "distill_steps": 5, "ess_target": 0.9},
+}
+
+
+def test_native_algorithms_on_two_ranks_match_one_rank(pretrained_moons, tmp_path):
+    shared = {"reward": "target_point", "chains": 32, "epochs": 2, "minibatch_size": 100, "final_eval": False}
+    runs = {algo: {**shared, "algo": algo, **extra} for algo, extra in NATIVE.items()}
+    two, one = on_two_ranks_and_one(pretrained_moons, tmp_path, runs)
+    for algo in NATIVE:
+        rank0, rank1 = (torch.load(two / algo / f"rank{r}.pt") for r in (0, 1))
+        single = torch.load(one / algo / "rank0.pt")
+        assert_same_parameters(rank0["policy"], rank1["policy"])
+        assert_same_parameters(rank0["policy"], single["policy"])
+        for h1, h2 in zip(single["history"], rank0["history"], strict=True):
+            assert h2["loss/policy"] == pytest.approx(h1["loss/policy"], rel=1e-4, abs=1e-6), algo

@@ -155,7 +155,7 @@ def test_short_run_raises_mean_reward(pretrained_moons, tmp_path):
     out = tmp_path / "draft"
     args = ["finetune", "--run", str(pretrained_moons), "--out", str(out), "--algo", "draft"]
     args += ["--reward", "target_point", "--reward-arg", "point=[1.5, 1.5]", "--chains", "32", "--epochs", "5"]
-    args += ["--lr", "3e-3", "--kl-coef", "0.01", "--draft-steps", "0", "--quiet"]
+    args += ["--lr", "3e-3", "--kl-coef", "0.01", "--draft-steps", "0", "--eval-samples", "1000", "--quiet"]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 0.3, metrics

@@ -102,6 +102,8 @@ def finetune(pretrained, out, *args: str) -> list[dict]:
                 "32",
                 "--lr",
                 "1e-3",
+                "--eval-samples",
+                "500",
                 "--quiet",
                 *args,
             ]

@@ -66,7 +66,7 @@ def test_bf16_pretraining_keeps_float32_weights_and_a_close_loss(tmp_path):
         assert all(p.dtype == torch.float32 for p in run.model.parameters())
     print(f"pretraining losses: {losses}")
     assert losses["bf16"] != losses["fp32"]
-    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-2)  # measured: 3e-4
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-3)  # measured: 3e-4
 
 
 @pytest.mark.parametrize(

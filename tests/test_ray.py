@@ -19,6 +19,8 @@ TINY_FINETUNE = [
     "16",
     "--epochs",
     "2",
+    "--eval-samples",
+    "1000",
 ]
 
 

@@ -28,7 +28,18 @@ from rl_diffusion.run import check_reward_unchanged
 
 HANG_SECONDS = 10.0  # a hanging handler gives up after this, so no thread outlives the test by much
 FAST_CLIENT = ["--reward-arg", "timeout=0.3", "--reward-arg", "retries=1", "--reward-arg", "backoff=0.05"]
-TINY_RUN = ["--chains", "16", "--epochs", "2", "--quiet", "--checkpoint-every", "1", "--reward-arg", "batch=8"]
+TINY_RUN = [
+    "--chains",
+    "16",
+    "--epochs",
+    "2",
+    "--quiet",
+    "--checkpoint-every",
+    "1",
+    "--no-final-eval",
+    "--reward-arg",
+    "batch=8",
+]
 
 
 @contextmanager

@@ -62,6 +62,12 @@ def deltas(algo, batch) -> torch.Tensor:
     return relative_tb_delta(algo.log_z.detach(), log_ratio, rewards, algo.s.config.kl_coef)
 
 
+def test_the_residual_is_log_z_plus_the_path_log_ratio_minus_r_over_beta_by_hand():
+    # delta = log Z + sum_k log pi_theta / pi_ref - r / beta: 0.5 + 1 - 1 / 0.5 and 0.5 - 2 - 3 / 0.5
+    delta = relative_tb_delta(torch.tensor(0.5), torch.tensor([1.0, -2.0]), torch.tensor([1.0, 3.0]), beta=0.5)
+    assert delta.tolist() == pytest.approx([-0.5, -7.5])
+
+
 @pytest.mark.parametrize("explore_scale", [1.0, 3.0])
 def test_the_exact_tilted_policy_and_log_z_balance_every_chain(explore_scale):
     s, log_z = tilted_setup(chains=64, explore_scale=explore_scale, minibatch_size=100)

@@ -452,6 +452,6 @@ def test_sb3_ppo_with_kl_coef_runs_and_its_evaluation_reports_the_path_kl(pretra
     assert main(["evaluate", "--run", str(out), "--num-samples", "500"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     # measured: path KL 1.2 nats, mean reward -2.34 -> -1.57 (5000 samples)
-    assert metrics["algo"] == "sb3-ppo" and 0.1 < metrics["kl_to_pretrained"] < 20
+    assert metrics["algo"] == "sb3-ppo" and 0.6 < metrics["kl_to_pretrained"] < 2.4  # measured: 1.2
     assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 0.3
     assert metrics["kl_coef"] == 0.3 and "tilted_sw2" in metrics
