@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pretrain.datasets import MIXTURES, Mixture
-from rewards import RewardFn, differentiable, register
+from rewards.base import RewardFn, differentiable, register
 
 _SHAPES = ("box", "disc")
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rewards import RewardFn, differentiable, register
+from rewards.base import RewardFn, differentiable, register
 from rl_diffusion.models.digit_classifier import load_digit_classifier
 
 

@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from rewards import Reward, ServedRewardError, _one_line, is_url
+from rewards.base import Reward, ServedRewardError, one_line
 from rl_diffusion.errors import UserError, nearest
 
 PROTOCOL = 1
@@ -245,9 +245,9 @@ class _Handler(BaseHTTPRequestHandler):
                 rewards = self.server.score(x0.to(self.server.device), None if c is None else c.to(self.server.device))
             data = rewards.detach().to("cpu", torch.float32).numpy().astype("<f4", copy=False).tobytes()
         except (MemoryError, torch.OutOfMemoryError) as e:  # may pass once other work frees memory: retried
-            self._error(503, _one_line(e))
+            self._error(503, one_line(e))
         except Exception as e:  # the reward's own failure: deterministic for this batch, so the client does not retry
-            self._error(422, _one_line(e))
+            self._error(422, one_line(e))
         else:
             self._send(200, data, "application/octet-stream")
 
@@ -270,23 +270,19 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def serve(
-    name: str,
-    kwargs: dict | None = None,
+    reward: Reward,
     host: str = "127.0.0.1",
     port: int = 8765,
     max_batches: int = 0,
     device: str = "cpu",
     out=sys.stdout,
 ) -> None:
-    """`rl-diffusion serve-reward`: build reward ``name`` and serve it until Ctrl-C or --max-batches."""
-    from rewards import build_reward
-
-    if is_url(name):
-        raise UserError(f"serve-reward serves a registered reward, not a URL: got '{name}'")
+    """`rl-diffusion serve-reward`: serve a built reward until Ctrl-C or --max-batches. Build it with
+    skip_nonfinite=True: nan passes through, and the client decides, by its own --skip-nonfinite-rewards,
+    whether it stops a run."""
     if max_batches < 0:
         raise UserError(f"--max-batches must be >= 0 (0 = no limit), got {max_batches}")
-    # nan passes through: the client decides, by its own --skip-nonfinite-rewards, whether it stops a run
-    reward = build_reward(name, kwargs, skip_nonfinite=True)
+    name = reward.name
     server = RewardServer(reward, reward_info(reward), host, port, max_batches, device)
     if threading.current_thread() is threading.main_thread():  # a supervisor's SIGTERM stops it like Ctrl-C
         signal.signal(signal.SIGTERM, _interrupt)
@@ -401,7 +397,7 @@ class RemoteRewardFn:
                     # no failure of the server, so a new connection, without a try or a backoff
                     reconnected = True
                     continue
-                cause = _one_line(e)
+                cause = one_line(e)
             else:
                 if response.status < 500:
                     return response.status, data

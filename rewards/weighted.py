@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rewards import Reward, _jsonable, build_reward
+from rewards.base import Reward, jsonable
 from rl_diffusion.errors import UserError, nearest
 
 _WEIGHT = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*\*\s*(.*)$")
@@ -95,13 +95,15 @@ class WeightedSum:
         return sum(w * scores[label] for label, w, _ in self.components)
 
 
-def build_weighted_sum(spec: str, kwargs: dict[str, Any] | None, *, skip_nonfinite: bool, on_failure: str) -> Reward:
-    terms = parse_terms(spec)
-    args = split_args(spec, [label for label, _, _ in terms], dict(kwargs or {}))
-    components = [
-        (label, weight, build_reward(name, args[label], skip_nonfinite=skip_nonfinite, on_failure=on_failure))
-        for label, weight, name in terms
-    ]
+def weighted_sum(
+    spec: str,
+    kwargs: dict[str, Any] | None,
+    components: list[tuple[str, float, Reward]],
+    *,
+    skip_nonfinite: bool,
+    on_failure: str,
+) -> Reward:
+    """The Reward of the sum `spec` over its built terms (label, weight, Reward), with a fingerprint of each."""
     if on_failure == "skip":
         skip_nonfinite = True  # a served component's missing samples (nan) must pass the sum's own check
     fingerprint = {
@@ -109,5 +111,5 @@ def build_weighted_sum(spec: str, kwargs: dict[str, Any] | None, *, skip_nonfini
         "components": {label: {"weight": weight, **reward.fingerprint} for label, weight, reward in components},
     }
     return Reward(
-        spec, WeightedSum(components), kwargs, skip_nonfinite=skip_nonfinite, fingerprint=_jsonable(fingerprint)
+        spec, WeightedSum(components), kwargs, skip_nonfinite=skip_nonfinite, fingerprint=jsonable(fingerprint)
     )

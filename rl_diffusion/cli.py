@@ -208,7 +208,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def _agent_samples(args: argparse.Namespace, algo: str, device) -> np.ndarray:
     """Samples of a run fine-tuned by an SB3 agent: the pretrained network plus the agent, on the chain it was
     trained on."""
-    from rl_diffusion.algos.agents import draw
+    from rl_diffusion.agent_sampling import draw
 
     defaults = {
         "--sampler": args.sampler == "ddpm",
@@ -275,13 +275,14 @@ def cmd_rewards(args: argparse.Namespace) -> None:
 
 
 def cmd_serve_reward(args: argparse.Namespace) -> None:
-    from rewards import parse_reward_args
+    from rewards import build_reward, is_url, parse_reward_args
     from rewards.remote import serve
     from rl_diffusion.distributed import resolve_device
 
+    if is_url(args.name):
+        raise UserError(f"serve-reward serves a registered reward, not a URL: got '{args.name}'")
     serve(
-        args.name,
-        parse_reward_args(args.reward_arg or []),
+        build_reward(args.name, parse_reward_args(args.reward_arg or []), skip_nonfinite=True),
         host=args.host,
         port=args.port,
         max_batches=args.max_batches,

@@ -149,7 +149,8 @@ def evaluate_finetuned(
     ``kl_coef`` is the beta of the optimum measured against: the run's own --kl-coef by default;
     give one to measure a run trained without a KL term (rwr, or kl_coef 0) against a tilt.
     """
-    from rl_diffusion.algos import AGENT_ALGOS, agents
+    from rl_diffusion import agent_sampling
+    from rl_diffusion.algos import AGENT_ALGOS
     from rl_diffusion.finetune import FinetuneConfig
     from rl_diffusion.run import build_eval_rewards
 
@@ -164,7 +165,7 @@ def evaluate_finetuned(
     shape, c = sample_shape_and_labels(run.model, num_samples, device)
     with torch.no_grad():
         if cfg.algo in AGENT_ALGOS:  # the pretrained network steered by a stable-baselines3 agent
-            samples, _, kl = agents.draw(run_dir, num_samples, seed, device, c)
+            samples, _, kl = agent_sampling.draw(run_dir, num_samples, seed, device, c)
         else:
             samples, kl = sample_with_path_kl(run.model, run, pretrained, cfg, shape, c, seed, device)
         before = pretrained.diffusion.sample(

@@ -12,7 +12,7 @@ from stable_baselines3 import SAC
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rewards import build_reward
-from rl_diffusion.algos.agents import draw, load_agent
+from rl_diffusion.agent_sampling import draw, load_agent
 from rl_diffusion.algos.sb3 import DenoisingVecEnvAdapter
 from rl_diffusion.checkpoint import CheckpointManager, load_run, read_run_config
 from rl_diffusion.cli import main

@@ -30,6 +30,7 @@ LAYERS = (
         "rl_diffusion.distributed",
         "rl_diffusion.config",
         "rl_diffusion.checkpoint",
+        "rl_diffusion.runlock",
         "rl_diffusion.figures",
         "rl_diffusion.flops",
         "pretrain",

@@ -18,7 +18,7 @@ PLUGIN = "tests.reward_plugin_example:factory"
 @pytest.fixture
 def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rewards registered in a test vanish after it."""
-    monkeypatch.setattr(rewards, "_REGISTRY", dict(rewards._REGISTRY))
+    monkeypatch.setattr(rewards.base, "_REGISTRY", dict(rewards.base._REGISTRY))
 
 
 def fake_entry_points(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
