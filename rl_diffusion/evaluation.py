@@ -27,6 +27,13 @@ from rl_diffusion.metrics import (
 from rl_diffusion.sampling import draw_samples, sample_shape_and_labels
 from rl_diffusion.targets import ExactTarget, Modes, RejectionTooCostly, dataset_modes, exact_target
 
+
+def evaluation_samples(eval_samples: int, data_shape: tuple[int, ...]) -> int:
+    """The final evaluation's sample count: --eval-samples, or by default 5,000 points or 500 images (each image
+    sample costs a U-Net call per step for the policy, the pretrained model and the path KL)."""
+    return eval_samples or (5000 if len(data_shape) == 1 else 500)
+
+
 TILTED_POOL = 50_000  # pretrained samples importance-resampled into the KL-regularised optimum
 # Below 1,000 effective pool points the resampled target is a few hundred distinct points, each
 # repeated: its distances then measure the pool's luck (see tilted_sw2_floor) more than the model.
