@@ -110,43 +110,17 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     """Validate everything, then create (or reopen) the run directory and load the pretrained model."""
     config.validate()
     ranks, device = distributed.init(config.device)
-    if ranks.world_size > 1:
-        if config.algo.startswith("sb3-"):
-            raise UserError(f"--algo {config.algo} runs in one process; under torchrun use ddpo-sf, ddpo-is or rwr")
-        if config.skip_nonfinite_rewards or config.on_reward_failure == "skip":
-            flag = "--skip-nonfinite-rewards" if config.skip_nonfinite_rewards else "--on-reward-failure skip"
-            raise UserError(f"{flag} would leave the ranks with unequal batches; it needs a single process")
-    ranks.shard(config.chains, "--chains")  # an uneven split is refused before anything is written
+    refuse_what_ranks_cannot_share(config, ranks)
     pretrained = load_run(Path(config.run), device)
     if pretrained.checkpoint["kind"] != "pretrain":
         raise UserError(f"--run {config.run} is a {pretrained.checkpoint['kind']} run; fine-tune from a pretrain run")
-    reward = build_reward(
-        config.reward,
-        config.reward_args,
-        skip_nonfinite=config.skip_nonfinite_rewards,
-        on_failure=config.on_reward_failure,
-    )
     out = Path(out)
-    if resume:
-        check_reward_unchanged(out, reward)
-    if config.algo in NATIVE and algorithm(config.algo).needs_reward_gradient and not reward.differentiable:
-        raise UserError(
-            f"--algo {config.algo} needs the reward's gradient and reward '{reward.name}' does not declare itself "
-            "differentiable; choose a differentiable reward (see `rl-diffusion rewards`) or a policy-gradient algorithm"
-        )
-    eval_rewards = build_eval_rewards(config.eval_rewards)
     data_shape = tuple(pretrained.checkpoint["data"]["shape"])
-    num_classes = int(pretrained.checkpoint["model_config"].get("num_classes") or 0)
-    probe_labels = torch.zeros(2, dtype=torch.long, device=device) if num_classes else None
-    for r in (reward, *eval_rewards.values()):  # a reward that fails on its input fails now
-        r(torch.zeros((2, *data_shape), device=device), probe_labels)
-    diffusion = pretrained.diffusion
-    steps = len(diffusion.timesteps(config.sampling["sampler"], config.sampling_steps or None))
+    reward, eval_rewards = checked_rewards(config, out, resume, pretrained, data_shape, device)
+    steps = len(pretrained.diffusion.timesteps(config.sampling["sampler"], config.sampling_steps or None))
     if config.algo in NATIVE:
         algorithm(config.algo).validate_chain(config, steps)
-    epochs = config.epochs
-    if config.total_steps > 0:
-        epochs = max(1, config.total_steps // (config.chains * steps))
+    epochs = max(1, config.total_steps // (config.chains * steps)) if config.total_steps > 0 else config.epochs
     if not resume and ranks.is_main:
         saved = dict(kind="finetune", **dataclasses.asdict(config), reward_fingerprint=reward.fingerprint)
         prepare_run_dir(out, json.dumps(saved, indent=2), overwrite)
@@ -158,8 +132,82 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
             file=sys.stderr,
         )
     torch.manual_seed(config.seed)
-    # eval mode for good: sampling, rescoring and the update must see one network (dropout would
-    # break ratio = 1 and KL = 0 before the first update)
+    policy, reference, base_fingerprint = policy_and_reference(config, pretrained, ranks, device)
+    checkpoints = CheckpointManager(out, keep=config.keep_checkpoints)
+    resumed = checkpoints.load_latest(map_location=device) if resume else None
+    purge_step = None
+    if resumed is not None:  # TensorBoard drops what was logged after the checkpoint: no duplicate points
+        state = resumed["train_state"]
+        purge_step = state["epoch"] + 1 if config.x_axis == "epoch" else state["reward_queries"] + 1
+    eval_data = reference_draws(data_of_checkpoint(pretrained.checkpoint["data"]), 2000, EVAL_DATA_SEED)[0]
+    return Setup(
+        config=config,
+        out=out,
+        device=device,
+        diffusion=pretrained.diffusion,
+        policy=policy,
+        reference=reference,
+        pretrained=pretrained,
+        reward=reward,
+        data_shape=data_shape,
+        epochs=epochs,
+        writer=distributed.summary_writer(ranks, out, purge_step=purge_step),
+        checkpoints=checkpoints,
+        resumed=resumed,
+        eval_data=eval_data,
+        picture=figures.samples_picture(eval_data),
+        ranks=ranks,
+        synced_policy=ranks.wrap(policy),
+        eval_rewards=eval_rewards,
+        label_classifier=label_classifier(data_shape, device),
+        modes=dataset_modes(pretrained.checkpoint["data"]["dataset"]),
+        base_fingerprint=base_fingerprint,
+    )
+
+
+def refuse_what_ranks_cannot_share(config: FinetuneConfig, ranks: Ranks) -> None:
+    """Under torchrun: the settings that need one process, and a batch that does not split evenly."""
+    if ranks.world_size > 1:
+        if config.algo.startswith("sb3-"):
+            raise UserError(f"--algo {config.algo} runs in one process; under torchrun use ddpo-sf, ddpo-is or rwr")
+        if config.skip_nonfinite_rewards or config.on_reward_failure == "skip":
+            flag = "--skip-nonfinite-rewards" if config.skip_nonfinite_rewards else "--on-reward-failure skip"
+            raise UserError(f"{flag} would leave the ranks with unequal batches; it needs a single process")
+    ranks.shard(config.chains, "--chains")  # an uneven split is refused before anything is written
+
+
+def checked_rewards(
+    config: FinetuneConfig, out: Path, resume: bool, pretrained: LoadedRun, data_shape: tuple, device: torch.device
+) -> tuple[Reward, dict[str, Reward]]:
+    """The run's reward and held-out rewards, each already called once on the data's shape (a reward that fails
+    on its input fails now); on --resume the reward must be the one the run started with."""
+    reward = build_reward(
+        config.reward,
+        config.reward_args,
+        skip_nonfinite=config.skip_nonfinite_rewards,
+        on_failure=config.on_reward_failure,
+    )
+    if resume:
+        check_reward_unchanged(out, reward)
+    if config.algo in NATIVE and algorithm(config.algo).needs_reward_gradient and not reward.differentiable:
+        raise UserError(
+            f"--algo {config.algo} needs the reward's gradient and reward '{reward.name}' does not declare itself "
+            "differentiable; choose a differentiable reward (see `rl-diffusion rewards`) or a policy-gradient algorithm"
+        )
+    eval_rewards = build_eval_rewards(config.eval_rewards)
+    num_classes = int(pretrained.checkpoint["model_config"].get("num_classes") or 0)
+    probe_labels = torch.zeros(2, dtype=torch.long, device=device) if num_classes else None
+    for r in (reward, *eval_rewards.values()):
+        r(torch.zeros((2, *data_shape), device=device), probe_labels)
+    return reward, eval_rewards
+
+
+def policy_and_reference(
+    config: FinetuneConfig, pretrained: LoadedRun, ranks: Ranks, device: torch.device
+) -> tuple[nn.Module, nn.Module, str]:
+    """The trainable policy, the frozen reference and (under --lora-rank) the base weights' fingerprint. Both in
+    eval mode for good: sampling, rescoring and the update must see one network (dropout would break ratio = 1
+    and KL = 0 before the first update)."""
     base_fingerprint = lora.fingerprint(pretrained.model) if config.lora_rank else ""
     if config.lora_rank:  # one copy of the weights: the reference is the policy with its adapters off
         policy = lora.adapt(pretrained.model.eval(), config.lora_rank, config.lora_alpha or config.lora_rank)
@@ -172,37 +220,7 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         reference = pretrained.model.eval().requires_grad_(False)
     for network in (policy, reference):
         autocast_forward(network, config.precision, device)
-    checkpoints = CheckpointManager(out, keep=config.keep_checkpoints)
-    resumed = checkpoints.load_latest(map_location=device) if resume else None
-    purge_step = None
-    if resumed is not None:  # TensorBoard drops what was logged after the checkpoint: no duplicate points
-        state = resumed["train_state"]
-        purge_step = state["epoch"] + 1 if config.x_axis == "epoch" else state["reward_queries"] + 1
-    writer = distributed.summary_writer(ranks, out, purge_step=purge_step)
-    eval_data = reference_draws(data_of_checkpoint(pretrained.checkpoint["data"]), 2000, EVAL_DATA_SEED)[0]
-    return Setup(
-        config=config,
-        out=out,
-        device=device,
-        diffusion=diffusion,
-        policy=policy,
-        reference=reference,
-        pretrained=pretrained,
-        reward=reward,
-        data_shape=data_shape,
-        epochs=epochs,
-        writer=writer,
-        checkpoints=checkpoints,
-        resumed=resumed,
-        eval_data=eval_data,
-        picture=figures.samples_picture(eval_data),
-        ranks=ranks,
-        synced_policy=ranks.wrap(policy),
-        eval_rewards=eval_rewards,
-        label_classifier=label_classifier(data_shape, device),
-        modes=dataset_modes(pretrained.checkpoint["data"]["dataset"]),
-        base_fingerprint=base_fingerprint,
-    )
+    return policy, reference, base_fingerprint
 
 
 def check_reward_unchanged(out: Path, reward: Reward) -> None:
