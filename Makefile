@@ -22,11 +22,12 @@ install: $(BIN)/rl-diffusion
 demo: install
 	$(BIN)/python scripts/demo.py --runs $(RUNS)
 
-# lint runs first, so style never depends on memory
+# lint runs first, so style never depends on memory; the tests run on one worker per core (pytest-xdist),
+# each with one torch thread (tests/conftest.py)
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist worksteal tests
 
 format: install
 	$(BIN)/ruff format .

@@ -27,6 +27,13 @@ from rl_diffusion.metrics import (
 from rl_diffusion.sampling import draw_samples, sample_shape_and_labels
 from rl_diffusion.targets import ExactTarget, Modes, RejectionTooCostly, dataset_modes, exact_target
 
+
+def evaluation_samples(eval_samples: int, data_shape: tuple[int, ...]) -> int:
+    """The final evaluation's sample count: --eval-samples, or by default 5,000 points or 500 images (each image
+    sample costs a U-Net call per step for the policy, the pretrained model and the path KL)."""
+    return eval_samples or (5000 if len(data_shape) == 1 else 500)
+
+
 TILTED_POOL = 50_000  # pretrained samples importance-resampled into the KL-regularised optimum
 # Below 1,000 effective pool points the resampled target is a few hundred distinct points, each
 # repeated: its distances then measure the pool's luck (see tilted_sw2_floor) more than the model.
@@ -149,10 +156,7 @@ def evaluate_finetuned(
     ``kl_coef`` is the beta of the optimum measured against: the run's own --kl-coef by default;
     give one to measure a run trained without a KL term (rwr, or kl_coef 0) against a tilt.
     """
-    from rl_diffusion import agent_sampling
-    from rl_diffusion.algos import AGENT_ALGOS
     from rl_diffusion.finetune import FinetuneConfig
-    from rl_diffusion.run import build_eval_rewards
 
     device = resolve_device(device)
     cfg = saved_config(FinetuneConfig, run_dir)
@@ -162,27 +166,40 @@ def evaluate_finetuned(
     if beta < 0:
         raise UserError(f"--kl-coef must be >= 0, got {beta}")
     reward = build_reward(cfg.reward, cfg.reward_args, skip_nonfinite=True)
+    samples, kl, before, c = _draw_both(run_dir, cfg, run, pretrained, num_samples, seed, device)
+    metrics = {"run": str(run_dir), "kind": "finetune", "algo": cfg.algo, "reward": cfg.reward}
+    metrics |= _reward_kl_and_diversity(cfg, reward, samples, kl, before, c, beta) | {"num_samples": num_samples}
+    if len(run.checkpoint["data"]["shape"]) == 1:
+        samples, before = samples.cpu().numpy(), before.cpu().numpy()
+        metrics |= _point_metrics(run, pretrained, cfg, reward, samples, before, beta, seed, device)
+    return metrics
+
+
+def _draw_both(run_dir: Path, cfg, run: LoadedRun, pretrained: LoadedRun, num_samples: int, seed: int, device):
+    """The fine-tuned run's samples with each chain's path KL (None for an agent in noise mode), and the
+    pretrained model's on the same labels: (samples, kl, before, labels)."""
+    from rl_diffusion import agent_sampling
+    from rl_diffusion.algos import AGENT_ALGOS
+
     shape, c = sample_shape_and_labels(run.model, num_samples, device)
     with torch.no_grad():
         if cfg.algo in AGENT_ALGOS:  # the pretrained network steered by a stable-baselines3 agent
             samples, _, kl = agent_sampling.draw(run_dir, num_samples, seed, device, c)
         else:
             samples, kl = sample_with_path_kl(run.model, run, pretrained, cfg, shape, c, seed, device)
+        generator = torch.Generator(device=device).manual_seed(seed + 1)
         before = pretrained.diffusion.sample(
-            pretrained.model,
-            shape,
-            c=c,
-            generator=torch.Generator(device=device).manual_seed(seed + 1),
-            device=device,
-            **cfg.sampling,
+            pretrained.model, shape, c=c, generator=generator, device=device, **cfg.sampling
         ).xs[-1]
+    return samples, kl, before, c
+
+
+def _reward_kl_and_diversity(cfg, reward: Reward, samples, kl, before, c, beta: float) -> dict:
+    """What every run reports, points and images: rewards (held-out ones too), path KL, diversity."""
+    from rl_diffusion.run import build_eval_rewards
+
     memoryless = is_memoryless(cfg.sampler, cfg.eta)
     metrics = {
-        "run": str(run_dir),
-        "kind": "finetune",
-        "algo": cfg.algo,
-        "reward": cfg.reward,
-        "num_samples": num_samples,
         "memoryless": memoryless,
         "reward_mean": finite_mean(reward(samples, c)),
         "reward_mean_pretrained": finite_mean(reward(before, c)),
@@ -199,10 +216,14 @@ def evaluate_finetuned(
             "is not reachable (docs/design.md, section 2), so distances to it are not distances to a "
             "reachable target"
         )
-    if len(run.checkpoint["data"]["shape"]) != 1:
-        return metrics
-    samples, before = samples.cpu().numpy(), before.cpu().numpy()
-    metrics.update(vendi=vendi_score(samples), vendi_pretrained=vendi_score(before))
+    return metrics
+
+
+def _point_metrics(run: LoadedRun, pretrained: LoadedRun, cfg, reward: Reward, samples, before, beta, seed, device):
+    """2D data: Vendi score, the pretrained model against its data, and with beta > 0 the distances to the
+    exact target and to the pretrained model's own tilt (the docstring of `evaluate_finetuned`)."""
+    num_samples = len(samples)
+    metrics = {"vendi": vendi_score(samples), "vendi_pretrained": vendi_score(before)}
     dataset = run.checkpoint["data"]["dataset"]
     reference, again = reference_draws(data_of_checkpoint(run.checkpoint["data"]), num_samples, EVAL_DATA_SEED)
     metrics.update({f"pretrained_data_{k}": v for k, v in _distances(before, reference, None).items()})

@@ -76,7 +76,15 @@ class FinetuneConfig:
         "passes over each sampled batch (ddpo-is, rwr, sb3-ppo, sb3-ppo-mlp, ...); "
         "gradient steps per env step (sb3-sac, sb3-td3)",
     )
-    minibatch_size: int = arg(1024, "(trajectory, timestep) pairs per gradient step (ddpo-is, rwr, sb3-ppo)")
+    minibatch_size: int = arg(
+        1024,
+        "(trajectory, timestep) pairs per gradient step (ddpo-is, adjoint, rwr, awm, sb3-ppo; iw-distill: samples)",
+    )
+    memory_mib: float = arg(
+        2048.0,
+        "MiB that the tensors kept for backward may take (ddpo-sf, rtb, draft): the batch is split into the fewest "
+        "groups that fit, measured on the run's network; splitting changes the gradient only by rounding",
+    )
     timestep_fraction: float = arg(1.0, "fraction of each chain's timesteps trained on per epoch (ddpo-is)")
     kl_coef: float = arg(
         0.0, "beta of the exact path KL to the pretrained model (0 = off); with --kl-target, beta's starting value"
@@ -174,7 +182,7 @@ class FinetuneConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.eval_samples < 0:
             raise UserError(f"--eval-samples must be >= 0 (0 = the default for the data), got {self.eval_samples}")
-        for name in ("lr", "clip_range", "adv_clip", "rwr_temperature", "grad_clip"):
+        for name in ("lr", "clip_range", "adv_clip", "rwr_temperature", "grad_clip", "memory_mib"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 < self.timestep_fraction <= 1:

@@ -24,9 +24,9 @@ from rl_diffusion.ablate import ablate, setting_dir
 from rl_diffusion.checkpoint import CheckpointManager, LoadedRun, atomic_write_text, load_run, read_run_config
 from rl_diffusion.config import saved_config
 from rl_diffusion.errors import UserError
+from rl_diffusion.evaluation import evaluation_samples, sample_with_path_kl
 
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the lambdas of the mixed curve
-MIX_SAMPLES = 5000  # chains per lambda, as many as the evaluation of a 2D run draws: lambda = 1 reproduces it
 FINAL_METRICS = ("reward_mean", "kl_to_pretrained", "diversity")  # and every numeric target_* of metrics.json
 
 
@@ -70,7 +70,6 @@ def mixed_point(run_dir: Path, mix: float, num_samples: int, seed: int, device: 
     """Mean reward and exact mean path KL to the pretrained model of the mixed sampler, on the chain the
     run was trained on; the mixed eps is scored as a policy, as `evaluate` scores the fine-tuned one."""
     from rewards import build_reward, finite_mean
-    from rl_diffusion.evaluation import sample_with_path_kl
     from rl_diffusion.finetune import FinetuneConfig
     from rl_diffusion.sampling import sample_shape_and_labels
 
@@ -120,7 +119,10 @@ def frontier(
     smallest = dirs[kl_coefs.index(min(kl_coefs))]
     mix = None
     if read_run_config(smallest)["algo"] not in AGENT_ALGOS:
-        points = [mixed_point(smallest, m, MIX_SAMPLES, seed=0, device=resolve_device(device)) for m in MIXES]
+        # as many chains per lambda as the run's evaluation drew: lambda = 1 reproduces it
+        run = CheckpointManager(smallest).load_latest()
+        count = evaluation_samples(read_run_config(smallest).get("eval_samples", 0), tuple(run["data"]["shape"]))
+        points = [mixed_point(smallest, m, count, seed=0, device=resolve_device(device)) for m in MIXES]
         mix = {"run": str(smallest), "kl_coef": min(kl_coefs), "points": points}
     summary = {"kl_coefs": kl_coefs, "runs": runs, "mix": mix}
     figures.plot_frontier(summary, out / "frontier.png")

@@ -65,9 +65,9 @@ from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 from pretrain.train import PretrainConfig, config_for, pretrain  # noqa: E402
 from rl_diffusion import figures  # noqa: E402
 from rl_diffusion.algos import algorithm, loop, sb3, trainer  # noqa: E402
+from rl_diffusion.algos.ceiling import epoch_ceiling  # noqa: E402
 from rl_diffusion.env import DenoisingEnv  # noqa: E402
 from rl_diffusion.finetune import FinetuneConfig  # noqa: E402
-from rl_diffusion.flops import record_matmuls, replay_seconds  # noqa: E402
 from rl_diffusion.run import setup  # noqa: E402
 
 SAMPLING = {"sampler": "ddim", "sampling_steps": 50, "eta": 1.0}
@@ -375,35 +375,6 @@ def timed_run(cfg: FinetuneConfig, out: Path, final_evaluation: bool) -> dict:
     seconds = {phase: timers.seconds.get(phase, 0.0) for phase in EPOCH_PHASES}
     seconds["other"] = total - sum(seconds.values())
     return {"epochs": s.epochs, "total_seconds": total, "seconds": seconds}
-
-
-def epoch_ceiling(cfg: FinetuneConfig, out: Path, epochs: int) -> dict:
-    """Achieved FLOP/s of the epoch's collect + update against the replay of its own products."""
-    s = setup(cfg, out)
-    algo = algorithm(cfg.algo)(s)
-    generator = torch.Generator(device=s.device).manual_seed(cfg.seed)
-
-    def epoch(k: int) -> None:
-        algo.update(loop.collect(s, algo, generator, k), generator)
-
-    epoch(0)  # warm-up
-    started = time.perf_counter()
-    for k in range(1, epochs + 1):
-        epoch(k)
-    seconds = (time.perf_counter() - started) / epochs
-    _, matmuls = record_matmuls(lambda: epoch(epochs + 1))
-    products = replay_seconds(matmuls)
-    s.writer.close()
-    return {
-        "epoch_seconds": seconds,
-        "flops": matmuls.flops,
-        "product_calls": matmuls.calls,
-        "mean_flops_per_product": matmuls.flops / matmuls.calls,
-        "achieved_gflops": matmuls.flops / seconds / 1e9,
-        "attainable_gflops": matmuls.flops / products / 1e9,
-        "fraction_of_attainable": products / seconds,
-        "products_seconds_at_replay_speed": products,
-    }
 
 
 def epoch_split(pretrained: Path, tmp: Path, device: str, epochs: int, lr: float) -> dict:

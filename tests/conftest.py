@@ -1,6 +1,7 @@
 """Shared fixtures: tiny pretrained runs, each built once per test session (seconds on 2 CPU cores), and the
 session's own cache for the digit classifier."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,12 @@ import torch
 
 from rl_diffusion.cli import main
 from rl_diffusion.models.digit_classifier import CACHE_ENV, load_digit_classifier
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: one thread each, inherited by the processes a test starts, since
+    # OpenMP threads oversubscribing the cores spin against each other and slow small networks many times over
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TINY_PRETRAIN = [
     "--dataset",

@@ -111,7 +111,7 @@ def test_ddpo_is_on_two_ranks_matches_one_rank_and_resumes_on_one(pretrained_moo
     # kl_coef > 0 and a timestep fraction exercise the gathered KLs and the minibatches drawn over
     # the whole batch's pairs; 100 pairs per minibatch leave each rank unequal shares of them. This run keeps
     # the final evaluation: rank 0 alone writes metrics.json and the figures, as one process does.
-    config = {"algo": "ddpo-is", "chains": 32, "epochs": 2, "minibatch_size": 100, "kl_coef": 0.1}
+    config = {"algo": "ddpo-is", "chains": 32, "epochs": 2, "minibatch_size": 100, "kl_coef": 0.1, "eval_samples": 1000}
     config |= {"timestep_fraction": 0.5, "reward": "target_point", "reward_args": {"point": [1.5, 1.5]}}
     two, one = on_two_ranks_and_one(pretrained_moons, tmp_path, {"ddpo-is": {**config, "checkpoint_every": 1}})
     rank0, rank1 = (torch.load(two / "ddpo-is" / f"rank{r}.pt") for r in (0, 1))

@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+from rl_diffusion import memory
 from rl_diffusion.algos.draft import DRaFT
 from rl_diffusion.cli import main
 from tests.test_kl_objective import A, D, NoStep, T, batch_of, closed_form_setup, optimal_theta
@@ -92,6 +93,33 @@ def test_gradient_equals_finite_differences_of_the_objective(draft_steps):
         torch.set_default_dtype(default)
 
 
+def test_the_gradient_does_not_depend_on_how_the_batch_is_split():
+    # --memory-mib sets the groups the chains are replayed in and whether each step is checkpointed; the
+    # accumulated gradient is the same up to rounding (float64)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        grads, plans, budgets = [], [], [1e6]  # MiB: all chains at once
+        while budgets:
+            s = tiny_setup(beta=0.3, draft_steps=0)
+            s.config = dataclasses.replace(s.config, memory_mib=budgets.pop(0))
+            with torch.no_grad():
+                traj = s.diffusion.sample(s.policy, (12, D), generator=torch.Generator().manual_seed(3), record=True)
+            algo = DRaFT(s)
+            algo.optimizer = NoStep()
+            stats = algo.update(batch_of(s, traj, s.reward(traj.xs[-1])), torch.Generator())
+            plans.append((stats["draft/replays"], stats["draft/checkpointed"]))
+            grads.append(torch.cat([p.grad.flatten() for p in s.policy.parameters()]))
+            if len(grads) == 1:  # then a budget that holds one chain of T steps but not two, and one that holds none
+                chain = T * algo.step_bytes / memory.MIB
+                budgets = [1.5 * chain, 0.5 * chain]
+        assert plans[:2] == [(1.0, 0.0), (12.0, 0.0)] and plans[2][1] == 1.0, plans
+        for other in grads[1:]:
+            torch.testing.assert_close(other, grads[0], rtol=1e-12, atol=1e-14)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def test_last_step_only_sends_the_reward_gradient_to_t_equals_1():
     # linear-Gaussian chain, r = A . x_0, beta = 0, K = 1: x_0 = mu_theta(x_1, 1) + sigma z, so d r / d theta_t
     # is b_1 A at t = 1 and 0 elsewhere, b_1 the eps coefficient of the last step's mean
@@ -116,7 +144,7 @@ def test_replay_reproduces_the_sampled_chain_and_its_path_kl(draft_steps):
         s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
         traj = s.diffusion.sample(s.policy, (32, D), generator=torch.Generator().manual_seed(1), record=True)
     batch = batch_of(s, traj, traj.xs[-1] @ A)
-    x0, kl = DRaFT(s).replay(batch, torch.arange(32))
+    x0, kl = DRaFT(s).replay(batch, torch.arange(32), checkpointed=False)
     torch.testing.assert_close(x0.detach(), batch.x0, rtol=0, atol=1e-5)
     torch.testing.assert_close(kl.detach(), batch.kl.sum(0), rtol=1e-5, atol=1e-6)
     assert batch.kl.sum().item() > 1  # the policy is far from the reference: a KL to compare
@@ -129,7 +157,7 @@ def test_replay_reproduces_x0_of_the_pretrained_network(pretrained_moons, tmp_pa
     algo = DRaFT(s)
     pairs, x0, _ = algo.sample(torch.Generator().manual_seed(0))
     batch = types.SimpleNamespace(pairs=pairs, K=20)
-    replayed, kl = algo.replay(batch, torch.arange(32))
+    replayed, kl = algo.replay(batch, torch.arange(32), checkpointed=True)
     torch.testing.assert_close(replayed.detach(), x0, rtol=0, atol=1e-5)
     assert kl.abs().max().item() < 1e-8  # the policy is the pretrained model
 

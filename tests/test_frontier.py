@@ -117,6 +117,8 @@ def test_frontier_runs_each_beta_draws_the_figure_and_skips_finished_runs_on_rer
         "16",
         "--epochs",
         "2",
+        "--eval-samples",
+        "1000",
     ]
     assert main(args) == 0
     summary = json.loads((out / "frontier.json").read_text())

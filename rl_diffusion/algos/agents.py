@@ -16,6 +16,7 @@ whole run, so it is never overwritten and a checkpoint records it with its fill 
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 import warnings
@@ -27,7 +28,7 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from tqdm import tqdm
 
 from rl_diffusion.agent_sampling import AGENTS, load_agent, make_env
-from rl_diffusion.algos.sb3 import DenoisingVecEnvAdapter, end_of_training
+from rl_diffusion.algos.sb3 import DenoisingVecEnvAdapter, learn
 from rl_diffusion.checkpoint import (
     StopSignal,
     generator_state,
@@ -35,7 +36,7 @@ from rl_diffusion.checkpoint import (
     set_generator_state,
     set_rng_state,
 )
-from rl_diffusion.run import Setup, log_epoch, restore, save, write_hyperparameters
+from rl_diffusion.run import Setup, log_epoch, save
 
 
 def make_agent(s: Setup) -> BaseAlgorithm:
@@ -180,23 +181,6 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
 
     resume=True continues from the newest checkpoint as if the run had never stopped (on CPU).
     """
-    cfg = s.config
     model = make_agent(s)
-    start, reward_queries = 0, 0
-    if resume:
-        state = restore(s)
-        model = load_train_state(s, model, state)
-        start, reward_queries = state["epoch"], state["reward_queries"]
-    else:
-        write_hyperparameters(s)
-    steps_per_epoch = model.env.env.steps_per_episode * cfg.chains
-    with (
-        StopSignal() as stop,
-        tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not progress) as bar,
-    ):
-        callback = AgentCallback(s, start, reward_queries, stop, bar)
-        model.learn(
-            (s.epochs - start) * steps_per_epoch, callback=callback, reset_num_timesteps=not resume, progress_bar=False
-        )
-        callback.checkpoint()
-    return end_of_training(s, stop, callback.saved)
+    steps_per_epoch = model.env.env.steps_per_episode * s.config.chains
+    return learn(s, model, functools.partial(load_train_state, s), AgentCallback, steps_per_epoch, resume, progress)

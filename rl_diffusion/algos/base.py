@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from rl_diffusion.path_kl import Pairs
+from rl_diffusion import memory
+from rl_diffusion.path_kl import Pairs, policy_step
 
 if TYPE_CHECKING:
     from rl_diffusion.finetune import FinetuneConfig
@@ -53,6 +54,7 @@ class Algorithm:
     needs_reward_gradient: ClassVar[bool] = False  # the reward must declare itself differentiable
     needs_log_prob: ClassVar[bool] = True  # the chain must be stochastic (eta > 0): the update scores actions
     defaults: ClassVar[dict] = {}  # config fields whose default differs for this algorithm (finetune.config_for)
+    pair_bytes: float | None = None  # what one (chain, step) pair's policy step keeps for backward (measured once)
 
     def __init__(self, s: Setup):
         self.s = s
@@ -139,6 +141,16 @@ class Algorithm:
                 after_step()
             losses[step] = value.detach()
         return self.s.ranks.sum(losses).mean().item() / self.s.ranks.world_size
+
+    def pair_groups(self, rows: Tensor, pairs: Pairs) -> tuple[Tensor, ...]:
+        """`rows` of `pairs` in the fewest groups whose policy steps fit --memory-mib, for updates that accumulate
+        one gradient over all of them (their sum does not depend on the split). The same count on every rank:
+        `rows` index the whole batch. Measured on the unwrapped policy: a forward without a backward upsets DDP."""
+        s = self.s
+        if self.pair_bytes is None:
+            probe = lambda n: policy_step(s.diffusion, s.config, s.policy, pairs, rows[:1].repeat(n)).log_prob  # noqa: E731
+            self.pair_bytes = memory.bytes_per_unit(probe)
+        return memory.split(rows, self.pair_bytes, s.config.memory_mib)
 
     def own_rows(self, rows: Tensor, B: int) -> tuple[Tensor, Tensor]:
         """Of pair rows k * B + b of the whole batch, those of this rank's chains: (their rows, the same

@@ -100,7 +100,7 @@ class ScoreFunction(Algorithm):
         K, B = adv.shape
         self.optimizer.zero_grad(set_to_none=True)
         total, adv, scale_pairs = torch.zeros((), device=s.device), adv.flatten(), scale.repeat(K)
-        for idx in torch.arange(K * B, device=s.device).split(cfg.minibatch_size):
+        for idx in self.pair_groups(torch.arange(K * B, device=s.device), batch.pairs):
             rows, own = self.own_rows(idx, B)
             ours = policy_step(s.diffusion, cfg, s.synced_policy, batch.pairs, own)
             terms = -adv[rows] * ours.log_prob

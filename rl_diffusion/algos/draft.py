@@ -21,22 +21,26 @@ estimate of grad J. Its fixed point is then the stationary point of J itself, th
 optimum p_pre(x_0) exp(r(x_0) / beta) / Z on a memoryless chain (on a chain that keeps x_T, the best
 the shared-x_T family reaches). With beta = 0 nothing holds the policy to the pretrained model.
 
-Memory: each replayed step (policy call, reverse step, reference call, kl_k) runs under gradient
-checkpointing, so only the states between steps are kept and recomputed in backward: memory is flat
-in K (one step's activations, plus a [B, ...] state per step).
-
-Batching: the batch's chains are split into minibatches of max(1, minibatch_size // N) chains (about
-minibatch_size pairs), whose gradients are accumulated into ONE optimizer step per inner epoch:
-the step follows the whole batch's mean gradient, as DDPO-SF does, and memory is bounded by the
-minibatch. Each rank replays its own chains, splitting them into the same number of minibatches.
+Memory (--memory-mib): what one replayed step of one chain keeps for backward is measured once, on the
+run's network (rl_diffusion/memory.py). Where a whole chain fits the budget, this rank's chains are replayed
+in the fewest groups that fit (on 2D data at the defaults: all of them at once) and nothing is recomputed.
+Where one chain alone does not fit, every replayed step runs under gradient checkpointing (only the states
+between steps are kept, and each step is recomputed in backward), the groups are sized for that, and the run
+says so once. Every group's gradient is accumulated into ONE optimizer step per inner epoch, so the step
+follows the whole batch's mean gradient however it was split. Each rank splits its chains into the same
+number of groups (DDP reduces once per backward).
 """
 
 from __future__ import annotations
+
+import math
+import sys
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from rl_diffusion import memory
 from rl_diffusion.algos.base import Algorithm, Batch
 from rl_diffusion.errors import UserError
 
@@ -67,16 +71,48 @@ class DRaFT(Algorithm):
                 f"(--sampler {config.sampler}); give at most {steps_per_chain}, or 0 for all of them"
             )
 
-    def chain_step(self, x: Tensor, t: Tensor, t_prev: Tensor, noise: Tensor, c: Tensor | None):
+    step_bytes: float | None = None  # what one replayed step of one chain keeps for backward (measured once)
+    announced = False  # the switch to gradient checkpointing is said once per run
+
+    def chain_step(self, policy, x: Tensor, t: Tensor, t_prev: Tensor, noise: Tensor, c: Tensor | None):
         """One reparameterised step from x: (x_{k+1} = mu_theta(x) + sigma z, kl_k [B])."""
         s, cfg = self.s, self.s.config
         kwargs = dict(t_prev=t_prev, sampler=cfg.sampler, eta=cfg.eta, noise=noise)
-        ours = s.diffusion.reverse_step(s.synced_policy(x, t, c), x, t, **kwargs)
+        ours = s.diffusion.reverse_step(policy(x, t, c), x, t, **kwargs)
         ref = s.diffusion.reverse_step(s.reference(x, t, c), x, t, **kwargs)  # frozen; depends on theta via x
         kl = ((ours.mean - ref.mean) ** 2).flatten(1).sum(1) / (2 * ours.sigma**2)
         return ours.x_prev, kl
 
-    def replay(self, batch: Batch, chains: Tensor) -> tuple[Tensor, Tensor]:
+    def plan(self, batch: Batch) -> tuple[tuple[Tensor, ...], bool]:
+        """This rank's chains in the fewest groups whose replay fits --memory-mib, and whether each step is
+        checkpointed (only where one chain alone does not fit)."""
+        s, cfg, pairs, N = self.s, self.s.config, batch.pairs, batch.K
+        if self.step_bytes is None:  # the unwrapped policy: a forward with no backward would upset DDP
+
+            def one_step(n: int):
+                rows = torch.zeros(n, dtype=torch.long, device=s.device)
+                c = None if pairs.c is None else pairs.c[rows]
+                x = pairs.x_t[rows]
+                return self.chain_step(s.policy, x, pairs.t[rows], pairs.t_prev[rows], torch.zeros_like(x), c)
+
+            self.step_bytes = memory.bytes_per_unit(one_step)
+        chain_bytes, checkpointed = N * self.step_bytes, False
+        if chain_bytes > cfg.memory_mib * memory.MIB:
+            # kept per checkpointed step: its input state and noise; plus one step's graph while it is recomputed
+            state_bytes = pairs.x_t[0].numel() * pairs.x_t.element_size()
+            chain_bytes, checkpointed = N * 2 * state_bytes + self.step_bytes, True
+            if s.ranks.is_main and not self.announced:
+                print(
+                    f"note: draft replays each step under gradient checkpointing: one chain of {N} steps keeps "
+                    f"{N * self.step_bytes / memory.MIB:.0f} MiB for backward, over --memory-mib {cfg.memory_mib:g}",
+                    file=sys.stderr,
+                )
+            self.announced = True
+        largest_shard = math.ceil(batch.B / s.ranks.world_size)  # the same number of groups on every rank
+        count = memory.groups(largest_shard, chain_bytes, cfg.memory_mib)
+        return torch.arange(len(pairs) // N, device=s.device).tensor_split(count), checkpointed
+
+    def replay(self, batch: Batch, chains: Tensor, checkpointed: bool) -> tuple[Tensor, Tensor]:
         """Replay this rank's chains `chains` (indices into its own B_rank) with gradients:
         (x_0 [n, ...], sum_k kl_k [n])."""
         s, cfg, pairs, N = self.s, self.s.config, batch.pairs, batch.K
@@ -93,21 +129,24 @@ class DRaFT(Algorithm):
                 )
                 noise = (pairs.x_prev[rows] - pairs.mean_old[rows]) / step.sigma.reshape(-1, *[1] * (x.dim() - 1))
             state = x if k >= start else pairs.x_t[rows]  # before the window: the recorded, detached state
-            x_next, kl = checkpoint(self.chain_step, state, t, t_prev, noise, c, use_reentrant=False)
+            inputs = (s.synced_policy, state, t, t_prev, noise, c)
+            if checkpointed:
+                x_next, kl = checkpoint(self.chain_step, *inputs, use_reentrant=False)
+            else:
+                x_next, kl = self.chain_step(*inputs)
             if k >= start:
                 x = x_next
             kl_sum = kl_sum + kl
         return x, kl_sum
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s, cfg, N = self.s, self.s.config, batch.K
-        B_rank = len(batch.pairs) // N
-        per_minibatch = max(1, cfg.minibatch_size // N)
+        s, cfg = self.s, self.s.config
+        groups, checkpointed = self.plan(batch)
         sums = torch.zeros(3, device=s.device)  # loss, reward, kl: summed over chains and inner epochs
         for _ in range(cfg.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            for chains in torch.arange(B_rank, device=s.device).split(per_minibatch):
-                x0, kl = self.replay(batch, chains)
+            for chains in groups:
+                x0, kl = self.replay(batch, chains, checkpointed)
                 c = None if batch.pairs.c is None else batch.pairs.c[chains]
                 reward = s.reward(x0, c)
                 loss = -(reward - cfg.kl_coef * kl)
@@ -116,4 +155,11 @@ class DRaFT(Algorithm):
                 sums += torch.stack([loss.detach().sum(), reward.detach().sum(), kl.detach().sum()])
             grad_norm = self.step()
         loss, reward, kl = (s.ranks.sum(sums) / (batch.B * cfg.inner_epochs)).tolist()
-        return {"loss/policy": loss, "draft/reward": reward, "draft/kl": kl, "train/grad_norm": grad_norm.item()}
+        return {
+            "loss/policy": loss,
+            "draft/reward": reward,
+            "draft/kl": kl,
+            "draft/replays": float(len(groups)),
+            "draft/checkpointed": float(checkpointed),
+            "train/grad_norm": grad_norm.item(),
+        }

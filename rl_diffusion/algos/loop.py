@@ -28,7 +28,7 @@ from rl_diffusion.algos import algorithm
 from rl_diffusion.algos.base import Algorithm, Batch
 from rl_diffusion.checkpoint import StopSignal, atomic_write_text, rng_state, set_rng_state
 from rl_diffusion.errors import UserError
-from rl_diffusion.evaluation import evaluate_finetuned
+from rl_diffusion.evaluation import evaluate_finetuned, evaluation_samples
 from rl_diffusion.path_kl import reference_scores
 from rl_diffusion.run import (
     Setup,
@@ -147,9 +147,7 @@ def final_evaluation(s: Setup) -> dict:
     if not s.config.final_eval:
         last = s.history[-1] if s.history else {}
         return {"final_evaluation": "skipped (--no-final-eval)", "reward_mean": last.get("reward/mean")}
-    # Images: 500 samples, not 5,000. Each sample costs a U-Net call per step for the policy, the
-    # pretrained model and the path KL, with every step kept: 5,000 took minutes on a CPU at T = 20.
-    num_samples = s.config.eval_samples or (5000 if len(s.data_shape) == 1 else 500)
+    num_samples = evaluation_samples(s.config.eval_samples, s.data_shape)
     return evaluate_finetuned(s.out, num_samples=num_samples, device=str(s.device))
 
 

@@ -19,8 +19,9 @@ at that point whatever distribution the training chains come from, so they may b
     the mean score of old chains, which is not zero (log Z from 0 with 50% replay diverged on gmm25).
 
 Gradient with flat memory: delta needs whole chains, so each pass first computes delta_b with no grad, then
-backpropagates sum_pairs 2 delta_b log pi_theta(pair) + 2 delta_b log Z with delta_b detached, minibatched
-over pairs; d/dtheta of that surrogate is sum_b 2 delta_b d delta_b / dtheta = d/dtheta sum_b delta_b^2.
+backpropagates sum_pairs 2 delta_b log pi_theta(pair) + 2 delta_b log Z with delta_b detached, in groups
+of pairs that fit --memory-mib; d/dtheta of that surrogate is sum_b 2 delta_b d delta_b / dtheta
+= d/dtheta sum_b delta_b^2.
 One optimizer step per pass (--inner-epochs passes), so the surrogate's delta is that of the current theta.
 log Z starts at log mean_b exp(r_b / beta - sum_k log pi_theta / pi_ref), the importance estimate of
 log E_ref exp(r / beta) from the first batch (exact in expectation for on-policy chains), not at the
@@ -112,12 +113,12 @@ class RelativeTrajectoryBalance(Algorithm):
         return rows[(rows % N) % self.s.ranks.world_size == self.s.ranks.rank]
 
     def chain_log_probs(self, model: torch.nn.Module, pairs: Pairs, N: int) -> Tensor:
-        """sum_k log pi(x_{k+1} | x_k) of each of the N chains [N] under `model`, no grad, minibatched;
+        """sum_k log pi(x_{k+1} | x_k) of each of the N chains [N] under `model`, no grad, in the update's groups;
         each rank scores its chains' pairs and the sum over ranks fills in the rest."""
         s = self.s
         log_probs = torch.zeros(len(pairs), device=s.device)
         with torch.no_grad():
-            for idx in torch.arange(len(pairs), device=s.device).split(s.config.minibatch_size):
+            for idx in self.pair_groups(torch.arange(len(pairs), device=s.device), pairs):
                 own = self.mine(idx, N)
                 log_probs[own] = policy_step(s.diffusion, s.config, model, pairs, own).log_prob
         return s.ranks.sum(log_probs).reshape(-1, N).sum(0)
@@ -170,7 +171,7 @@ class RelativeTrajectoryBalance(Algorithm):
             self.optimizer.zero_grad(set_to_none=True)
             # Surrogate with delta detached: its gradient is that of sum_b delta_b^2 (module docstring).
             # DDP's mean over ranks of world_size / N times each rank's pairs: the surrogate / N, the grad of L.
-            for idx in torch.arange(len(pairs), device=s.device).split(cfg.minibatch_size):
+            for idx in self.pair_groups(torch.arange(len(pairs), device=s.device), pairs):
                 own = self.mine(idx, N)
                 log_prob = policy_step(s.diffusion, cfg, s.synced_policy, pairs, own).log_prob
                 ((2 * delta[own % N] * log_prob).sum() * s.ranks.world_size / N).backward()

@@ -36,13 +36,14 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3 import PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
@@ -496,7 +497,7 @@ class EpochCallback(BaseCallback):
             self._at_epoch_boundary()
 
 
-def load_train_state(model: PPO, state: dict) -> None:
+def load_train_state(model: PPO, state: dict) -> PPO:
     """Put a checkpoint's critic, optimizer, RNGs and next x_T back, so `learn` continues without a reset."""
     env = model.env.env
     if "env_generator" not in state:
@@ -512,6 +513,7 @@ def load_train_state(model: PPO, state: dict) -> None:
     env.start(state["x_T"], state["c"])
     model._last_obs = env.observation()
     model._last_episode_starts = np.ones(env.num_envs, dtype=bool)
+    return model
 
 
 def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
@@ -523,21 +525,32 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
     PPO carries between epochs, so on CPU a resumed run matches an uninterrupted one. Not
     restored: SB3's own counters (num_timesteps, n_updates), which nothing here reads.
     """
-    cfg = s.config
     model = make_ppo(s)
+    return learn(s, model, load_train_state, EpochCallback, model.n_steps * s.config.chains, resume, progress)
+
+
+def learn(
+    s: Setup,
+    model: BaseAlgorithm,
+    load: Callable[[BaseAlgorithm, dict], BaseAlgorithm],
+    callback_type: type,
+    steps_per_epoch: int,
+    resume: bool,
+    progress: bool,
+) -> dict:
+    """The one training body of the stable-baselines3 paths (sb3-ppo here, SB3's own agents in agents.py):
+    start, or put the newest checkpoint back with `load`, run SB3's `learn` for the epochs left with a
+    callback that logs and checkpoints each epoch, and end the run."""
     start, reward_queries = 0, 0
     if resume:
         state = restore(s)
-        load_train_state(model, state)
+        model = load(model, state)
         start, reward_queries = state["epoch"], state["reward_queries"]
     else:
         write_hyperparameters(s)
-    steps_per_epoch = model.n_steps * cfg.chains
-    with (
-        StopSignal() as stop,
-        tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not progress) as bar,
-    ):
-        callback = EpochCallback(s, start, reward_queries, stop, bar)
+    bar = tqdm(total=s.epochs, initial=start, desc=f"{s.config.algo} {s.reward.name}", disable=not progress)
+    with StopSignal() as stop, bar:
+        callback = callback_type(s, start, reward_queries, stop, bar)
         # reset_num_timesteps=False keeps the restored x_T instead of resetting the env
         model.learn(
             (s.epochs - start) * steps_per_epoch, callback=callback, reset_num_timesteps=not resume, progress_bar=False

@@ -1,0 +1,45 @@
+"""What one epoch of a native algorithm costs against the machine's ceiling: the epoch's collect and update
+timed, then its matrix products and convolutions replayed back to back (rl_diffusion/flops.py). The benchmark
+scripts (bench_rl.py, bench_cost.py) report it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rl_diffusion.algos import algorithm, loop
+from rl_diffusion.finetune import FinetuneConfig
+from rl_diffusion.flops import record_matmuls, replay_seconds
+from rl_diffusion.run import setup
+
+
+def epoch_ceiling(cfg: FinetuneConfig, out: Path, epochs: int) -> dict:
+    """Achieved FLOP/s of the epoch's collect + update against the replay of its own products."""
+    s = setup(cfg, out)
+    algo = algorithm(cfg.algo)(s)
+    generator = torch.Generator(device=s.device).manual_seed(cfg.seed)
+
+    def epoch(k: int) -> None:
+        batch, _ = loop.collect(s, algo, generator, k)
+        algo.update(batch, generator)
+
+    epoch(0)  # warm-up
+    started = time.perf_counter()
+    for k in range(1, epochs + 1):
+        epoch(k)
+    seconds = (time.perf_counter() - started) / epochs
+    _, matmuls = record_matmuls(lambda: epoch(epochs + 1))
+    products = replay_seconds(matmuls)
+    s.writer.close()
+    return {
+        "epoch_seconds": seconds,
+        "flops": matmuls.flops,
+        "product_calls": matmuls.calls,
+        "mean_flops_per_product": matmuls.flops / matmuls.calls,
+        "achieved_gflops": matmuls.flops / seconds / 1e9,
+        "attainable_gflops": matmuls.flops / products / 1e9,
+        "fraction_of_attainable": products / seconds,
+        "products_seconds_at_replay_speed": products,
+    }

@@ -1,0 +1,45 @@
+"""Minibatches sized by memory: the bytes kept for backward against a hand count, and the groups that fit."""
+
+import pytest
+import torch
+
+from rl_diffusion import memory
+
+
+def test_bytes_per_unit_counts_what_backward_keeps_per_row():
+    # tanh(x W^T + b) on rows of 3 float32 features, W trainable, x not: the matrix product keeps x (3 x 4 bytes)
+    # for W's gradient and tanh keeps its output (5 x 4 bytes) for its own; W is kept once whatever the batch
+    # (a storage counts whole: rows are fresh tensors here, not views of one big one)
+    layer = torch.nn.Linear(3, 5)
+    assert memory.bytes_per_unit(lambda n: torch.tanh(layer(torch.randn(n, 3))), units=4) == 3 * 4 + 5 * 4
+    with torch.no_grad():  # nothing is kept without a graph
+        assert memory.saved_bytes(lambda: torch.tanh(layer(torch.randn(64, 3)))) == 0
+
+
+def test_groups_are_the_fewest_that_fit():
+    mib = memory.MIB
+    assert memory.groups(256, 1 * mib, 1024) == 1  # everything fits: one group
+    assert memory.groups(256, 1 * mib, 100) == 3  # 100 units per group at most: 256 = 86 + 85 + 85
+    assert memory.groups(10, 3 * mib, 1) == 10  # a unit over the budget alone gets a group of its own
+    groups = memory.split(torch.arange(256), 1 * mib, 100)
+    assert [len(g) for g in groups] == [86, 85, 85] and torch.equal(torch.cat(groups), torch.arange(256))
+
+
+@pytest.mark.parametrize("algo", ["ddpo-sf", "rtb"])
+def test_accumulated_gradients_do_not_depend_on_the_memory_budget(algo):
+    # the updates that sum one gradient over all pairs split them by --memory-mib: one group, or one pair per group
+    from rl_diffusion.algos import algorithm
+    from tests.test_kl_objective import A, D, NoStep, batch_of, closed_form_setup
+
+    grads = []
+    for memory_mib in (1e6, 1e-12):
+        s = closed_form_setup(0.5, memory_mib=memory_mib)
+        with torch.no_grad():
+            s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
+            traj = s.diffusion.sample(s.policy, (16, D), generator=torch.Generator().manual_seed(1), record=True)
+        update = algorithm(algo)(s)
+        update.optimizer = NoStep()
+        update.update(batch_of(s, traj, traj.xs[-1] @ A), torch.Generator().manual_seed(2))
+        grads.append(s.policy.theta.grad.clone())
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
