@@ -152,6 +152,11 @@ class FinetuneConfig:
         "differ: --epochs 3 --kl-coef 1 --lr 5e-4 --minibatch-size 512 (samples per gradient step)",
     )
     distill_steps: int = arg(4000, "iw-distill: gradient steps of the denoising loss per epoch, on resampled pools")
+    distill_ema: float = arg(
+        0.995,
+        "iw-distill: decay per step of the moving average of the weights that becomes each stage's model "
+        "(0 = the last step's weights)",
+    )
     ess_target: float = arg(
         0.25,
         "iw-distill: effective sample size, as a fraction of the pool, that each tempering stage keeps; below it the "

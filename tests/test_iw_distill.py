@@ -1,6 +1,7 @@
 """IW-distill (importance-weighted denoising): its weights, effective sample size and tempering against closed
 forms, the exact path weights at a known optimum, and tiny end-to-end runs."""
 
+import dataclasses
 import json
 import math
 
@@ -12,7 +13,7 @@ from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
 from rl_diffusion.finetune import FinetuneConfig, config_for
 from rl_diffusion.path_kl import Pairs, reference_scores
-from tests.test_kl_objective import A, D, closed_form_setup, optimal_theta
+from tests.test_kl_objective import A, D, batch_of, closed_form_setup, optimal_theta
 
 
 def test_self_normalised_weights_and_effective_sample_size_match_closed_forms():
@@ -57,6 +58,40 @@ def test_path_weights_of_the_exact_optimum_are_uniform():
     assert effective_sample_size(self_normalised(log_w, None)) == pytest.approx(4096, rel=1e-4)
 
 
+class PlusOne:
+    """An optimizer whose every step adds 1 to the parameter."""
+
+    def __init__(self, parameter: torch.Tensor):
+        self.parameter = parameter
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def step(self):
+        with torch.no_grad():
+            self.parameter += 1.0
+
+
+def test_the_stage_model_is_the_moving_average_of_the_steps_weights():
+    # an optimizer that moves theta by +1 per step: with decay 1/2 the average after 3 steps is
+    # w0 + (1/2)(1/2)(1/2 * 1 + 1/2 * 2) ... = w0 + 2.125 (1/2 (w0 + 1.25) + 1/2 (w0 + 3)); decay 0 keeps w0 + 3
+    from rl_diffusion.algos.iw_distill import ImportanceWeightedDistillation
+
+    for decay, moved in ((0.5, 2.125), (0.0, 3.0)):
+        s = closed_form_setup(1.0, distill_steps=3, distill_ema=decay)
+        s.config = dataclasses.replace(s.config, minibatch_size=8)
+        with torch.no_grad():
+            traj = s.diffusion.sample(s.policy, (16, D), generator=torch.Generator().manual_seed(0), record=True)
+        batch = batch_of(s, traj, traj.xs[-1] @ A)
+        batch.log_ratio = torch.zeros_like(batch.kl)
+        algo = ImportanceWeightedDistillation(s)
+        start = s.policy.theta.detach().clone()
+
+        algo.optimizer = PlusOne(s.policy.theta)
+        algo.update(batch, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(s.policy.theta.detach(), start + moved)
+
+
 def test_iw_distill_has_its_own_defaults_under_the_flags():
     config = config_for({"algo": "iw-distill", "run": "missing"})
     assert (config.epochs, config.kl_coef, config.lr, config.minibatch_size) == (3, 1.0, 5e-4, 512)
@@ -96,6 +131,7 @@ def test_iw_distill_warns_when_its_weights_degenerate(pretrained_moons, tmp_path
         (["--kl-coef", "0"], "needs --kl-coef > 0"),
         (["--ess-target", "0"], "--ess-target must be"),
         (["--pool-size", "1"], "--pool-size must be"),
+        (["--distill-ema", "1"], "--distill-ema must be in [0, 1)"),
         (["--kl-target", "3"], "--kl-target adapts none"),
     ],
 )

@@ -128,15 +128,17 @@ class Algorithm:
         cfg = self.s.config
         return cfg.inner_epochs * max(1, batch.K * batch.B // cfg.minibatch_size)
 
-    def descend(self, loss: Callable[[], Tensor], steps: int) -> float:
-        """`steps` optimizer steps on loss(), each on a fresh draw; returns the mean loss over them. Each rank's
-        loss is scaled so that the mean over ranks is the whole batch's."""
+    def descend(self, loss: Callable[[], Tensor], steps: int, after_step: Callable[[], None] | None = None) -> float:
+        """`steps` optimizer steps on loss(), each on a fresh draw (then after_step(), if given); returns the mean
+        loss over them. Each rank's loss is scaled so that the mean over ranks is the whole batch's."""
         losses = torch.zeros(steps, device=self.s.device)
         for step in range(steps):
             value = loss()
             self.optimizer.zero_grad(set_to_none=True)
             value.backward()
             self.step()
+            if after_step is not None:
+                after_step()
             losses[step] = value.detach()
         return self.s.ranks.sum(losses).mean().item() / self.s.ranks.world_size
 

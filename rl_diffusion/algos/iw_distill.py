@@ -9,7 +9,8 @@ or not (the reward sees only x_0). Chains tau_b drawn from the current policy Q 
 (both chains start at x_T ~ N(0, I), so the path ratio is the product of the steps' ratios), self-normalised
 over the pool (within each class for a class-conditional model, whose optimum keeps each chain's label). Each
 epoch draws a pool of --pool-size chains, weights it, then takes --distill-steps gradient steps of the
-pretraining loss on minibatches of --minibatch-size samples resampled in proportion to the weights. Resampling,
+pretraining loss on minibatches of --minibatch-size samples resampled in proportion to the weights; the
+stage's model is the moving average of those steps' weights (--distill-ema). Resampling,
 not a weighted loss: at an effective sample size of 28% (the 9-mode posterior) three quarters of a uniform
 minibatch would carry almost no weight; a resampled one spends every row on the target and its expected
 gradient is the weighted loss's. The minimiser of the denoising loss is the score of the weighted
@@ -98,6 +99,8 @@ class ImportanceWeightedDistillation(Algorithm):
             raise UserError(f"--pool-size must be at least 2 chains, got {config.pool_size}")
         if config.distill_steps < 1:
             raise UserError(f"--distill-steps must be positive, got {config.distill_steps}")
+        if not 0 <= config.distill_ema < 1:
+            raise UserError(f"--distill-ema must be in [0, 1) (0 = the last step's weights), got {config.distill_ema}")
         if not 0 < config.ess_target <= 1:
             raise UserError(f"--ess-target must be a fraction of the pool in (0, 1], got {config.ess_target}")
         if config.log_prob_reduction != "sum":
@@ -127,8 +130,21 @@ class ImportanceWeightedDistillation(Algorithm):
             c = None if batch.c is None else batch.c[pick]
             return s.diffusion.training_loss(s.synced_policy, batch.x0[pick], c, generator=generator, shard=rows)
 
+        # The stage's model is the exponential moving average of the steps' iterates (Polyak averaging), as in
+        # pretraining: the last iterate's minibatch noise moves mode masses by more than the pool's own error
+        # (9-mode posterior, seed 0: mode-mass L1 0.060 with the last iterate, 0.041 with the average).
+        params = [p for p in s.policy.parameters() if p.requires_grad]
+        average = [p.detach().clone() for p in params]
+
+        def after_step() -> None:
+            torch._foreach_lerp_(average, [p.detach() for p in params], 1 - cfg.distill_ema)
+
+        loss = self.descend(denoising_loss, cfg.distill_steps, after_step if cfg.distill_ema > 0 else None)
+        if cfg.distill_ema > 0:
+            with torch.no_grad():
+                torch._foreach_copy_(params, average)
         return {
-            "loss/policy": self.descend(denoising_loss, cfg.distill_steps),
+            "loss/policy": loss,
             "iw/lambda": self.lam,  # 1 / beta of the stage fitted: reaches 1 / --kl-coef when tempering is done
             "iw/ess_fraction": ess,
             "iw/log_ratio_mean": log_ratio.mean().item(),
