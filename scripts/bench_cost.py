@@ -13,11 +13,13 @@ Per run:
   logging or checkpoints), the median over the epochs after the first, which warms up;
 - seconds per 1,000 reward queries: the same over the samples the epoch scored (perf/reward_queries);
 - peak resident MiB of the process (perf/peak_memory_mb; on a GPU the allocated peak);
-- for the native algorithms, the share of the ceiling (rl_diffusion/algos/ceiling.py): one more epoch's
-  matrix products replayed back to back, against the epoch's wall time;
+- for the native algorithms on points, the share of the ceiling (rl_diffusion/algos/ceiling.py): one more
+  epoch's matrix products replayed back to back, against the epoch's wall time (on images bench_rl.py's
+  epoch split measures it for ddpo-is);
 - the run's wall seconds, start to end, and its `error:` line if the run refused the defaults.
 
-A run that takes longer than --timeout is stopped and reported as such. Prints the JSON and a markdown table,
+A run that takes longer than --timeout is stopped and reported as such. On images the stable-baselines3 agents
+(an MLP policy over every pixel) are not run. Prints the JSON and a markdown table,
 and writes both to --out, with the machine, the thread count and the load average before and after.
 """
 
@@ -121,9 +123,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["8gaussians", "dino", "digits"])
     parser.add_argument("--algos", nargs="+", default=[*NATIVE, *SB3])
+    parser.add_argument("--image-algos", nargs="+", default=[*NATIVE, "sb3-ppo"])
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run on points (the first warms up)")
     parser.add_argument("--image-epochs", type=int, default=2, help="epochs per run on images")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds a run may take")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds a run may take")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling share (three more epochs each)")
     parser.add_argument("--out", default="docs/benchmarks/cost.json")
     args = parser.parse_args()
@@ -140,13 +143,14 @@ def main() -> None:
             )
             if done is None or done.returncode != 0:
                 sys.exit(f"pretraining {dataset} failed: {done.stderr if done else 'timed out'}")
-            epochs = args.image_epochs if dataset in PRETRAIN_FLAGS else args.epochs
+            image = dataset in PRETRAIN_FLAGS
+            epochs = args.image_epochs if image else args.epochs
             results[dataset] = {}
-            for algo in args.algos:
+            for algo in args.image_algos if image else args.algos:
                 log(f"{dataset}: {algo} ...")
                 run = Path(tmp) / f"{dataset}-{algo}"
                 r = measure(pretrained, dataset, algo, epochs, run, args.timeout)
-                if "error" not in r and algo in NATIVE and not args.no_ceiling:
+                if "error" not in r and algo in NATIVE and not image and not args.no_ceiling:
                     r["ceiling"] = ceiling(pretrained, dataset, algo, Path(tmp) / f"{dataset}-{algo}-ceiling")
                 results[dataset][algo] = r
                 log(f"  {json.dumps(r)}")
