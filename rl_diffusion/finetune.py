@@ -141,11 +141,7 @@ class FinetuneConfig:
     explore_decay_epochs: int = arg(0, "rtb: epochs of linear decay of --explore-scale to 1 after --explore-epochs")
     replay_size: int = arg(0, "rtb: chains kept in the replay buffer (0 = none)")
     replay_fraction: float = arg(0.5, "rtb: fraction of each update's chains drawn from the replay buffer")
-    log_z_lr: float = arg(
-        0.1,
-        "rtb: learning rate of log Z; rtb's defaults differ: --lr 3e-3 --log-z-lr 0.3 --explore-scale 1.5 "
-        "--replay-size 1024",
-    )
+    log_z_lr: float = arg(0.1, "rtb: learning rate of log Z")
     pool_size: int = arg(
         10_000,
         "iw-distill: chains drawn and scored per epoch (reward queries), weighted towards the tilt; its defaults "

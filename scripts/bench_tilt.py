@@ -54,7 +54,7 @@ ALGO_FLAGS: dict[str, list[str]] = {
     "rwr": [],
     "awm": [],
     "adjoint": [],
-    "rtb": [],  # its own defaults: --lr 3e-3 --log-z-lr 0.3 --explore-scale 1.5 --replay-size 1024
+    "rtb": ["--lr", "3e-3", "--log-z-lr", "0.3", "--explore-scale", "1.5", "--replay-size", "1024"],
     "draft": [],
 }
 REFERENCE = "ddpo-is"  # the algorithm whose wall time and reward queries the other passes are matched to

@@ -69,9 +69,6 @@ def relative_tb_delta(log_z: Tensor, log_ratio: Tensor, rewards: Tensor, beta: f
 class RelativeTrajectoryBalance(Algorithm):
     needs_memoryless = True  # the path-measure optimum has the tilted x_0-marginal only on a memoryless chain
     needs_reward_gradient = False
-    # the settings the known-answer race measured it with (docs/known_answers.md): a faster policy and log Z, wider
-    # exploration, and half of each update replayed from the last 1,024 chains
-    defaults = {"lr": 3e-3, "log_z_lr": 0.3, "explore_scale": 1.5, "replay_size": 1024}
 
     def __init__(self, s):
         self.log_z = torch.nn.Parameter(torch.zeros((), device=s.device))
