@@ -297,11 +297,30 @@ RAY_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pretrain.train import PretrainConfig
-    from rl_diffusion.finetune import FinetuneConfig
-
     parser = _Parser(prog="rl-diffusion", description="Pretrain DDPMs and fine-tune them with reinforcement learning.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that writes a run directory."""
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_reward_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reward-arg", action="append", metavar="KEY=VALUE", help="reward keyword argument (repeatable; JSON values)"
+    )
+
+
+def add_pretrain(sub) -> None:
+    """`rl-diffusion pretrain`."""
+    from pretrain.train import PretrainConfig
 
     p = sub.add_parser(
         "pretrain",
@@ -309,21 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Image data sets default to --steps 2000 --batch-size 128 --lr 2e-3 --num-timesteps 100 "
         "--eval-every 500 --eval-samples 500 --checkpoint-every 500.",
     )
-    p.add_argument("--out", help="run directory to create")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_flags(p)
     add_config_args(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
 
+
+def add_finetune(sub) -> None:
+    """`rl-diffusion finetune`."""
+    from rl_diffusion.finetune import FinetuneConfig
+
     p = sub.add_parser("finetune", help="fine-tune a pretrained run with reinforcement learning")
-    p.add_argument("--out", help="run directory to create")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--reward-arg", action="append", metavar="KEY=VALUE", help="reward keyword argument (repeatable; JSON values)"
-    )
+    add_run_flags(p)
+    add_reward_arg(p)
     p.add_argument(
         "--eval-reward",
         action="append",
@@ -340,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, FinetuneConfig, skip=("reward_args", "eval_rewards"))
     p.set_defaults(func=cmd_finetune)
 
+
+def add_ablate(sub) -> None:
+    """`rl-diffusion ablate`."""
     p = sub.add_parser(
         "ablate",
         help="run one hyperparameter at several values and draw the grid",
@@ -354,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_ablate)
 
+
+def add_frontier(sub) -> None:
+    """`rl-diffusion frontier`."""
     p = sub.add_parser(
         "frontier",
         help="fine-tune at several betas and draw mean reward against path KL",
@@ -374,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_frontier)
 
+
+def add_sample(sub) -> None:
+    """`rl-diffusion sample`."""
     p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("--run", required=True, help="run directory (pretrain or finetune)")
     p.add_argument("--num-samples", type=int, default=1000)
@@ -406,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)
 
+
+def add_evaluate(sub) -> None:
+    """`rl-diffusion evaluate`."""
     p = sub.add_parser("evaluate", help="print a run's metrics as JSON")
     p.add_argument("--run", required=True)
     p.add_argument(
@@ -420,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)
 
+
+def add_import_diffusers(sub) -> None:
+    """`rl-diffusion import-diffusers`."""
     p = sub.add_parser(
         "import-diffusers",
         help="turn a local diffusers DDPM/DDIM pipeline directory into a pretrain run (needs the diffusers extra)",
@@ -429,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.set_defaults(func=cmd_import_diffusers)
 
+
+def add_export_diffusers(sub) -> None:
+    """`rl-diffusion export-diffusers`."""
     p = sub.add_parser(
         "export-diffusers", help="write a run on a diffusers U-Net (imported, maybe fine-tuned) as a DDPMPipeline"
     )
@@ -436,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="pipeline folder to create")
     p.set_defaults(func=cmd_export_diffusers)
 
+
+def add_data(sub) -> None:
+    """`rl-diffusion data`."""
     p = sub.add_parser("data", help="write points of a data set")
     p.add_argument("name")
     p.add_argument("--num-samples", type=int, default=1000)
@@ -443,9 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=cmd_data)
 
+
+def add_listings(sub) -> None:
+    """`rl-diffusion datasets` and `rl-diffusion rewards`: the lists."""
     sub.add_parser("datasets", help="list the data sets").set_defaults(func=cmd_datasets)
     sub.add_parser("rewards", help="list the rewards and their arguments").set_defaults(func=cmd_rewards)
 
+
+def add_serve_reward(sub) -> None:
+    """`rl-diffusion serve-reward`."""
     p = sub.add_parser(
         "serve-reward",
         help="serve a reward over HTTP, for --reward http://HOST:PORT in another process or machine",
@@ -453,9 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         "GET /info (its fingerprint). No authentication: keep --host on loopback, or put it behind a proxy.",
     )
     p.add_argument("name", metavar="NAME", help="reward name, module:factory, or entry point (see `rewards`)")
-    p.add_argument(
-        "--reward-arg", action="append", metavar="KEY=VALUE", help="reward keyword argument (repeatable; JSON values)"
-    )
+    add_reward_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port to listen on; 0 picks a free one (default: 8765)")
     p.add_argument("--device", default="cpu", help="where the reward runs: cpu | cuda | cuda:N (default: cpu)")
@@ -463,7 +504,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batches", type=int, default=0, help="stop after this many POST /score requests (0 = never; for tests)"
     )
     p.set_defaults(func=cmd_serve_reward)
-    return parser
+
+
+SUBCOMMANDS = (
+    add_pretrain,
+    add_finetune,
+    add_ablate,
+    add_frontier,
+    add_sample,
+    add_evaluate,
+    add_import_diffusers,
+    add_export_diffusers,
+    add_data,
+    add_listings,
+    add_serve_reward,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
