@@ -198,7 +198,7 @@ def pretrain(
         return run.out
     train(run, resume, progress, clock)
     if run.ranks.is_main:
-        finish(run.out, run.diffusion, run.sampler_model, config, run.data, run.frames, run.device, clock)
+        finish_pretraining(run.out, run.diffusion, run.sampler_model, config, run.data, run.frames, run.device, clock)
         atomic_write_text(run.out / "timing.json", json.dumps(clock.summary(), indent=2))
     return run.out
 
@@ -507,7 +507,7 @@ def data_info(config: PretrainConfig, data: TrainingData) -> dict:
     }
 
 
-def finish(
+def finish_pretraining(
     out: Path,
     diffusion: GaussianDiffusion,
     model: torch.nn.Module,

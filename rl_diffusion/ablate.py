@@ -163,10 +163,10 @@ def ablate(
     failed = [(d, last) for d, code, last in results if code != 0]
     if failed:
         raise UserError(f"{len(failed)} setting(s) failed, first {failed[0][0].name}: {failed[0][1]}")
-    return draw(kind, param, values, dirs, out)
+    return draw_grid(kind, param, values, dirs, out)
 
 
-def draw(kind: str, param: str, values: list, dirs: list[Path], out: Path) -> dict:
+def draw_grid(kind: str, param: str, values: list, dirs: list[Path], out: Path) -> dict:
     """grid.png, curves.png (and kl.png for fine-tuning) and ablation.json from finished setting directories."""
     from pretrain.data import EVAL_DATA_SEED, data_of_checkpoint, reference_draws
 

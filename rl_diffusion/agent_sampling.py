@@ -47,7 +47,7 @@ def load_agent(algo: str, agent: bytes, env: VecEnv | None, device: torch.device
     return model
 
 
-def draw(
+def sample_agent(
     run_dir: Path, num_samples: int, seed: int, device: torch.device, c: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """num_samples samples of an agent run's fine-tuned sampler: the pretrained network plus the agent's

@@ -208,7 +208,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def _agent_samples(args: argparse.Namespace, algo: str, device) -> np.ndarray:
     """Samples of a run fine-tuned by an SB3 agent: the pretrained network plus the agent, on the chain it was
     trained on."""
-    from rl_diffusion.agent_sampling import draw
+    from rl_diffusion.agent_sampling import sample_agent
 
     defaults = {
         "--sampler": args.sampler == "ddpm",
@@ -223,7 +223,7 @@ def _agent_samples(args: argparse.Namespace, algo: str, device) -> np.ndarray:
             f"{args.run} was fine-tuned by --algo {algo}, which samples on the chain it was trained on; "
             f"drop {', '.join(given)}"
         )
-    return draw(Path(args.run), args.num_samples, args.seed, device)[0].cpu().numpy()
+    return sample_agent(Path(args.run), args.num_samples, args.seed, device)[0].cpu().numpy()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

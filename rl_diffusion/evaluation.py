@@ -184,7 +184,7 @@ def _draw_both(run_dir: Path, cfg, run: LoadedRun, pretrained: LoadedRun, num_sa
     shape, c = sample_shape_and_labels(run.model, num_samples, device)
     with torch.no_grad():
         if cfg.algo in AGENT_ALGOS:  # the pretrained network steered by a stable-baselines3 agent
-            samples, _, kl = agent_sampling.draw(run_dir, num_samples, seed, device, c)
+            samples, _, kl = agent_sampling.sample_agent(run_dir, num_samples, seed, device, c)
         else:
             samples, kl = sample_with_path_kl(run.model, run, pretrained, cfg, shape, c, seed, device)
         generator = torch.Generator(device=device).manual_seed(seed + 1)

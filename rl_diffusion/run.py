@@ -321,7 +321,7 @@ def hacking_warnings(history: list[dict], data: np.ndarray) -> list[str]:
     return warnings
 
 
-def score(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
+def score_rewards(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
     """Rewards of a batch, called once.
 
     A non-finite reward stops the run (the last good checkpoint stays) unless
@@ -406,7 +406,7 @@ def best_tag(config: FinetuneConfig) -> str:
     return f"eval_reward/{config.early_stop_on}/mean" if config.early_stop_on else "reward/mean"
 
 
-def save(s: Setup, epoch: int, train_state: dict) -> None:
+def save_checkpoint(s: Setup, epoch: int, train_state: dict) -> None:
     """Checkpoint after `epoch` (0-based) with the algorithm's own train state; the best by `best_tag`. Rank 0 only."""
     if not s.ranks.is_main:
         return
@@ -436,7 +436,7 @@ def early_stop(s: Setup) -> tuple[bool, str | None]:
     )
 
 
-def restore(s: Setup) -> dict:
+def restore_checkpoint(s: Setup) -> dict:
     """The train state of the newest good checkpoint, with frames and history put back into `s`."""
     ckpt = s.resumed
     state = ckpt["train_state"]

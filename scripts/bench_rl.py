@@ -357,16 +357,16 @@ def timed_run(cfg: FinetuneConfig, out: Path, final_evaluation: bool) -> dict:
     timers.seconds["setup"] = time.perf_counter() - started
     timers.wrap(algo, "sample", "sampling")
     timers.wrap(algo, "update", "update")
-    timers.wrap(loop, "score", "reward")
+    timers.wrap(loop, "score_rewards", "reward")
     timers.wrap(loop, "path_kls", "reference_call_for_kl")
     timers.wrap(loop, "log_epoch", "logging_and_figures")
-    timers.wrap(loop, "save", "checkpoints")
+    timers.wrap(loop, "save_checkpoint", "checkpoints")
     if final_evaluation:
         timers.wrap(loop, "evaluate_finetuned", "final_evaluation")
         for name in ("save_gif", "save_image_grid", "plot_finetune_summary"):
             timers.wrap(figures, name, "logging_and_figures")
     else:
-        timers.wrap(loop, "finish", "final_evaluation", instead=lambda s: s.writer.close() or {})
+        timers.wrap(loop, "finish_run", "final_evaluation", instead=lambda s: s.writer.close() or {})
     try:
         loop.train(s, progress=False)
     finally:

@@ -12,7 +12,7 @@ from stable_baselines3 import SAC
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rewards import build_reward
-from rl_diffusion.agent_sampling import draw, load_agent
+from rl_diffusion.agent_sampling import load_agent, sample_agent
 from rl_diffusion.algos.sb3 import DenoisingVecEnvAdapter
 from rl_diffusion.checkpoint import CheckpointManager, load_run, read_run_config
 from rl_diffusion.cli import main
@@ -145,12 +145,12 @@ def test_an_agent_run_logs_checkpoints_resumes_and_samples_with_the_agent(
     assert finetune_agent(pretrained_moons, tmp_path / "straight", *flags) == 0
     # the run's evaluation is of the agent's sampler (5,000 samples, seed 0), not of the pretrained one
     metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
-    x0, _, kl = draw(tmp_path / "straight", 5000, 0, torch.device("cpu"))
+    x0, _, kl = sample_agent(tmp_path / "straight", 5000, 0, torch.device("cpu"))
     reward = build_reward("target_point", {"point": [1.5, 1.5]})
     assert metrics["reward_mean"] == pytest.approx(reward(x0).mean().item(), rel=1e-5)
     assert metrics["kl_to_pretrained"] == (None if mode == "noise" else pytest.approx(kl.mean().item(), rel=1e-5))
     monkeypatch.setattr(
-        "rl_diffusion.algos.sb3.finish", lambda s: s.writer.close() or {}
+        "rl_diffusion.algos.sb3.finish_run", lambda s: s.writer.close() or {}
     )  # the runs below need no evaluation
 
     calls = []
@@ -181,7 +181,7 @@ def test_an_agent_run_logs_checkpoints_resumes_and_samples_with_the_agent(
     out = tmp_path / "samples.npy"
     assert main(["sample", "--run", str(tmp_path / "straight"), "--num-samples", "50", "--out", str(out)]) == 0
     samples = torch.from_numpy(np.load(out))
-    x0, _, _ = draw(tmp_path / "straight", 50, 0, torch.device("cpu"))
+    x0, _, _ = sample_agent(tmp_path / "straight", 50, 0, torch.device("cpu"))
     torch.testing.assert_close(samples, x0)  # the agent's sampler, not the pretrained one
     pretrained = load_run(pretrained_moons)
     before = pretrained.diffusion.sample(

@@ -206,7 +206,7 @@ def test_ddim_run_rescores_its_log_probs_exactly_and_raises_the_reward(pretraine
 
 def test_kl_term_holds_the_policy_near_the_pretrained_model(pretrained_moons, tmp_path, monkeypatch):
     monkeypatch.setattr(
-        "rl_diffusion.algos.loop.finish", lambda s: s.writer.close() or {}
+        "rl_diffusion.algos.loop.finish_run", lambda s: s.writer.close() or {}
     )  # 5 s of evaluation, not tested here
     far = [-3.0, -2.3]  # 2.1 from the nearest data point, 5 from the average one
     free = finetune_ddim(pretrained_moons, tmp_path / "free", far, "--kl-coef", "0")

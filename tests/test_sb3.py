@@ -223,7 +223,7 @@ def test_the_rollout_buffer_holds_the_executed_actions_and_their_log_probs(pretr
 
 
 def test_clipped_fraction_counts_the_coordinates_the_policy_clamped(pretrained, tmp_path, monkeypatch):
-    monkeypatch.setattr("rl_diffusion.algos.sb3.finish", lambda s: s.writer.close() or {})
+    monkeypatch.setattr("rl_diffusion.algos.sb3.finish_run", lambda s: s.writer.close() or {})
     executed = bounded_env(monkeypatch, action_bound=0.5)
     s = make_setup(pretrained, tmp_path / "run", chains=16, sampler="ddim", sampling_steps=5)
     train(s, progress=False)
@@ -372,7 +372,7 @@ def test_refused_options_are_user_errors(pretrained, tmp_path):
 
 def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, monkeypatch):
     monkeypatch.setattr(
-        "rl_diffusion.algos.sb3.finish", lambda s: s.writer.close() or {}
+        "rl_diffusion.algos.sb3.finish_run", lambda s: s.writer.close() or {}
     )  # metrics and figures: 3 s, not tested here
     config = dict(chains=16, epochs=3, lr=1e-3, minibatch_size=64, checkpoint_every=1)
     straight = make_setup(pretrained, tmp_path / "straight", **config)
@@ -442,7 +442,7 @@ def test_kl_coef_lowers_each_step_reward_by_the_log_ratio_to_the_pretrained_step
 
 
 def test_sb3_ppo_with_kl_coef_runs_and_its_evaluation_reports_the_path_kl(pretrained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("rl_diffusion.algos.sb3.finish", lambda s: s.writer.close() or {})
+    monkeypatch.setattr("rl_diffusion.algos.sb3.finish_run", lambda s: s.writer.close() or {})
     monkeypatch.setattr("rl_diffusion.evaluation.TILTED_POOL", 2000)  # the default 2 x 50,000 pool samples take 5 s
     out = tmp_path / "kl"
     s = make_setup(pretrained, out, chains=32, epochs=3, lr=3e-4, minibatch_size=256, kl_coef=0.3)

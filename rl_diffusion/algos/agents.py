@@ -4,8 +4,8 @@
 The agent is SB3's, unchanged. The pretrained network lives in the env (`DenoisingVectorEnv` with the
 pretrained eps network), all chains step as one batch through `DenoisingVecEnvAdapter`, and one epoch
 is one episode of all `--chains` chains. The fine-tuned sampler is the pretrained network plus the
-agent's deterministic action (`draw`). With `--kl-coef` the residual env lowers each step's reward by
-beta ||a||^2 / 2 (env.py).
+agent's deterministic action (`agent_sampling.sample_agent`). With `--kl-coef` the residual env lowers
+each step's reward by beta ||a||^2 / 2 (env.py).
 
 Settings are SB3's defaults except: learning_rate = --lr, gamma = 1 (the reward comes at x_0), seed,
 device; on-policy (a2c, ppo-mlp): n_steps = one episode, gae_lambda = 1, max_grad_norm = --grad-clip,
@@ -36,7 +36,7 @@ from rl_diffusion.checkpoint import (
     set_generator_state,
     set_rng_state,
 )
-from rl_diffusion.run import Setup, log_epoch, save
+from rl_diffusion.run import Setup, log_epoch, save_checkpoint
 
 
 def make_agent(s: Setup) -> BaseAlgorithm:
@@ -64,7 +64,7 @@ def make_agent(s: Setup) -> BaseAlgorithm:
 
 
 class AgentCallback(BaseCallback):
-    """One epoch per episode of all chains: logged with the shared `log_epoch`, checkpointed with the shared `save`.
+    """One epoch per episode of all chains, logged and checkpointed by the shared `log_epoch` and `save_checkpoint`.
 
     An episode ends inside an env step and the agent's update for that step comes after it, so the
     epoch boundary (what a checkpoint holds) is the state before the next step: the start of the
@@ -127,7 +127,7 @@ class AgentCallback(BaseCallback):
                 self.s.history[epoch:],
                 self.s.frames[epoch:],
             )  # epochs logged after the boundary are run again on resume
-            save(self.s, epoch - 1, self.boundary)
+            save_checkpoint(self.s, epoch - 1, self.boundary)
             self.saved = epoch
 
     def _on_rollout_start(self) -> None:

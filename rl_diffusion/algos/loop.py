@@ -36,9 +36,9 @@ from rl_diffusion.run import (
     early_stop,
     hacking_warnings,
     log_epoch,
-    restore,
-    save,
-    score,
+    restore_checkpoint,
+    save_checkpoint,
+    score_rewards,
     write_hyperparameters,
 )
 
@@ -62,7 +62,7 @@ def collect(s: Setup, algo: Algorithm, generator: torch.Generator, epoch: int) -
     """
     cfg = s.config
     pairs, x0, c = algo.sample(generator)  # this rank's chains
-    rewards = score(s, x0, c, epoch)
+    rewards = score_rewards(s, x0, c, epoch)
     x0, rewards, c = (None if v is None else s.ranks.gather(v) for v in (x0, rewards, c))
     finite = torch.isfinite(rewards)
     K = s.steps_per_chain
@@ -83,7 +83,7 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
     generator = torch.Generator(device=s.device).manual_seed(cfg.seed)
     start, reward_queries = 0, 0
     if resume:
-        state = restore(s)
+        state = restore_checkpoint(s)
         algo.load_state_dict(state)
         set_rng_state(state["rng"], generator)
         start, reward_queries = state["epoch"], state["reward_queries"]
@@ -127,7 +127,7 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             new_best, early_stop_reason = early_stop(s)
             last = epoch + 1 == s.epochs
             if (epoch + 1) % cfg.checkpoint_every == 0 or last or stopping or new_best or early_stop_reason:
-                save(s, epoch, train_state())
+                save_checkpoint(s, epoch, train_state())
             if early_stop_reason and not stopping:
                 if s.ranks.is_main:
                     print(early_stop_reason, file=sys.stderr)
@@ -138,7 +138,7 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
                     f"stopped by signal {stop.received} after epoch {epoch + 1}; "
                     f"checkpoint saved, continue with --resume {s.out}"
                 )
-    return finish(s)
+    return finish_run(s)
 
 
 def final_evaluation(s: Setup) -> dict:
@@ -151,7 +151,7 @@ def final_evaluation(s: Setup) -> dict:
     return evaluate_finetuned(s.out, num_samples=num_samples, device=str(s.device))
 
 
-def finish(s: Setup) -> dict:
+def finish_run(s: Setup) -> dict:
     """Metrics file and figures of a finished run: samples before/after, reward curve, a GIF across epochs.
     Rank 0 only; the others get {}."""
     warnings = hacking_warnings(s.history, s.eval_data)

@@ -55,13 +55,13 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvS
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from rl_diffusion.algos.loop import finish
+from rl_diffusion.algos.loop import finish_run
 from rl_diffusion.checkpoint import StopSignal, generator_state, rng_state, set_generator_state, set_rng_state
 from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep
 from rl_diffusion.env import DenoisingVectorEnv
 from rl_diffusion.errors import UserError
 from rl_diffusion.path_kl import Pairs, path_kls, policy_step
-from rl_diffusion.run import Setup, log_epoch, restore, save, write_hyperparameters
+from rl_diffusion.run import Setup, log_epoch, restore_checkpoint, save_checkpoint, write_hyperparameters
 
 # SB3 logger keys of an update -> our TensorBoard tags (the names ddpo.py logs).
 PPO_TAGS = {
@@ -390,7 +390,7 @@ def log_ratios_to_pretrained(s: Setup, pairs: Pairs) -> Tensor:
 
 
 class EpochCallback(BaseCallback):
-    """One epoch per rollout: log it with the shared `log_epoch`, checkpoint with the shared `save`.
+    """One epoch per rollout: log it with the shared `log_epoch`, checkpoint with the shared `save_checkpoint`.
 
     At the end of rollout e it logs the rollout's x_0 and rewards, "env/clipped_fraction" (action
     coordinates the policy clamped to the action box, i.e. those on its boundary / all action
@@ -448,7 +448,7 @@ class EpochCallback(BaseCallback):
     def checkpoint(self) -> None:
         """Save the last epoch boundary, unless it is saved already (or no epoch has finished)."""
         if self.epoch > self.saved:
-            save(self.s, self.epoch - 1, self.boundary)
+            save_checkpoint(self.s, self.epoch - 1, self.boundary)
             self.saved = self.epoch
 
     def _on_rollout_start(self) -> None:
@@ -519,7 +519,7 @@ def load_train_state(model: PPO, state: dict) -> PPO:
 def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune s.policy with SB3's PPO for s.epochs epochs; returns the final metrics.
 
-    resume=True continues from the newest checkpoint: policy weights (restore(s)), critic,
+    resume=True continues from the newest checkpoint: policy weights (restore_checkpoint(s)), critic,
     optimizer state, python/numpy/torch RNGs, the env's generator and the x_T batch the next
     rollout starts from, history and frames, the reward-query count. That is all the state SB3's
     PPO carries between epochs, so on CPU a resumed run matches an uninterrupted one. Not
@@ -543,7 +543,7 @@ def learn(
     callback that logs and checkpoints each epoch, and end the run."""
     start, reward_queries = 0, 0
     if resume:
-        state = restore(s)
+        state = restore_checkpoint(s)
         model = load(model, state)
         start, reward_queries = state["epoch"], state["reward_queries"]
     else:
@@ -563,7 +563,7 @@ def end_of_training(s: Setup, stop: StopSignal, saved: int) -> dict:
     """The final metrics or, after SIGINT/SIGTERM, the UserError that says how many epochs the
     checkpoint holds (`saved`) and how to continue."""
     if not stop.received:
-        return finish(s)
+        return finish_run(s)
     s.writer.close()
     if saved == 0:
         raise UserError(
