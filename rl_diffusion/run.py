@@ -342,9 +342,16 @@ def score_rewards(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """The run's peak memory so far in MiB: allocated tensors on a GPU, the process's peak resident set on a CPU."""
+    """The run's peak memory so far in MiB: allocated tensors on a GPU, the process's peak resident set on a CPU.
+    On Linux the address space's own high-water mark (VmHWM): getrusage's maxrss survives exec, so a run started
+    by a large parent process would report the parent's size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
