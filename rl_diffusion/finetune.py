@@ -87,7 +87,9 @@ class FinetuneConfig:
     )
     timestep_fraction: float = arg(1.0, "fraction of each chain's timesteps trained on per epoch (ddpo-is)")
     kl_coef: float = arg(
-        0.0, "beta of the exact path KL to the pretrained model (0 = off); with --kl-target, beta's starting value"
+        0.0,
+        "beta of the exact path KL to the pretrained model (0 = off; adjoint, rtb and iw-distill, which aim at "
+        "r / beta, default to 1); with --kl-target, beta's starting value",
     )
     kl_target: float = arg(
         0.0,

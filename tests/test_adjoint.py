@@ -140,10 +140,13 @@ def test_short_run_raises_mean_reward(pretrained_moons, tmp_path):
     assert all(h["adjoint/target_norm"] > 0 for h in history)
 
 
-@pytest.mark.parametrize("kl", [[], ["--kl-coef", "0"]])
-def test_zero_kl_coef_is_refused(pretrained_moons, tmp_path, capsys, kl):
-    args = ["finetune", "--run", str(pretrained_moons), "--out", str(tmp_path / "x"), "--algo", "adjoint", *kl]
-    assert main(args) == 2
+def test_zero_kl_coef_is_refused_and_not_the_default(pretrained_moons, tmp_path, capsys):
+    from rl_diffusion.finetune import config_for
+
+    for algo in ("adjoint", "rtb"):  # both aim at r / beta: beta = 1 by default, where the CLI's is 0
+        assert config_for({"run": str(pretrained_moons), "algo": algo}).kl_coef == 1.0
+    args = ["finetune", "--run", str(pretrained_moons), "--out", str(tmp_path / "x"), "--algo", "adjoint"]
+    assert main([*args, "--kl-coef", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--kl-coef > 0" in err[0]
     assert not (tmp_path / "x").exists()

@@ -71,6 +71,7 @@ class AdjointMatching(Algorithm):
     needs_memoryless = True
     needs_log_prob = False  # it regresses means: no action is scored
     uses_kl = True
+    defaults = {"kl_coef": 1.0}  # its target is r / beta: the CLI's beta = 0 has none
 
     @classmethod
     def validate(cls, config) -> None:

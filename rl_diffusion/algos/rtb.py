@@ -69,6 +69,7 @@ def relative_tb_delta(log_z: Tensor, log_ratio: Tensor, rewards: Tensor, beta: f
 class RelativeTrajectoryBalance(Algorithm):
     needs_memoryless = True  # the path-measure optimum has the tilted x_0-marginal only on a memoryless chain
     needs_reward_gradient = False
+    defaults = {"kl_coef": 1.0}  # its balance uses r / beta: the CLI's beta = 0 has none
 
     def __init__(self, s):
         self.log_z = torch.nn.Parameter(torch.zeros((), device=s.device))
