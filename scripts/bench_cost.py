@@ -20,7 +20,8 @@ Per run:
 
 A run that takes longer than --timeout is stopped and reported as such. On images the stable-baselines3 agents
 (an MLP policy over every pixel) are not run. Prints the JSON and a markdown table,
-and writes both to --out, with the machine, the thread count and the load average before and after.
+and writes both to --out, with the machine, the thread count and the load average before and after; a second
+call with fewer --datasets or --algos updates those entries and keeps the rest.
 """
 
 import argparse
@@ -131,7 +132,9 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks/cost.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    results: dict[str, dict] = {}
+    out = Path(args.out)
+    # a run with fewer --datasets or --algos updates those entries of an existing --out and keeps the others
+    results: dict[str, dict] = json.loads(out.read_text())["results"] if out.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in args.datasets:
             pretrained = Path(tmp) / dataset
@@ -145,7 +148,7 @@ def main() -> None:
                 sys.exit(f"pretraining {dataset} failed: {done.stderr if done else 'timed out'}")
             image = dataset in PRETRAIN_FLAGS
             epochs = args.image_epochs if image else args.epochs
-            results[dataset] = {}
+            results.setdefault(dataset, {})
             for algo in args.image_algos if image else args.algos:
                 log(f"{dataset}: {algo} ...")
                 run = Path(tmp) / f"{dataset}-{algo}"
@@ -165,8 +168,8 @@ def main() -> None:
     }
     print(json.dumps(report, indent=2))
     print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
