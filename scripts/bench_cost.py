@@ -20,7 +20,7 @@ Per run:
 
 A run that takes longer than --timeout is stopped and reported as such. On images the stable-baselines3 agents
 (an MLP policy over every pixel) are not run. Prints the JSON and a markdown table,
-and writes both to --out, with the machine, the thread count and the load average before and after; a second
+and writes both to --out after every run, with the machine, the thread count and the load average before and after; a second
 call with fewer --datasets or --algos updates those entries and keeps the rest.
 """
 
@@ -120,6 +120,22 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write(out: Path, results: dict, load_before: tuple) -> str:
+    """The JSON report with its table, written after every run, so an interrupted call keeps what it measured."""
+    table = markdown(results)
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "load_average_1_5_15min_before": load_before,
+        "load_average_1_5_15min_after": os.getloadavg(),
+        "results": results,
+        "table": table,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["8gaussians", "dino", "digits"])
@@ -157,19 +173,8 @@ def main() -> None:
                     r["ceiling"] = ceiling(pretrained, dataset, algo, Path(tmp) / f"{dataset}-{algo}-ceiling")
                 results[dataset][algo] = r
                 log(f"  {json.dumps(r)}")
-    table = markdown(results)
-    report = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
-        "load_average_1_5_15min_before": load_before,
-        "load_average_1_5_15min_after": os.getloadavg(),
-        "results": results,
-        "table": table,
-    }
-    print(json.dumps(report, indent=2))
+                table = write(out, results, load_before)
     print(table)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
