@@ -19,9 +19,9 @@ Per run:
 - the run's wall seconds, start to end, and its `error:` line if the run refused the defaults.
 
 A run that takes longer than --timeout is stopped and reported as such. On images the stable-baselines3 agents
-(an MLP policy over every pixel) are not run. Prints the JSON and a markdown table,
-and writes both to --out after every run, with the machine, the thread count and the load average before and after; a second
-call with fewer --datasets or --algos updates those entries and keeps the rest.
+(an MLP policy over every pixel) are not run. Prints the markdown table, and writes it with the JSON to --out
+after every run, with the machine, the thread count and the load average before and after; a second call with
+fewer --datasets or --algos updates those entries and keeps the rest.
 """
 
 import argparse
