@@ -31,6 +31,7 @@ LAYERS = (
         "rl_diffusion.config",
         "rl_diffusion.checkpoint",
         "rl_diffusion.runlock",
+        "rl_diffusion.memory",
         "rl_diffusion.figures",
         "rl_diffusion.flops",
         "pretrain",
