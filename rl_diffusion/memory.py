@@ -33,8 +33,10 @@ def saved_bytes(forward: Callable[[], object]) -> int:
 
 def bytes_per_unit(forward: Callable[[int], object], units: int = 2) -> float:
     """What one more unit adds to what forward(n) keeps for backward: the difference between 2n and n units,
-    over n, so that what is saved once whatever the batch (the weights) is not counted."""
-    return max(saved_bytes(lambda: forward(2 * units)) - saved_bytes(lambda: forward(units)), 0) / units
+    over n, so that what is saved once whatever the batch (the weights) is not counted. Measured with a graph
+    even where the caller is under no_grad (a no-grad pass may be the first to ask for the groups)."""
+    with torch.enable_grad():
+        return max(saved_bytes(lambda: forward(2 * units)) - saved_bytes(lambda: forward(units)), 0) / units
 
 
 def groups(units: int, unit_bytes: float, budget_mib: float) -> int:
