@@ -137,6 +137,19 @@ def replay_seconds(matmuls: Matmuls, min_seconds: float = 0.05) -> float:
     return total
 
 
+def attainment(matmuls: Matmuls, seconds: float, products: float) -> dict:
+    """A workload's FLOPs over its wall `seconds` against the same FLOPs over `products`, the seconds its
+    products take replayed back to back (`replay_seconds`)."""
+    return {
+        "flops": matmuls.flops,
+        "product_calls": matmuls.calls,
+        "mean_flops_per_product": matmuls.flops / matmuls.calls,
+        "achieved_gflops": matmuls.flops / seconds / 1e9,
+        "attainable_gflops": matmuls.flops / products / 1e9,
+        "fraction_of_attainable": products / seconds,
+    }
+
+
 def peak_flops_per_sec(size: int = 2048, min_seconds: float = 0.5) -> float:
     """FLOP/s of a large square float32 matrix product: the BLAS at its best. (On the reference AMD CPU MKL
     takes its AVX2 path, and oneDNN's convolutions run about twice as fast.)"""

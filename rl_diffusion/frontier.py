@@ -118,10 +118,11 @@ def frontier(
         }
     smallest = dirs[kl_coefs.index(min(kl_coefs))]
     mix = None
-    if read_run_config(smallest)["algo"] not in AGENT_ALGOS:
+    smallest_config = read_run_config(smallest)
+    if smallest_config["algo"] not in AGENT_ALGOS:
         # as many chains per lambda as the run's evaluation drew: lambda = 1 reproduces it
-        run = CheckpointManager(smallest).load_latest()
-        count = evaluation_samples(read_run_config(smallest).get("eval_samples", 0), tuple(run["data"]["shape"]))
+        shape = tuple(CheckpointManager(smallest).load_latest()["data"]["shape"])
+        count = evaluation_samples(smallest_config.get("eval_samples", 0), shape)
         points = [mixed_point(smallest, m, count, seed=0, device=resolve_device(device)) for m in MIXES]
         mix = {"run": str(smallest), "kl_coef": min(kl_coefs), "points": points}
     summary = {"kl_coefs": kl_coefs, "runs": runs, "mix": mix}

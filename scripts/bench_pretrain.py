@@ -47,7 +47,7 @@ from pretrain.data import EVAL_DATA_SEED, reference_draws  # noqa: E402
 from pretrain.datasets import sample_2d  # noqa: E402
 from pretrain.train import PHASES, PretrainConfig, config_for, eval_sampling, optimizer_step, start_run  # noqa: E402
 from rl_diffusion.checkpoint import load_run  # noqa: E402
-from rl_diffusion.flops import peak_flops_per_sec, record_matmuls, replay_seconds  # noqa: E402
+from rl_diffusion.flops import attainment, peak_flops_per_sec, record_matmuls, replay_seconds  # noqa: E402
 from rl_diffusion.metrics import mmd_rbf, sliced_wasserstein2  # noqa: E402
 from rl_diffusion.sampling import draw_samples  # noqa: E402
 
@@ -199,12 +199,7 @@ def workload(name: str, fn: Callable[[], object], tiny: Callable[[], object], re
     products = replay_seconds(matmuls)
     result = {
         "seconds": seconds,
-        "flops": matmuls.flops,
-        "product_calls": matmuls.calls,
-        "mean_flops_per_product": matmuls.flops / matmuls.calls,
-        "achieved_gflops": matmuls.flops / seconds / 1e9,
-        "attainable_gflops": matmuls.flops / products / 1e9,
-        "fraction_of_attainable": products / seconds,
+        **attainment(matmuls, seconds, products),
         "split_seconds": {
             "products_at_replay_speed": products,
             "per_call_overhead": overhead,

@@ -11,7 +11,7 @@ import torch
 
 from rl_diffusion.algos import algorithm, loop
 from rl_diffusion.finetune import FinetuneConfig
-from rl_diffusion.flops import record_matmuls, replay_seconds
+from rl_diffusion.flops import attainment, record_matmuls, replay_seconds
 from rl_diffusion.run import setup
 
 
@@ -35,11 +35,6 @@ def epoch_ceiling(cfg: FinetuneConfig, out: Path, epochs: int) -> dict:
     s.writer.close()
     return {
         "epoch_seconds": seconds,
-        "flops": matmuls.flops,
-        "product_calls": matmuls.calls,
-        "mean_flops_per_product": matmuls.flops / matmuls.calls,
-        "achieved_gflops": matmuls.flops / seconds / 1e9,
-        "attainable_gflops": matmuls.flops / products / 1e9,
-        "fraction_of_attainable": products / seconds,
+        **attainment(matmuls, seconds, products),
         "products_seconds_at_replay_speed": products,
     }

@@ -139,10 +139,9 @@ class ImportanceWeightedDistillation(Algorithm):
         def after_step() -> None:
             torch._foreach_lerp_(average, [p.detach() for p in params], 1 - cfg.distill_ema)
 
-        loss = self.descend(denoising_loss, cfg.distill_steps, after_step if cfg.distill_ema > 0 else None)
-        if cfg.distill_ema > 0:
-            with torch.no_grad():
-                torch._foreach_copy_(params, average)
+        loss = self.descend(denoising_loss, cfg.distill_steps, after_step)  # decay 0: the average is the last step
+        with torch.no_grad():
+            torch._foreach_copy_(params, average)
         return {
             "loss/policy": loss,
             "iw/lambda": self.lam,  # 1 / beta of the stage fitted: reaches 1 / --kl-coef when tempering is done
