@@ -23,7 +23,7 @@ from rl_diffusion.precision import check_precision
 AGENT_ACTION_MODES = ("residual", "noise")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
     # --pretrained: under torchrun, whose own parser reads --run as an abbreviation of its --run-path
     run: str = arg("", "pretrained run directory to start from (also --pretrained)", aliases=("--pretrained",))

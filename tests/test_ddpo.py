@@ -104,7 +104,7 @@ def test_batch_advantages_without_kl_are_those_of_the_rewards_at_every_step(pret
     rewards = s.reward(x0)
     kl = path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, 20)
     for c in (None, torch.arange(32) % 2):
-        adv, scale = ddpo.batch_advantages(s, Batch(pairs, x0, c, rewards, kl, 20))
+        adv, scale = ddpo.batch_advantages(s, Batch(pairs, x0, c, rewards, kl, 20), 0.0)
         assert adv.shape == kl.shape == (20, 32) and kl.abs().max().item() == 0.0
         expected, expected_scale = ddpo.advantages(rewards[None], c, s.config.adv_clip)
         torch.testing.assert_close(adv, expected.expand(20, -1), rtol=1e-6, atol=1e-6)

@@ -208,7 +208,7 @@ def test_returns_charge_each_step_the_kl_of_the_steps_after_it():
         s.policy.theta.copy_(optimal_theta(s.diffusion, 0.5))
         traj = s.diffusion.sample(s.policy, (64, D), generator=torch.Generator().manual_seed(0), record=True)
     batch = batch_of(s, traj, traj.xs[-1] @ A)
-    (adv, _), kl, rewards = ddpo.batch_advantages(s, batch), batch.kl, batch.rewards
+    (adv, _), kl, rewards = ddpo.batch_advantages(s, batch, 0.5), batch.kl, batch.rewards
     # kl_k = ||b_t theta_t||^2 / (2 sigma_t^2) for the constant shift, at every state
     d, t = s.diffusion.np, np.arange(T, 0, -1)
     theta = s.policy.theta.detach().double().numpy()
@@ -230,7 +230,7 @@ def test_direct_kl_term_is_the_gradient_of_beta_kl_over_the_scale():
     rows = torch.arange(len(pairs))
     ours = policy_step(s.diffusion, s.config, s.policy, pairs, rows)
     scale = torch.full((len(pairs),), 2.0)
-    ddpo.kl_penalty(s, ours.mean, pairs, rows, scale).sum().backward()
+    ddpo.kl_penalty(s, 0.7, ours.mean, pairs, rows, scale).sum().backward()
     # d/dtheta_t of beta ||b_t theta_t||^2 / (2 sigma_t^2) / scale, summed over the 8 chains
     d, t = s.diffusion.np, np.arange(1, T + 1)
     expected = 8 * 0.7 * d["mean_coef_eps"][t] ** 2 * 0.3 / d["reverse_sigma"][t] ** 2 / 2.0

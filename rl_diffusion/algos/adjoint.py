@@ -89,7 +89,7 @@ class AdjointMatching(Algorithm):
         # a gradient that is non-finite where the reward was not: that chain is left out of the loss
         finite = torch.isfinite(rewards).repeat(K)
         with torch.no_grad():
-            a_final = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0) / cfg.kl_coef
+            a_final = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0) / self.kl_coef
             mean_ref, sigma, adjoint = lean_adjoint(s, pairs, K, a_final)
             target_norm = (sigma.reshape(-1, *[1] * (adjoint.dim() - 1)) * adjoint).flatten(1).norm(dim=1)
             target_norm = s.ranks.sum(torch.stack([(target_norm * finite).sum(), finite.sum().float()]))

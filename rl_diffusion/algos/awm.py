@@ -72,7 +72,7 @@ class AdvantageWeightedMatching(Algorithm):
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         s, cfg = self.s, self.s.config
         self.old.load_state_dict(s.policy.state_dict())
-        returns = chain_returns(batch.rewards, batch.kl, cfg.kl_coef)
+        returns = chain_returns(batch.rewards, batch.kl, self.kl_coef)
         adv = advantages(returns[None], batch.c, cfg.adv_clip)[0][0]  # [B]
         w = optimality(adv, cfg.adv_clip)
         rows = s.ranks.shard(batch.B, "--chains")

@@ -1,9 +1,10 @@
 """What a native algorithm is: an update rule over one epoch's batch. The loop (loop.py) does the rest.
 
 A subclass says what it needs in class attributes (checked before a run directory is written),
-may add checks of its own settings in `validate`, and implements `update`. It may also replace
-`sample` (off-policy algorithms), add parameters to its optimizer (`parameters`) and keep state
-across epochs (`state_dict`, restored bit for bit on --resume).
+may add checks of its own settings in `validate`, and implements `update`, which reads beta from
+`self.kl_coef` (the loop adapts it under --kl-target; the config keeps the starting value). It may
+also replace `sample` (off-policy algorithms), add parameters to its optimizer (`parameters`) and
+keep state across epochs (`state_dict`, restored bit for bit on --resume).
 
 Data parallel (torchrun): `Batch` holds this rank's pairs and the whole batch's x_0, labels,
 rewards and KLs, so every rank computes the same targets; an update computes the loss of its own
@@ -58,6 +59,7 @@ class Algorithm:
 
     def __init__(self, s: Setup):
         self.s = s
+        self.kl_coef = s.config.kl_coef  # beta of the updates: --kl-coef, adapted by the loop under --kl-target
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=s.config.lr, weight_decay=0.0)
 
     def parameters(self) -> Iterable:

@@ -22,7 +22,7 @@ that advantages are divided by, which the direct KL term is divided by too, neve
 chain it divides; and with `--log-prob-reduction mean` the direct KL term is averaged over data
 dimensions like the log-prob.
 
-The update reads beta from s.config.kl_coef, which the loop adapts under --kl-target.
+The update reads beta from the algorithm's kl_coef, which the loop adapts under --kl-target.
 
 Data parallel: every rank computes the same advantages over the whole batch; minibatches are drawn
 over the whole batch's pairs and each rank computes the loss of its own pairs in them.
@@ -75,20 +75,20 @@ def advantages(returns: Tensor, groups: Tensor | None, adv_clip: float) -> tuple
     return (centred / scale).clamp(-adv_clip, adv_clip).float(), scale.float()
 
 
-def batch_advantages(s, batch: Batch) -> tuple[Tensor, Tensor]:
+def batch_advantages(s, batch: Batch, beta: float) -> tuple[Tensor, Tensor]:
     """Advantages [K, B] of the whole batch from G_k = r - beta sum_{j>k} kl_j, and the scale of each chain [B]."""
     kl_after = batch.kl.flip(0).cumsum(0).flip(0) - batch.kl  # sum_{j > k} kl_j
-    return advantages(batch.rewards[None, :] - s.config.kl_coef * kl_after, batch.c, s.config.adv_clip)
+    return advantages(batch.rewards[None, :] - beta * kl_after, batch.c, s.config.adv_clip)
 
 
-def kl_penalty(s, mean: Tensor, pairs, own: Tensor, scale: Tensor) -> Tensor:
+def kl_penalty(s, beta: float, mean: Tensor, pairs, own: Tensor, scale: Tensor) -> Tensor:
     """The direct KL term of the loss per pair: beta kl_k / scale, with kl_k reduced over data dimensions
     the way the log-prob is (summed, or averaged for --log-prob-reduction mean), so that the two parts
     of the gradient stay in the ratio of grad J."""
     kl = step_kl(s.diffusion, s.config, s.reference, mean, pairs, own)
     if s.config.log_prob_reduction == "mean":
         kl = kl / mean[0].numel()
-    return s.config.kl_coef * kl / scale
+    return beta * kl / scale
 
 
 class ScoreFunction(Algorithm):
@@ -96,7 +96,7 @@ class ScoreFunction(Algorithm):
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         s, cfg = self.s, self.s.config
-        adv, scale = batch_advantages(s, batch)
+        adv, scale = batch_advantages(s, batch, self.kl_coef)
         K, B = adv.shape
         self.optimizer.zero_grad(set_to_none=True)
         total, adv, scale_pairs = torch.zeros((), device=s.device), adv.flatten(), scale.repeat(K)
@@ -104,8 +104,8 @@ class ScoreFunction(Algorithm):
             rows, own = self.own_rows(idx, B)
             ours = policy_step(s.diffusion, cfg, s.synced_policy, batch.pairs, own)
             terms = -adv[rows] * ours.log_prob
-            if cfg.kl_coef > 0:
-                terms = terms + kl_penalty(s, ours.mean, batch.pairs, own, scale_pairs[rows])
+            if self.kl_coef > 0:
+                terms = terms + kl_penalty(s, self.kl_coef, ours.mean, batch.pairs, own, scale_pairs[rows])
             # DDP's mean over ranks: the sum over all pairs / (K B)
             (terms.sum() * s.ranks.world_size / (K * B)).backward()
             total += terms.detach().sum()
@@ -131,7 +131,7 @@ class ImportanceSampling(Algorithm):
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         s, cfg = self.s, self.s.config
-        adv, scale = batch_advantages(s, batch)
+        adv, scale = batch_advantages(s, batch, self.kl_coef)
         K, B = adv.shape
         adv, scale_pairs = adv.flatten(), scale.repeat(K)
         sums, count = torch.zeros(3, device=s.device), 0  # loss, approx_kl, clipped: summed over the epoch's pairs
@@ -148,8 +148,8 @@ class ImportanceSampling(Algorithm):
                 terms, approx_kl, clipped = ppo_terms(
                     adv[mine], ours.log_prob, batch.pairs.log_prob_old[own], cfg.clip_range
                 )
-                if cfg.kl_coef > 0:
-                    terms = terms + kl_penalty(s, ours.mean, batch.pairs, own, scale_pairs[mine])
+                if self.kl_coef > 0:
+                    terms = terms + kl_penalty(s, self.kl_coef, ours.mean, batch.pairs, own, scale_pairs[mine])
                 self.optimizer.zero_grad(set_to_none=True)
                 # DDP's mean over ranks: the minibatch mean
                 (terms.sum() * s.ranks.world_size / len(idx)).backward()

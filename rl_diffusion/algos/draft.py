@@ -149,7 +149,7 @@ class DRaFT(Algorithm):
                 x0, kl = self.replay(batch, chains, checkpointed)
                 c = None if batch.pairs.c is None else batch.pairs.c[chains]
                 reward = s.reward(x0, c)
-                loss = -(reward - cfg.kl_coef * kl)
+                loss = -(reward - self.kl_coef * kl)
                 # DDP's mean over ranks: the sum over the whole batch's chains / B
                 (loss.sum() * s.ranks.world_size / batch.B).backward()
                 sums += torch.stack([loss.detach().sum(), reward.detach().sum(), kl.detach().sum()])

@@ -113,7 +113,7 @@ class ImportanceWeightedDistillation(Algorithm):
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         s, cfg = self.s, self.s.config
         log_ratio = batch.log_ratio.sum(0).double()  # [B] log P_pre(tau) / Q(tau)
-        self.lam = tempered_lambda(batch.rewards, log_ratio, batch.c, self.lam, 1 / cfg.kl_coef, cfg.ess_target)
+        self.lam = tempered_lambda(batch.rewards, log_ratio, batch.c, self.lam, 1 / self.kl_coef, cfg.ess_target)
         weights = self_normalised(self.lam * batch.rewards.double() + log_ratio, batch.c)
         ess = effective_sample_size(weights) / batch.B
         if ess < ESS_FLOOR and not self.warned and s.ranks.is_main:

@@ -8,8 +8,8 @@ whole batch's scores.
 
 Adaptive beta (--kl-target, Ziegler et al. 2019, "Fine-tuning language models from human
 preferences"): after each epoch beta <- beta (1 + K_beta e), e = clip(KL / KL_target - 1, -0.2, 0.2),
-with KL the batch's mean path KL per chain. Updates read beta from s.config.kl_coef, which the
-loop replaces with the adapted value (config.json keeps the starting one; checkpoints the current one).
+with KL the batch's mean path KL per chain. Beta is loop state: updates read it from the algorithm's
+kl_coef, which the loop adapts (the config and config.json keep the starting value; checkpoints the current one).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 
 import torch
 from tqdm import tqdm
@@ -87,7 +86,7 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
         algo.load_state_dict(state)
         set_rng_state(state["rng"], generator)
         start, reward_queries = state["epoch"], state["reward_queries"]
-        s.config = replace(cfg, kl_coef=state.get("kl_coef", cfg.kl_coef))
+        algo.kl_coef = state.get("kl_coef", cfg.kl_coef)
     else:
         write_hyperparameters(s)
 
@@ -96,7 +95,7 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             **algo.state_dict(),
             "rng": rng_state(generator),
             "reward_queries": reward_queries,
-            "kl_coef": s.config.kl_coef,
+            "kl_coef": algo.kl_coef,
         }
 
     show = progress and s.ranks.is_main
@@ -116,10 +115,9 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             if batch.kl is not None:
                 kl_path = batch.kl.sum(0)
                 stats["kl/to_pretrained"], stats["kl/to_pretrained_max"] = kl_path.mean().item(), kl_path.max().item()
-                stats["kl/beta"] = s.config.kl_coef
+                stats["kl/beta"] = algo.kl_coef
             if cfg.kl_target > 0:
-                beta = adapted_kl_coef(s.config.kl_coef, stats["kl/to_pretrained"], cfg.kl_target, cfg.kl_gain)
-                s.config = replace(s.config, kl_coef=beta)
+                algo.kl_coef = adapted_kl_coef(algo.kl_coef, stats["kl/to_pretrained"], cfg.kl_target, cfg.kl_gain)
             log_epoch(s, epoch, reward_queries, batch.x0, batch.rewards, stats, time.perf_counter() - started, batch.c)
             bar.update(1)
             bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}", kl=f"{stats.get('kl/to_pretrained', 0):.3f}")

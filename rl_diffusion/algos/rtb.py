@@ -157,7 +157,7 @@ class RelativeTrajectoryBalance(Algorithm):
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         s, cfg = self.s, self.s.config
-        beta = cfg.kl_coef
+        beta = self.kl_coef
         pairs, rewards, replayed = self.training_chains(batch, generator)
         N = len(rewards)
         log_ref = self.chain_log_probs(s.reference, pairs, N)
