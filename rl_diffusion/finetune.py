@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rewards import URL_SCHEMES
-from rl_diffusion.algos import AGENT_ALGOS, ALGOS, NATIVE, algorithm
+from rl_diffusion.algos import AGENT_ALGOS, ALGOS, NATIVE, SB3, algorithm
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.config import arg
 from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, check_sampler, is_memoryless
@@ -201,6 +201,8 @@ class FinetuneConfig:
             raise UserError(
                 f"--action-mode applies to {', '.join(AGENT_ALGOS)}; --algo {self.algo} acts on x_{{t-1}} itself"
             )
+        if self.algo in SB3:
+            self.validate_sb3()
         check_sampler(self.sampler, self.eta)
         if self.algo in NATIVE:
             self.validate_native()
@@ -215,14 +217,6 @@ class FinetuneConfig:
         self.validate_lora_and_precision()
         if self.x_axis not in ("epoch", "reward_queries"):
             raise UserError(f"unknown --x-axis '{self.x_axis}'; choose epoch or reward_queries")
-        sb3_refused = {
-            "--timestep-fraction": self.timestep_fraction < 1,
-            "--skip-nonfinite-rewards": self.skip_nonfinite_rewards,
-            "--on-reward-failure skip": self.on_reward_failure == "skip",
-        }
-        if self.algo == "sb3-ppo" and any(sb3_refused.values()):
-            flags = ", ".join(flag for flag, given in sb3_refused.items() if given)
-            raise UserError(f"--algo sb3-ppo does not support {flags}; use --algo ddpo-is for them")
 
     def validate_on_reward_failure(self) -> None:
         if self.on_reward_failure not in ("stop", "skip"):
@@ -289,6 +283,20 @@ class FinetuneConfig:
                 f"--early-stop-on stops the native algorithms' loop; --algo {self.algo} runs SB3's own loop"
             )
 
+    def validate_sb3(self) -> None:
+        """Refuse what the native loop does and stable-baselines3's loop does not."""
+        refused = {
+            "--timestep-fraction": self.timestep_fraction < 1,
+            "--skip-nonfinite-rewards": self.skip_nonfinite_rewards,
+            "--on-reward-failure skip": self.on_reward_failure == "skip",
+            # sb3-ppo's policy is the diffusion model, whose log-probs the flag reduces; the agents' are SB3's own
+            "--log-prob-reduction": self.algo in AGENT_ALGOS and self.log_prob_reduction != "sum",
+        }
+        given = [flag for flag, refuse in refused.items() if refuse]
+        if given:
+            instead = "; use --algo ddpo-is for them" if self.algo == "sb3-ppo" else ""
+            raise UserError(f"--algo {self.algo} does not support {', '.join(given)}{instead}")
+
     def validate_agent(self) -> None:
         if self.action_mode not in AGENT_ACTION_MODES:
             raise UserError(
@@ -297,16 +305,6 @@ class FinetuneConfig:
         if self.action_mode == "noise" and self.kl_coef > 0:
             raise UserError(
                 "--kl-coef needs a closed-form KL per step, which --action-mode residual has and noise does not"
-            )
-        refused = {
-            "--timestep-fraction": self.timestep_fraction < 1,
-            "--skip-nonfinite-rewards": self.skip_nonfinite_rewards,
-            "--on-reward-failure skip": self.on_reward_failure == "skip",
-            "--log-prob-reduction": self.log_prob_reduction != "sum",
-        }
-        if any(refused.values()):
-            raise UserError(
-                f"--algo {self.algo} does not support {', '.join(flag for flag, given in refused.items() if given)}"
             )
 
     @property
