@@ -35,17 +35,19 @@ from rl_diffusion.errors import UserError, nearest
 MAX_COLUMNS = 6
 
 
-def parse_values(cls: type, param: str, values: str) -> list:
-    """'a,b,c' as the config field's type; unknown field -> UserError with suggestions."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if param not in fields or param in ("run", "reward_args", "device"):
-        raise UserError(f"--param '{param}' is not an ablatable setting{nearest(param, fields)}")
-    kind = {
+def parse_values(configs: list[type], param: str, values: str) -> list:
+    """'a,b,c' as the type of the field `param` of one of the config dataclasses (finetune: the config and each
+    algorithm's settings); unknown field -> UserError with suggestions."""
+    types = {f.name: str(f.type) for cls in configs for f in dataclasses.fields(cls)}
+    kinds = {
         "int": int,
         "float": finite_float(f"--values for {param}"),
         "str": str,
         "bool": lambda v: v.lower() in ("1", "true", "yes"),
-    }[str(fields[param].type)]
+    }
+    if types.get(param) not in kinds or param in ("run", "device"):  # a dict (reward_args, ...) takes no one value
+        raise UserError(f"--param '{param}' is not an ablatable setting{nearest(param, types)}")
+    kind = kinds[types[param]]
     items = [v.strip() for v in values.split(",") if v.strip()]
     if len(items) < 1:
         raise UserError("--values needs at least one value, comma-separated")

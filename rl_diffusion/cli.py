@@ -64,10 +64,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from rewards import parse_reward_args
     from rl_diffusion.algos import trainer
-    from rl_diffusion.finetune import FinetuneConfig, config_for
+    from rl_diffusion.finetune import FinetuneConfig, algorithm_settings, config_for
     from rl_diffusion.run import setup
 
     flags = given_flags(FinetuneConfig, args)
+    for settings in algorithm_settings().values():  # any algorithm's: those of another --algo set nothing
+        flags.update(given_flags(settings, args))
     if args.reward_arg:
         flags["reward_args"] = parse_reward_args(args.reward_arg)
     if args.eval_reward or args.eval_reward_arg:
@@ -116,7 +118,7 @@ def _eval_rewards(specs: list[str], items: list[str]) -> dict:
 def cmd_ablate(args: argparse.Namespace) -> None:
     from pretrain.train import PretrainConfig
     from rl_diffusion.ablate import ablate, parse_values
-    from rl_diffusion.finetune import FinetuneConfig
+    from rl_diffusion.finetune import FinetuneConfig, algorithm_settings
 
     own = _Parser(prog=f"rl-diffusion ablate {args.kind}")
     own.add_argument("--param", required=True, help="the config field to vary, e.g. lr or kl_coef")
@@ -131,9 +133,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     opts, flags = own.parse_known_args(args.rest)
     if args.kind not in ("pretrain", "finetune"):
         raise UserError(f"ablate takes pretrain or finetune, got '{args.kind}'")
-    values = parse_values(
-        PretrainConfig if args.kind == "pretrain" else FinetuneConfig, opts.param.replace("-", "_"), opts.values
-    )
+    configs = [PretrainConfig] if args.kind == "pretrain" else [FinetuneConfig, *algorithm_settings().values()]
+    values = parse_values(configs, opts.param.replace("-", "_"), opts.values)
     build_parser().parse_args([args.kind, "--out", "unused", *flags])  # a bad flag is an error before any run
     summary = ablate(
         args.kind, opts.param.replace("-", "_"), values, Path(opts.out), flags, jobs=opts.jobs, ray=opts.ray
@@ -335,7 +336,7 @@ def add_pretrain(sub) -> None:
 
 def add_finetune(sub) -> None:
     """`rl-diffusion finetune`."""
-    from rl_diffusion.finetune import FinetuneConfig
+    from rl_diffusion.finetune import FinetuneConfig, algorithm_settings
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained run with reinforcement learning")
     add_run_flags(p)
@@ -353,7 +354,9 @@ def add_finetune(sub) -> None:
         metavar="LABEL:KEY=VALUE",
         help="keyword argument of the held-out reward LABEL (repeatable; JSON values), e.g. left:point=[-2,0]",
     )
-    add_config_args(p, FinetuneConfig, skip=("reward_args", "eval_rewards"))
+    add_config_args(p, FinetuneConfig, skip=("reward_args", "eval_rewards", "algo_args"))
+    for settings in algorithm_settings().values():
+        add_config_args(p, settings)
     p.set_defaults(func=cmd_finetune)
 
 

@@ -101,13 +101,16 @@ def saved_config(cls: type[C], run_dir) -> C:
 
 
 def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise UserError(f"unknown config field(s) {', '.join(sorted(unknown))} for {cls.__name__}")
+    """The config of flat values, one per flag (given flags, a saved config.json). A class that keeps some of them
+    in one field of its own gathers them first (`gather_settings`: FinetuneConfig, an algorithm's settings)."""
     for name, value in values.items():  # JSON reads NaN and Infinity
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{cls.__name__} field {name} must be a finite number, got {value}")
+    if hasattr(cls, "gather_settings"):
+        values = cls.gather_settings(values)
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise UserError(f"unknown config field(s) {', '.join(sorted(unknown))} for {cls.__name__}")
     return cls(**values)
 
 

@@ -1,5 +1,6 @@
 """`rl-diffusion finetune`'s config: `FinetuneConfig` with its checks, and the defaults of image runs
-and of each algorithm (`config_for`).
+and of each algorithm (`config_for`). An algorithm's own settings are declared in its module
+(`Settings`); the config holds the chosen one's in `algo_args`, and config.json holds them as flags.
 
 The algorithms live in rl_diffusion/algos/, the services they share (setup, logging, checkpoints)
 in rl_diffusion/run.py. A fine-tuning run's directory holds a checkpoint in the same format as
@@ -15,7 +16,7 @@ from pathlib import Path
 from rewards import URL_SCHEMES
 from rl_diffusion.algos import AGENT_ALGOS, ALGOS, NATIVE, SB3, algorithm
 from rl_diffusion.checkpoint import CheckpointManager
-from rl_diffusion.config import arg
+from rl_diffusion.config import arg, config_from_dict
 from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, check_sampler, is_memoryless
 from rl_diffusion.errors import UserError, nearest
 from rl_diffusion.precision import check_precision
@@ -57,6 +58,10 @@ class FinetuneConfig:
         "ddpo-is",
         f"{' | '.join(NATIVE)} | sb3-ppo (the diffusion model is the policy) | {' | '.join(AGENT_ALGOS)} "
         "(SB3's default policy steering the frozen pretrained model, see --action-mode)",
+    )
+    algo_args: dict = dataclasses.field(
+        default_factory=dict,
+        metadata={"help": "the settings of the native --algo that were given, by name (the others: its defaults)"},
     )
     action_mode: str = arg(
         "residual",
@@ -101,11 +106,6 @@ class FinetuneConfig:
         "--kl-target: K_beta, in (0, 5); beta changes by at most a factor 1 +- 0.2 K_beta per epoch, "
         "so 1 / K_beta epochs is the controller's horizon",
     )
-    rwr_temperature: float = arg(
-        1.0,
-        "rwr: softmax temperature on rewards, reward units; each epoch fits p_old exp(r / T), so the tilt "
-        "compounds over epochs with nothing holding it to the pretrained model",
-    )
     log_prob_reduction: str = arg(
         "sum", "sum (exact log-density) | mean (per dimension; shrink --clip-range; the KL term is averaged alike)"
     )
@@ -133,33 +133,6 @@ class FinetuneConfig:
         False, "drop samples whose reward is nan/inf (counted in TensorBoard) instead of stopping"
     )
     device: str = arg("cpu", "cpu | cuda | cuda:N")
-    draft_steps: int = arg(
-        0, "draft: back-propagate through the last K denoising steps (0 = all: the exact pathwise gradient)"
-    )
-    explore_scale: float = arg(
-        1.0, "rtb: sigma multiplier of the exploratory sampler that draws the training chains (1 = on-policy)"
-    )
-    explore_epochs: int = arg(0, "rtb: epochs at the full --explore-scale before it decays (0 = for the whole run)")
-    explore_decay_epochs: int = arg(0, "rtb: epochs of linear decay of --explore-scale to 1 after --explore-epochs")
-    replay_size: int = arg(0, "rtb: chains kept in the replay buffer (0 = none)")
-    replay_fraction: float = arg(0.5, "rtb: fraction of each update's chains drawn from the replay buffer")
-    log_z_lr: float = arg(0.1, "rtb: learning rate of log Z")
-    pool_size: int = arg(
-        10_000,
-        "iw-distill: chains drawn and scored per epoch (reward queries), weighted towards the tilt; its defaults "
-        "differ: --epochs 3 --kl-coef 1 --lr 5e-4 --minibatch-size 512 (samples per gradient step)",
-    )
-    distill_steps: int = arg(4000, "iw-distill: gradient steps of the denoising loss per epoch, on resampled pools")
-    distill_ema: float = arg(
-        0.995,
-        "iw-distill: decay per step of the moving average of the weights that becomes each stage's model "
-        "(0 = the last step's weights)",
-    )
-    ess_target: float = arg(
-        0.25,
-        "iw-distill: effective sample size, as a fraction of the pool, that each tempering stage keeps; below it the "
-        "epoch fits an intermediate tilt exp(r / beta_e), beta_e > beta",
-    )
     lora_rank: int = arg(
         0,
         "train rank-R adapters on the policy's Linear and Conv2d layers, the pretrained weights frozen "
@@ -179,12 +152,13 @@ class FinetuneConfig:
             )
         if not self.run:
             raise UserError("finetune needs --run PRETRAINED_RUN (the --out of rl-diffusion pretrain)")
+        self.validate_algo_args()
         for name in ("chains", "epochs", "inner_epochs", "minibatch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.eval_samples < 0:
             raise UserError(f"--eval-samples must be >= 0 (0 = the default for the data), got {self.eval_samples}")
-        for name in ("lr", "clip_range", "adv_clip", "rwr_temperature", "grad_clip", "memory_mib"):
+        for name in ("lr", "clip_range", "adv_clip", "grad_clip", "memory_mib"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 < self.timestep_fraction <= 1:
@@ -217,6 +191,14 @@ class FinetuneConfig:
         self.validate_lora_and_precision()
         if self.x_axis not in ("epoch", "reward_queries"):
             raise UserError(f"unknown --x-axis '{self.x_axis}'; choose epoch or reward_queries")
+
+    def validate_algo_args(self) -> None:
+        """The given settings are the chosen algorithm's: the CLI and config.json keep no other, but a caller may."""
+        own = setting_names(self.algo)
+        unknown = sorted(set(self.algo_args) - own)
+        if unknown:
+            listed = ", ".join(sorted(own)) or "none"
+            raise UserError(f"--algo {self.algo} has no setting {', '.join(unknown)}; its own: {listed}")
 
     def validate_on_reward_failure(self) -> None:
         if self.on_reward_failure not in ("stop", "skip"):
@@ -308,6 +290,30 @@ class FinetuneConfig:
             )
 
     @property
+    def settings(self):
+        """The native algorithm's own settings (its `Settings`, rl_diffusion/algos/): algo_args over their defaults."""
+        return algorithm(self.algo).Settings(**self.algo_args)
+
+    def to_dict(self) -> dict:
+        """The config as config.json holds it: one value per flag, the algorithm's settings among them (every one,
+        the defaults of those not given), so that a run is reproducible from it; `gather_settings` reads it back."""
+        fields = dataclasses.asdict(self)
+        del fields["algo_args"]
+        return {**fields, **(dataclasses.asdict(self.settings) if self.algo in NATIVE else {})}
+
+    @classmethod
+    def gather_settings(cls, values: dict) -> dict:
+        """The fields of flat values, as flags and config.json give them: the chosen algorithm's settings gathered
+        in algo_args. Another native algorithm's are dropped, as they set nothing in this run: one set of flags may
+        serve a study of several algorithms, and config.json held every algorithm's settings before they moved to
+        the algorithms (rl_diffusion.config.config_from_dict calls this)."""
+        own = setting_names(values.get("algo", cls.algo))
+        every = set().union(*map(setting_names, NATIVE))
+        fields = {name: value for name, value in values.items() if name not in every}
+        given = {name: value for name, value in values.items() if name in own}
+        return {**fields, "algo_args": {**values.get("algo_args", {}), **given}}
+
+    @property
     def sampling(self) -> dict:
         """Keyword arguments of GaussianDiffusion.sample/reverse_step for the chain the run samples with.
 
@@ -327,9 +333,19 @@ class FinetuneConfig:
 IMAGE_DEFAULTS = {"sampler": "ddim", "sampling_steps": 20, "eta": 1.0, "kl_coef": 1.0, "chains": 128, "lr": 3e-4}
 
 
+def algorithm_settings() -> dict[str, type]:
+    """Each native algorithm's `Settings` by --algo: their fields are flags of finetune beside the config's."""
+    return {name: algorithm(name).Settings for name in NATIVE}
+
+
+def setting_names(algo: str) -> set[str]:
+    """The names of --algo's own settings: none for the sb3 family, or an unknown name."""
+    return {f.name for f in dataclasses.fields(algorithm(algo).Settings)} if algo in NATIVE else set()
+
+
 def config_for(flags: dict) -> FinetuneConfig:
-    """The config of the given flags over the algorithm's own defaults, over those of the pretrained run's data
-    (points or images)."""
+    """The config of the given flags (an algorithm's settings among them, by name) over the algorithm's own
+    defaults, over those of the pretrained run's data (points or images)."""
     run = Path(flags.get("run") or FinetuneConfig.run)
     try:
         image = len(CheckpointManager(run).load_latest()["data"]["shape"]) > 1
@@ -337,4 +353,4 @@ def config_for(flags: dict) -> FinetuneConfig:
         image = False  # setup() says what is wrong with --run
     algo = flags.get("algo", FinetuneConfig.algo)
     algo_defaults = algorithm(algo).defaults if algo in NATIVE else {}
-    return FinetuneConfig(**{**(IMAGE_DEFAULTS if image else {}), **algo_defaults, **flags})
+    return config_from_dict(FinetuneConfig, {**(IMAGE_DEFAULTS if image else {}), **algo_defaults, **flags})

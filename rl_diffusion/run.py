@@ -122,7 +122,7 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         algorithm(config.algo).validate_chain(config, steps)
     epochs = max(1, config.total_steps // (config.chains * steps)) if config.total_steps > 0 else config.epochs
     if not resume and ranks.is_main:
-        saved = dict(kind="finetune", **dataclasses.asdict(config), reward_fingerprint=reward.fingerprint)
+        saved = dict(kind="finetune", **config.to_dict(), reward_fingerprint=reward.fingerprint)
         prepare_run_dir(out, json.dumps(saved, indent=2), overwrite)
     if config.kl_coef > 0 and not is_memoryless(config.sampler, config.eta) and ranks.is_main:
         print(
@@ -402,7 +402,7 @@ def log_epoch(
 
 
 def write_hyperparameters(s: Setup) -> None:
-    s.writer.add_text("hyperparameters", to_markdown_table(dataclasses.asdict(s.config)), 0)
+    s.writer.add_text("hyperparameters", to_markdown_table(s.config.to_dict()), 0)
     if s.config.lora_rank:
         s.writer.add_scalar("lora/trainable_fraction", lora.trainable_fraction(s.policy), 0)
 

@@ -531,7 +531,7 @@ def main() -> int:
         t0 = time.perf_counter()
         for algo in ALGOS:
             log(f"race: {algo} ...")
-            extra = {"rwr_temperature": args.rwr_temperature} if algo == "rwr" else {}
+            extra = {"algo_args": {"rwr_temperature": args.rwr_temperature}} if algo == "rwr" else {}
             race[algo] = finetune_run(pretrained, tmp / algo, args.device, targets, algo=algo, **common, **extra)
         log("race: sb3-ppo over a DummyVecEnv of single envs ...")
         race["sb3-ppo-dummyvecenv"] = stock_sb3_run(

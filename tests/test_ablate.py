@@ -50,3 +50,12 @@ def test_unknown_param_and_bad_flags_are_user_errors(tmp_path, capsys):
     )
     assert "unrecognized arguments: --stepz" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_an_algorithms_setting_is_ablatable_and_a_dict_field_is_not(tmp_path, capsys):
+    out = str(tmp_path / "a")
+    assert main(["ablate", "finetune", "--param", "explore_scale", "--values", "1,x", "--out", out]) == 2
+    assert "--values for explore_scale" in capsys.readouterr().err  # a float of rtb's settings
+    assert main(["ablate", "finetune", "--param", "eval_rewards", "--values", "{}", "--out", out]) == 2
+    assert "is not an ablatable setting" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -140,9 +140,9 @@ NATIVE = {  # algorithm: its settings on top of the shared ones
     "rwr": {},
     "awm": {"kl_coef": 0.1},
     "adjoint": {"kl_coef": 1.0},
-    "rtb": {"kl_coef": 1.0, "replay_size": 64},
-    "draft": {"kl_coef": 0.1, "draft_steps": 5},
-    "iw-distill": {"kl_coef": 0.1, "pool_size": 64, "distill_steps": 5, "ess_target": 0.9},
+    "rtb": {"kl_coef": 1.0, "algo_args": {"replay_size": 64}},
+    "draft": {"kl_coef": 0.1, "algo_args": {"draft_steps": 5}},
+    "iw-distill": {"kl_coef": 0.1, "algo_args": {"pool_size": 64, "distill_steps": 5, "ess_target": 0.9}},
 }
 
 

@@ -33,7 +33,7 @@ def smooth_reward(x0, c=None):
 
 def tiny_setup(beta: float, draft_steps: int) -> types.SimpleNamespace:
     """The closed-form Setup with a nonlinear policy and reference (float64) and a smooth reward."""
-    s = closed_form_setup(beta, draft_steps=draft_steps)
+    s = closed_form_setup(beta, algo="draft", algo_args={"draft_steps": draft_steps})
     s.config = dataclasses.replace(s.config, minibatch_size=7 * T)
     s.policy = s.synced_policy = TinyEps(0).double()
     s.reference = TinyEps(1).double().requires_grad_(False)
@@ -123,7 +123,7 @@ def test_the_gradient_does_not_depend_on_how_the_batch_is_split():
 def test_last_step_only_sends_the_reward_gradient_to_t_equals_1():
     # linear-Gaussian chain, r = A . x_0, beta = 0, K = 1: x_0 = mu_theta(x_1, 1) + sigma z, so d r / d theta_t
     # is b_1 A at t = 1 and 0 elsewhere, b_1 the eps coefficient of the last step's mean
-    s = closed_form_setup(0.0, draft_steps=1)
+    s = closed_form_setup(0.0, algo="draft", algo_args={"draft_steps": 1})
     s.reward = lambda x0, c=None: x0 @ A
     with torch.no_grad():
         s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
@@ -139,7 +139,7 @@ def test_last_step_only_sends_the_reward_gradient_to_t_equals_1():
 
 @pytest.mark.parametrize("draft_steps", [0, 5])
 def test_replay_reproduces_the_sampled_chain_and_its_path_kl(draft_steps):
-    s = closed_form_setup(0.5, draft_steps=draft_steps)
+    s = closed_form_setup(0.5, algo="draft", algo_args={"draft_steps": draft_steps})
     with torch.no_grad():
         s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
         traj = s.diffusion.sample(s.policy, (32, D), generator=torch.Generator().manual_seed(1), record=True)
@@ -153,7 +153,7 @@ def test_replay_reproduces_the_sampled_chain_and_its_path_kl(draft_steps):
 def test_replay_reproduces_x0_of_the_pretrained_network(pretrained_moons, tmp_path):
     from tests.test_ddpo import make_setup
 
-    s = make_setup(pretrained_moons, tmp_path, algo="draft", draft_steps=0)
+    s = make_setup(pretrained_moons, tmp_path, algo="draft", algo_args={"draft_steps": 0})
     algo = DRaFT(s)
     pairs, x0, _ = algo.sample(torch.Generator().manual_seed(0))
     batch = types.SimpleNamespace(pairs=pairs, K=20)
@@ -166,7 +166,7 @@ def test_gradient_ascent_converges_to_the_kl_regularised_optimum():
     # the linear-Gaussian chain: with K = all the pathwise gradient of E[A . x_0] - beta KL is exact, and
     # here even noise-free, so AdamW reaches theta*
     beta = 0.5
-    s = closed_form_setup(beta, draft_steps=0, lr=0.05)
+    s = closed_form_setup(beta, algo="draft", algo_args={"draft_steps": 0}, lr=0.05)
     s.reward = lambda x0, c=None: x0 @ A
     algo = DRaFT(s)
     g = torch.Generator().manual_seed(0)

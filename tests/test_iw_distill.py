@@ -78,7 +78,7 @@ def test_the_stage_model_is_the_moving_average_of_the_steps_weights():
     from rl_diffusion.algos.iw_distill import ImportanceWeightedDistillation
 
     for decay, moved in ((0.5, 2.125), (0.0, 3.0)):
-        s = closed_form_setup(1.0, distill_steps=3, distill_ema=decay)
+        s = closed_form_setup(1.0, algo="iw-distill", algo_args={"distill_steps": 3, "distill_ema": decay})
         s.config = dataclasses.replace(s.config, minibatch_size=8)
         with torch.no_grad():
             traj = s.diffusion.sample(s.policy, (16, D), generator=torch.Generator().manual_seed(0), record=True)

@@ -1,5 +1,7 @@
 """Runs that survive: resume ends bit-identical to an uninterrupted run; corrupt checkpoints are skipped."""
 
+import dataclasses
+import json
 import shutil
 import signal
 import subprocess
@@ -12,6 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
+from rl_diffusion.config import saved_config
+from rl_diffusion.finetune import FinetuneConfig, algorithm_settings
 
 TINY = [
     "--dataset",
@@ -158,6 +162,25 @@ def test_native_algorithms_resumed_from_a_mid_run_checkpoint_are_bit_identical(p
     assert [h["reward/mean"] for h in a["train_state"]["history"]] == [
         h["reward/mean"] for h in b["train_state"]["history"]
     ]
+
+
+def test_a_run_saved_with_every_algorithms_settings_resumes_bit_identical_and_evaluates(pretrained_moons, tmp_path):
+    """config.json as written before the settings moved to the algorithms: every native algorithm's among its
+    fields."""
+    args = ["--run", str(pretrained_moons), "--algo", "rtb", "--reward", "target_point", "--reward-arg", "point=[1,1]"]
+    args += ["--chains", "16", "--epochs", "4", "--checkpoint-every", "1", "--keep-checkpoints", "10", "--quiet"]
+    args += ["--kl-coef", "1", "--replay-size", "32", "--explore-scale", "1.5", "--no-final-eval"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["finetune", "--out", str(full), *args]) == 0
+    shutil.copytree(full, cut)
+    every = {f.name: f.default for settings in algorithm_settings().values() for f in dataclasses.fields(settings)}
+    (cut / "config.json").write_text(json.dumps({**every, **json.loads((full / "config.json").read_text())}))
+    for path in CheckpointManager(cut).paths()[-2:]:
+        path.unlink()
+    assert main(["finetune", "--resume", str(cut), "--replay-size", "32"]) == 0  # the saved value: no change
+    assert_same_weights(CheckpointManager(full).load_latest()["model"], CheckpointManager(cut).load_latest()["model"])
+    assert saved_config(FinetuneConfig, cut) == saved_config(FinetuneConfig, full)
+    assert main(["evaluate", "--run", str(cut), "--num-samples", "100"]) == 0
 
 
 def test_sigterm_leaves_a_loadable_checkpoint(tmp_path):

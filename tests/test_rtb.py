@@ -31,19 +31,20 @@ class ConstantMean(torch.nn.Module):
         return (self.means[t] - self.a[t, None] * x) / self.b[t, None]
 
 
-def rtb_setup(beta: float, **config):
-    """tests.test_kl_objective's closed-form Setup (DDPM, T = 10, D = 2) with these FinetuneConfig fields."""
+def rtb_setup(beta: float, settings: dict, **config):
+    """tests.test_kl_objective's closed-form Setup (DDPM, T = 10, D = 2) with these rtb settings and
+    FinetuneConfig fields."""
     s = closed_form_setup(beta)
-    s.config = dataclasses.replace(s.config, **config)
+    s.config = dataclasses.replace(s.config, algo="rtb", algo_args=settings, **config)
     s.data_shape = (D,)
     return s
 
 
-def tilted_setup(**config):
+def tilted_setup(explore_scale: float, **config):
     """A reference whose every step has a constant mean (x_1's is M), and the policy that tilts its last
     step by sigma_1^2 A / beta: p_theta(tau) = p_ref(tau) exp(A . x_0 / beta) / Z exactly, with
     log Z = A . M / beta + sigma_1^2 |A|^2 / (2 beta^2) (the earlier steps cancel in the ratio)."""
-    s = rtb_setup(BETA, replay_size=0, **config)
+    s = rtb_setup(BETA, {"replay_size": 0, "explore_scale": explore_scale}, **config)
     means = torch.zeros(T + 1, D)
     means[1] = M
     sigma2 = s.diffusion.np["reverse_sigma"][1] ** 2
@@ -70,7 +71,7 @@ def test_the_residual_is_log_z_plus_the_path_log_ratio_minus_r_over_beta_by_hand
 
 @pytest.mark.parametrize("explore_scale", [1.0, 3.0])
 def test_the_exact_tilted_policy_and_log_z_balance_every_chain(explore_scale):
-    s, log_z = tilted_setup(chains=64, explore_scale=explore_scale, minibatch_size=100)
+    s, log_z = tilted_setup(explore_scale, chains=64, minibatch_size=100)
     algo = RelativeTrajectoryBalance(s)
     with torch.no_grad():
         algo.log_z.fill_(log_z)
@@ -97,7 +98,7 @@ def sampled_batch(s, chains: int, seed: int) -> Batch:
 
 
 def test_surrogate_gradient_is_the_gradient_of_the_mean_squared_delta():
-    s = rtb_setup(0.7, minibatch_size=7, replay_size=8, replay_fraction=0.5)
+    s = rtb_setup(0.7, {"replay_size": 8, "replay_fraction": 0.5}, minibatch_size=7)
     with torch.no_grad():
         s.policy.theta.copy_(0.3 * torch.randn(T + 1, D, generator=torch.Generator().manual_seed(1)))
     algo = RelativeTrajectoryBalance(s)
@@ -124,7 +125,7 @@ def test_surrogate_gradient_is_the_gradient_of_the_mean_squared_delta():
 
 
 def test_training_from_theta_zero_moves_towards_the_closed_form_optimum():
-    s = rtb_setup(BETA, lr=0.05, log_z_lr=0.05, chains=128, replay_size=256, explore_scale=1.5)
+    s = rtb_setup(BETA, {"log_z_lr": 0.05, "replay_size": 256, "explore_scale": 1.5}, lr=0.05, chains=128)
     optimum = optimal_theta(s.diffusion, BETA)[1:]
     algo = RelativeTrajectoryBalance(s)
     generator = torch.Generator().manual_seed(0)
@@ -176,7 +177,7 @@ def test_initial_log_z_is_the_log_mean_exp_of_the_weights():
 def test_the_first_update_starts_log_z_at_log_e_pre_exp_r_over_beta():
     """On the pretrained chain, log Z = log E_pre exp(A . x_0 / beta) = v |A|^2 / (2 beta^2) (v the variance of
     its x_0): the first batch's estimate lands there, where the mean of r / beta (0 here) would not."""
-    s = rtb_setup(BETA, chains=4096, minibatch_size=1 << 16)
+    s = rtb_setup(BETA, {}, chains=4096, minibatch_size=1 << 16)
     algo = RelativeTrajectoryBalance(s)
     algo.optimizer = NoStep()
     generator = torch.Generator().manual_seed(0)

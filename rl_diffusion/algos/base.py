@@ -1,10 +1,11 @@
 """What a native algorithm is: an update rule over one epoch's batch. The loop (loop.py) does the rest.
 
-A subclass says what it needs in class attributes (checked before a run directory is written),
-may add checks of its own settings in `validate`, and implements `update`, which reads beta from
-`self.kl_coef` (the loop adapts it under --kl-target; the config keeps the starting value). It may
-also replace `sample` (off-policy algorithms), add parameters to its optimizer (`parameters`) and
-keep state across epochs (`state_dict`, restored bit for bit on --resume).
+A subclass declares its own settings beside its update rule (`Settings`: their flags, defaults and
+help; the run's values in `self.settings`) and checks them in `validate`, says what it needs in class
+attributes (checked before a run directory is written), and implements `update`, which reads beta
+from `self.kl_coef` (the loop adapts it under --kl-target; the config keeps the starting value). It
+may also replace `sample` (off-policy algorithms), add parameters to its optimizer (`parameters`)
+and keep state across epochs (`state_dict`, restored bit for bit on --resume).
 
 Data parallel (torchrun): `Batch` holds this rank's pairs and the whole batch's x_0, labels,
 rewards and KLs, so every rank computes the same targets; an update computes the loss of its own
@@ -50,6 +51,12 @@ class Batch:
 class Algorithm:
     """One family's update rule, built once per run with the run's Setup."""
 
+    @dataclass(frozen=True)
+    class Settings:
+        """The algorithm's own settings, none here. A subclass declares its own `Settings`, a frozen dataclass
+        whose fields are `arg(default, help)`: each is the flag of its name (draft_steps: --draft-steps), the
+        help starting with the algorithm's name; the config's algo_args hold the values given."""
+
     uses_kl: ClassVar[bool] = True  # --kl-coef and --kl-target apply
     needs_memoryless: ClassVar[bool] = False  # the chain must forget x_T (DDPM, or DDIM with eta = 1)
     needs_reward_gradient: ClassVar[bool] = False  # the reward must declare itself differentiable
@@ -59,6 +66,7 @@ class Algorithm:
 
     def __init__(self, s: Setup):
         self.s = s
+        self.settings = self.Settings(**s.config.algo_args)  # before parameters(), which may read them
         self.kl_coef = s.config.kl_coef  # beta of the updates: --kl-coef, adapted by the loop under --kl-target
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=s.config.lr, weight_decay=0.0)
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -42,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rl_diffusion import memory
 from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.config import arg
 from rl_diffusion.errors import UserError
 
 
@@ -56,18 +58,23 @@ class DRaFT(Algorithm):
     needs_log_prob = True  # sigma_k > 0: the noises are recovered by dividing by it, and the loop's path KL needs it
     uses_kl = True
 
+    @dataclass(frozen=True)
+    class Settings:
+        draft_steps: int = arg(
+            0, "draft: back-propagate through the last K denoising steps (0 = all: the exact pathwise gradient)"
+        )
+
     @classmethod
     def validate(cls, config) -> None:
-        if config.draft_steps < 0:
-            raise UserError(
-                f"--draft-steps must be >= 0 (0 = back-propagate through every step), got {config.draft_steps}"
-            )
+        steps = config.settings.draft_steps
+        if steps < 0:
+            raise UserError(f"--draft-steps must be >= 0 (0 = back-propagate through every step), got {steps}")
 
     @classmethod
     def validate_chain(cls, config, steps_per_chain: int) -> None:
-        if config.draft_steps > steps_per_chain:
+        if config.settings.draft_steps > steps_per_chain:
             raise UserError(
-                f"--draft-steps {config.draft_steps} exceeds the {steps_per_chain} steps of the chain "
+                f"--draft-steps {config.settings.draft_steps} exceeds the {steps_per_chain} steps of the chain "
                 f"(--sampler {config.sampler}); give at most {steps_per_chain}, or 0 for all of them"
             )
 
@@ -117,7 +124,7 @@ class DRaFT(Algorithm):
         (x_0 [n, ...], sum_k kl_k [n])."""
         s, cfg, pairs, N = self.s, self.s.config, batch.pairs, batch.K
         B = len(pairs) // N
-        start = window_start(N, cfg.draft_steps)
+        start = window_start(N, self.settings.draft_steps)
         x, kl_sum = pairs.x_t[start * B + chains], 0.0
         for k in range(N):
             rows = k * B + chains

@@ -27,11 +27,13 @@ better the fit, the more uniform the weights.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.config import arg
 from rl_diffusion.errors import UserError
 from rl_diffusion.path_kl import Pairs
 
@@ -84,6 +86,25 @@ class ImportanceWeightedDistillation(Algorithm):
 
     defaults = {"epochs": 3, "kl_coef": 1.0, "lr": 5e-4, "minibatch_size": 512}
 
+    @dataclass(frozen=True)
+    class Settings:
+        pool_size: int = arg(
+            10_000,
+            "iw-distill: chains drawn and scored per epoch (reward queries), weighted towards the tilt; its defaults "
+            "differ: --epochs 3 --kl-coef 1 --lr 5e-4 --minibatch-size 512 (samples per gradient step)",
+        )
+        distill_steps: int = arg(4000, "iw-distill: gradient steps of the denoising loss per epoch, on resampled pools")
+        distill_ema: float = arg(
+            0.995,
+            "iw-distill: decay per step of the moving average of the weights that becomes each stage's model "
+            "(0 = the last step's weights)",
+        )
+        ess_target: float = arg(
+            0.25,
+            "iw-distill: effective sample size, as a fraction of the pool, that each tempering stage keeps; below it "
+            "the epoch fits an intermediate tilt exp(r / beta_e), beta_e > beta",
+        )
+
     def __init__(self, s):
         super().__init__(s)
         self.lam = 0.0  # lambda of the last stage fitted: 0 before the first (the pretrained model)
@@ -95,25 +116,26 @@ class ImportanceWeightedDistillation(Algorithm):
             raise UserError("--algo iw-distill fits p_pre exp(r / beta) / Z: it needs --kl-coef > 0, got 0")
         if config.kl_target:
             raise UserError("--algo iw-distill fits the tilt at the fixed beta of --kl-coef; --kl-target adapts none")
-        if config.pool_size < 2:
-            raise UserError(f"--pool-size must be at least 2 chains, got {config.pool_size}")
-        if config.distill_steps < 1:
-            raise UserError(f"--distill-steps must be positive, got {config.distill_steps}")
-        if not 0 <= config.distill_ema < 1:
-            raise UserError(f"--distill-ema must be in [0, 1) (0 = the last step's weights), got {config.distill_ema}")
-        if not 0 < config.ess_target <= 1:
-            raise UserError(f"--ess-target must be a fraction of the pool in (0, 1], got {config.ess_target}")
+        settings = config.settings
+        if settings.pool_size < 2:
+            raise UserError(f"--pool-size must be at least 2 chains, got {settings.pool_size}")
+        if settings.distill_steps < 1:
+            raise UserError(f"--distill-steps must be positive, got {settings.distill_steps}")
+        if not 0 <= settings.distill_ema < 1:
+            raise UserError(f"--distill-ema must be in [0, 1) (0: the last step), got {settings.distill_ema}")
+        if not 0 < settings.ess_target <= 1:
+            raise UserError(f"--ess-target must be a fraction of the pool in (0, 1], got {settings.ess_target}")
         if config.log_prob_reduction != "sum":
             raise UserError("--algo iw-distill weights chains by their exact path ratio: use --log-prob-reduction sum")
 
     def sample(self, generator: torch.Generator, noise_scale: float = 1.0) -> tuple[Pairs, Tensor, Tensor | None]:
         """The epoch's pool: --pool-size chains of the current policy (on-policy: the loop logs their rewards)."""
-        return self.sample_chains(self.s.config.pool_size, "--pool-size", generator, noise_scale)
+        return self.sample_chains(self.settings.pool_size, "--pool-size", generator, noise_scale)
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s, cfg = self.s, self.s.config
+        s, cfg, settings = self.s, self.s.config, self.settings
         log_ratio = batch.log_ratio.sum(0).double()  # [B] log P_pre(tau) / Q(tau)
-        self.lam = tempered_lambda(batch.rewards, log_ratio, batch.c, self.lam, 1 / self.kl_coef, cfg.ess_target)
+        self.lam = tempered_lambda(batch.rewards, log_ratio, batch.c, self.lam, 1 / self.kl_coef, settings.ess_target)
         weights = self_normalised(self.lam * batch.rewards.double() + log_ratio, batch.c)
         ess = effective_sample_size(weights) / batch.B
         if ess < ESS_FLOOR and not self.warned and s.ranks.is_main:
@@ -137,9 +159,9 @@ class ImportanceWeightedDistillation(Algorithm):
         average = [p.detach().clone() for p in params]
 
         def after_step() -> None:
-            torch._foreach_lerp_(average, [p.detach() for p in params], 1 - cfg.distill_ema)
+            torch._foreach_lerp_(average, [p.detach() for p in params], 1 - settings.distill_ema)
 
-        loss = self.descend(denoising_loss, cfg.distill_steps, after_step)  # decay 0: the average is the last step
+        loss = self.descend(denoising_loss, settings.distill_steps, after_step)  # decay 0: the average is the last step
         with torch.no_grad():
             torch._foreach_copy_(params, average)
         return {

@@ -35,11 +35,13 @@ every rank); chain b belongs to rank b mod world_size, which computes its pairs'
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.config import arg
 from rl_diffusion.diffusion import Trajectory
 from rl_diffusion.errors import UserError
 from rl_diffusion.path_kl import Pairs, policy_step
@@ -71,6 +73,17 @@ class RelativeTrajectoryBalance(Algorithm):
     needs_reward_gradient = False
     defaults = {"kl_coef": 1.0}  # its balance uses r / beta: the CLI's beta = 0 has none
 
+    @dataclass(frozen=True)
+    class Settings:
+        explore_scale: float = arg(
+            1.0, "rtb: sigma multiplier of the exploratory sampler that draws the training chains (1 = on-policy)"
+        )
+        explore_epochs: int = arg(0, "rtb: epochs at the full --explore-scale before it decays (0 = for the whole run)")
+        explore_decay_epochs: int = arg(0, "rtb: epochs of linear decay of --explore-scale to 1 after --explore-epochs")
+        replay_size: int = arg(0, "rtb: chains kept in the replay buffer (0 = none)")
+        replay_fraction: float = arg(0.5, "rtb: fraction of each update's chains drawn from the replay buffer")
+        log_z_lr: float = arg(0.1, "rtb: learning rate of log Z")
+
     def __init__(self, s):
         self.log_z = torch.nn.Parameter(torch.zeros((), device=s.device))
         self.log_z_ready = False  # set to the first batch's estimate on the first update
@@ -79,21 +92,22 @@ class RelativeTrajectoryBalance(Algorithm):
         super().__init__(s)
 
     def parameters(self):
-        return [{"params": super().parameters()}, {"params": [self.log_z], "lr": self.s.config.log_z_lr}]
+        return [{"params": super().parameters()}, {"params": [self.log_z], "lr": self.settings.log_z_lr}]
 
     @classmethod
     def validate(cls, config) -> None:
+        settings = config.settings
         if config.kl_coef <= 0:
             raise UserError(f"--algo rtb needs --kl-coef > 0: its balance uses r / beta, got {config.kl_coef}")
-        if config.log_z_lr <= 0:
-            raise UserError(f"--log-z-lr must be positive, got {config.log_z_lr}")
-        if not 0 <= config.replay_fraction < 1:
-            raise UserError(f"--replay-fraction must be in [0, 1), got {config.replay_fraction}")
-        if config.replay_size < 0:
-            raise UserError(f"--replay-size must be >= 0 chains (0 = no replay), got {config.replay_size}")
-        if config.explore_scale < 1:
-            raise UserError(f"--explore-scale must be >= 1 (1 = on-policy), got {config.explore_scale}")
-        if config.explore_epochs < 0 or config.explore_decay_epochs < 0:
+        if settings.log_z_lr <= 0:
+            raise UserError(f"--log-z-lr must be positive, got {settings.log_z_lr}")
+        if not 0 <= settings.replay_fraction < 1:
+            raise UserError(f"--replay-fraction must be in [0, 1), got {settings.replay_fraction}")
+        if settings.replay_size < 0:
+            raise UserError(f"--replay-size must be >= 0 chains (0 = no replay), got {settings.replay_size}")
+        if settings.explore_scale < 1:
+            raise UserError(f"--explore-scale must be >= 1 (1 = on-policy), got {settings.explore_scale}")
+        if settings.explore_epochs < 0 or settings.explore_decay_epochs < 0:
             raise UserError("--explore-epochs and --explore-decay-epochs must be >= 0")
         if config.log_prob_reduction != "sum":
             raise UserError(
@@ -105,9 +119,12 @@ class RelativeTrajectoryBalance(Algorithm):
         """The epoch's chains from the exploratory sampler: the policy's mean, sigma times the schedule's scale;
         their log_prob_old is under the real policy (sigma), so the loop's path KL is that of the policy's own
         means."""
-        cfg = self.s.config
-        scale = explore_scale(self.epoch, cfg.explore_scale, cfg.explore_epochs, cfg.explore_decay_epochs)
-        return super().sample(generator, noise_scale=scale)
+        return super().sample(generator, noise_scale=self.exploration())
+
+    def exploration(self) -> float:
+        """This epoch's sigma multiplier of the exploratory sampler: --explore-scale on its schedule."""
+        settings = self.settings
+        return explore_scale(self.epoch, settings.explore_scale, settings.explore_epochs, settings.explore_decay_epochs)
 
     def mine(self, rows: Tensor, N: int) -> Tensor:
         """Of pair rows k * N + b, those of this rank's chains (b mod world_size = rank)."""
@@ -127,30 +144,30 @@ class RelativeTrajectoryBalance(Algorithm):
     def training_chains(self, batch: Batch, generator: torch.Generator) -> tuple[Pairs, Tensor, int]:
         """The update's chains, the epoch's fresh ones then those replayed, as whole-batch pairs; their
         rewards; the number replayed. The fresh chains then enter the buffer (first in, first out)."""
-        s, cfg, K = self.s, self.s.config, batch.K
+        s, settings, K = self.s, self.settings, batch.K
         x_t = batch.pairs.x_t.reshape(K, -1, *batch.pairs.x_t.shape[1:])
         fresh = torch.cat([x_t, batch.pairs.x_prev.reshape(x_t.shape)[-1:]])  # [K + 1, B_rank, ...]
         fresh = s.ranks.gather(fresh, dim=1)
         t, t_prev = batch.pairs.t.reshape(K, -1)[:, 0], batch.pairs.t_prev.reshape(K, -1)[:, 0]
         xs, c, rewards = fresh, batch.c, batch.rewards
         replayed = 0
-        if self.buffer is not None and cfg.replay_fraction > 0:
+        if self.buffer is not None and settings.replay_fraction > 0:
             stored = len(self.buffer["rewards"])
-            replayed = min(stored, round(cfg.replay_fraction * batch.B / (1 - cfg.replay_fraction)))
+            replayed = min(stored, round(settings.replay_fraction * batch.B / (1 - settings.replay_fraction)))
             pick = torch.randperm(stored, generator=generator, device=s.device)[:replayed]
             xs = torch.cat([xs, self.buffer["xs"][:, pick]], 1)
             rewards = torch.cat([rewards, self.buffer["rewards"][pick]])
             c = None if c is None else torch.cat([c, self.buffer["c"][pick]])
-        if cfg.replay_size > 0:
+        if settings.replay_size > 0:
             old = self.buffer or {
                 "xs": fresh[:, :0],
                 "rewards": batch.rewards[:0],
                 "c": None if batch.c is None else batch.c[:0],
             }
             self.buffer = {
-                "xs": torch.cat([old["xs"], fresh], 1)[:, -cfg.replay_size :],
-                "rewards": torch.cat([old["rewards"], batch.rewards])[-cfg.replay_size :],
-                "c": None if batch.c is None else torch.cat([old["c"], batch.c])[-cfg.replay_size :],
+                "xs": torch.cat([old["xs"], fresh], 1)[:, -settings.replay_size :],
+                "rewards": torch.cat([old["rewards"], batch.rewards])[-settings.replay_size :],
+                "c": None if batch.c is None else torch.cat([old["c"], batch.c])[-settings.replay_size :],
             }
         chains = Trajectory(xs=xs, timesteps=t, prev_timesteps=t_prev, log_probs=None, c=c)
         return Pairs.from_trajectory(chains), rewards, replayed
@@ -180,7 +197,7 @@ class RelativeTrajectoryBalance(Algorithm):
             self.step()
             losses.append(delta.square().mean())
             delta_abs.append(delta.abs().mean())
-        scale = explore_scale(self.epoch, cfg.explore_scale, cfg.explore_epochs, cfg.explore_decay_epochs)
+        scale = self.exploration()
         self.epoch += 1
         return {
             "rtb/explore_scale": scale,

@@ -7,10 +7,13 @@ using human feedback"; Black et al. 2023 use it as a baseline).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.config import arg
 from rl_diffusion.errors import UserError
 
 
@@ -22,8 +25,18 @@ def rwr_weights(rewards: Tensor, temperature: float) -> Tensor:
 class RewardWeightedRegression(Algorithm):
     uses_kl = False
 
+    @dataclass(frozen=True)
+    class Settings:
+        rwr_temperature: float = arg(
+            1.0,
+            "rwr: softmax temperature on rewards, reward units; each epoch fits p_old exp(r / T), so the tilt "
+            "compounds over epochs with nothing holding it to the pretrained model",
+        )
+
     @classmethod
     def validate(cls, config) -> None:
+        if config.settings.rwr_temperature <= 0:
+            raise UserError(f"--rwr-temperature must be positive, got {config.settings.rwr_temperature}")
         if config.kl_coef > 0:
             raise UserError(
                 "--algo rwr has no KL term: each epoch fits p_old exp(r / T), a tilt that compounds over epochs "
@@ -31,8 +44,8 @@ class RewardWeightedRegression(Algorithm):
             )
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s, cfg = self.s, self.s.config
-        weights = rwr_weights(batch.rewards, cfg.rwr_temperature)
+        s = self.s
+        weights = rwr_weights(batch.rewards, self.settings.rwr_temperature)
         shard = s.ranks.shard(batch.B, "--chains")
 
         def weighted_denoising_loss() -> Tensor:  # sum_b w_b E_{t, eps} ||eps_theta(x_t, t) - eps||^2 / D
