@@ -183,6 +183,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError(f"--num-samples must be positive, got {args.num_samples}")
     if args.guidance_scale != 1.0 and not getattr(run.model, "num_classes", 0):
         raise UserError(f"--guidance-scale needs a class-conditional model; {args.run} has no labels")
+    if run.config.get("null_label") and args.guidance_scale == 1.0:
+        args.guidance_scale = 0.0  # a run fine-tuned on the null label samples on it
     if run.config.get("algo") in AGENT_ALGOS and args.mix is None:
         samples = _agent_samples(args, run.config["algo"], device)
     else:
@@ -421,7 +423,8 @@ def add_sample(sub) -> None:
         "--guidance-scale",
         type=finite_float("--guidance-scale"),
         default=1.0,
-        help="classifier-free guidance of a class-conditional model (0 unconditional, 1 conditional, >1 sharper)",
+        help="classifier-free guidance of a class-conditional model (0 unconditional, 1 conditional, >1 sharper); "
+        "a run fine-tuned with --null-label samples unconditionally",
     )
     p.add_argument(
         "--mix",

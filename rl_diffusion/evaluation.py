@@ -182,6 +182,7 @@ def _draw_both(run_dir: Path, cfg, run: LoadedRun, pretrained: LoadedRun, num_sa
     from rl_diffusion.algos import AGENT_ALGOS
 
     shape, c = sample_shape_and_labels(run.model, num_samples, device)
+    c = None if cfg.null_label else c
     with torch.no_grad():
         if cfg.algo in AGENT_ALGOS:  # the pretrained network steered by a stable-baselines3 agent
             samples, _, kl = agent_sampling.sample_agent(run_dir, num_samples, seed, device, c)

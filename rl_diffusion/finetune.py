@@ -133,6 +133,11 @@ class FinetuneConfig:
         False, "drop samples whose reward is nan/inf (counted in TensorBoard) instead of stopping"
     )
     device: str = arg("cpu", "cpu | cuda | cuda:N")
+    null_label: bool = arg(
+        False,
+        "class-conditional models: run every chain on the null label, the unconditional model that pretraining's "
+        "label dropout trained, so a reward that fights the labels (a class reward) tilts it freely",
+    )
     lora_rank: int = arg(
         0,
         "train rank-R adapters on the policy's Linear and Conv2d layers, the pretrained weights frozen "
@@ -271,6 +276,7 @@ class FinetuneConfig:
             "--timestep-fraction": self.timestep_fraction < 1,
             "--skip-nonfinite-rewards": self.skip_nonfinite_rewards,
             "--on-reward-failure skip": self.on_reward_failure == "skip",
+            "--null-label": self.null_label,
             # sb3-ppo's policy is the diffusion model, whose log-probs the flag reduces; the agents' are SB3's own
             "--log-prob-reduction": self.algo in AGENT_ALGOS and self.log_prob_reduction != "sum",
         }

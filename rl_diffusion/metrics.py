@@ -134,6 +134,25 @@ def diversity(x: Points) -> float:
     return _mean_within(_subsample(_as_points(x), torch.Generator().manual_seed(0)), lambda distance: distance)
 
 
+def within_class_diversity(x: Points, labels: Tensor, reference: Points, reference_labels: Tensor) -> float:
+    """How much of the reference's variety each class of x keeps: over the labels that both x and the reference
+    give to at least 2 points, the mean pairwise distance of x's points of that label over the reference's,
+    averaged with weights the labels' shares of x. 1 when every class is as varied as the reference's, towards 0
+    as a class collapses onto a few shapes; nan when no label qualifies. A class reward that turns every sample
+    into one digit lowers `diversity` by design, but should not lower this."""
+    x, reference = _as_points(x), _as_points(reference).to(_as_points(x).device)
+    labels, reference_labels = labels.to(x.device), reference_labels.to(x.device)
+    ratios, counts = [], []
+    for label in labels.unique():
+        ours, theirs = x[labels == label], reference[reference_labels == label]
+        if len(ours) >= 2 and len(theirs) >= 2:
+            ratios.append(diversity(ours) / diversity(theirs))
+            counts.append(len(ours))
+    if not counts:
+        return math.nan
+    return sum(r * n for r, n in zip(ratios, counts, strict=True)) / sum(counts)
+
+
 VENDI_MAX_POINTS = 1000  # the score eigendecomposes an n x n matrix, O(n^3): about 0.1 s at 1,000 points
 # Below the spacing of the gmm25 (1) and 8gaussians (1.53) modes, above their stds (0.11, 0.2):
 # on those data sets the score counts occupied modes.

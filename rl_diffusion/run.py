@@ -32,7 +32,7 @@ from rl_diffusion.diffusion import GaussianDiffusion, is_memoryless
 from rl_diffusion.distributed import NoWriter, Ranks
 from rl_diffusion.errors import UserError
 from rl_diffusion.finetune import FinetuneConfig
-from rl_diffusion.metrics import diversity, entropy, mode_masses, vendi_score
+from rl_diffusion.metrics import diversity, entropy, mode_masses, vendi_score, within_class_diversity
 from rl_diffusion.precision import autocast_forward
 from rl_diffusion.targets import Modes, dataset_modes
 
@@ -114,6 +114,8 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
     pretrained = load_run(Path(config.run), device)
     if pretrained.checkpoint["kind"] != "pretrain":
         raise UserError(f"--run {config.run} is a {pretrained.checkpoint['kind']} run; fine-tune from a pretrain run")
+    if config.null_label and not pretrained.checkpoint["model_config"].get("num_classes"):
+        raise UserError(f"--null-label needs a class-conditional model; --run {config.run} has no labels")
     out = Path(out)
     data_shape = tuple(pretrained.checkpoint["data"]["shape"])
     reward, eval_rewards = checked_rewards(config, out, resume, pretrained, data_shape, device)
@@ -196,7 +198,7 @@ def checked_rewards(
         )
     eval_rewards = build_eval_rewards(config.eval_rewards)
     num_classes = int(pretrained.checkpoint["model_config"].get("num_classes") or 0)
-    probe_labels = torch.zeros(2, dtype=torch.long, device=device) if num_classes else None
+    probe_labels = torch.zeros(2, dtype=torch.long, device=device) if num_classes and not config.null_label else None
     for r in (reward, *eval_rewards.values()):
         r(torch.zeros((2, *data_shape), device=device), probe_labels)
     return reward, eval_rewards
@@ -269,7 +271,8 @@ def monitor_scalars(
       diversity/outside_mass (the fraction within the mode radius of none);
     - with a `classifier` (grey images: the digit CNN, `label_classifier`): diversity/label_entropy, the
       entropy (nats) of its predicted labels over the batch: log 10 = 2.30 for all digits in equal shares,
-      0 for one digit.
+      0 for one digit; and diversity/within_class (metrics.within_class_diversity against `data`): the
+      variety each digit keeps, 1 for that of the data's digits, which a class reward should not lower.
     """
     flat = x0.detach().flatten(1).double()
     reference = torch.tensor(data, dtype=torch.float64, device=flat.device).flatten(1)  # a copy: data may be read-only
@@ -278,10 +281,12 @@ def monitor_scalars(
     else:  # a network imported without its data (rl_diffusion/diffusers_io.py): nothing to be near
         nearest = flat.new_full((len(flat),), torch.nan)
     values = {"realism/nearest_data": nearest.mean().item(), "diversity/pairwise": diversity(flat)}
-    if classifier is not None:
+    if classifier is not None and len(reference):
         with torch.no_grad():
             labels = classifier(x0.detach().float()).argmax(dim=1)
+            data_labels = classifier(reference.view(-1, *x0.shape[1:]).float()).argmax(dim=1)
         values["diversity/label_entropy"] = entropy(torch.bincount(labels, minlength=10) / len(labels))
+        values["diversity/within_class"] = within_class_diversity(flat, labels, reference, data_labels)
     if x0.dim() != 2:
         return values
     values["diversity/vendi"] = vendi_score(x0)
@@ -296,6 +301,7 @@ def monitor_scalars(
 REALISM_RISE = 1.5  # flag: the samples' distance to the data this many times the pretrained model's ...
 REALISM_MARGIN = 0.1  # ... and higher by this fraction of the data's std (a tiny distance doubling is no news)
 COLLAPSE_FALL = 0.5  # flag: the mean pairwise distance below this fraction of the pretrained model's
+CLASS_COLLAPSE_FALL = 0.75  # flag: the variety within each digit below this fraction of the pretrained model's
 
 
 def hacking_warnings(history: list[dict], data: np.ndarray) -> list[str]:
@@ -318,7 +324,35 @@ def hacking_warnings(history: list[dict], data: np.ndarray) -> list[str]:
             f"samples collapsed: their mean pairwise distance fell from {a:.3g} to {b:.3g} (diversity/pairwise); "
             "unless the reward asks for that (one point, a small region), raise --kl-coef or set --kl-target"
         )
+    a, b = first.get("diversity/within_class", np.nan), last.get("diversity/within_class", np.nan)
+    if b < CLASS_COLLAPSE_FALL * a:
+        warnings.append(
+            f"samples collapsed within their class: each digit's variety, against the data's, fell from {a:.2f} "
+            f"to {b:.2f} (diversity/within_class): a few shapes repeat; raise --kl-coef, or try --algo iw-distill, "
+            "which fits the tilt's own variety"
+        )
     return warnings
+
+
+LABELS_FIGHT = 0.5  # warn when the labels explain more than this fraction of the reward's variance
+
+
+def labels_fight_warning(rewards: Tensor, c: Tensor) -> str | None:
+    """A warning when a class-conditional model's labels explain most of the reward's variance over its own
+    chains (the between-label share, R^2 of the rewards on the labels): the KL keeps each chain's label, since
+    the optimum is p_pre(x | c) exp(r / beta) / Z_c, so such a reward fights the labels instead of tilting
+    within them. None otherwise."""
+    rewards = rewards.double()
+    total = (rewards - rewards.mean()).square().sum()
+    between = sum((c == label).sum() * (rewards[c == label].mean() - rewards.mean()).square() for label in c.unique())
+    share = (between / total).item() if total > 0 else 0.0
+    if share <= LABELS_FIGHT:
+        return None
+    return (
+        f"the labels explain {share:.0%} of the reward's variance over the pretrained model's chains: under the KL "
+        "each chain keeps its label, so the reward fights the labels; run the chains on the null label with "
+        "--null-label (the unconditional model its label dropout trained), or fine-tune an unconditional model"
+    )
 
 
 def score_rewards(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:

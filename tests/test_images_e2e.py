@@ -205,3 +205,38 @@ def test_finetuning_with_the_digit_classifier_raises_that_digits_share(
     for name in ("samples_before.png", "samples_after.png"):
         with Image.open(out / "figures" / name) as grid:
             assert grid.format == "PNG"
+
+
+def test_labels_fight_warning_against_the_between_label_share_of_the_variance():
+    from rl_diffusion.run import labels_fight_warning
+
+    # labels 0, 0, 1, 1 with rewards 0, 2, 10, 12: total sum of squares 36 + 16 + 16 + 36 = 104, between labels
+    # 4 * 25 = 100
+    rewards, c = torch.tensor([0.0, 2.0, 10.0, 12.0]), torch.tensor([0, 0, 1, 1])
+    assert "the labels explain 96% of the reward's variance" in labels_fight_warning(rewards, c)
+    # within-label spread 10 apart, label means 1 apart: 1 / (1 + 100) of the variance
+    assert labels_fight_warning(torch.tensor([0.0, 10.0, 1.0, 11.0]), c) is None
+
+
+def test_a_class_reward_on_a_conditional_model_warns_and_the_null_label_lets_it_tilt(
+    digits_run: Path, unconditional_run: Path, tmp_path: Path, capsys
+) -> None:
+    from rl_diffusion.algos import algorithm
+    from rl_diffusion.finetune import config_for
+    from rl_diffusion.run import setup
+
+    def finetune(run: Path, out: Path, *flags: str) -> tuple[int, str]:
+        args = ["finetune", "--run", str(run), "--out", str(out), "--reward", "digit_classifier"]
+        args += ["--reward-arg", f"digit={DIGIT}", "--chains", "32", "--epochs", "1", "--no-final-eval", "--quiet"]
+        return main([*args, *flags]), capsys.readouterr().err
+
+    status, err = finetune(digits_run, tmp_path / "labelled")
+    assert status == 0 and "warning: the labels explain" in err and "--null-label" in err
+    status, err = finetune(digits_run, tmp_path / "null", "--null-label")
+    assert status == 0 and "the labels explain" not in err
+    # the chains carry no label, so the network runs on its null label
+    flags = {"run": str(digits_run), "reward": "digit_classifier", "null_label": True}
+    s = setup(config_for(flags), tmp_path / "chains")
+    assert algorithm("ddpo-is")(s).sample_chains(4, "--chains", torch.Generator())[2] is None
+    status, err = finetune(unconditional_run, tmp_path / "refused", "--null-label")
+    assert status == 2 and err.startswith("error: --null-label needs a class-conditional model")

@@ -1,5 +1,5 @@
 """Held-out rewards, early stopping on one, and the monitors of reward hacking (realism, Vendi score, modes held,
-label entropy)."""
+label entropy, the variety within each class)."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import torch
 from pretrain.images import load_digits_images
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
-from rl_diffusion.metrics import VENDI_BANDWIDTH, vendi_score
+from rl_diffusion.metrics import VENDI_BANDWIDTH, vendi_score, within_class_diversity
 from rl_diffusion.run import hacking_warnings, label_classifier, monitor_scalars
 from rl_diffusion.targets import dataset_modes
 
@@ -76,6 +76,41 @@ def test_label_entropy_of_grey_images_counts_the_digits_the_classifier_reads():
     assert one_digit["realism/nearest_data"] == 0.0  # real images are data
     noise = monitor_scalars(torch.rand(40, 1, 8, 8) * 2 - 1, images, None, classifier)
     assert noise["realism/nearest_data"] > 0.3  # pixels in [-1, 1]: noise is far from every digit
+
+
+def test_within_class_diversity_weighs_each_labels_spread_against_the_references():
+    # label 0: two points 1 apart against the reference's 2 apart (ratio 1/2), 2 of the 6 points; label 1: four
+    # corners of a unit square (mean distance (4 + 2 sqrt 2) / 6) against the same (ratio 1), 4 of 6; label 2
+    # exists only in the reference, label 3 has one point: neither counts
+    square = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    x = torch.cat([torch.tensor([[0.0, 0.0], [1.0, 0.0]]), square, torch.tensor([[9.0, 9.0]])])
+    labels = torch.tensor([0, 0, 1, 1, 1, 1, 3])
+    reference = torch.cat([torch.tensor([[0.0, 0.0], [2.0, 0.0]]), square, torch.tensor([[5.0, 5.0], [6.0, 5.0]])])
+    reference_labels = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2])
+    assert within_class_diversity(x, labels, reference, reference_labels) == pytest.approx((2 * 0.5 + 4 * 1) / 6)
+    assert math.isnan(within_class_diversity(x[6:], labels[6:], reference, reference_labels))
+
+
+def test_a_collapse_inside_one_class_warns():
+    # the pretrained model draws every digit; the fine-tuned one only 3s: the real 3s (varied), or two real 3s
+    # repeated with a little noise (a few shapes, as a mode-seeking fine-tune leaves them). A class reward lowers
+    # the mean pairwise distance either way (one class is less spread than ten); the variety within the class
+    # tells the two apart
+    images, labels = load_digits_images()
+    classifier = label_classifier(images.shape[1:], torch.device("cpu"))
+    shuffled = torch.as_tensor(images)[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
+    threes = torch.as_tensor(images[labels == 3])[torch.randperm(99, generator=torch.Generator().manual_seed(1))]
+    noise = 0.05 * torch.randn(99, *threes.shape[1:], generator=torch.Generator().manual_seed(0))
+    few_shapes = threes[:2].repeat(50, 1, 1, 1)[:99] + noise
+    first = monitor_scalars(shuffled[:200], images, None, classifier)
+    varied, collapsed = (monitor_scalars(x, images, None, classifier) for x in (threes, few_shapes))
+    assert first["diversity/within_class"] == pytest.approx(1.0, abs=0.05)  # real digits against real digits
+    assert varied["diversity/within_class"] == pytest.approx(1.0, abs=0.05)
+    assert collapsed["diversity/within_class"] < 0.75
+    assert varied["diversity/pairwise"] < 0.75 * first["diversity/pairwise"]
+    assert hacking_warnings([first, varied], images) == []
+    warnings = hacking_warnings([first, collapsed], images)
+    assert any(w.startswith("samples collapsed within their class") for w in warnings)
 
 
 def finetune(pretrained, out, *args: str) -> list[dict]:

@@ -98,7 +98,7 @@ class Algorithm:
         shard = s.ranks.shard(chains, flag)
         num_classes = getattr(s.policy, "num_classes", 0)
         c = None
-        if num_classes:
+        if num_classes and not cfg.null_label:
             c = torch.randint(0, num_classes, (chains,), generator=generator, device=s.device)[shard]
         # no_grad, not inference_mode: these tensors are inputs to the update's autograd graph.
         with torch.no_grad():

@@ -34,6 +34,7 @@ from rl_diffusion.run import (
     best_epoch,
     early_stop,
     hacking_warnings,
+    labels_fight_warning,
     log_epoch,
     restore_checkpoint,
     save_checkpoint,
@@ -105,6 +106,10 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             started = time.perf_counter()
             batch, scored = collect(s, algo, generator, epoch)
             reward_queries += scored
+            if epoch == 0 and batch.c is not None and s.ranks.is_main:
+                warning = labels_fight_warning(batch.rewards, batch.c)
+                if warning:
+                    print(f"warning: {warning}", file=sys.stderr)
             stats = algo.update(batch, generator)
             if not math.isfinite(stats["loss/policy"]):
                 raise UserError(
