@@ -358,5 +358,6 @@ def config_for(flags: dict) -> FinetuneConfig:
     except (UserError, OSError, KeyError):
         image = False  # setup() says what is wrong with --run
     algo = flags.get("algo", FinetuneConfig.algo)
-    algo_defaults = algorithm(algo).defaults if algo in NATIVE else {}
+    native = algorithm(algo) if algo in NATIVE else None
+    algo_defaults = {} if native is None else {**native.defaults, **(native.image_defaults if image else {})}
     return config_from_dict(FinetuneConfig, {**(IMAGE_DEFAULTS if image else {}), **algo_defaults, **flags})

@@ -301,7 +301,7 @@ def monitor_scalars(
 REALISM_RISE = 1.5  # flag: the samples' distance to the data this many times the pretrained model's ...
 REALISM_MARGIN = 0.1  # ... and higher by this fraction of the data's std (a tiny distance doubling is no news)
 COLLAPSE_FALL = 0.5  # flag: the mean pairwise distance below this fraction of the pretrained model's
-CLASS_COLLAPSE_FALL = 0.75  # flag: the variety within each digit below this fraction of the pretrained model's
+CLASS_COLLAPSE_FALL = 0.85  # flag: the variety within each digit below this fraction of the pretrained model's
 
 
 def hacking_warnings(history: list[dict], data: np.ndarray) -> list[str]:

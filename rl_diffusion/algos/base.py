@@ -62,6 +62,7 @@ class Algorithm:
     needs_reward_gradient: ClassVar[bool] = False  # the reward must declare itself differentiable
     needs_log_prob: ClassVar[bool] = True  # the chain must be stochastic (eta > 0): the update scores actions
     defaults: ClassVar[dict] = {}  # config fields whose default differs for this algorithm (finetune.config_for)
+    image_defaults: ClassVar[dict] = {}  # over `defaults` where the pretrained run holds images
     pair_bytes: float | None = None  # what one (chain, step) pair's policy step keeps for backward (measured once)
 
     def __init__(self, s: Setup):
