@@ -25,15 +25,18 @@ def test_groups_are_the_fewest_that_fit():
     assert [len(g) for g in groups] == [86, 85, 85] and torch.equal(torch.cat(groups), torch.arange(256))
 
 
-@pytest.mark.parametrize("algo", ["ddpo-sf", "rtb"])
+@pytest.mark.parametrize("algo", ["ddpo-sf", "rtb", "ddpo-is"])
 def test_accumulated_gradients_do_not_depend_on_the_memory_budget(algo):
-    # the updates that sum one gradient over all pairs split them by --memory-mib: one group, or one pair per group
+    # the updates that sum one gradient over many pairs split them by --memory-mib: one group, or one pair per
+    # group (ddpo-is: the pairs of each PPO minibatch, here one minibatch of them all)
     from rl_diffusion.algos import algorithm
     from tests.test_kl_objective import A, D, NoStep, batch_of, closed_form_setup
 
-    grads = []
+    grads, calls = [], []
     for memory_mib in (1e6, 1e-12):
         s = closed_form_setup(0.5, memory_mib=memory_mib)
+        forwards = []
+        s.policy.register_forward_hook(lambda *_: forwards.append(1))
         with torch.no_grad():
             s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
             traj = s.diffusion.sample(s.policy, (16, D), generator=torch.Generator().manual_seed(1), record=True)
@@ -42,5 +45,7 @@ def test_accumulated_gradients_do_not_depend_on_the_memory_budget(algo):
         update.update(batch_of(s, traj, traj.xs[-1] @ A), torch.Generator().manual_seed(2))
         assert update.pair_bytes > 0  # measured with a graph, even when rtb's first call is under no_grad
         grads.append(s.policy.theta.grad.clone())
+        calls.append(len(forwards))
+    assert calls[1] > calls[0]  # the small budget did split the pairs
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)

@@ -143,18 +143,19 @@ class ImportanceSampling(Algorithm):
                 chosen = torch.rand(K, B, generator=generator, device=s.device).argsort(0)[:keep]
                 rows = (chosen * B + torch.arange(B, device=s.device)).flatten()
             for idx in rows[torch.randperm(len(rows), generator=generator, device=s.device)].split(cfg.minibatch_size):
-                mine, own = self.own_rows(idx, B)
-                ours = policy_step(s.diffusion, cfg, s.synced_policy, batch.pairs, own)
-                terms, approx_kl, clipped = ppo_terms(
-                    adv[mine], ours.log_prob, batch.pairs.log_prob_old[own], cfg.clip_range
-                )
-                if self.kl_coef > 0:
-                    terms = terms + kl_penalty(s, self.kl_coef, ours.mean, batch.pairs, own, scale_pairs[mine])
                 self.optimizer.zero_grad(set_to_none=True)
-                # DDP's mean over ranks: the minibatch mean
-                (terms.sum() * s.ranks.world_size / len(idx)).backward()
+                for group in self.pair_groups(idx, batch.pairs):  # one gradient step, accumulated within --memory-mib
+                    mine, own = self.own_rows(group, B)
+                    ours = policy_step(s.diffusion, cfg, s.synced_policy, batch.pairs, own)
+                    terms, approx_kl, clipped = ppo_terms(
+                        adv[mine], ours.log_prob, batch.pairs.log_prob_old[own], cfg.clip_range
+                    )
+                    if self.kl_coef > 0:
+                        terms = terms + kl_penalty(s, self.kl_coef, ours.mean, batch.pairs, own, scale_pairs[mine])
+                    # DDP's mean over ranks: the minibatch mean
+                    (terms.sum() * s.ranks.world_size / len(idx)).backward()
+                    sums += torch.stack([terms.detach().sum(), approx_kl.sum(), clipped.sum()])
                 self.step()
-                sums += torch.stack([terms.detach().sum(), approx_kl.sum(), clipped.sum()])
                 count += len(idx)
         loss, approx_kl, clipfrac = (s.ranks.sum(sums) / count).tolist()
         return {"loss/policy": loss, "ppo/approx_kl": approx_kl, "ppo/clipfrac": clipfrac}
