@@ -3,7 +3,8 @@
 A checkpoint is one torch file holding everything a continuation needs:
     kind              "pretrain" | "finetune"
     model_config      {"kind": ..., constructor kwargs}: rebuilds the network
-    diffusion_config  {"beta_schedule", "num_timesteps"}
+    diffusion_config  {"beta_schedule", "num_timesteps", ...}, or {"model_type": "flow", "num_timesteps", ...}:
+                      rebuilds the process (`processes.process_from_config`)
     data              {"dataset", "shape"}: what the samples should look like
     model             the weights to sample with (the EMA for pretraining; a LoRA fine-tune: its adapters only)
     lora              a LoRA fine-tune only: {"rank", "alpha", "base_run", "base_fingerprint"}, the base it adapts
@@ -30,10 +31,11 @@ import torch
 from torch import nn
 
 from rl_diffusion import lora
-from rl_diffusion.diffusion import GaussianDiffusion
+from rl_diffusion.diffusion import DenoisingProcess
 from rl_diffusion.distributed import is_main_process
 from rl_diffusion.errors import UserError
 from rl_diffusion.models import build_model
+from rl_diffusion.processes import process_from_config
 from rl_diffusion.runlock import LOCK_FILE
 
 CHECKPOINT_DIR = "checkpoints"
@@ -184,10 +186,10 @@ class CheckpointManager:
 
 @dataclass
 class LoadedRun:
-    """A trained model ready to sample: network (eval mode), diffusion, and its checkpoint."""
+    """A trained model ready to sample: network (eval mode), its process (DDPM or flow), and its checkpoint."""
 
     model: nn.Module
-    diffusion: GaussianDiffusion
+    diffusion: DenoisingProcess
     checkpoint: dict
     config: dict
 
@@ -204,7 +206,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
         load_weights(model, ckpt["model"], source=str(run_dir))
     model.eval()
     return LoadedRun(
-        model=model, diffusion=GaussianDiffusion(**ckpt["diffusion_config"]), checkpoint=ckpt, config=config
+        model=model, diffusion=process_from_config(ckpt["diffusion_config"]), checkpoint=ckpt, config=config
     )
 
 

@@ -214,7 +214,7 @@ def _agent_samples(args: argparse.Namespace, algo: str, device) -> np.ndarray:
     from rl_diffusion.agent_sampling import sample_agent
 
     defaults = {
-        "--sampler": args.sampler == "ddpm",
+        "--sampler": args.sampler is None,
         "--sampling-steps": args.sampling_steps is None,
         "--eta": args.eta == 1.0,
         "--no-clip-denoised": args.clip_denoised,
@@ -408,10 +408,17 @@ def add_sample(sub) -> None:
     p.add_argument("--run", required=True, help="run directory (pretrain or finetune)")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--out", required=True, help="output .npy file (samples in the data set's coordinates)")
-    p.add_argument("--sampler", default="ddpm", help="ddpm | ddim")
-    p.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (default: all T)")
     p.add_argument(
-        "--eta", type=finite_float("--eta"), default=1.0, help="DDIM stochasticity in [0, 1] (0 = deterministic)"
+        "--sampler",
+        default=None,
+        help="ddpm | ddim for a DDPM run, euler (the ODE) | sde for a flow run (default: ddpm; flow: euler)",
+    )
+    p.add_argument("--sampling-steps", type=int, default=None, help="DDIM, Euler or SDE steps (default: all T)")
+    p.add_argument(
+        "--eta",
+        type=finite_float("--eta"),
+        default=1.0,
+        help="DDIM stochasticity in [0, 1] (0 = deterministic); sde: noise level, sigma_t = eta sqrt(2 t / (1 - t))",
     )
     p.add_argument(
         "--clip-denoised",

@@ -22,6 +22,9 @@ Gaussian and the path KL stays exact.
 
 Every schedule-dependent number is precomputed (or, for DDIM's pairs of timesteps,
 computed) in float64 and cast to float32 only when it multiplies a batch.
+
+`DenoisingProcess` holds what a flow-matching model (`rl_diffusion/flow.py`) shares with the DDPM:
+integer timesteps, the training loss's draws, the clip of x_0 and the sampling loop.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from torch import Tensor, nn
 from rl_diffusion.errors import UserError
 from rl_diffusion.schedules import betas_for
 
-SAMPLERS = ("ddpm", "ddim")
 LOG_PROB_REDUCTIONS = ("sum", "mean")
 
 
@@ -62,7 +64,150 @@ class Trajectory:
     c: Tensor | None = None  # [B] class labels the chains were conditioned on
 
 
-class GaussianDiffusion:
+class DenoisingProcess:
+    """A process over T integer timesteps (t = T: noise, t = 0: the data) that a network learns to reverse.
+
+    A subclass defines the forward process `q_sample(x0, t, noise)`, the network's `regression_target(x0, noise)`,
+    `predict_x0(x_t, t, model_output)`, `config`, and its samplers: `reverse_step(model_output, x_t, t, *, t_prev,
+    sampler, eta, x_prev, noise, log_prob_reduction)`, `timesteps(sampler, sampling_steps)`, and the static
+    `check_eta`, `is_memoryless` and `is_deterministic` of (sampler, eta). The training loss, the clip of x_0 and
+    the sampling loop are shared.
+    """
+
+    model_type: str  # `config` records it when it is not "ddpm" (so DDPM checkpoints read as before)
+    SAMPLERS: tuple[str, ...]  # the first is the default
+    DETERMINISTIC: dict  # the keyword arguments of the deterministic sampler (in-training evaluations)
+
+    def __init__(self, num_timesteps: int, x0_range: tuple | list | None):
+        self.num_timesteps = num_timesteps
+        self.x0_range = None if x0_range is None else (x0_range[0], x0_range[1])
+
+    @classmethod
+    def check_sampler(cls, sampler: str, eta: float = 1.0) -> None:
+        """Refuse a sampler of another process (a DDPM sampler for a flow run, or the other way round), and an eta
+        the sampler cannot take."""
+        if sampler not in cls.SAMPLERS:
+            raise UserError(
+                f"unknown sampler '{sampler}' for a {cls.model_type} run; choose one of {', '.join(cls.SAMPLERS)}"
+            )
+        cls.check_eta(sampler, eta)
+
+    def clip_x0(self, x0: Tensor) -> Tensor:
+        """x0 clipped to `x0_range` (per coordinate when the range has one bound per coordinate); x0 itself
+        without a range."""
+        if self.x0_range is None:
+            return x0
+        low, high = (torch.as_tensor(bound, dtype=x0.dtype, device=x0.device) for bound in self.x0_range)
+        return torch.maximum(torch.minimum(x0, high), low)
+
+    def _timestep_tensor(self, t: Tensor | int, x: Tensor) -> Tensor:
+        if isinstance(t, int):
+            return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        return t.to(device=x.device, dtype=torch.long)
+
+    def training_loss(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        c: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        weights: Tensor | None = None,
+        shard: slice | None = None,
+    ) -> Tensor:
+        """E_{t, eps} ||target - f_theta(x_t, t, c)||^2 / D with t ~ U{1..T}: Ho et al.'s simple loss (target eps)
+        for a DDPM, the flow-matching loss (target eps - x_0) for a flow.
+
+        Averaged over the batch, or summed with per-sample `weights` [B] (reward-weighted regression).
+        With `shard` (a data-parallel rank's rows) t and eps are drawn for the whole batch, the
+        network sees only those rows, and the loss is scaled so that the mean over equal shards
+        (what DistributedDataParallel averages) is the whole batch's loss.
+        """
+        rows = slice(None) if shard is None else shard
+        x_t, t, target = self.noised(x0, generator, rows)
+        prediction = model(x_t, t, None if c is None else c[rows])
+        per_sample = ((prediction - target) ** 2).flatten(1).mean(1)
+        if weights is None:
+            return per_sample.mean()
+        return len(x0) / len(per_sample) * (weights[rows] * per_sample).sum()
+
+    def noised(self, x0: Tensor, generator: torch.Generator | None, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t, t, target) of the training loss for the rows of x0 [B, ...]: t ~ U{1..T} and eps ~ N(0, I) drawn
+        for the whole batch (so a rank's rows are those one process would draw), x_t = q_sample(x0, t, eps) and
+        the network's regression target."""
+        t = torch.randint(1, self.num_timesteps + 1, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        x0, t, noise = x0[rows], t[rows], noise[rows]
+        return self.q_sample(x0, t, noise), t, self.regression_target(x0, noise)
+
+    def sample(
+        self,
+        model: nn.Module,
+        shape: tuple[int, ...],
+        *,
+        c: Tensor | None = None,
+        sampler: str | None = None,
+        sampling_steps: int | None = None,
+        eta: float = 1.0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        record: bool = False,
+        log_prob_reduction: str = "sum",
+        shard: slice | None = None,
+        noise_scale: float = 1.0,
+    ) -> Trajectory:
+        """Run the reverse chain from x_T ~ N(0, I) for a batch of `shape` [B, ...], with `sampler` (default: the
+        process's first) in `sampling_steps` steps (default: all T).
+
+        With record=False only x_0 is kept (xs has one entry, the final sample) and no
+        log-probs; with record=True every state, per-step mean and log-prob is kept for RL.
+        One network call per step for the whole batch. Call under torch.inference_mode()
+        (or torch.no_grad()) unless gradients are wanted.
+
+        `shard` samples only those rows of the batch (a data-parallel rank's chains; `c` holds
+        their labels): every random draw is made for the whole batch and cut to the shard, so
+        the rows are exactly the ones one process would sample.
+
+        `noise_scale` S > 1 draws x_{t-1} = mean + S sigma z, an exploratory chain (off-policy
+        training); its log-probs stay those of the real step (sigma).
+        """
+        sampler = sampler or self.SAMPLERS[0]
+        steps = self.timesteps(sampler, sampling_steps)
+        prevs = steps[1:] + [0]
+
+        def standard_normal() -> Tensor:
+            z = torch.randn(shape, device=device, generator=generator)
+            return z if shard is None else z[shard]
+
+        x = standard_normal()
+        xs, means, log_probs = [x], [], []
+        for t, t_prev in zip(steps, prevs, strict=True):
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
+            out = self.reverse_step(
+                model(x, t_batch, c),
+                x,
+                t_batch,
+                t_prev=t_prev,
+                sampler=sampler,
+                eta=eta,
+                noise=noise_scale * standard_normal(),
+                log_prob_reduction=log_prob_reduction,
+            )
+            x = out.x_prev
+            if record:
+                xs.append(x)
+                means.append(out.mean)
+                log_probs.append(out.log_prob)
+        return Trajectory(
+            xs=torch.stack(xs) if record else x.unsqueeze(0),
+            timesteps=torch.tensor(steps, device=device),
+            prev_timesteps=torch.tensor(prevs, device=device),
+            log_probs=torch.stack(log_probs) if record and log_probs[0] is not None else None,
+            means=torch.stack(means) if record else None,
+            c=c,
+        )
+
+
+class GaussianDiffusion(DenoisingProcess):
     """A DDPM with T steps over a beta schedule; knows nothing about the network.
 
     Args:
@@ -74,6 +219,10 @@ class GaussianDiffusion:
             from another library keeps the schedule it was trained with, to the bit. len(betas) = T.
     """
 
+    model_type = "ddpm"
+    SAMPLERS = ("ddpm", "ddim")
+    DETERMINISTIC = {"sampler": "ddim", "eta": 0.0}
+
     def __init__(
         self,
         beta_schedule: str | None = "linear",
@@ -81,9 +230,9 @@ class GaussianDiffusion:
         x0_range: tuple | list | None = None,
         betas: list[float] | None = None,
     ):
+        super().__init__(num_timesteps, x0_range)
+        T = num_timesteps
         self.beta_schedule = None if betas is not None else beta_schedule
-        self.x0_range = None if x0_range is None else (x0_range[0], x0_range[1])
-        self.num_timesteps = T = num_timesteps
         self.explicit_betas = None if betas is None else checked_betas(betas, T).tolist()
         betas = np.concatenate([[0.0], betas_for(beta_schedule, T) if betas is None else self.explicit_betas])
         alphas = 1.0 - betas
@@ -137,55 +286,15 @@ class GaussianDiffusion:
         """The x_0 that the noise prediction eps implies at (x_t, t)."""
         return self._coef("x0_coef_x", t, x_t) * x_t - self._coef("x0_coef_eps", t, x_t) * eps
 
-    def clip_x0(self, x0: Tensor) -> Tensor:
-        """x0 clipped to `x0_range` (per coordinate when the range has one bound per coordinate); x0 itself
-        without a range."""
-        if self.x0_range is None:
-            return x0
-        low, high = (torch.as_tensor(bound, dtype=x0.dtype, device=x0.device) for bound in self.x0_range)
-        return torch.maximum(torch.minimum(x0, high), low)
-
-    def _timestep_tensor(self, t: Tensor | int, x: Tensor) -> Tensor:
-        if isinstance(t, int):
-            return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        return t.to(device=x.device, dtype=torch.long)
-
     # Forward process
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Sample from q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), given the noise."""
         return self._coef("sqrt_abar", t, x0) * x0 + self._coef("sqrt_one_minus_abar", t, x0) * noise
 
-    def training_loss(
-        self,
-        model: nn.Module,
-        x0: Tensor,
-        c: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        weights: Tensor | None = None,
-        shard: slice | None = None,
-    ) -> Tensor:
-        """Ho et al.'s simple loss E_{t, eps} ||eps - eps_theta(x_t, t, c)||^2 / D with t ~ U{1..T}.
-
-        Averaged over the batch, or summed with per-sample `weights` [B] (reward-weighted regression).
-        With `shard` (a data-parallel rank's rows) t and eps are drawn for the whole batch, the
-        network sees only those rows, and the loss is scaled so that the mean over equal shards
-        (what DistributedDataParallel averages) is the whole batch's loss.
-        """
-        rows = slice(None) if shard is None else shard
-        x_t, t, noise = self.noised(x0, generator, rows)
-        eps = model(x_t, t, None if c is None else c[rows])
-        per_sample = ((eps - noise) ** 2).flatten(1).mean(1)
-        if weights is None:
-            return per_sample.mean()
-        return len(x0) / len(per_sample) * (weights[rows] * per_sample).sum()
-
-    def noised(self, x0: Tensor, generator: torch.Generator | None, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
-        """(x_t, t, eps) of the training loss for the rows of x0 [B, ...]: t ~ U{1..T} and eps ~ N(0, I) drawn
-        for the whole batch (so a rank's rows are those one process would draw), x_t = q_sample(x0, t, eps)."""
-        t = torch.randint(1, self.num_timesteps + 1, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-        return self.q_sample(x0[rows], t[rows], noise[rows]), t[rows], noise[rows]
+    def regression_target(self, x0: Tensor, noise: Tensor) -> Tensor:
+        """The network predicts the noise."""
+        return noise
 
     # Reverse process
 
@@ -217,7 +326,7 @@ class GaussianDiffusion:
             log_prob_reduction: "sum" over data dimensions (the exact log-density, default) or
                 "mean" (per dimension, as large-image systems use; clip ranges shrink accordingly).
         """
-        check_sampler(sampler, eta)
+        self.check_sampler(sampler, eta)
         t = self._timestep_tensor(t, x_t)
         t_prev = t - 1 if t_prev is None else self._timestep_tensor(t_prev, x_t)
         # One mean in two forms: a x_t + b eps, and c_x0 x_0 + c_x x_t with x_0 the prediction. The
@@ -254,14 +363,31 @@ class GaussianDiffusion:
         if x_prev is None:
             x_prev = mean + sigma * (torch.randn(x_t.shape, device=x_t.device) if noise is None else noise)
         log_prob = None
-        if not (sampler == "ddim" and eta == 0):
+        if not self.is_deterministic(sampler, eta):
             log_prob = gaussian_log_prob(x_prev, mean, sigma, log_prob_reduction)
         return ReverseStep(x_prev=x_prev, mean=mean, sigma=sigma.reshape(-1), log_prob=log_prob)
+
+    @staticmethod
+    def check_eta(sampler: str, eta: float) -> None:
+        """DDIM takes eta in [0, 1]: above 1 its sigma^2 exceeds 1 - abar_{t_prev}."""
+        if sampler == "ddim" and not 0 <= eta <= 1:
+            raise UserError(f"--eta must be in [0, 1], got {eta}: above 1 the DDIM step has no valid mean")
+
+    @staticmethod
+    def is_memoryless(sampler: str, eta: float) -> bool:
+        """Whether the chain forgets x_T, so that the KL-regularised optimum p_pre(x_0) exp(r / beta) / Z is
+        reachable with x_T shared (docs/design.md, section 2): DDPM, and DDIM with eta = 1."""
+        return sampler == "ddpm" or eta == 1.0
+
+    @staticmethod
+    def is_deterministic(sampler: str, eta: float) -> bool:
+        """Whether every step's sigma is 0 (no log-prob): DDIM with eta = 0."""
+        return sampler == "ddim" and eta == 0
 
     def timesteps(self, sampler: str = "ddpm", sampling_steps: int | None = None) -> list[int]:
         """The decreasing timesteps a chain visits before x_0: all of T..1 for DDPM, K evenly spaced for DDIM."""
         T = self.num_timesteps
-        check_sampler(sampler)
+        self.check_sampler(sampler)
         if sampler == "ddpm":
             if sampling_steps not in (None, T):
                 raise UserError(
@@ -274,71 +400,6 @@ class GaussianDiffusion:
             raise UserError(f"--sampling-steps must be between 2 and {T}, got {K}")
         return sorted({int(round(x)) for x in np.linspace(1, T, K)}, reverse=True)
 
-    def sample(
-        self,
-        model: nn.Module,
-        shape: tuple[int, ...],
-        *,
-        c: Tensor | None = None,
-        sampler: str = "ddpm",
-        sampling_steps: int | None = None,
-        eta: float = 1.0,
-        generator: torch.Generator | None = None,
-        device: torch.device | str = "cpu",
-        record: bool = False,
-        log_prob_reduction: str = "sum",
-        shard: slice | None = None,
-        noise_scale: float = 1.0,
-    ) -> Trajectory:
-        """Run the reverse chain from x_T ~ N(0, I) for a batch of `shape` [B, ...].
-
-        With record=False only x_0 is kept (xs has one entry, the final sample) and no
-        log-probs; with record=True every state, per-step mean and log-prob is kept for RL.
-        One network call per step for the whole batch. Call under torch.inference_mode()
-        (or torch.no_grad()) unless gradients are wanted.
-
-        `shard` samples only those rows of the batch (a data-parallel rank's chains; `c` holds
-        their labels): every random draw is made for the whole batch and cut to the shard, so
-        the rows are exactly the ones one process would sample.
-
-        `noise_scale` S > 1 draws x_{t-1} = mean + S sigma z, an exploratory chain (off-policy
-        training); its log-probs stay those of the real step (sigma).
-        """
-        steps = self.timesteps(sampler, sampling_steps)
-        prevs = steps[1:] + [0]
-
-        def standard_normal() -> Tensor:
-            z = torch.randn(shape, device=device, generator=generator)
-            return z if shard is None else z[shard]
-
-        x = standard_normal()
-        xs, means, log_probs = [x], [], []
-        for t, t_prev in zip(steps, prevs, strict=True):
-            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
-            out = self.reverse_step(
-                model(x, t_batch, c),
-                x,
-                t_batch,
-                t_prev=t_prev,
-                sampler=sampler,
-                eta=eta,
-                noise=noise_scale * standard_normal(),
-                log_prob_reduction=log_prob_reduction,
-            )
-            x = out.x_prev
-            if record:
-                xs.append(x)
-                means.append(out.mean)
-                log_probs.append(out.log_prob)
-        return Trajectory(
-            xs=torch.stack(xs) if record else x.unsqueeze(0),
-            timesteps=torch.tensor(steps, device=device),
-            prev_timesteps=torch.tensor(prevs, device=device),
-            log_probs=torch.stack(log_probs) if record and log_probs[0] is not None else None,
-            means=torch.stack(means) if record else None,
-            c=c,
-        )
-
 
 def checked_betas(betas: list[float], num_timesteps: int) -> np.ndarray:
     """beta_1..beta_T as given, float64 [T]; refused unless there are T of them, each in (0, 1)."""
@@ -348,20 +409,6 @@ def checked_betas(betas: list[float], num_timesteps: int) -> np.ndarray:
     if not np.all((betas > 0) & (betas < 1)):
         raise UserError(f"every beta must be in (0, 1); got {betas.min()} to {betas.max()}")
     return betas
-
-
-def check_sampler(sampler: str, eta: float = 1.0) -> None:
-    """Refuse an unknown sampler, and a DDIM eta outside [0, 1] (above 1 its sigma^2 exceeds 1 - abar_{t_prev})."""
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
-    if sampler == "ddim" and not 0 <= eta <= 1:
-        raise UserError(f"--eta must be in [0, 1], got {eta}: above 1 the DDIM step has no valid mean")
-
-
-def is_memoryless(sampler: str, eta: float) -> bool:
-    """Whether the reference chain forgets x_T, so that the KL-regularised optimum
-    p_pre(x_0) exp(r / beta) / Z is reachable with x_T shared (docs/design.md, section 2)."""
-    return sampler == "ddpm" or eta == 1.0
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, sigma: Tensor, reduction: str = "sum") -> Tensor:

@@ -53,8 +53,9 @@ from torch import Tensor, nn
 
 from rewards import build_reward
 from rl_diffusion.checkpoint import CheckpointManager, load_run, read_run_config
-from rl_diffusion.diffusion import GaussianDiffusion, check_sampler
+from rl_diffusion.diffusion import DenoisingProcess
 from rl_diffusion.errors import UserError
+from rl_diffusion.processes import check_sampler, process_from_config
 
 ACTION_MODES = ("sample", "residual", "noise")
 # Default half-width of the action box per mode: sample in data units (far outside the data, so
@@ -65,13 +66,13 @@ ACTION_BOUNDS = {"sample": 100.0, "residual": 3.0, "noise": 3.0}
 
 def _process(
     run: str | Path | None,
-    diffusion: GaussianDiffusion | None,
+    diffusion: DenoisingProcess | None,
     data_shape: tuple | None,
     num_classes: int,
     eps_model: nn.Module | None,
     needs_network: bool,
     device: torch.device,
-) -> tuple[GaussianDiffusion, tuple[int, ...], int, nn.Module | None]:
+) -> tuple[DenoisingProcess, tuple[int, ...], int, nn.Module | None]:
     """(diffusion, data shape, number of classes, eps network or None): from a run's newest checkpoint, or given
     directly."""
     if run is None:
@@ -90,7 +91,7 @@ def _process(
         ckpt, model = CheckpointManager(run).load_latest(), None
     try:
         return (
-            GaussianDiffusion(**ckpt["diffusion_config"]),
+            process_from_config(ckpt["diffusion_config"]),
             tuple(int(n) for n in ckpt["data"]["shape"]),
             int(ckpt["model_config"].get("num_classes") or 0),
             model,
@@ -184,7 +185,7 @@ class DenoisingVectorEnv(VectorEnv):
         action_mode: str = "residual",
         kl_coef: float = 0.0,
         device: str | torch.device = "cpu",
-        diffusion: GaussianDiffusion | None = None,
+        diffusion: DenoisingProcess | None = None,
         data_shape: tuple | None = None,
         num_classes: int = 0,
         eps_model: nn.Module | None = None,
@@ -418,7 +419,7 @@ class DenoisingEnv(gymnasium.Env):
         *,
         action_mode: str = "residual",
         kl_coef: float = 0.0,
-        diffusion: GaussianDiffusion | None = None,
+        diffusion: DenoisingProcess | None = None,
         data_shape: tuple | None = None,
         num_classes: int = 0,
         eps_model: nn.Module | None = None,

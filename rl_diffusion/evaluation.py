@@ -11,7 +11,6 @@ from pretrain.data import EVAL_DATA_SEED, data_of_checkpoint, reference_draws
 from rewards import Reward, build_reward, finite_mean
 from rl_diffusion.checkpoint import LoadedRun, atomic_save_npy, load_run, read_run_config
 from rl_diffusion.config import saved_config
-from rl_diffusion.diffusion import is_memoryless
 from rl_diffusion.distributed import resolve_device
 from rl_diffusion.errors import UserError
 from rl_diffusion.metrics import (
@@ -24,6 +23,7 @@ from rl_diffusion.metrics import (
     sliced_wasserstein2,
     vendi_score,
 )
+from rl_diffusion.processes import is_memoryless
 from rl_diffusion.sampling import draw_samples, sample_shape_and_labels
 from rl_diffusion.targets import ExactTarget, Modes, RejectionTooCostly, dataset_modes, exact_target
 

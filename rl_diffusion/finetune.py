@@ -17,9 +17,10 @@ from rewards import URL_SCHEMES
 from rl_diffusion.algos import AGENT_ALGOS, ALGOS, NATIVE, SB3, algorithm
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.config import arg, config_from_dict
-from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS, check_sampler, is_memoryless
+from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS
 from rl_diffusion.errors import UserError, nearest
 from rl_diffusion.precision import check_precision
+from rl_diffusion.processes import check_sampler, is_memoryless
 
 AGENT_ACTION_MODES = ("residual", "noise")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep, Trajectory
+from rl_diffusion.diffusion import DenoisingProcess, ReverseStep, Trajectory
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Pairs:
         return Pairs(**{f.name: None if (v := getattr(self, f.name)) is None else v[keep] for f in fields(self)})
 
 
-def policy_step(diffusion: GaussianDiffusion, cfg, model: torch.nn.Module, pairs: Pairs, idx: Tensor) -> ReverseStep:
+def policy_step(diffusion: DenoisingProcess, cfg, model: torch.nn.Module, pairs: Pairs, idx: Tensor) -> ReverseStep:
     """The shared reverse step of `model` on the chosen pairs: one network call, the actions scored."""
     x_t, t = pairs.x_t[idx], pairs.t[idx]
     return diffusion.reverse_step(
@@ -67,7 +67,7 @@ def policy_step(diffusion: GaussianDiffusion, cfg, model: torch.nn.Module, pairs
 
 
 def step_kl(
-    diffusion: GaussianDiffusion, cfg, reference: torch.nn.Module, mean: Tensor, pairs: Pairs, idx: Tensor
+    diffusion: DenoisingProcess, cfg, reference: torch.nn.Module, mean: Tensor, pairs: Pairs, idx: Tensor
 ) -> Tensor:
     """kl_k = ||mu_theta - mu_ref||^2 / (2 sigma^2) at the chosen pairs, for the policy mean `mean`
     (differentiable in theta)."""
@@ -82,14 +82,14 @@ def kl_to(mean: Tensor, ref: ReverseStep) -> Tensor:
 
 
 def path_kls(
-    diffusion: GaussianDiffusion, cfg, policy: torch.nn.Module, reference: torch.nn.Module, pairs: Pairs, K: int
+    diffusion: DenoisingProcess, cfg, policy: torch.nn.Module, reference: torch.nn.Module, pairs: Pairs, K: int
 ) -> Tensor:
     """kl_k of every pair as [K, B]; summed over k it is the exact path KL of each chain."""
     return reference_scores(diffusion, cfg, policy, reference, pairs, K)[0]
 
 
 def reference_scores(
-    diffusion: GaussianDiffusion, cfg, policy: torch.nn.Module, reference: torch.nn.Module, pairs: Pairs, K: int
+    diffusion: DenoisingProcess, cfg, policy: torch.nn.Module, reference: torch.nn.Module, pairs: Pairs, K: int
 ) -> tuple[Tensor, Tensor | None]:
     """(kl_k, log pi_ref(x_prev | x_t) - log pi_policy(x_prev | x_t)) of every pair, each [K, B], from one
     reference call per pair: summed over k, the exact path KL of each chain and its path log-ratio

@@ -28,12 +28,13 @@ from rl_diffusion import distributed, figures, lora
 from rl_diffusion.algos import NATIVE, algorithm
 from rl_diffusion.checkpoint import CheckpointManager, LoadedRun, load_run, prepare_run_dir, read_run_config
 from rl_diffusion.config import to_markdown_table
-from rl_diffusion.diffusion import GaussianDiffusion, is_memoryless
+from rl_diffusion.diffusion import DenoisingProcess
 from rl_diffusion.distributed import NoWriter, Ranks
 from rl_diffusion.errors import UserError
 from rl_diffusion.finetune import FinetuneConfig
 from rl_diffusion.metrics import diversity, entropy, mode_masses, vendi_score, within_class_diversity
 from rl_diffusion.precision import autocast_forward
+from rl_diffusion.processes import is_memoryless
 from rl_diffusion.targets import Modes, dataset_modes
 
 MODE_HELD_MASS = 0.01  # a mode holds samples when at least this fraction of the batch lies in it (diversity/modes_held)
@@ -46,7 +47,7 @@ class Setup:
     config: FinetuneConfig
     out: Path
     device: torch.device
-    diffusion: GaussianDiffusion
+    diffusion: DenoisingProcess
     policy: nn.Module  # trainable copy of the pretrained network (--lora-rank: the network itself, adapted)
     reference: nn.Module  # the frozen pretrained network (path KL; --lora-rank: the policy, adapters off)
     pretrained: LoadedRun

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rl_diffusion.diffusion import GaussianDiffusion
+from rl_diffusion.diffusion import DenoisingProcess
 from rl_diffusion.models.unet import guided_eps
 
 
 def draw_samples(
-    diffusion: GaussianDiffusion,
+    diffusion: DenoisingProcess,
     model: torch.nn.Module,
     num_samples: int,
     seed: int,

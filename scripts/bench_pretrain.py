@@ -240,7 +240,7 @@ def dataset_workloads(dataset: str, repeats: int, tmp: Path) -> dict:
     tiny = start_run(config_for({"dataset": dataset, "batch_size": TINY_BATCH}), tmp / "tiny", True, False)
     T = config.num_timesteps
     final_n = len(reference_draws(run.data, N, EVAL_DATA_SEED)[0])  # the final evaluation's draw
-    ddim = eval_sampling(config.eval_sampling_steps, T)
+    ddim = eval_sampling(config.eval_sampling_steps, run.diffusion)
 
     def sample(n: int, **sampling) -> Callable[[], object]:
         return lambda: draw_samples(run.diffusion, run.ema, n, seed=0, device=run.device, **sampling)

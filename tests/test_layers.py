@@ -19,6 +19,8 @@ LAYERS = (
         "rl_diffusion.errors",
         "rl_diffusion.schedules",
         "rl_diffusion.diffusion",
+        "rl_diffusion.flow",
+        "rl_diffusion.processes",
         "rl_diffusion.models",
         "rl_diffusion.models.*",
         "rl_diffusion.metrics",

@@ -8,7 +8,9 @@ from pretrain.datasets import sample_2d
 from pretrain.train import PHASES, PhaseClock, PretrainConfig, eval_sampling, start_run, train
 from rl_diffusion.checkpoint import CheckpointManager, load_run
 from rl_diffusion.cli import main
+from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.errors import UserError
+from rl_diffusion.flow import FlowMatching
 from rl_diffusion.metrics import gaussian_fit, sample_quality
 
 
@@ -117,8 +119,11 @@ def test_in_training_evaluations_leave_the_training_unchanged(tmp_path):
 
 
 def test_in_training_evaluations_sample_ddim_in_fewer_steps_or_the_full_chain():
-    assert eval_sampling(20, 200) == {"sampler": "ddim", "sampling_steps": 20, "eta": 0.0}
-    assert eval_sampling(0, 200) == eval_sampling(200, 200) == eval_sampling(20, 10) == {}
+    ddpm, small, flow = GaussianDiffusion(num_timesteps=200), GaussianDiffusion(num_timesteps=10), FlowMatching(200)
+    assert eval_sampling(20, ddpm) == {"sampler": "ddim", "sampling_steps": 20, "eta": 0.0}
+    assert eval_sampling(20, flow) == {"sampler": "euler", "sampling_steps": 20}
+    assert eval_sampling(0, ddpm) == eval_sampling(200, ddpm) == eval_sampling(20, small) == {}
+    assert eval_sampling(0, flow) == eval_sampling(200, flow) == {}
     for steps in (1, -1):
         with pytest.raises(UserError, match="--eval-sampling-steps"):
             PretrainConfig(dataset="moons", eval_sampling_steps=steps).validate()

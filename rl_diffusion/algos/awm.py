@@ -78,11 +78,11 @@ class AdvantageWeightedMatching(Algorithm):
         rows = s.ranks.shard(batch.B, "--chains")
 
         def loss() -> Tensor:
-            x_t, t, noise = s.diffusion.noised(batch.x0, generator, rows)
+            x_t, t, target = s.diffusion.noised(batch.x0, generator, rows)  # target: eps, or a flow's velocity
             c = None if batch.c is None else batch.c[rows]
             with torch.no_grad():
                 eps_old = self.old(x_t, t, c)
-            per_sample = nft_loss(s.synced_policy(x_t, t, c), eps_old, noise, w[rows])
+            per_sample = nft_loss(s.synced_policy(x_t, t, c), eps_old, target, w[rows])
             return per_sample.sum() * s.ranks.world_size / batch.B  # DDP's mean over ranks: the batch mean
 
         return {

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from rl_diffusion.algos.loop import finish_run
 from rl_diffusion.checkpoint import StopSignal, generator_state, rng_state, set_generator_state, set_rng_state
-from rl_diffusion.diffusion import GaussianDiffusion, ReverseStep
+from rl_diffusion.diffusion import DenoisingProcess, ReverseStep
 from rl_diffusion.env import DenoisingVectorEnv
 from rl_diffusion.errors import UserError
 from rl_diffusion.path_kl import Pairs, path_kls, policy_step
@@ -135,7 +135,7 @@ class DiffusionPolicy(ActorCriticPolicy):
         lr_schedule: Schedule,
         *,
         eps_model: nn.Module,
-        diffusion: GaussianDiffusion,
+        diffusion: DenoisingProcess,
         timesteps: Sequence[int],
         sampler: str = "ddpm",
         eta: float = 1.0,
