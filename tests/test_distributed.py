@@ -56,8 +56,11 @@ def test_a_batch_that_does_not_split_evenly_is_refused():
         Ranks(0, 2).shard(9, "--chains")
 
 
-def test_pretraining_on_two_ranks_matches_one_rank(tmp_path):
+@pytest.mark.parametrize("model_type", ["ddpm", "flow"])
+def test_pretraining_on_two_ranks_matches_one_rank(tmp_path, model_type):
     flags = [
+        "--model-type",
+        model_type,
         "--dataset",
         "moons",
         "--steps",
