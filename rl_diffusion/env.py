@@ -55,7 +55,7 @@ from rewards import build_reward
 from rl_diffusion.checkpoint import CheckpointManager, load_run, read_run_config
 from rl_diffusion.diffusion import DenoisingProcess
 from rl_diffusion.errors import UserError
-from rl_diffusion.processes import check_sampler, process_from_config
+from rl_diffusion.processes import check_sampler, is_deterministic, process_from_config
 
 ACTION_MODES = ("sample", "residual", "noise")
 # Default half-width of the action box per mode: sample in data units (far outside the data, so
@@ -115,10 +115,10 @@ def _mode_sampler(action_mode: str, sampler: str | None, eta: float | None) -> t
         return "ddim", 0.0
     sampler, eta = sampler or "ddpm", 1.0 if eta is None else eta
     check_sampler(sampler, eta)
-    if action_mode == "residual" and sampler == "ddim" and eta == 0:
+    if action_mode == "residual" and is_deterministic(sampler, eta):
         raise UserError(
-            "the residual action mode shifts the step in units of its sigma, which is 0 for DDIM with eta = 0; "
-            "use eta > 0"
+            f"the residual action mode shifts the step in units of its sigma, which is 0 for {sampler} with "
+            f"eta = {eta}; use a stochastic sampler (eta > 0)"
         )
     return sampler, eta
 

@@ -20,7 +20,7 @@ from rl_diffusion.config import arg, config_from_dict
 from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS
 from rl_diffusion.errors import UserError, nearest
 from rl_diffusion.precision import check_precision
-from rl_diffusion.processes import check_sampler, is_memoryless
+from rl_diffusion.processes import check_sampler, is_deterministic, is_memoryless
 
 AGENT_ACTION_MODES = ("residual", "noise")
 
@@ -111,10 +111,14 @@ class FinetuneConfig:
         "sum", "sum (exact log-density) | mean (per dimension; shrink --clip-range; the KL term is averaged alike)"
     )
     grad_clip: float = arg(1.0, "clip the gradient's global norm to this")
-    sampler: str = arg("ddpm", "ddpm | ddim: the reverse chain the policy acts in")
-    sampling_steps: int = arg(0, "DDIM steps per chain (0 = all T)")
+    sampler: str = arg(
+        "ddpm", "ddpm | ddim: the reverse chain the policy acts in; a flow run's: sde (its default) | euler (the ODE)"
+    )
+    sampling_steps: int = arg(0, "DDIM (or flow) steps per chain (0 = all T)")
     eta: float = arg(
-        1.0, "DDIM stochasticity in (0, 1]; below 1 the chain keeps memory of x_T and the KL optimum is out of reach"
+        1.0,
+        "DDIM stochasticity in (0, 1]; sde: noise level, sigma_t = eta sqrt(2 t / (1 - t)), any eta > 0; below 1 the "
+        "chain keeps memory of x_T and the KL optimum is out of reach",
     )
     x_axis: str = arg("epoch", "TensorBoard step axis: epoch | reward_queries (samples scored so far)")
     seed: int = arg(0, "seed of every random draw in the run")
@@ -191,6 +195,8 @@ class FinetuneConfig:
                 "--eta must be > 0: a deterministic chain has no log-prob to train "
                 "(noise mode runs DDIM with eta 0 by itself)"
             )
+        elif is_deterministic(self.sampler, self.eta):
+            raise UserError(f"--sampler {self.sampler} is deterministic: no log-prob to train; use --sampler sde")
         if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
             raise UserError(f"unknown --log-prob-reduction '{self.log_prob_reduction}'; choose sum or mean")
         self.validate_on_reward_failure()
@@ -230,16 +236,19 @@ class FinetuneConfig:
     def validate_native(self) -> None:
         """What the chosen algorithm declares it needs (algos/base.py), then its own checks."""
         algo = algorithm(self.algo)
-        if self.eta <= 0 and (algo.needs_log_prob or self.kl_coef > 0):
+        if algo.needs_log_prob or self.kl_coef > 0:
             needs = f"--algo {self.algo} scores actions" if algo.needs_log_prob else "the path KL (--kl-coef) needs"
-            raise UserError(
-                f"--eta must be > 0: {needs} on a stochastic chain, and with eta 0 the chain is deterministic"
-            )
+            if self.eta <= 0:
+                raise UserError(
+                    f"--eta must be > 0: {needs} on a stochastic chain, and with eta 0 the chain is deterministic"
+                )
+            if is_deterministic(self.sampler, self.eta):
+                raise UserError(f"--sampler {self.sampler} is deterministic: {needs} on a stochastic chain (sde)")
         if algo.needs_memoryless and not is_memoryless(self.sampler, self.eta):
             raise UserError(
                 f"--algo {self.algo} needs a memoryless chain (one that forgets x_T): use --sampler ddpm, or ddim "
-                f"with --eta 1; with --eta {self.eta} its fixed point is not p_pre exp(r / beta) / Z "
-                "(docs/design.md, section 2)"
+                f"with --eta 1 (a flow run: sde with --eta >= 1); with --sampler {self.sampler} --eta {self.eta} its "
+                "fixed point is not p_pre exp(r / beta) / Z (docs/design.md, sections 2 and 10)"
             )
         algo.validate(self)
 
@@ -340,6 +349,10 @@ class FinetuneConfig:
 IMAGE_DEFAULTS = {"sampler": "ddim", "sampling_steps": 20, "eta": 1.0, "kl_coef": 1.0, "chains": 128, "lr": 3e-4}
 
 
+# A flow run's chain: the sde (docs/design.md, section 10), with the default --eta 1 its memoryless schedule.
+FLOW_DEFAULTS = {"sampler": "sde"}
+
+
 def algorithm_settings() -> dict[str, type]:
     """Each native algorithm's `Settings` by --algo: their fields are flags of finetune beside the config's."""
     return {name: algorithm(name).Settings for name in NATIVE}
@@ -352,13 +365,16 @@ def setting_names(algo: str) -> set[str]:
 
 def config_for(flags: dict) -> FinetuneConfig:
     """The config of the given flags (an algorithm's settings among them, by name) over the algorithm's own
-    defaults, over those of the pretrained run's data (points or images)."""
+    defaults, over those of the pretrained run's process (DDPM or flow) and data (points or images)."""
     run = Path(flags.get("run") or FinetuneConfig.run)
     try:
-        image = len(CheckpointManager(run).load_latest()["data"]["shape"]) > 1
+        ckpt = CheckpointManager(run).load_latest()
+        image = len(ckpt["data"]["shape"]) > 1
+        flow = ckpt["diffusion_config"].get("model_type") == "flow"
     except (UserError, OSError, KeyError):
-        image = False  # setup() says what is wrong with --run
+        image = flow = False  # setup() says what is wrong with --run
     algo = flags.get("algo", FinetuneConfig.algo)
     native = algorithm(algo) if algo in NATIVE else None
     algo_defaults = {} if native is None else {**native.defaults, **(native.image_defaults if image else {})}
-    return config_from_dict(FinetuneConfig, {**(IMAGE_DEFAULTS if image else {}), **algo_defaults, **flags})
+    data_defaults = {**(IMAGE_DEFAULTS if image else {}), **(FLOW_DEFAULTS if flow else {})}
+    return config_from_dict(FinetuneConfig, {**data_defaults, **algo_defaults, **flags})

@@ -129,9 +129,9 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         prepare_run_dir(out, json.dumps(saved, indent=2), overwrite)
     if config.kl_coef > 0 and not is_memoryless(config.sampler, config.eta) and ranks.is_main:
         print(
-            f"warning: DDIM with --eta {config.eta} keeps memory of x_T, so the KL-regularised optimum "
-            "p_pre exp(r / beta) / Z is out of reach (docs/design.md, section 2); "
-            "use --eta 1 or --sampler ddpm to aim at it",
+            f"warning: --sampler {config.sampler} with --eta {config.eta} keeps memory of x_T, so the KL-regularised "
+            "optimum p_pre exp(r / beta) / Z is out of reach (docs/design.md, sections 2 and 10); "
+            "use --sampler ddpm, ddim with --eta 1, or a flow run's sde with --eta 1 to aim at it",
             file=sys.stderr,
         )
     torch.manual_seed(config.seed)

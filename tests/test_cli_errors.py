@@ -164,7 +164,8 @@ def test_a_kl_run_on_a_sampler_that_remembers_x_T_is_warned_and_flagged(capsys, 
         "1",
         "--quiet",
     )
-    assert code == 0 and len(err) == 1 and err[0].startswith("warning: DDIM with --eta 0.5 keeps memory of x_T"), err
+    assert code == 0 and len(err) == 1, err
+    assert err[0].startswith("warning: --sampler ddim with --eta 0.5 keeps memory of x_T"), err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["memoryless"] is False and "not reachable" in metrics["note"]
 
