@@ -18,7 +18,8 @@ def draw_samples(
     guidance_scale: float = 1.0,
     **sampling,
 ) -> np.ndarray:
-    """num_samples samples (DDPM, or as `sampling` says) as numpy, in the data's shape.
+    """num_samples samples (the process's default sampler over all T steps, or as `sampling` says) as numpy, in the
+    data's shape.
 
     A class-conditional model gets balanced labels 0, 1, ..., K-1, 0, 1, ...; guidance_scale != 1
     mixes in its unconditional prediction (classifier-free guidance).

@@ -222,7 +222,8 @@ def test_flow_pretraining_through_the_cli_resumes_bit_identical_and_samples(flow
 
 def test_ddpo_is_on_the_sde_of_a_flow_run_raises_the_reward(flow_moons, tmp_path, capsys):
     """finetune on a flow run takes its memoryless sde by default and climbs the reward as on a DDPM; the ODE,
-    which has no log-prob, and a DDPM sampler are refused before anything is written."""
+    which has no log-prob, a DDPM sampler and the agents' noise mode (DDIM) are refused before anything is
+    written."""
     args = ["--run", str(flow_moons), "--reward", "target_point", "--reward-arg", "point=[1,1]", "--quiet"]
     out = tmp_path / "ddpo"
     assert main(["finetune", "--out", str(out), *args, "--chains", "64", "--epochs", "8", "--eval-samples", "500"]) == 0
@@ -231,10 +232,11 @@ def test_ddpo_is_on_the_sde_of_a_flow_run_raises_the_reward(flow_moons, tmp_path
     assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 0.5, metrics  # measured: -2.12 to -0.93
     assert 0 < metrics["kl_to_pretrained"] < 20
     capsys.readouterr()
-    for sampler, message in (
-        ("euler", "error: --sampler euler is deterministic: --algo ddpo-is scores actions on a stochastic chain"),
-        ("ddpm", "error: unknown sampler 'ddpm' for a flow run; choose one of euler, sde"),
+    for name, flags, message in (
+        ("euler", ["--sampler", "euler"], "--sampler euler is deterministic: --algo ddpo-is scores actions on a"),
+        ("ddpm", ["--sampler", "ddpm"], "unknown sampler 'ddpm' for a flow run; choose one of euler, sde"),
+        ("noise", ["--algo", "sb3-sac", "--action-mode", "noise"], "--action-mode noise steers deterministic DDIM"),
     ):
-        assert main(["finetune", "--out", str(tmp_path / sampler), *args, "--sampler", sampler]) == 2
-        assert capsys.readouterr().err.strip().startswith(message)
-        assert not (tmp_path / sampler).exists()
+        assert main(["finetune", "--out", str(tmp_path / name), *args, *flags]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: {message}")
+        assert not (tmp_path / name).exists()
