@@ -36,7 +36,7 @@ def test_accumulated_gradients_do_not_depend_on_the_memory_budget(algo):
     for memory_mib in (1e6, 1e-12):
         s = closed_form_setup(0.5, memory_mib=memory_mib)
         forwards = []
-        s.policy.register_forward_hook(lambda *_: forwards.append(1))
+        s.policy.register_forward_hook(lambda *_, calls=forwards: calls.append(1))
         with torch.no_grad():
             s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
             traj = s.diffusion.sample(s.policy, (16, D), generator=torch.Generator().manual_seed(1), record=True)
