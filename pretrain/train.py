@@ -78,7 +78,7 @@ class PretrainConfig:
     attention: bool = arg(False, "U-Net (images): self-attention at the lowest resolution")
     class_conditional: bool = arg(True, "use the data set's labels: a class-conditional model (images)")
     label_dropout: float = arg(0.1, "probability of training without the label, for classifier-free guidance")
-    clip_denoised: bool = arg(
+    clip_x0: bool = arg(
         True,
         "clip each sampling step's predicted x_0 to the data's range (images [-1, 1]; points: "
         "per coordinate, widened by 10% of its width on each side); recorded in the checkpoint",
@@ -303,7 +303,7 @@ def start_run(config: PretrainConfig, out: Path, overwrite: bool, resume: bool) 
         prepare_run_dir(out, json.dumps(saved, indent=2), overwrite)
 
     torch.manual_seed(config.seed)
-    diffusion = config.process(x0_range(data) if config.clip_denoised else None)
+    diffusion = config.process(x0_range(data) if config.clip_x0 else None)
     model_config = config.model_config(data)
     model = build_model(model_config).to(device)
     ema = build_model(model_config).to(device)

@@ -177,7 +177,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     run = load_run(Path(args.run), device)
-    if not args.clip_denoised:
+    if not args.clip_x0:
         run.diffusion.x0_range = None
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be positive, got {args.num_samples}")
@@ -217,7 +217,7 @@ def _agent_samples(args: argparse.Namespace, algo: str, device) -> np.ndarray:
         "--sampler": args.sampler is None,
         "--sampling-steps": args.sampling_steps is None,
         "--eta": args.eta == 1.0,
-        "--no-clip-denoised": args.clip_denoised,
+        "--no-clip-x0": args.clip_x0,
         "--guidance-scale": args.guidance_scale == 1.0,
     }
     given = [flag for flag, default in defaults.items() if not default]
@@ -421,10 +421,10 @@ def add_sample(sub) -> None:
         help="DDIM stochasticity in [0, 1] (0 = deterministic); sde: noise level, sigma_t = eta sqrt(2 t / (1 - t))",
     )
     p.add_argument(
-        "--clip-denoised",
+        "--clip-x0",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="clip each step's predicted x_0 to the range the run recorded (pretrain --clip-denoised)",
+        help="clip each step's predicted x_0 to the range the run recorded (pretrain --clip-x0)",
     )
     p.add_argument(
         "--guidance-scale",

@@ -100,12 +100,16 @@ def saved_config(cls: type[C], run_dir) -> C:
     return config_from_dict(cls, {k: v for k, v in read_run_config(run_dir).items() if k not in RUN_METADATA})
 
 
+FORMER_NAMES = {"clip_denoised": "clip_x0"}  # config.json of runs written before a field's rename
+
+
 def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
     """The config of flat values, one per flag (given flags, a saved config.json). A class that keeps some of them
     in one field of its own gathers them first (`gather_settings`: FinetuneConfig, an algorithm's settings)."""
     for name, value in values.items():  # JSON reads NaN and Infinity
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{cls.__name__} field {name} must be a finite number, got {value}")
+    values = {FORMER_NAMES.get(name, name): value for name, value in values.items()}
     if hasattr(cls, "gather_settings"):
         values = cls.gather_settings(values)
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)}

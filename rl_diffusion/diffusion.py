@@ -13,9 +13,9 @@ last step's log-prob infinite. The last step (to x_0) therefore uses
 sigma^2 = eta^2 * beta~_2 (eta = 1 for DDPM), as improved-diffusion clips its log
 variance. The mean never sees the floor.
 
-Clipped x_0 (`x0_range`): when the run recorded a range, the predicted x_0 of every step is
-clipped to the training data's range (with a margin) and the mean computed from it, as
-improved-diffusion's `clip_denoised` does. A few stray samples far from the data are what sliced W2 and any
+Clipped x_0 (`clip_x0`, to the bounds `x0_range`; `pretrain --clip-x0`): when the run recorded a range, the
+predicted x_0 of every step is clipped to the training data's range (with a margin) and the mean computed from
+it, as improved-diffusion's clip_denoised does. A few stray samples far from the data are what sliced W2 and any
 reward that grows without bound feed on; the clip removes them at the source. The policy
 and the pretrained reference take the same clipped step, so the step is still an exact
 Gaussian and the path KL stays exact.

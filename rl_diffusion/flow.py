@@ -66,7 +66,7 @@ class FlowMatching(DenoisingProcess):
 
     def clipped_velocity(self, velocity: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The velocity itself, or, where its x_0 leaves `x0_range`, the velocity (x_t - x_0) / t of the clipped
-        x_0 (the flow's `clip_denoised`)."""
+        x_0 (the flow's `clip_x0`)."""
         if self.x0_range is None:
             return velocity
         x0 = self.predict_x0(x_t, t, velocity)

@@ -57,3 +57,11 @@ def test_a_config_json_holding_every_algorithms_settings_loads_with_its_own():
 def test_a_setting_the_algorithm_does_not_declare_is_refused(algo, algo_args, message):
     with pytest.raises(UserError, match=message):
         FinetuneConfig(run="r", algo=algo, kl_coef=1.0, algo_args=algo_args).validate()
+
+
+def test_a_renamed_field_of_an_older_config_json_reads_under_its_new_name():
+    from pretrain.train import PretrainConfig
+
+    assert config_from_dict(PretrainConfig, {"clip_denoised": False}).clip_x0 is False
+    with pytest.raises(UserError, match="unknown config field"):
+        config_from_dict(PretrainConfig, {"clip_sample": False})
