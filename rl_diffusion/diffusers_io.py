@@ -3,24 +3,13 @@
 `import_diffusers` takes over, from a directory that `save_pretrained` wrote (model_index.json, unet/,
 scheduler/), the UNet2DModel's config and weights (model kind "diffusers-unet": it feeds the network
 t - 1, as diffusers counts timesteps from 0), the scheduler's betas exactly (`GaussianDiffusion(betas=...)`)
-and its clip_sample as `x0_range` [-r, r] (r = clip_sample_range). Its data set is unknown (`data`
-records "diffusers" and the image shape): `sample` and `finetune` work as on any image run, and
-`evaluate` says which quality metrics it cannot compute without data.
-
-Sampling the imported run is the pipeline's sampling, with two differences of convention:
-- DDPM: every step has the pipeline's mean and its "fixed_small" sigma, except the last (to x_0), where
-  diffusers adds no noise and this project adds sigma_1 = sqrt(beta~_2), the sigma floor
-  (docs/design.md, section 1): x_0 differs from the pipeline's by that one draw.
-- DDIM: K steps are spaced round(linspace(1, T, K)) here, each landing on the next, the last on
-  abar = 1; diffusers' DDIM steps back by T // K from its own spacing. At K = T (and set_alpha_to_one)
-  the two chains are the same, and with eta = 0 the same x_T gives the same x_0. A clipped x_0 here
-  also re-derives eps from it (`use_clipped_model_output=True` in diffusers).
-
-`export_diffusers` writes a run with a "diffusers-unet" network (imported, possibly fine-tuned) as a
-DDPMPipeline with the run's betas (`trained_betas`) and clip range. The network is the one `load_run`
-builds from the checkpoint's `model` weights, so the export is what the run samples with; weights the
-checkpoint holds beside the U-Net's own (adapters) go out only as far as `load_run` folds them in.
+and its clip_sample as `x0_range`. `export_diffusers` writes a run with a "diffusers-unet" network
+(imported, possibly fine-tuned) as a DDPMPipeline with the run's betas (`trained_betas`) and clip range.
 Nothing is ever downloaded: every load is `local_files_only`.
+
+Sampling the imported run is the pipeline's sampling up to two conventions, the DDPM's last step (the
+sigma floor) and DDIM's spacing of timesteps; those, the unknown data set and what the export carries:
+docs/design.md, section 1.
 """
 
 from __future__ import annotations

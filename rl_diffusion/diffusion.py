@@ -2,26 +2,12 @@
 
 Time runs t = T, ..., 1, 0 with x_0 the data. Arrays are indexed by t itself
 (index 0 is "no noise": beta_0 = 0, abar_0 = 1), so the code reads like the paper.
-
-The reverse step pi(x_{t-1} | x_t) = N(mean, sigma_t^2 I) lives in ONE method,
-`reverse_step`. The sampler, the Gymnasium environment, the stable-baselines3
-policy and the native trainer all call it, so their log-probs agree exactly.
-
-Sigma floor (the one place it is written down): the DDPM posterior variance
-beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) is 0 at t = 1, which would make the
-last step's log-prob infinite. The last step (to x_0) therefore uses
-sigma^2 = eta^2 * beta~_2 (eta = 1 for DDPM), as improved-diffusion clips its log
-variance. The mean never sees the floor.
-
-Clipped x_0 (`clip_x0`, to the bounds `x0_range`; `pretrain --clip-x0`): when the run recorded a range, the
-predicted x_0 of every step is clipped to the training data's range (with a margin) and the mean computed from
-it, as improved-diffusion's clip_denoised does. A few stray samples far from the data are what sliced W2 and any
-reward that grows without bound feed on; the clip removes them at the source. The policy
-and the pretrained reference take the same clipped step, so the step is still an exact
-Gaussian and the path KL stays exact.
-
-Every schedule-dependent number is precomputed (or, for DDIM's pairs of timesteps,
-computed) in float64 and cast to float32 only when it multiplies a batch.
+`reverse_step` is the only code that computes a step's (mean, sigma, log-prob), with two special cases
+(docs/design.md, section 1): the sigma floor, sigma^2 = eta^2 beta~_2 on the last step (to x_0), whose
+posterior variance beta~_1 is 0 (the mean never sees the floor); and the clipped x_0 (`clip_x0`, to the
+run's `x0_range`), a step the policy and the reference share, so the path KL stays exact.
+Every schedule-dependent number is precomputed (or, for DDIM's pairs of timesteps, computed) in float64
+and cast to float32 only when it multiplies a batch.
 
 `DenoisingProcess` holds what a flow-matching model (`rl_diffusion/flow.py`) shares with the DDPM:
 integer timesteps, the training loss's draws, the clip of x_0 and the sampling loop.
@@ -74,7 +60,7 @@ class DenoisingProcess:
     the sampling loop are shared.
     """
 
-    model_type: str  # `config` records it when it is not "ddpm" (so DDPM checkpoints read as before)
+    model_type: str  # `config` records it when it is not "ddpm": a checkpoint without one is a DDPM's
     SAMPLERS: tuple[str, ...]  # the first is the default
     DETERMINISTIC: dict  # the keyword arguments of the deterministic sampler (in-training evaluations)
 

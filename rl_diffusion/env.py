@@ -1,38 +1,14 @@
 """The denoising MDP (docs/design.md, section 1) as Gymnasium environments, one chain or N in lockstep.
 
-t runs down `GaussianDiffusion.timesteps(sampler, sampling_steps)` (T..1 for DDPM, K spaced steps
-for DDIM) and the chain ends at x_0 with the reward r(x_0, c); gamma = 1. Three action modes
-expose the same chain to different agents (`ACTION_MODES`):
+t runs down `GaussianDiffusion.timesteps(sampler, sampling_steps)` (T..1 for DDPM, K spaced steps for DDIM)
+and the chain ends at x_0 with the reward r(x_0, c); gamma = 1. Every step goes through
+`GaussianDiffusion.reverse_step`. Three action modes (`ACTION_MODES`; their observations, KL and seeding:
+docs/design.md, section 1):
 
-  sample    the action is x_{t_prev} itself: the agent is a diffusion policy (ours, algos/sb3.py). The
-            env never calls a network. Observation {x: x_t, t, c}.
-  residual  the action a (in units of the step's sigma, in a box) shifts the frozen pretrained
-            step's mean: x_{t_prev} = mu_pre(x_t, t, c) + sigma_t (a + z), z ~ N(0, I) drawn by
-            the env. a = 0 is exactly the pretrained sampler, so a freshly initialised standard
-            policy starts from the pretrained model. Per-step KL to it: kl_k = ||a||^2 / 2, exact
-            for the step given a (both Gaussians share sigma_t); for an agent that draws a at
-            random, the step's KL is at most E ||a||^2 / 2 (convexity), so the penalised objective
-            is a lower bound on the KL-regularised one, tight for a deterministic agent. Observation
-            {x: x_t, t, x0_hat, c}; x0_hat is the pretrained model's prediction of x_0 at (x_t, t),
-            clipped as the step clips it.
-  noise     one step per episode: the action is x_T (in a box) and the env runs the pretrained
-            sampler deterministically (DDIM, eta = 0) to x_0, steering the frozen model in its
-            noise space (DSRL, Wagenmaker et al. 2025). Observation {x: the x_T ~ N(0, I) the
-            pretrained sampler would start from (taking it as the action reproduces that
-            sampler), t = T, c}. x_T rather than per-step noises: with eta = 0 x_0 is a function
-            of x_T alone, so the episode is a one-step decision with a deterministic reward.
-
-The pretrained network lives inside the env in the residual and noise modes, and is called once
-per denoising step for all chains. Every step goes through `GaussianDiffusion.reverse_step`.
-
-`kl_coef` adds -kl_coef * kl_k to each step's reward where kl_k has a closed form (residual). In
-sample mode kl_k depends on the agent's own mean and in noise mode on the agent's density over x_T,
-which the env does not see: there `kl_coef` is refused (sb3-ppo adds the sample-mode KL itself).
-
-Randomness: x_T and the residual step noises come from one torch generator that `reset(seed=s)`
-seeds with s, in the order of `GaussianDiffusion.sample(..., generator=torch.Generator().manual_seed(s))`,
-so a seeded residual env with zero actions reproduces that sampler's samples exactly. Labels c come
-from gymnasium's `np_random`.
+  sample    the action is x_{t_prev}: the agent is a diffusion policy (algos/sb3.py); the env calls no network.
+  residual  x_{t_prev} = mu_pre(x_t, t, c) + sigma_t (a + z), z ~ N(0, I) drawn by the env (a in sigma units):
+            a = 0 is exactly the pretrained sampler, and `kl_coef` charges each step kl_k = ||a||^2 / 2.
+  noise     one step per episode: the action is x_T, and the env runs DDIM with eta = 0 to x_0.
 
 `DenoisingVectorEnv` holds the chains as torch tensors and steps all of them with one tensor op;
 `DenoisingEnv` is a thin view of it with one chain and numpy in and out.
@@ -153,7 +129,7 @@ class DenoisingVectorEnv(VectorEnv):
             mode the transition ignores it (the action is the agent's); it is kept so the policy
             acting there knows which reverse step it takes.
         num_envs: N, the number of chains.
-        action_mode: "sample", "residual" (default) or "noise"; see the module docstring.
+        action_mode: "sample", "residual" (default) or "noise"; see the module docstring and docs/design.md, section 1.
         kl_coef: beta >= 0; each step's reward gets -beta kl_k (residual mode: kl_k = ||a||^2 / 2
             nats, a in sigma units). Refused in the other modes, which have no closed form here.
         device: where the chains, the network's calls, actions and rewards live.
