@@ -6,22 +6,12 @@ A reward maps a batch to one score per sample: ``reward(x0: Tensor[B, ...], c: T
 ``@rewards.register("name")``, as a ``"package.module:factory"`` path, or as an entry point in
 the group ``rl_diffusion.rewards``; this module imports nothing from the RL code.
 
-A reward function may declare ``fn.max_value``: a float that bounds its score from above for
-every x0. Evaluation then samples the KL-regularised optimum exactly, by rejection.
-
-A reward function may declare ``fn.differentiable = True``: its score is a torch function of x0,
-differentiable almost everywhere with a useful gradient, so ``Reward.gradient`` gives d r / d x0,
-which fine-tuning through the reward (adjoint matching, DRaFT) needs. Such a function must keep
-the autograd graph: no ``torch.no_grad``, ``detach``, numpy or argmax between x0 and the score,
-and any network it runs frozen (``requires_grad_(False)``) so no gradient accumulates in it.
-Decorating the factory with ``@differentiable`` (under ``@register``) declares it on every
-function the factory returns, and marks the reward in ``rl-diffusion rewards``.
-
-A spec that is a URL (``http://HOST:PORT``) is a reward served by another process
-(``rl-diffusion serve-reward``; rewards/remote.py), scored over HTTP and never differentiable.
-
-Every built reward carries a fingerprint (``reward_fingerprint``): its name, arguments, version and
-a hash of its factory's source. A fine-tuning run records it, and refuses to resume with another.
+A reward function may declare ``fn.max_value`` (a true upper bound, for exact evaluation) and
+``fn.differentiable = True`` (``Reward.gradient`` then gives d r / d x0; ``@differentiable`` under
+``@register`` declares it for a factory). A spec that is a URL is a reward served by another process
+(rewards/remote.py). Every built reward carries a fingerprint (``reward_fingerprint``) that a run records
+and checks on resume. What each declaration promises, and what a differentiable reward must not do:
+docs/design.md, section 3.
 """
 
 from __future__ import annotations

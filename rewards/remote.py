@@ -1,31 +1,15 @@
 """Rewards served from another process over HTTP: the server (`rl-diffusion serve-reward NAME`) and the
 client (`--reward http://HOST:PORT`).
 
-Both sides live here, in the rewards package, because they share the wire format below, and because the
+Both sides live here, in the rewards package, because they share the wire format, and because the
 client is built by ``rewards.build_reward``, which must not import the RL code: a URL then works wherever
 a reward name does (finetune, evaluate, the env, frontier, ablate). Only the standard library speaks HTTP,
 so serving a reward needs nothing beyond what training needs.
 
-Wire format, protocol 1, every number little-endian:
-
-``POST /score``, body ``application/octet-stream``:
-    a header ``struct "<4sBBBB"`` = (b"RLDR", protocol 1, dtype 1 = float32, ndim, has_labels 0 | 1),
-    ndim uint32 dimensions (the batch B first), prod(shape) float32 values of x0 in C order, then, when
-    has_labels, B int64 labels c.
-    200: B float32 rewards (nan where the reward itself returned nan).
-    400: a malformed request; 422: the reward raised on this batch (a deterministic failure, e.g. a 2D
-    reward given images); both with a one-line text/plain reason, and neither is retried.
-    5xx (503: the reward ran out of memory) and any transport failure (refused, reset, timed out) are
-    retried.
-``GET /info``: JSON ``{"protocol": 1, "fingerprint": {...}, "differentiable": false, "max_value": ...}``;
-    the fingerprint is ``rewards.reward_fingerprint`` of the served reward (name, arguments, version,
-    source hash). A served reward is never differentiable for the client: no gradient crosses HTTP.
-
-The client sends a batch in chunks of at most ``batch`` samples, one after the other on one keep-alive
-connection. A chunk gets ``1 + retries`` tries, each with ``timeout`` seconds per socket operation, and
-``backoff * 2**k`` seconds of sleep after the k-th failure. A chunk that still fails is never scored 0:
-``on_failure="stop"`` raises a ServedRewardError naming the server and the cause, ``"skip"`` returns nan
-for its samples and counts them in ``fn.missing`` (the caller drops them, as it drops non-finite rewards).
+The wire format (protocol 1: ``POST /score`` and ``GET /info``), which failures the client retries, and
+its timeouts and backoff: docs/design.md, section 3. A chunk that fails every try is never scored 0:
+``on_failure="stop"`` raises a ServedRewardError, ``"skip"`` returns nan for its samples and counts them
+in ``fn.missing``.
 """
 
 from __future__ import annotations
