@@ -1,28 +1,13 @@
 """DDPO-SF (REINFORCE) and DDPO-IS (PPO-clip): policy gradients on the denoising MDP.
 
-Per epoch: sample `chains` trajectories in one batch, recording (x_t, t, x_{t-1}, log pi_old);
-score x_0 once; turn rewards into advantages; update. Black et al. (2023), "Training diffusion
-models with reinforcement learning".
-
-KL to the pretrained model (kl_coef = beta > 0). The objective is
-    J(theta) = E[r(x_0)] - beta KL(p_theta || p_ref),   KL = E sum_k kl_k,
-    kl_k = ||mu_theta(x_k, t_k) - mu_ref(x_k, t_k)||^2 / (2 sigma_k^2),
-exact because both chains share x_T and sigma (docs/design.md, section 2). Its gradient has two
-parts and both are used:
-  - the action at step k moves every later state, so it is charged the KL that follows it:
-    the return of step k is G_k = r(x_0) - beta sum_{j>k} kl_j (a per-step penalty on the
-    reward, with lower variance than charging the whole path KL to every step);
-  - kl_k depends on theta directly through mu_theta at the visited state: its exact gradient
-    is added to the loss.
-The update follows grad J times a positive number, so its fixed point is the KL-regularised
-optimum p_pre(x_0) exp(r(x_0) / beta) / Z, for any batch or group size. Three things make that so
-(docs/design.md, section 4): the baseline of a chain leaves the chain itself out (a baseline that
-includes it shrinks the reward's part of the gradient by 1 - 1/n and not the KL's); the scale
-that advantages are divided by, which the direct KL term is divided by too, never depends on the
-chain it divides; and with `--log-prob-reduction mean` the direct KL term is averaged over data
-dimensions like the log-prob.
-
-The update reads beta from the algorithm's kl_coef, which the loop adapts under --kl-target.
+Black et al. (2023), "Training diffusion models with reinforcement learning". Per epoch: sample `chains`
+trajectories in one batch, recording (x_t, t, x_{t-1}, log pi_old); score x_0 once; turn returns into
+advantages; update. With beta = kl_coef (adapted by the loop under --kl-target), the loss of step k is
+    -A_k log pi_theta(a_k | x_k) + beta kl_k / scale,   A_k from G_k = r(x_0) - beta sum_{j>k} kl_j,
+kl_k = ||mu_theta - mu_ref||^2 / (2 sigma_k^2) (DDPO-IS: PPO's clipped surrogate in place of -A_k log pi).
+The update follows the gradient of J = E[r] - beta KL(path) times a positive number, so its fixed point is the
+KL-regularised optimum for any batch or group size: why the baseline leaves the chain out and what the
+scale may depend on, docs/design.md, section 4.
 
 Data parallel: every rank computes the same advantages over the whole batch; minibatches are drawn
 over the whole batch's pairs and each rank computes the loss of its own pairs in them.

@@ -1,34 +1,15 @@
 """`--algo sb3-ppo`: stable-baselines3's PPO on the denoising MDP, over the same core as the native algorithms.
 
-Three pieces connect SB3 to the shared code, and nothing here re-derives the math:
-  - `DiffusionPolicy`: an SB3 actor-critic whose actor IS the pretrained epsilon network. Its
-    Gaussian (mean, fixed sigma, log-prob) comes from `GaussianDiffusion.reverse_step`, the one
-    function the sampler and the native trainer also call, so log-probs agree exactly. It
-    clamps its actions to the action box itself and scores the clamped action, so the rollout
-    buffer holds what the env executed; and its eps network never leaves eval mode.
-  - `DenoisingVecEnvAdapter`: an SB3 VecEnv over ONE `DenoisingVectorEnv`, so all chains step as
-    one tensor op.
-  - `EpochCallback`: per-rollout logging and checkpoints through the shared helpers of
-    run.py, so TensorBoard tags, checkpoints and figures are those of the native algos.
+`DiffusionPolicy` is an SB3 actor-critic whose actor IS the pretrained eps network, its Gaussian that of
+`GaussianDiffusion.reverse_step`; `DenoisingVecEnvAdapter` is SB3's VecEnv over one `DenoisingVectorEnv`;
+`EpochCallback` logs and checkpoints through run.py's shared helpers, as the native algorithms do.
 
-One epoch is one PPO rollout (exactly one chain per env: n_steps = steps per chain) and one
-update. PPO settings: gamma = gae_lambda = 1, so every step's return is the terminal reward
-r(x_0) and its advantage r(x_0) - V(x_t, t), normalised per minibatch; ent_coef = 0 (the
-entropy is a constant); vf_coef = 0.5 (SB3's default).
-
-Differences from the native ddpo-is (PPO-clip too): a learned critic V(x_t, t) is the baseline
-(native: the batch mean per timestep); `--grad-clip` clips the joint gradient norm of actor and
-critic (SB3 clips all policy parameters together); advantages are not clipped (`--adv-clip` is
-unused); `--timestep-fraction` and `--skip-nonfinite-rewards` are refused.
-
-`--kl-coef beta` lowers each step's reward by beta L_k after the rollout (returns and advantages
-are then recomputed), with L_k = log pi_theta(a_k | x_k) - log p_pre(a_k | x_k). Both steps share
-sigma, so L_k = kl_k + (a_k - mu_theta) . (mu_theta - mu_pre) / sigma^2: the exact per-step KL
-kl_k = ||mu_theta - mu_pre||^2 / (2 sigma^2) of path_kl.step_kl plus a term of mean zero at x_k. The
-exact kl_k charges each action the KL of the steps after it; the zero-mean term is what carries
-the gradient of kl_k itself through mu_theta (the native trainer's direct term) into a
-score-function update. With both, PPO follows the gradient of E[r] - beta KL(path), the native
-trainer's objective (docs/design.md, section 2).
+One epoch is one PPO rollout (one chain per env: n_steps = steps per chain) and one update, with
+gamma = gae_lambda = 1 (every step's return is r(x_0), its advantage r(x_0) - V(x_t, t), normalised per
+minibatch), ent_coef = 0 (the entropy is a constant) and vf_coef = 0.5 (SB3's default). `--kl-coef beta`
+lowers each step's reward by beta (log pi_theta(a_k | x_k) - log p_pre(a_k | x_k)) after the rollout,
+then recomputes returns and advantages: PPO then follows the gradient of E[r] - beta KL(path), the native
+trainer's objective. Why, and how it differs from ddpo-is: docs/design.md, section 4.
 """
 
 from __future__ import annotations
