@@ -2,26 +2,15 @@
 Karrer, Chen, "Adjoint Matching: Fine-tuning Flow and Diffusion Generative Models with Memoryless Stochastic
 Optimal Control", ICLR 2025), in discrete time on the reverse chain.
 
-The chain x_{k+1} = mu(x_k, t_k) + sigma_k z_k, k = 0..K-1 (x_0 = x_T, x_K the sample). With the control
-u_k(x) = (mu_theta(x, t_k) - mu_ref(x, t_k)) / sigma_k the per-step KL is ||u_k||^2 / 2, so
-    E[r(x_K)] / beta - sum_k E ||u_k||^2 / 2 = (E[r] - beta KL) / beta
-is a stochastic optimal control problem whose optimum is the KL-regularised one, p_pre exp(r / beta) / Z,
-on a memoryless chain (docs/design.md, section 2). Minimising over u_k at x_k gives
-u_k*(x) = sigma_k E[a_{k+1} | x_k = x], a_{k+1} = grad_{x_{k+1}} of the value-to-go.
-
-Update, once per epoch on chains of the current policy (detached):
-  - lean adjoint, backwards along each chain:
-        a_K = grad_x r(x_K) / beta,   a_k = (d mu_ref(x_k, t_k) / d x_k)^T a_{k+1}
-    (vector-Jacobian products through the REFERENCE mean: the terms of the full adjoint that involve the
-    control cancel at the optimum, where u_k = sigma_k a_{k+1}, so "lean" is exact there);
-  - adjoint-matching loss over (trajectory, timestep) pairs, states detached:
-        L = sum_k || u_k(x_k) - sigma_k a_{k+1} ||^2,   i.e. mu_theta - mu_ref -> sigma_k^2 a_{k+1},
-    minimised over --inner-epochs passes of shuffled minibatches (the loss is logged per pair: L / K).
-Fixed point: the regression's minimiser is u_k = sigma_k E[a_{k+1} | x_k], the optimality condition above,
-so the fixed point is the KL-regularised optimum. With a linear-Gaussian chain and r = A . x_K it is
-exactly the closed-form shift sigma_k^2 (A / beta) C_{k+1} (tests/test_adjoint.py).
-
-Scale: a_K = grad r / beta grows as beta shrinks; as in the paper nothing is clipped but --grad-clip.
+Once per epoch, on chains of the current policy (detached), with the control
+u_k(x) = (mu_theta(x, t_k) - mu_ref(x, t_k)) / sigma_k (its per-step KL is ||u_k||^2 / 2):
+  - lean adjoint, backwards along each chain: a_K = grad_x r(x_K) / beta,
+    a_k = (d mu_ref(x_k, t_k) / d x_k)^T a_{k+1}, vector-Jacobian products through the reference's mean;
+  - loss over (trajectory, timestep) pairs, states detached: L = sum_k || u_k(x_k) - sigma_k a_{k+1} ||^2,
+    minimised over --inner-epochs passes of shuffled minibatches.
+The regression's minimiser u_k = sigma_k E[a_{k+1} | x_k] is the optimality condition of E[r] - beta KL, so
+the fixed point is the KL-regularised optimum on a memoryless chain. The control problem, why "lean" is
+exact there, and the adjoint's scale: docs/design.md, section 8.
 """
 
 from __future__ import annotations

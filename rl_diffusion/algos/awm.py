@@ -2,32 +2,15 @@
 advantages, in DiffusionNFT's bounded form.
 
 Xue et al. (2025), "Advantage Weighted Matching: Aligning RL with Pretraining in Diffusion Models";
-Zheng et al. (2025), "DiffusionNFT: Online Diffusion Reinforcement with Forward Process". The likelihood-free,
-forward-process family: only x_0 is trained on, through the forward process, so no reverse-step log-probs are
-needed and the sampler may be deterministic (DDIM, eta = 0).
+Zheng et al. (2025), "DiffusionNFT: Online Diffusion Reinforcement with Forward Process". Only x_0 is trained
+on, through the forward process, so no log-probs are needed and the sampler may be deterministic.
 
-Per epoch: sample B chains, score x_0 once, turn one return per chain into an advantage, as DDPO does,
-    G_b = r(x0_b) - beta sum_k kl_k,b   (beta = --kl-coef; G_b = r(x0_b) when beta = 0),
-    A_b = (G_b - mean of the other chains of b's class) / scale, clipped to +-adv_clip (ddpo.advantages),
-then an optimality weight w_b = 1/2 + A_b / (2 adv_clip) in [0, 1], and take
-inner_epochs * K B / minibatch_size gradient steps on
+Per epoch: A_b the advantage of G_b = r(x0_b) - beta sum_k kl_k,b (ddpo.advantages), the weight
+w_b = 1/2 + A_b / (2 adv_clip) in [0, 1], then inner_epochs * K B / minibatch_size gradient steps on
     L(theta) = (1 / B) sum_b E_{t, eps} [ w_b ||eps_theta - eps||^2 + (1 - w_b) ||2 eps_old - eps_theta - eps||^2 ] / D,
-    x_t = sqrt(abar_t) x0_b + sqrt(1 - abar_t) eps,   t ~ U{1..T},   eps ~ N(0, I),
-with eps_old the policy before this epoch's update. The second term fits the reflection of eps_theta about
-eps_old (DiffusionNFT's implicit negative policy, at strength 1): a sample with w_b < 1/2 pushes the model away
-from denoising it, but only as far as a quadratic allows. The plain weighted loss sum_b A_b ||eps_theta - eps||^2,
-unbounded below in its negative part, diverged on the known-answer targets at the default learning rate (every
-seed at the same collapsed samples, path KL 149): that is why the bounded form.
-
-Why it climbs the reward. At theta = theta_old the gradient of L is (2 / adv_clip) (1 / B) sum_b A_b
-E (eps_old - eps) d eps_theta / d theta, that of the advantage-weighted denoising loss. The denoising loss is,
-up to constants and a per-t weighting, -ELBO(x_0) >= -log p_theta(x_0), so -grad ~ E[A grad log p_theta(x_0)]:
-a score-function gradient of E[G] on the marginal of x_0. For one sample the minimiser is
-eps_theta = eps_old + (2 w_b - 1)(eps - eps_old): a step of bounded size towards (or away from) the sample.
-
-Fixed point (caveat): not exactly p_pre exp(r / beta) / Z. The ELBO is a surrogate for log p, the simple loss
-weights timesteps uniformly, and the per-chain path KL stands in for log p_theta(x_0) / p_pre(x_0). beta acts as
-a regulariser towards the pretrained model, not as the temperature of an exact tilt.
+x_t = sqrt(abar_t) x0_b + sqrt(1 - abar_t) eps, eps_old the policy before this epoch's update. Why the bounded
+form, why it climbs the reward, and its fixed point (approximately the tilt, not exactly): docs/design.md,
+section 8.
 """
 
 from __future__ import annotations

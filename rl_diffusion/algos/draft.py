@@ -5,30 +5,11 @@ rewards". The chain is reparameterised: with its noises z_k fixed,
     x_{k+1} = mu_theta(x_k, t_k) + sigma_k z_k,   k = 0 .. N - 1,   x_N = x_0,
 is a differentiable function of theta, and the update ascends
     J(theta) = E_z[ r(x_0) - beta sum_k kl_k ],   kl_k = ||mu_theta(x_k) - mu_ref(x_k)||^2 / (2 sigma_k^2),
-the KL-regularised objective (the exact path KL, both chains sharing x_T and sigma: docs/design.md,
-section 2). The loss of chain b is -(r(x_0) - beta sum_k kl_k), averaged over chains.
-
-No new sampling: the loop's chains were drawn with the current policy and record every state and
-mean, so z_k = (x_{k+1} - mean_old_k) / sigma_k exactly, and replaying them at the current theta
-gives back the sampled x_0.
-
-DRaFT-K (--draft-steps K): gradients flow through the last K steps only, from the recorded state
-x_{N-K} (detached). kl_k is summed over ALL N steps: inside the window at the replayed states (its
-gradient reaches theta through mu_theta and through x_k, in both means), before it at the recorded
-states (through mu_theta only). K < N truncates the gradient, so it is biased, as in the paper;
-K = N (--draft-steps 0) is the exact pathwise gradient of J for the sampled noises, an unbiased
-estimate of grad J. Its fixed point is then the stationary point of J itself, the KL-regularised
-optimum p_pre(x_0) exp(r(x_0) / beta) / Z on a memoryless chain (on a chain that keeps x_T, the best
-the shared-x_T family reaches). With beta = 0 nothing holds the policy to the pretrained model.
-
-Memory (--memory-mib): what one replayed step of one chain keeps for backward is measured once, on the
-run's network (rl_diffusion/memory.py). Where a whole chain fits the budget, this rank's chains are replayed
-in the fewest groups that fit (on 2D data at the defaults: all of them at once) and nothing is recomputed.
-Where one chain alone does not fit, every replayed step runs under gradient checkpointing (only the states
-between steps are kept, and each step is recomputed in backward), the groups are sized for that, and the run
-says so once. Every group's gradient is accumulated into ONE optimizer step per inner epoch, so the step
-follows the whole batch's mean gradient however it was split. Each rank splits its chains into the same
-number of groups (DDP reduces once per backward).
+the KL-regularised objective (docs/design.md, section 2). The loss of chain b is -(r(x_0) - beta sum_k kl_k),
+averaged over chains. The chains are the loop's, replayed with their recorded noises; gradients flow
+through the last K steps (--draft-steps K; 0: all N, the exact pathwise gradient, whose fixed point is the
+tilted optimum on a memoryless chain). Where kl_k is charged, the bias of K < N, and memory: docs/design.md,
+sections 6 and 8.
 """
 
 from __future__ import annotations

@@ -1,27 +1,16 @@
 """IW-distill: importance-weighted denoising. Fit the model to its own samples, weighted towards the tilt.
 
-The target of every algorithm here is the x_0-marginal p_pre(x_0) exp(r(x_0) / beta) / Z. On the path space
-of the run's chain it is the marginal of P*(tau) = P_pre(tau) exp(r(x_0) / beta) / Z, for any chain, memoryless
-or not (the reward sees only x_0). Chains tau_b drawn from the current policy Q are weighted exactly towards P*:
+Each epoch draws a pool of --pool-size chains tau_b from the current policy and weights them exactly towards
+P*(tau) = P_pre(tau) exp(r(x_0) / beta) / Z, whose x_0-marginal is the tilt on any chain, memoryless or not:
 
     log w_b = lambda r(x0_b) + sum_k [log pi_ref(x_{k-1} | x_k) - log pi_theta(x_{k-1} | x_k)],   lambda = 1 / beta,
 
-(both chains start at x_T ~ N(0, I), so the path ratio is the product of the steps' ratios), self-normalised
-over the pool (within each class for a class-conditional model, whose optimum keeps each chain's label). Each
-epoch draws a pool of --pool-size chains, weights it, then takes --distill-steps gradient steps of the
-pretraining loss on minibatches of --minibatch-size samples resampled in proportion to the weights; the
-stage's model is the moving average of those steps' weights (--distill-ema). Resampling,
-not a weighted loss: at an effective sample size of 28% (the 9-mode posterior) three quarters of a uniform
-minibatch would carry almost no weight; a resampled one spends every row on the target and its expected
-gradient is the weighted loss's. The minimiser of the denoising loss is the score of the weighted
-distribution, so nothing has to explore: every mode the pool reaches is fitted in proportion.
-
-Adaptive tempering (docs/design.md, section 8): where the full tilt's effective sample size is below
---ess-target of the pool, the epoch fits an intermediate tilt lambda_e in [lambda_{e-1}, 1 / beta], the largest
-whose weights keep that effective sample size (found by bisection). The next epoch's pool comes from the fitted
-model; its path ratio corrects exactly for the fit's error, so the stages make no approximation in their
-weights, only in what a finite pool and finite steps can fit. Epochs after the tilt is reached refine it: the
-better the fit, the more uniform the weights.
+self-normalised over the pool (within each class for a class-conditional model). It then takes
+--distill-steps gradient steps of the pretraining loss on minibatches of --minibatch-size samples resampled
+in proportion to the weights; the stage's model is the moving average of those steps' weights
+(--distill-ema). Where the full tilt keeps less than --ess-target of the pool, the epoch fits an
+intermediate lambda (adaptive tempering). The derivation, why resampling, and the tempering:
+docs/design.md, section 8.
 """
 
 from __future__ import annotations

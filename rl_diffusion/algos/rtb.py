@@ -6,30 +6,10 @@ and control". For a chain tau = (x_T, ..., x_0), x_T ~ N(0, I) shared by the pol
     delta(tau) = log Z + sum_k log pi_theta(x_{k+1} | x_k) - sum_k log pi_ref(x_{k+1} | x_k) - r(x_0) / beta,
     L = mean over training chains of delta(tau)^2,
 
-with log Z a learned scalar (its own learning rate, --log-z-lr). L = 0 on every chain exactly when
-p_theta(tau) = p_ref(tau) exp(r(x_0) / beta) / Z; on a memoryless chain that path measure's x_0-marginal is
-p_pre(x_0) exp(r(x_0) / beta) / Z, the KL-regularised optimum (docs/design.md, section 2). The loss is zero
-at that point whatever distribution the training chains come from, so they may be off-policy:
-  - an exploratory sampler (--explore-scale S > 1) draws the epoch's chains with the policy's mean and
-    sigma * S, held for --explore-epochs epochs, then decayed linearly to on-policy over
-    --explore-decay-epochs (the authors' schedule); the loss still scores them with the real policy (sigma);
-  - a replay buffer (--replay-size chains, off by default) adds past scored chains, a --replay-fraction share
-    of each update's chains, drawn uniformly without replacement (no new reward queries). The fixed point
-    survives only where the loss can reach zero: short of it, a log Z off its value pulls the policy along
-    the mean score of old chains, which is not zero (log Z from 0 with 50% replay diverged on gmm25).
-
-Gradient with flat memory: delta needs whole chains, so each pass first computes delta_b with no grad, then
-backpropagates sum_pairs 2 delta_b log pi_theta(pair) + 2 delta_b log Z with delta_b detached, in groups
-of pairs that fit --memory-mib; d/dtheta of that surrogate is sum_b 2 delta_b d delta_b / dtheta
-= d/dtheta sum_b delta_b^2.
-One optimizer step per pass (--inner-epochs passes), so the surrogate's delta is that of the current theta.
-log Z starts at log mean_b exp(r_b / beta - sum_k log pi_theta / pi_ref), the importance estimate of
-log E_ref exp(r / beta) from the first batch (exact in expectation for on-policy chains), not at the
-least-squares value -mean(delta - log Z): that is the mean of r / beta, -42 on the 9-mode posterior where the
-true log Z is +0.06, and the gap took hundreds of updates to close.
-
-Data parallel: every rank holds the whole training set of chains (fresh ones gathered, the buffer the same on
-every rank); chain b belongs to rank b mod world_size, which computes its pairs' log-probs.
+with log Z a learned scalar (--log-z-lr). L = 0 on every chain exactly when p_theta(tau) =
+p_ref(tau) exp(r(x_0) / beta) / Z, whatever chains it is trained on: fresh ones from an exploratory sampler
+(--explore-scale) and replayed ones (--replay-size). The fixed point, the exploration schedule, the replay
+buffer's limits, the flat-memory gradient, log Z's start and data parallelism: docs/design.md, section 8.
 """
 
 from __future__ import annotations
@@ -187,7 +167,7 @@ class RelativeTrajectoryBalance(Algorithm):
                 self.log_z_ready = True
             delta = relative_tb_delta(self.log_z.detach(), log_ratio, rewards, beta)
             self.optimizer.zero_grad(set_to_none=True)
-            # Surrogate with delta detached: its gradient is that of sum_b delta_b^2 (module docstring).
+            # Surrogate with delta detached: its gradient is that of sum_b delta_b^2 (docs/design.md, section 8).
             # DDP's mean over ranks of world_size / N times each rank's pairs: the surrogate / N, the grad of L.
             for idx in self.pair_groups(torch.arange(len(pairs), device=s.device), pairs):
                 own = self.mine(idx, N)
