@@ -72,6 +72,9 @@ def main() -> int:
     parser.add_argument("--runs", default="ddpo-is@1,ddpo-is@0,rtb@1,draft@1", help="ALGO@BETA entries")
     parser.add_argument("--digits", default="0,2,4,6,8", help="the asked digits: the reward is log p(asked | x)")
     parser.add_argument("--epochs", type=int, help="default: the algorithm's own on images")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FLAG=VALUE", help="a finetune setting for every run (JSON value)"
+    )
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--pool", type=int, default=4000, help="prior samples importance-weighted into the target")
     parser.add_argument("--out", default="docs/benchmarks/posterior.json")
@@ -86,6 +89,7 @@ def main() -> int:
         return 2
     classifier = load_digit_classifier().to(device)
     asked = [int(d) for d in args.digits.split(",")]
+    settings = {k.replace("-", "_"): json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     spec = {"reward": "digit_classifier", "reward_args": {"digit": asked}}
     reward = build_reward(spec["reward"], spec["reward_args"])
 
@@ -128,6 +132,7 @@ def main() -> int:
             algo, beta = entry.split("@")
             flags = {"run": args.run, **spec, "algo": algo, "kl_coef": float(beta)}
             flags |= {} if args.epochs is None else {"epochs": args.epochs}
+            flags |= settings
             config = finetune.config_for({**flags, "device": args.device})
             out = Path(work) / entry
             started = time.perf_counter()
@@ -173,6 +178,7 @@ def main() -> int:
         "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
         "prior_run": {k: v for k, v in read_run_config(Path(args.run)).items() if k in ("dataset", "steps", "seed")},
         "reward": f"digit_classifier digit={asked}: log p(asked | x)",
+        "settings": settings,
         "chain": {k: finetune.IMAGE_DEFAULTS[k] for k in ("sampler", "sampling_steps", "eta", "chains")},
         "results": results,
         "seconds_total": time.perf_counter() - started_all,
