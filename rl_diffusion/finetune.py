@@ -88,8 +88,8 @@ class FinetuneConfig:
     )
     memory_mib: float = arg(
         2048.0,
-        "MiB that the tensors kept for backward may take (ddpo-sf, rtb, draft): the batch is split into the fewest "
-        "groups that fit, measured on the run's network; splitting changes the gradient only by rounding",
+        "MiB that the tensors kept for backward may take (ddpo-sf, ddpo-is, rtb, draft): the batch is split into the "
+        "fewest groups that fit, measured on the run's network; splitting changes the gradient only by rounding",
     )
     timestep_fraction: float = arg(1.0, "fraction of each chain's timesteps trained on per epoch (ddpo-is)")
     kl_coef: float = arg(
