@@ -240,3 +240,18 @@ def test_a_class_reward_on_a_conditional_model_warns_and_the_null_label_lets_it_
     assert algorithm("ddpo-is")(s).sample_chains(4, "--chains", torch.Generator())[2] is None
     status, err = finetune(unconditional_run, tmp_path / "refused", "--null-label")
     assert status == 2 and err.startswith("error: --null-label needs a class-conditional model")
+
+
+def test_an_algorithms_image_defaults_apply_on_image_runs_under_the_flags(unconditional_run, pretrained_moons):
+    from rl_diffusion.finetune import config_for
+
+    image = config_for({"run": str(unconditional_run), "algo": "iw-distill"})
+    assert (image.epochs, image.settings.pool_size, image.settings.ess_target, image.sampling_steps) == (
+        1,
+        4096,
+        0.05,
+        20,
+    )
+    assert config_for({"run": str(unconditional_run), "algo": "iw-distill", "pool_size": 64}).settings.pool_size == 64
+    points = config_for({"run": str(pretrained_moons), "algo": "iw-distill"})
+    assert (points.epochs, points.settings.pool_size, points.settings.ess_target) == (3, 10_000, 0.25)
