@@ -168,7 +168,8 @@ def main() -> int:
                 figures.save_image_grid(pool[:80].cpu().numpy(), Path(args.figures) / "posterior_prior.png", 10)
             samples, kl = sample_with_path_kl(run.model, run, prior, cfg, shape, c, 0, device)
             warnings = json.loads((out / "metrics.json").read_text()).get("warnings", [])
-            results[entry] = {**report(samples, kl, target), "seconds": seconds, "epochs": s.epochs, "warnings": warnings}
+            results[entry] = {**report(samples, kl, target), "seconds": seconds, "epochs": s.epochs}
+            results[entry]["warnings"] = warnings
             name = f"posterior_{algo}_beta{beta}.png"
             figures.save_image_grid(samples[:80].cpu().numpy(), Path(args.figures) / name, 10)
             print(entry, json.dumps(results[entry]), flush=True)
