@@ -27,8 +27,8 @@ ddpo-is without KL is the paper's collapse case (their Table 2: E[log r] near 0,
 the KL-regularised methods should keep the even digits' variety. Any grey-image prior works:
 pretrain one on MNIST (`--dataset mnist --data-root DIR --image-size 32 --no-class-conditional`)
 and pass it as --run. Writes docs/benchmarks/posterior.json and a grid of each run's samples,
-docs/figures/posterior_<algo>_beta<beta>.png. Entries already in --out are kept and not run again,
-so a second call with more --runs adds them.
+docs/figures/posterior_<algo>_beta<beta>.png (digit<D>_... for other --digits). Entries already in
+--out are kept and not run again, so a second call with more --runs adds them.
 """
 
 import argparse
@@ -89,6 +89,7 @@ def main() -> int:
         return 2
     classifier = load_digit_classifier().to(device)
     asked = [int(d) for d in args.digits.split(",")]
+    prefix = "posterior" if args.digits == "0,2,4,6,8" else "digit" + "".join(map(str, asked))  # figures' names
     settings = {k.replace("-", "_"): json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     spec = {"reward": "digit_classifier", "reward_args": {"digit": asked}}
     reward = build_reward(spec["reward"], spec["reward_args"])
@@ -165,12 +166,12 @@ def main() -> int:
                         target["resampled"], target["resampled_labels"], real, real_labels
                     ),
                 }
-                figures.save_image_grid(pool[:80].cpu().numpy(), Path(args.figures) / "posterior_prior.png", 10)
+                figures.save_image_grid(pool[:80].cpu().numpy(), Path(args.figures) / f"{prefix}_prior.png", 10)
             samples, kl = sample_with_path_kl(run.model, run, prior, cfg, shape, c, 0, device)
             warnings = json.loads((out / "metrics.json").read_text()).get("warnings", [])
             results[entry] = {**report(samples, kl, target), "seconds": seconds, "epochs": s.epochs}
             results[entry]["warnings"] = warnings
-            name = f"posterior_{algo}_beta{beta}.png"
+            name = f"{prefix}_{algo}_beta{beta}.png"
             figures.save_image_grid(samples[:80].cpu().numpy(), Path(args.figures) / name, 10)
             print(entry, json.dumps(results[entry]), flush=True)
 
