@@ -78,9 +78,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if not args.resume:  # refused before the lock: a refused command touches nothing in the run
         refuse_to_clobber(out, args.overwrite)
     with run_lock(out):
-        s = setup(config, out, overwrite=args.overwrite, resume=bool(args.resume))
-        metrics = trainer(config.algo)(s, resume=bool(args.resume), progress=not args.quiet)
-    if not s.ranks.is_main:
+        run = setup(config, out, overwrite=args.overwrite, resume=bool(args.resume))
+        metrics = trainer(config.algo)(run, resume=bool(args.resume), progress=not args.quiet)
+    if not run.ranks.is_main:
         return
     print(json.dumps(metrics, indent=2))
     print(f"run written to {out}; figures in {out / 'figures'}; watch it with: tensorboard --logdir {out.parent}")

@@ -361,22 +361,22 @@ def labels_fight_warning(rewards: Tensor, c: Tensor) -> str | None:
     )
 
 
-def score_rewards(s: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
+def score_rewards(run: Setup, x0: Tensor, c: Tensor | None, epoch: int) -> Tensor:
     """Rewards of a batch, called once.
 
     A non-finite reward stops the run (the last good checkpoint stays) unless
     --skip-nonfinite-rewards, which drops those samples and counts them.
     """
     try:
-        rewards = s.reward(x0, c)
+        rewards = run.reward(x0, c)
     except RewardError as e:
-        raise RewardError(f"{e}; stopped at epoch {epoch + 1}, the last good checkpoint is kept in {s.out}") from None
-    s.component_means = {label: finite_mean(r) for label, r in s.reward.components.items()}
+        raise RewardError(f"{e}; stopped at epoch {epoch + 1}, the last good checkpoint is kept in {run.out}") from None
+    run.component_means = {label: finite_mean(r) for label, r in run.reward.components.items()}
     if torch.isfinite(rewards).sum() < 2:
-        missing = f" ({s.reward.missing} of {len(rewards)} missing: the server failed)" if s.reward.missing else ""
+        missing = f" ({run.reward.missing} of {len(rewards)} missing: the server failed)" if run.reward.missing else ""
         raise RewardError(
-            f"reward '{s.reward.name}' returned fewer than 2 finite values at epoch {epoch + 1}{missing}; nothing "
-            f"to learn from; the last good checkpoint is kept in {s.out}"
+            f"reward '{run.reward.name}' returned fewer than 2 finite values at epoch {epoch + 1}{missing}; nothing "
+            f"to learn from; the last good checkpoint is kept in {run.out}"
         )
     return rewards
 
@@ -397,7 +397,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def log_epoch(
-    s: Setup,
+    run: Setup,
     epoch: int,
     reward_queries: int,
     x0: Tensor,
@@ -409,42 +409,42 @@ def log_epoch(
     """Per-epoch TensorBoard scalars (reward/, eval_reward/, diversity/, kl/, loss/, ppo/, perf/), a reward
     histogram and a scatter of samples. x0 [B, ...] are the epoch's samples, rewards [B] their training
     rewards, c [B] their labels (held-out rewards see them; None: unlabelled)."""
-    step = epoch + 1 if s.config.x_axis == "epoch" else reward_queries
+    step = epoch + 1 if run.config.x_axis == "epoch" else reward_queries
     finite = rewards[torch.isfinite(rewards)]
     with torch.no_grad():
-        held_out = {label: reward(x0, c) for label, reward in s.eval_rewards.items()}
+        held_out = {label: reward(x0, c) for label, reward in run.eval_rewards.items()}
     values = {
         "reward/mean": finite.mean().item(),
         "reward/std": finite.std().item() if len(finite) > 1 else 0.0,
         "reward/min": finite.min().item(),
         "reward/max": finite.max().item(),
         "reward/nonfinite": float(len(rewards) - len(finite)),
-        "perf/steps_per_sec": len(rewards) * s.steps_per_chain / seconds,
+        "perf/steps_per_sec": len(rewards) * run.steps_per_chain / seconds,
         "perf/reward_queries": float(reward_queries),
         "perf/epoch_seconds": seconds,
-        "perf/peak_memory_mb": peak_memory_mb(s.device),
+        "perf/peak_memory_mb": peak_memory_mb(run.device),
         **{f"eval_reward/{label}/mean": finite_mean(r) for label, r in held_out.items()},
         # a served reward: samples of the epoch's batch it failed to score (in reward/nonfinite too, and dropped)
-        **({"reward/missing": float(s.reward.missing)} if served(s.reward) else {}),
+        **({"reward/missing": float(run.reward.missing)} if served(run.reward) else {}),
         # a weighted sum: each component's unweighted mean over the scored batch (dropped chains included)
-        **{f"reward/component/{label}/mean": mean for label, mean in s.component_means.items()},
-        **monitor_scalars(x0, s.eval_data, s.modes, s.label_classifier),
+        **{f"reward/component/{label}/mean": mean for label, mean in run.component_means.items()},
+        **monitor_scalars(x0, run.eval_data, run.modes, run.label_classifier),
         **scalars,
     }
     for tag, value in values.items():
-        s.writer.add_scalar(tag, value, step)
-    s.writer.add_histogram("reward/hist", finite.cpu(), step)
+        run.writer.add_scalar(tag, value, step)
+    run.writer.add_histogram("reward/hist", finite.cpu(), step)
     samples = x0[: 64 if x0.dim() == 4 else 1000].detach().cpu().numpy()
-    s.writer.add_image("samples", s.picture(samples, f"epoch {epoch + 1}"), step, dataformats="HWC")
-    s.frames.append((f"epoch {epoch + 1}", samples))
-    s.history.append({"epoch": epoch + 1, "reward_queries": reward_queries, **values})
-    s.writer.flush()
+    run.writer.add_image("samples", run.picture(samples, f"epoch {epoch + 1}"), step, dataformats="HWC")
+    run.frames.append((f"epoch {epoch + 1}", samples))
+    run.history.append({"epoch": epoch + 1, "reward_queries": reward_queries, **values})
+    run.writer.flush()
 
 
-def write_hyperparameters(s: Setup) -> None:
-    s.writer.add_text("hyperparameters", to_markdown_table(s.config.to_dict()), 0)
-    if s.config.lora_rank:
-        s.writer.add_scalar("lora/trainable_fraction", lora.trainable_fraction(s.policy), 0)
+def write_hyperparameters(run: Setup) -> None:
+    run.writer.add_text("hyperparameters", to_markdown_table(run.config.to_dict()), 0)
+    if run.config.lora_rank:
+        run.writer.add_scalar("lora/trainable_fraction", lora.trainable_fraction(run.policy), 0)
 
 
 def best_tag(config: FinetuneConfig) -> str:
@@ -453,45 +453,47 @@ def best_tag(config: FinetuneConfig) -> str:
     return f"eval_reward/{config.early_stop_on}/mean" if config.early_stop_on else "reward/mean"
 
 
-def save_checkpoint(s: Setup, epoch: int, train_state: dict) -> None:
+def save_checkpoint(run: Setup, epoch: int, train_state: dict) -> None:
     """Checkpoint after `epoch` (0-based) with the algorithm's own train state; the best by `best_tag`. Rank 0 only."""
-    if not s.ranks.is_main:
+    if not run.ranks.is_main:
         return
-    mean = s.history[-1][best_tag(s.config)] if s.history else None
-    state = {"epoch": epoch + 1, "frames": s.frames, "history": s.history, **train_state}
-    s.checkpoints.save(s.checkpoint_payload(state), epoch + 1, mean)
+    mean = run.history[-1][best_tag(run.config)] if run.history else None
+    state = {"epoch": epoch + 1, "frames": run.frames, "history": run.history, **train_state}
+    run.checkpoints.save(run.checkpoint_payload(state), epoch + 1, mean)
 
 
-def best_epoch(s: Setup) -> int:
+def best_epoch(run: Setup) -> int:
     """The logged epoch (1-based) with the highest `best_tag` value; the first of equal values, so a tie
     is no improvement."""
-    return 1 + int(np.argmax([h[best_tag(s.config)] for h in s.history]))
+    return 1 + int(np.argmax([h[best_tag(run.config)] for h in run.history]))
 
 
-def early_stop(s: Setup) -> tuple[bool, str | None]:
+def early_stop(run: Setup) -> tuple[bool, str | None]:
     """Under --early-stop-on, after an epoch is logged: (that epoch set a new best held-out mean, so it
     must be checkpointed; why the run stops now, once the best is --patience epochs old, else None)."""
-    if not s.config.early_stop_on:
+    if not run.config.early_stop_on:
         return False, None
-    best, last = best_epoch(s), len(s.history)
-    if last - best < s.config.patience:
+    best, last = best_epoch(run), len(run.history)
+    if last - best < run.config.patience:
         return best == last, None
     return False, (
-        f"early stop after epoch {last}: held-out reward '{s.config.early_stop_on}' has not improved on its "
-        f"best {s.history[best - 1][best_tag(s.config)]:.4g} (epoch {best}) for {s.config.patience} epochs; "
-        f"the best checkpoint by it is that of step {best} in {s.checkpoints.dir}"
+        f"early stop after epoch {last}: held-out reward '{run.config.early_stop_on}' has not improved on its "
+        f"best {run.history[best - 1][best_tag(run.config)]:.4g} (epoch {best}) for {run.config.patience} epochs; "
+        f"the best checkpoint by it is that of step {best} in {run.checkpoints.dir}"
     )
 
 
-def restore_checkpoint(s: Setup) -> dict:
-    """The train state of the newest good checkpoint, with frames and history put back into `s`."""
-    ckpt = s.resumed
+def restore_checkpoint(run: Setup) -> dict:
+    """The train state of the newest good checkpoint, with frames and history put back into `run`."""
+    ckpt = run.resumed
     state = ckpt["train_state"]
-    if s.config.lora_rank:
-        if ckpt["lora"]["base_fingerprint"] != s.base_fingerprint:
-            raise UserError(f"--resume {s.out}: the weights of --run {s.config.run} changed since its adapters started")
-        lora.load_adapters(s.policy, ckpt["model"])
+    if run.config.lora_rank:
+        if ckpt["lora"]["base_fingerprint"] != run.base_fingerprint:
+            raise UserError(
+                f"--resume {run.out}: the weights of --run {run.config.run} changed since its adapters started"
+            )
+        lora.load_adapters(run.policy, ckpt["model"])
     else:
-        s.policy.load_state_dict(ckpt["model"])
-    s.frames, s.history = state["frames"], state["history"]
+        run.policy.load_state_dict(ckpt["model"])
+    run.frames, run.history = state["frames"], state["history"]
     return state

@@ -112,20 +112,20 @@ def main() -> int:
 
     floor = fd(again)
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "digits"
+        pretrained = Path(tmp) / "digits"
         started = time.perf_counter()
-        pretrain(config, run, progress=False)
+        pretrain(config, pretrained, progress=False)
         pretrain_total = time.perf_counter() - started
         wall, train = (
-            dict(zip(*scalars(run, tag), strict=True)) for tag in ("perf/wall_seconds", "perf/train_seconds")
+            dict(zip(*scalars(pretrained, tag), strict=True)) for tag in ("perf/wall_seconds", "perf/train_seconds")
         )
-        final_metrics = json.loads((run / "metrics.json").read_text())
+        final_metrics = json.loads((pretrained / "metrics.json").read_text())
 
         # FD of every kept checkpoint, each from the same noise (seed 0) and labels; the draws are timed.
-        loaded = load_run(run, device)
+        loaded = load_run(pretrained, device)
         model = build_model(loaded.checkpoint["model_config"]).to(device).eval()
         curve, draw_seconds, samples = [], [], None
-        for path in sorted((run / "checkpoints").glob("step_*.pt")):
+        for path in sorted((pretrained / "checkpoints").glob("step_*.pt")):
             ckpt = torch.load(path, map_location=device, weights_only=False)
             step = ckpt["train_state"]["step"]
             load_weights(model, ckpt["model"], source=str(path))
@@ -147,7 +147,7 @@ def main() -> int:
 
         # Fine-tuning towards one digit.
         ft_config = FinetuneConfig(
-            run=str(run),
+            run=str(pretrained),
             reward="digit_classifier",
             reward_args={"digit": DIGIT},
             algo="ddpo-is",
@@ -155,10 +155,10 @@ def main() -> int:
             epochs=args.ft_epochs,
             device=args.device,
         )
-        s = setup(ft_config, Path(tmp) / "finetuned")
-        loop.finish = lambda s: s.writer.close() or {}  # skip the run's final evaluation (see the docstring)
+        run = setup(ft_config, Path(tmp) / "finetuned")
+        loop.finish = lambda run: run.writer.close() or {}  # skip the run's final evaluation (see the docstring)
         started = time.perf_counter()
-        loop.train(s, progress=False)
+        loop.train(run, progress=False)
         ft_total = time.perf_counter() - started
         finetuned = load_run(Path(tmp) / "finetuned", device)
         after = draw_samples(finetuned.diffusion, finetuned.model, N, seed=0, device=device)
@@ -168,7 +168,7 @@ def main() -> int:
     figures.save_image_grid(after[:80], figures_dir / "digits_after.png", columns=10)
     reached = [point for point in curve if point["ratio_to_floor"] <= TARGET_RATIO]
     best = min(curve, key=lambda point: point["ratio_to_floor"])
-    ft_rates = [h["perf/steps_per_sec"] for h in s.history]
+    ft_rates = [h["perf/steps_per_sec"] for h in run.history]
     T = config.num_timesteps
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -213,17 +213,17 @@ def main() -> int:
             "algo": "ddpo-is",
             "reward": f"digit_classifier digit={DIGIT}",
             "chains": FT_CHAINS,
-            "epochs": s.epochs,
-            "steps_per_chain": s.steps_per_chain,
+            "epochs": run.epochs,
+            "steps_per_chain": run.steps_per_chain,
             "denoising_steps_per_sec_per_epoch": ft_rates,
             "denoising_steps_per_sec_median": float(np.median(ft_rates)),
-            "epochs_per_sec_median": float(np.median(ft_rates)) / (FT_CHAINS * s.steps_per_chain),
+            "epochs_per_sec_median": float(np.median(ft_rates)) / (FT_CHAINS * run.steps_per_chain),
             "total_seconds_without_final_evaluation": ft_total,
-            "reward_mean_per_epoch": [h["reward/mean"] for h in s.history],
+            "reward_mean_per_epoch": [h["reward/mean"] for h in run.history],
             f"share_of_{DIGIT}s_before": share_of_digit(before),
             f"share_of_{DIGIT}s_after": share_of_digit(after),
             "share_method": f"{N} DDPM samples (seed 0, labels 0..9 in turn), classified by the digit classifier",
-            "path_kl_to_pretrained_per_epoch": [h["kl/to_pretrained"] for h in s.history],
+            "path_kl_to_pretrained_per_epoch": [h["kl/to_pretrained"] for h in run.history],
             "figures": [str(figures_dir / "digits_before.png"), str(figures_dir / "digits_after.png")],
         },
         "benchmark_total_seconds": time.perf_counter() - started_all,
@@ -240,7 +240,7 @@ OLD_IMAGE_DEFAULTS = {"sampler": "ddpm", "sampling_steps": 0, "eta": 1.0, "kl_co
 MONITORS = ("reward/mean", "kl/to_pretrained", "diversity/label_entropy", "realism/nearest_data", "perf/epoch_seconds")
 
 
-def compare_finetune_defaults(run: Path, args: argparse.Namespace) -> int:
+def compare_finetune_defaults(pretrained: Path, args: argparse.Namespace) -> int:
     """`--finetune-defaults RUN`: the old and the new image fine-tuning defaults on one model (module docstring)."""
     load_before = os.getloadavg()
     classifier = load_digit_classifier()
@@ -248,7 +248,7 @@ def compare_finetune_defaults(run: Path, args: argparse.Namespace) -> int:
     for name, overrides, epochs in (("before", OLD_IMAGE_DEFAULTS, args.old_epochs), ("after", {}, 30)):
         config = finetune.config_for(
             {
-                "run": str(run),
+                "run": str(pretrained),
                 "reward": "digit_classifier",
                 "reward_args": {"digit": DIGIT},
                 "epochs": epochs,
@@ -257,26 +257,26 @@ def compare_finetune_defaults(run: Path, args: argparse.Namespace) -> int:
             }
         )
         with tempfile.TemporaryDirectory() as tmp:
-            s = setup(config, Path(tmp) / "finetuned")
-            loop.finish = lambda s: s.writer.close() or {}  # skip the run's final evaluation (module docstring)
+            run = setup(config, Path(tmp) / "finetuned")
+            loop.finish = lambda run: run.writer.close() or {}  # skip the run's final evaluation (module docstring)
             started = time.perf_counter()
-            loop.train(s, progress=False)
+            loop.train(run, progress=False)
             total = time.perf_counter() - started
-        last = s.frames[-1][1]
+        last = run.frames[-1][1]
         labels = classifier_features(torch.from_numpy(last), classifier)[1]
         path = Path(args.figures) / f"digits_default_{name}_change.png"
         figures.save_image_grid(last[:80], path, columns=10)
         results[name] = {
             "config": {k: getattr(config, k) for k in ("sampler", "sampling_steps", "eta", "kl_coef", "chains", "lr")},
-            "epochs": s.epochs,
+            "epochs": run.epochs,
             "seconds_total_without_final_evaluation": total,
-            "seconds_per_epoch_median": float(np.median([h["perf/epoch_seconds"] for h in s.history])),
-            "per_epoch": {tag: [h[tag] for h in s.history] for tag in MONITORS},
+            "seconds_per_epoch_median": float(np.median([h["perf/epoch_seconds"] for h in run.history])),
+            "per_epoch": {tag: [h[tag] for h in run.history] for tag in MONITORS},
             f"share_of_{DIGIT}s_first_epoch": float(
-                (classifier_features(torch.from_numpy(s.frames[0][1]), classifier)[1] == DIGIT).float().mean()
+                (classifier_features(torch.from_numpy(run.frames[0][1]), classifier)[1] == DIGIT).float().mean()
             ),
             f"share_of_{DIGIT}s_last_epoch": float((labels == DIGIT).float().mean()),
-            "warnings": hacking_warnings(s.history, s.eval_data),
+            "warnings": hacking_warnings(run.history, run.eval_data),
             "figure": str(path),
         }
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "per_epoch"}), flush=True)
@@ -285,7 +285,9 @@ def compare_finetune_defaults(run: Path, args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} torch threads, device {args.device}",
         "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
         "pretrained_run": {
-            k: v for k, v in read_run_config(run).items() if k in ("dataset", "class_conditional", "steps", "seed")
+            k: v
+            for k, v in read_run_config(pretrained).items()
+            if k in ("dataset", "class_conditional", "steps", "seed")
         },
         "reward": f"digit_classifier digit={DIGIT}, algo ddpo-is",
         "shares_method": "the epoch's own samples (first epoch: the pretrained model's), read by the digit classifier",

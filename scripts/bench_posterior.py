@@ -137,11 +137,11 @@ def main() -> int:
             config = finetune.config_for({**flags, "device": args.device})
             out = Path(work) / entry
             started = time.perf_counter()
-            s = setup(config, out)
-            trainer(algo)(s, progress=False)
+            run = setup(config, out)
+            trainer(algo)(run, progress=False)
             seconds = time.perf_counter() - started
-            cfg, run = saved_config(finetune.FinetuneConfig, out), load_run(out, device)
-            shape, c = sample_shape_and_labels(run.model, args.num_samples, device)
+            cfg, loaded = saved_config(finetune.FinetuneConfig, out), load_run(out, device)
+            shape, c = sample_shape_and_labels(loaded.model, args.num_samples, device)
             if target is None:  # the prior on the same chain: its samples, and the target by importance weights
                 pool = torch.from_numpy(
                     draw_samples(prior.diffusion, prior.model, args.pool, 1, device, **cfg.sampling)
@@ -167,9 +167,9 @@ def main() -> int:
                     ),
                 }
                 figures.save_image_grid(pool[:80].cpu().numpy(), Path(args.figures) / f"{prefix}_prior.png", 10)
-            samples, kl = sample_with_path_kl(run.model, run, prior, cfg, shape, c, 0, device)
+            samples, kl = sample_with_path_kl(loaded.model, loaded, prior, cfg, shape, c, 0, device)
             warnings = json.loads((out / "metrics.json").read_text()).get("warnings", [])
-            results[entry] = {**report(samples, kl, target), "seconds": seconds, "epochs": s.epochs}
+            results[entry] = {**report(samples, kl, target), "seconds": seconds, "epochs": run.epochs}
             results[entry]["warnings"] = warnings
             name = f"{prefix}_{algo}_beta{beta}.png"
             figures.save_image_grid(samples[:80].cpu().numpy(), Path(args.figures) / name, 10)

@@ -84,7 +84,7 @@ SIZES = (16, 256, 1024)
 
 
 class TimedHistory(list):
-    """s.history that also records, per appended epoch, the seconds since `start`."""
+    """run.history that also records, per appended epoch, the seconds since `start`."""
 
     def __init__(self, start: float):
         super().__init__()
@@ -117,14 +117,18 @@ def rollout_rate(model, repeats: int = 1) -> float:
     return repeats * model.n_steps * model.n_envs / (time.perf_counter() - started)
 
 
-def sampler_rate(s, n: int, repeats: int) -> float:
+def sampler_rate(run, n: int, repeats: int) -> float:
     """Denoising steps per second of the bare batched sampler (as the native trainer samples: no_grad, record=True)."""
     with torch.no_grad():
-        s.diffusion.sample(s.policy, (n, *s.data_shape), device=s.device, record=True, **s.config.sampling)  # warm-up
+        run.diffusion.sample(
+            run.policy, (n, *run.data_shape), device=run.device, record=True, **run.config.sampling
+        )  # warm-up
         started = time.perf_counter()
         for _ in range(repeats):
-            s.diffusion.sample(s.policy, (n, *s.data_shape), device=s.device, record=True, **s.config.sampling)
-    return repeats * n * s.steps_per_chain / (time.perf_counter() - started)
+            run.diffusion.sample(
+                run.policy, (n, *run.data_shape), device=run.device, record=True, **run.config.sampling
+            )
+    return repeats * n * run.steps_per_chain / (time.perf_counter() - started)
 
 
 def throughput(pretrained: Path, tmp: Path, device: str) -> dict:
@@ -137,17 +141,17 @@ def throughput(pretrained: Path, tmp: Path, device: str) -> dict:
         "bare_sampler": {},
     }
     for n in SIZES:
-        s = setup(config(pretrained, device, chains=n), tmp / f"throughput-{n}")
-        model = sb3.make_ppo(s)
+        run = setup(config(pretrained, device, chains=n), tmp / f"throughput-{n}")
+        model = sb3.make_ppo(run)
         # time at least 12,800 env steps (whole rollouts), so the small sizes are not noise
-        repeats = max(1, 12800 // (n * s.steps_per_chain))
+        repeats = max(1, 12800 // (n * run.steps_per_chain))
         result["sb3_batched_adapter"][str(n)] = rollout_rate(model, repeats)
-        result["bare_sampler"][str(n)] = sampler_rate(s, n, repeats=max(3, 4 * repeats))
+        result["bare_sampler"][str(n)] = sampler_rate(run, n, repeats=max(3, 4 * repeats))
         if n == 16:
             # the same PPO over DummyVecEnv: 16 single envs, numpy per env, SB3 batching their observations
-            model.set_env(single_envs(s, n))
+            model.set_env(single_envs(run, n))
             result["sb3_dummy_vec_env_of_single_envs"][str(n)] = rollout_rate(model, repeats)
-        s.writer.close()
+        run.writer.close()
     result["adapter_over_dummy_vec_env_at_16"] = (
         result["sb3_batched_adapter"]["16"] / result["sb3_dummy_vec_env_of_single_envs"]["16"]
     )
@@ -174,14 +178,14 @@ def to_target(history: TimedHistory, steps_per_epoch: int, target: float) -> dic
 def finetune_run(pretrained: Path, out: Path, device: str, targets: list[float], **overrides) -> dict:
     """One fine-tuning run with progress=False: its curve, what it took to reach each target, final metrics."""
     cfg = config(pretrained, device, **overrides)
-    s = setup(cfg, out)
+    run = setup(cfg, out)
     train = trainer(cfg.algo)
     started = time.perf_counter()
-    s.history = history = TimedHistory(started)
-    metrics = train(s, progress=False)
+    run.history = history = TimedHistory(started)
+    metrics = train(run, progress=False)
     total = time.perf_counter() - started
     rewards = [h["reward/mean"] for h in history]
-    reached = {str(t): to_target(history, cfg.chains * s.steps_per_chain, t) for t in targets}
+    reached = {str(t): to_target(history, cfg.chains * run.steps_per_chain, t) for t in targets}
     first = reached[str(targets[0])]
     return {
         "epochs": len(history),
@@ -212,7 +216,7 @@ def finetune_run(pretrained: Path, out: Path, device: str, targets: list[float],
     }
 
 
-def single_envs(s, n: int) -> DummyVecEnv:
+def single_envs(run, n: int) -> DummyVecEnv:
     """n single `DenoisingEnv`s in SB3's DummyVecEnv: numpy per env, SB3 batching their observations."""
     return DummyVecEnv(
         [
@@ -220,8 +224,8 @@ def single_envs(s, n: int) -> DummyVecEnv:
                 reward=REWARD["reward"],
                 reward_kwargs=REWARD["reward_args"],
                 **SAMPLING,
-                diffusion=s.diffusion,
-                data_shape=s.data_shape,
+                diffusion=run.diffusion,
+                data_shape=run.data_shape,
                 action_mode="sample",
             )
             for _ in range(n)
@@ -248,12 +252,12 @@ class RolloutRewards(BaseCallback):
 
 def stock_sb3_run(pretrained: Path, out: Path, device: str, targets: list[float], epochs: int, lr: float) -> dict:
     """sb3-ppo's PPO (same policy, settings and seed) over a DummyVecEnv of 256 single envs: SB3 out of the box."""
-    s = setup(config(pretrained, device, algo="sb3-ppo", chains=256, epochs=epochs, lr=lr), out)
-    model = sb3.make_ppo(s)
-    model.set_env(single_envs(s, 256))
+    run = setup(config(pretrained, device, algo="sb3-ppo", chains=256, epochs=epochs, lr=lr), out)
+    model = sb3.make_ppo(run)
+    model.set_env(single_envs(run, 256))
     callback = RolloutRewards()
     model.learn(epochs * model.n_steps * 256, callback=callback)
-    s.writer.close()
+    run.writer.close()
     reached = {}
     for target in targets:
         hit = next((i for i, m in enumerate(callback.means) if m >= target), None)
@@ -353,7 +357,7 @@ def timed_run(cfg: FinetuneConfig, out: Path, final_evaluation: bool) -> dict:
     """One fine-tuning run with every phase of the loop timed from outside; seconds per epoch and in all."""
     timers, algo = PhaseTimers(), algorithm(cfg.algo)
     started = time.perf_counter()
-    s = setup(cfg, out)
+    run = setup(cfg, out)
     timers.seconds["setup"] = time.perf_counter() - started
     timers.wrap(algo, "sample", "sampling")
     timers.wrap(algo, "update", "update")
@@ -366,15 +370,15 @@ def timed_run(cfg: FinetuneConfig, out: Path, final_evaluation: bool) -> dict:
         for name in ("save_gif", "save_image_grid", "plot_finetune_summary"):
             timers.wrap(figures, name, "logging_and_figures")
     else:
-        timers.wrap(loop, "finish_run", "final_evaluation", instead=lambda s: s.writer.close() or {})
+        timers.wrap(loop, "finish_run", "final_evaluation", instead=lambda run: run.writer.close() or {})
     try:
-        loop.train(s, progress=False)
+        loop.train(run, progress=False)
     finally:
         timers.unwrap()
     total = time.perf_counter() - started
     seconds = {phase: timers.seconds.get(phase, 0.0) for phase in EPOCH_PHASES}
     seconds["other"] = total - sum(seconds.values())
-    return {"epochs": s.epochs, "total_seconds": total, "seconds": seconds}
+    return {"epochs": run.epochs, "total_seconds": total, "seconds": seconds}
 
 
 def epoch_split(pretrained: Path, tmp: Path, device: str, epochs: int, lr: float) -> dict:

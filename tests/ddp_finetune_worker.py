@@ -21,10 +21,10 @@ from rl_diffusion.run import setup
 
 pretrained, runs, out = sys.argv[1:]
 for name, overrides in json.loads(Path(runs).read_text()).items():
-    s = setup(FinetuneConfig(run=pretrained, **overrides), Path(out) / name / "run")
-    loop.train(s, progress=False)
+    run = setup(FinetuneConfig(run=pretrained, **overrides), Path(out) / name / "run")
+    loop.train(run, progress=False)
     torch.save(
-        {"history": s.history, "policy": s.policy.state_dict(), "world_size": s.ranks.world_size},
-        Path(out) / name / f"rank{s.ranks.rank}.pt",
+        {"history": run.history, "policy": run.policy.state_dict(), "world_size": run.ranks.world_size},
+        Path(out) / name / f"rank{run.ranks.rank}.pt",
     )
 distributed.shutdown(completed=True)

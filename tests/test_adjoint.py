@@ -21,41 +21,41 @@ class LinearReward:
 
 
 def setup_with_reward(beta: float, **config):
-    s = closed_form_setup(beta, **config)
-    s.reward = LinearReward()
-    return s
+    run = closed_form_setup(beta, **config)
+    run.reward = LinearReward()
+    return run
 
 
-def closed_form_adjoint(s, beta: float) -> list[tuple[int, float, torch.Tensor]]:
+def closed_form_adjoint(run, beta: float) -> list[tuple[int, float, torch.Tensor]]:
     """(t, sigma_t, a_{k+1}) of each step k: a_{k+1} = (A / beta) C_{t_prev}, C the product of the later steps'
     slopes a_t + b_t slope_t of the reference's mean (its Jacobian)."""
-    abar = s.diffusion.np["abar"]
+    abar = run.diffusion.np["abar"]
     slope = np.sqrt(1 - abar) / (abar * S**2 + 1 - abar)
     out, C = [], 1.0
-    for t, a, b, sigma in reversed(step_coefficients(s.diffusion, s.config.sampling)):
+    for t, a, b, sigma in reversed(step_coefficients(run.diffusion, run.config.sampling)):
         out.append((t, sigma, A / beta * C))
         C *= a + b * slope[t]
     return out[::-1]
 
 
-def sample(s, chains: int, seed: int):
+def sample(run, chains: int, seed: int):
     with torch.no_grad():
-        traj = s.diffusion.sample(
-            s.policy, (chains, D), generator=torch.Generator().manual_seed(seed), record=True, **s.config.sampling
+        traj = run.diffusion.sample(
+            run.policy, (chains, D), generator=torch.Generator().manual_seed(seed), record=True, **run.config.sampling
         )
-    return batch_of(s, traj, traj.xs[-1] @ A)
+    return batch_of(run, traj, traj.xs[-1] @ A)
 
 
 @pytest.mark.parametrize("sampling", [{}, {"sampler": "ddim", "sampling_steps": 4, "eta": 1.0}])
 def test_lean_adjoint_equals_its_closed_form_at_every_step(sampling):
     beta = 0.5
-    s = setup_with_reward(beta, **sampling)
+    run = setup_with_reward(beta, **sampling)
     with torch.no_grad():
-        s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))  # chains off the optimum: a does not care
-    batch = sample(s, 16, seed=1)
+        run.policy.theta.normal_(generator=torch.Generator().manual_seed(0))  # chains off the optimum: a does not care
+    batch = sample(run, 16, seed=1)
     K = batch.K
-    _, sigma, a = adjoint.lean_adjoint(s, batch.pairs, K, A.expand(16, D) / beta)
-    for k, (t, sigma_t, a_t) in enumerate(closed_form_adjoint(s, beta)):
+    _, sigma, a = adjoint.lean_adjoint(run, batch.pairs, K, A.expand(16, D) / beta)
+    for k, (t, sigma_t, a_t) in enumerate(closed_form_adjoint(run, beta)):
         rows = slice(k * 16, (k + 1) * 16)
         assert batch.pairs.t[rows].eq(t).all()
         torch.testing.assert_close(a[rows], a_t.expand(16, D), rtol=1e-5, atol=1e-6)
@@ -65,63 +65,63 @@ def test_lean_adjoint_equals_its_closed_form_at_every_step(sampling):
 def test_loss_and_target_norm_equal_their_closed_form_off_the_optimum():
     # mu_theta - mu_ref = b_t theta_t: at theta = lam theta*, u_k - sigma_k a_{k+1} = (lam - 1) sigma_k a_{k+1}
     beta, lam = 0.5, 0.3
-    s = setup_with_reward(beta)
+    run = setup_with_reward(beta)
     with torch.no_grad():
-        s.policy.theta.copy_(lam * optimal_theta(s.diffusion, beta))
-    algo = adjoint.AdjointMatching(s)
+        run.policy.theta.copy_(lam * optimal_theta(run.diffusion, beta))
+    algo = adjoint.AdjointMatching(run)
     algo.optimizer = NoStep()
-    stats = algo.update(sample(s, 32, seed=0), torch.Generator().manual_seed(0))
-    norms = torch.stack([(sigma * a).norm() for _, sigma, a in closed_form_adjoint(s, beta)])
+    stats = algo.update(sample(run, 32, seed=0), torch.Generator().manual_seed(0))
+    norms = torch.stack([(sigma * a).norm() for _, sigma, a in closed_form_adjoint(run, beta)])
     assert stats["adjoint/target_norm"] == pytest.approx(norms.mean().item(), rel=1e-5)
     assert stats["loss/policy"] == pytest.approx(((1 - lam) ** 2 * norms.square()).mean().item(), rel=1e-4)
 
 
 def test_gradient_vanishes_at_the_closed_form_optimum():
     beta = 0.5
-    s = setup_with_reward(beta)
+    run = setup_with_reward(beta)
     with torch.no_grad():
-        s.policy.theta.copy_(optimal_theta(s.diffusion, beta))
-    algo = adjoint.AdjointMatching(s)
+        run.policy.theta.copy_(optimal_theta(run.diffusion, beta))
+    algo = adjoint.AdjointMatching(run)
     algo.optimizer = NoStep()
-    stats = algo.update(sample(s, 64, seed=0), torch.Generator().manual_seed(0))
+    stats = algo.update(sample(run, 64, seed=0), torch.Generator().manual_seed(0))
     assert stats["loss/policy"] < 1e-8
-    assert s.policy.theta.grad.abs().max().item() < 1e-4
+    assert run.policy.theta.grad.abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("sampling", [{}, {"sampler": "ddim", "sampling_steps": 4, "eta": 1.0}])
 def test_training_from_zero_converges_to_the_closed_form_optimum(sampling):
     beta = 0.5
-    s = setup_with_reward(beta, lr=0.02, **sampling)
-    s.config = dataclasses.replace(s.config, minibatch_size=64)  # shuffled minibatches of the 32 chains' pairs
-    algo = adjoint.AdjointMatching(s)
+    run = setup_with_reward(beta, lr=0.02, **sampling)
+    run.config = dataclasses.replace(run.config, minibatch_size=64)  # shuffled minibatches of the 32 chains' pairs
+    algo = adjoint.AdjointMatching(run)
     generator = torch.Generator().manual_seed(0)
     for epoch in range(300):
-        algo.update(sample(s, 32, seed=epoch), generator)
-    optimum = optimal_theta(s.diffusion, beta, s.config.sampling)
-    steps = [t for t, *_ in step_coefficients(s.diffusion, s.config.sampling)]
-    theta = s.policy.theta.detach()[steps]
+        algo.update(sample(run, 32, seed=epoch), generator)
+    optimum = optimal_theta(run.diffusion, beta, run.config.sampling)
+    steps = [t for t, *_ in step_coefficients(run.diffusion, run.config.sampling)]
+    theta = run.policy.theta.detach()[steps]
     assert (theta - optimum[steps]).norm().item() < 0.03 * optimum[steps].norm().item()
 
 
 def test_a_non_finite_gradient_leaves_its_chain_out():
     beta = 0.5
-    s = setup_with_reward(beta)
-    batch = sample(s, 8, seed=0)
+    run = setup_with_reward(beta)
+    batch = sample(run, 8, seed=0)
 
     class NanForFirst(LinearReward):
         def gradient(self, x0, c=None):
             r, g = super().gradient(x0, c)
             return r.index_fill(0, torch.tensor([0]), torch.nan), g.index_fill(0, torch.tensor([0]), torch.nan)
 
-    algo = adjoint.AdjointMatching(s)
+    algo = adjoint.AdjointMatching(run)
     algo.optimizer = NoStep()
     loss_all = algo.update(batch, torch.Generator().manual_seed(0))["loss/policy"]
-    s.reward = NanForFirst()
+    run.reward = NanForFirst()
     stats = algo.update(batch, torch.Generator().manual_seed(0))
     # every chain has the same loss here (constant control and target), so dropping one scales it by 7/8
     assert stats["loss/policy"] == pytest.approx(loss_all * 7 / 8, rel=1e-5)
     assert np.isfinite(stats["adjoint/target_norm"])
-    assert torch.isfinite(s.policy.theta.grad).all()
+    assert torch.isfinite(run.policy.theta.grad).all()
 
 
 def test_short_run_raises_mean_reward(pretrained_moons, tmp_path):

@@ -150,7 +150,7 @@ def test_an_agent_run_logs_checkpoints_resumes_and_samples_with_the_agent(
     assert metrics["reward_mean"] == pytest.approx(reward(x0).mean().item(), rel=1e-5)
     assert metrics["kl_to_pretrained"] == (None if mode == "noise" else pytest.approx(kl.mean().item(), rel=1e-5))
     monkeypatch.setattr(
-        "rl_diffusion.algos.sb3.finish_run", lambda s: s.writer.close() or {}
+        "rl_diffusion.algos.sb3.finish_run", lambda run: run.writer.close() or {}
     )  # the runs below need no evaluation
 
     calls = []

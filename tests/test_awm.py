@@ -14,10 +14,10 @@ from tests.test_cli_errors import assert_one_line_error
 from tests.test_kl_objective import D, NoStep, T, batch_of, closed_form_setup
 
 
-def sample_batch(s, chains: int, seed: int, c=None):
+def sample_batch(run, chains: int, seed: int, c=None):
     with torch.no_grad():
-        return s.diffusion.sample(
-            s.policy, (chains, D), c=c, generator=torch.Generator().manual_seed(seed), record=True
+        return run.diffusion.sample(
+            run.policy, (chains, D), c=c, generator=torch.Generator().manual_seed(seed), record=True
         )
 
 
@@ -35,39 +35,39 @@ def test_nft_loss_equals_a_hand_computation():
     assert optimality(torch.tensor([-5.0, 0.0, 2.5]), 5.0).tolist() == [0.0, 0.5, 0.75]
 
 
-def update_gradient(s, batch, seed: int) -> tuple[dict, torch.Tensor]:
-    algo = AdvantageWeightedMatching(s)
+def update_gradient(run, batch, seed: int) -> tuple[dict, torch.Tensor]:
+    algo = AdvantageWeightedMatching(run)
     algo.optimizer = NoStep()
     stats = algo.update(batch, torch.Generator().manual_seed(seed))
-    grad = s.policy.theta.grad.clone()
-    s.policy.theta.grad = None
+    grad = run.policy.theta.grad.clone()
+    run.policy.theta.grad = None
     return stats, grad
 
 
 def test_first_step_is_the_advantage_weighted_gradient_over_adv_clip():
     """Two chains with rewards 1 and 0: leave-one-out advantages +-2. At theta = theta_old the bounded loss's
     gradient is that of (1 / B) sum_b A_b ||eps_theta - eps||^2 / D, divided by adv_clip, on the same draws."""
-    s = closed_form_setup(0.0)
+    run = closed_form_setup(0.0)
     with torch.no_grad():
-        s.policy.theta.copy_(torch.linspace(-1, 1, (T + 1) * D).reshape(T + 1, D))
-    traj = sample_batch(s, 2, seed=0)
-    stats, got = update_gradient(s, batch_of(s, traj, torch.tensor([1.0, 0.0])), seed=3)
+        run.policy.theta.copy_(torch.linspace(-1, 1, (T + 1) * D).reshape(T + 1, D))
+    traj = sample_batch(run, 2, seed=0)
+    stats, got = update_gradient(run, batch_of(run, traj, torch.tensor([1.0, 0.0])), seed=3)
     assert stats["awm/adv_abs"] == pytest.approx(2.0)
     awm_loss(
-        s.diffusion, s.policy, traj.xs[-1], None, torch.tensor([2.0, -2.0]), torch.Generator().manual_seed(3)
+        run.diffusion, run.policy, traj.xs[-1], None, torch.tensor([2.0, -2.0]), torch.Generator().manual_seed(3)
     ).backward()
-    torch.testing.assert_close(got, s.policy.theta.grad / s.config.adv_clip)
+    torch.testing.assert_close(got, run.policy.theta.grad / run.config.adv_clip)
     assert got.abs().sum() > 0
 
 
 @pytest.mark.parametrize("labelled", [False, True])
 def test_equal_rewards_give_a_zero_gradient(labelled):
-    s = closed_form_setup(0.0, inner_epochs=3)
+    run = closed_form_setup(0.0, inner_epochs=3)
     with torch.no_grad():
-        s.policy.theta.normal_(generator=torch.Generator().manual_seed(1))  # a policy with a non-zero denoising loss
+        run.policy.theta.normal_(generator=torch.Generator().manual_seed(1))  # a policy with a non-zero denoising loss
     c = torch.arange(16) % 2 if labelled else None
-    traj = sample_batch(s, 16, seed=0, c=c)
-    stats, grad = update_gradient(s, batch_of(s, traj, torch.full((16,), 0.7), c), seed=0)
+    traj = sample_batch(run, 16, seed=0, c=c)
+    stats, grad = update_gradient(run, batch_of(run, traj, torch.full((16,), 0.7), c), seed=0)
     assert stats["awm/adv_abs"] == 0 and stats["loss/policy"] > 0  # w = 1/2 everywhere: balanced, not zero
     assert torch.count_nonzero(grad) == 0
 
@@ -77,16 +77,16 @@ def test_path_kl_enters_the_return():
     kl = torch.tensor([[0.1, 0.5], [0.2, 0.0]])  # [K, B]: path KLs 0.3 and 0.5
     torch.testing.assert_close(chain_returns(torch.ones(2), kl, 2.0), torch.tensor([0.4, 0.0]))
     torch.testing.assert_close(chain_returns(torch.ones(2), kl, 0.0), torch.ones(2))
-    s = closed_form_setup(2.0)
+    run = closed_form_setup(2.0)
     with torch.no_grad():
-        s.policy.theta.fill_(0.3)
-    traj = sample_batch(s, 2, seed=0)
-    batch = Batch(Pairs.from_trajectory(traj), traj.xs[-1], None, torch.ones(2), kl, s.steps_per_chain)
-    stats, got = update_gradient(s, batch, seed=0)
+        run.policy.theta.fill_(0.3)
+    traj = sample_batch(run, 2, seed=0)
+    batch = Batch(Pairs.from_trajectory(traj), traj.xs[-1], None, torch.ones(2), kl, run.steps_per_chain)
+    stats, got = update_gradient(run, batch, seed=0)
     weights = torch.tensor([2.0, -2.0])  # returns 0.4 and 0: +-2
-    awm_loss(s.diffusion, s.policy, traj.xs[-1], None, weights, torch.Generator().manual_seed(0)).backward()
+    awm_loss(run.diffusion, run.policy, traj.xs[-1], None, weights, torch.Generator().manual_seed(0)).backward()
     assert stats["awm/adv_abs"] == pytest.approx(2.0)
-    torch.testing.assert_close(got, s.policy.theta.grad / s.config.adv_clip)
+    torch.testing.assert_close(got, run.policy.theta.grad / run.config.adv_clip)
 
 
 def test_a_sample_the_advantages_reject_is_left_a_bounded_distance():

@@ -24,34 +24,34 @@ def make_setup(pretrained, tmp_path, **overrides):
 
 
 def test_ratio_is_exactly_one_before_the_first_update(pretrained_moons, tmp_path):
-    s = make_setup(pretrained_moons, tmp_path, minibatch_size=100)
-    assert not s.policy.training  # sampling and rescoring see one network (no dropout noise between them)
-    pairs, x0, _ = Algorithm(s).sample(torch.Generator().manual_seed(0))
+    run = make_setup(pretrained_moons, tmp_path, minibatch_size=100)
+    assert not run.policy.training  # sampling and rescoring see one network (no dropout noise between them)
+    pairs, x0, _ = Algorithm(run).sample(torch.Generator().manual_seed(0))
     assert len(pairs) == 32 * 20 and x0.shape == (32, 2)
     idx = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))[:100]
     with torch.no_grad():
-        new = policy_step(s.diffusion, s.config, s.policy, pairs, idx).log_prob
+        new = policy_step(run.diffusion, run.config, run.policy, pairs, idx).log_prob
     assert torch.equal(torch.exp(new - pairs.log_prob_old[idx]), torch.ones(100))
 
 
 def test_path_kl_is_zero_unchanged_and_matches_a_hand_computation(pretrained_moons, tmp_path):
-    s = make_setup(pretrained_moons, tmp_path)
-    pairs, _, _ = Algorithm(s).sample(torch.Generator().manual_seed(0))
-    assert path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, 20).abs().max().item() == 0.0
+    run = make_setup(pretrained_moons, tmp_path)
+    pairs, _, _ = Algorithm(run).sample(torch.Generator().manual_seed(0))
+    assert path_kls(run.diffusion, run.config, run.policy, run.reference, pairs, 20).abs().max().item() == 0.0
     # the policy means recorded while sampling are the ones a fresh policy call gives
     with torch.no_grad():
-        called = policy_step(s.diffusion, s.config, s.policy, pairs, torch.arange(len(pairs))).mean
+        called = policy_step(run.diffusion, run.config, run.policy, pairs, torch.arange(len(pairs))).mean
     torch.testing.assert_close(pairs.mean_old, called, rtol=0, atol=1e-6)
     pairs = dataclasses.replace(pairs, mean_old=None)  # so path_kls calls the policy below
-    s.diffusion.x0_range = None  # the closed form below is that of the unclipped mean
+    run.diffusion.x0_range = None  # the closed form below is that of the unclipped mean
 
     class Shifted(torch.nn.Module):  # eps_theta = eps_ref + delta
         def forward(self, x, t, c=None):
-            return s.reference(x, t, c) + torch.tensor([0.1, -0.2])
+            return run.reference(x, t, c) + torch.tensor([0.1, -0.2])
 
-    kl = path_kls(s.diffusion, s.config, Shifted(), s.reference, pairs, 20)
+    kl = path_kls(run.diffusion, run.config, Shifted(), run.reference, pairs, 20)
     # mu = x_t / sqrt(alpha_t) - beta_t / (sqrt(1 - abar_t) sqrt(alpha_t)) eps, so the means differ by coef_t * delta
-    d = s.diffusion.np
+    d = run.diffusion.np
     t = np.arange(20, 0, -1)
     coef, sigma = d["mean_coef_eps"][t], d["reverse_sigma"][t]
     expected = (coef**2 * (0.1**2 + 0.2**2) / (2 * sigma**2)).astype(np.float32)
@@ -99,14 +99,14 @@ def test_weighted_training_loss_with_uniform_weights_is_the_mean_loss():
 
 def test_batch_advantages_without_kl_are_those_of_the_rewards_at_every_step(pretrained_moons, tmp_path):
     # the baseline and scale themselves are checked by hand in test_kl_objective.py; here, the batch's wiring
-    s = make_setup(pretrained_moons, tmp_path)
-    pairs, x0, _ = Algorithm(s).sample(torch.Generator().manual_seed(0))
-    rewards = s.reward(x0)
-    kl = path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, 20)
+    run = make_setup(pretrained_moons, tmp_path)
+    pairs, x0, _ = Algorithm(run).sample(torch.Generator().manual_seed(0))
+    rewards = run.reward(x0)
+    kl = path_kls(run.diffusion, run.config, run.policy, run.reference, pairs, 20)
     for c in (None, torch.arange(32) % 2):
-        adv, scale = ddpo.batch_advantages(s, Batch(pairs, x0, c, rewards, kl, 20), 0.0)
+        adv, scale = ddpo.batch_advantages(run, Batch(pairs, x0, c, rewards, kl, 20), 0.0)
         assert adv.shape == kl.shape == (20, 32) and kl.abs().max().item() == 0.0
-        expected, expected_scale = ddpo.advantages(rewards[None], c, s.config.adv_clip)
+        expected, expected_scale = ddpo.advantages(rewards[None], c, run.config.adv_clip)
         torch.testing.assert_close(adv, expected.expand(20, -1), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
         # within a group, a higher reward has a higher advantage
@@ -206,7 +206,7 @@ def test_ddim_run_rescores_its_log_probs_exactly_and_raises_the_reward(pretraine
 
 def test_kl_term_holds_the_policy_near_the_pretrained_model(pretrained_moons, tmp_path, monkeypatch):
     monkeypatch.setattr(
-        "rl_diffusion.algos.loop.finish_run", lambda s: s.writer.close() or {}
+        "rl_diffusion.algos.loop.finish_run", lambda run: run.writer.close() or {}
     )  # 5 s of evaluation, not tested here
     far = [-3.0, -2.3]  # 2.1 from the nearest data point, 5 from the average one
     free = finetune_ddim(pretrained_moons, tmp_path / "free", far, "--kl-coef", "0")

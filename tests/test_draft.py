@@ -33,26 +33,26 @@ def smooth_reward(x0, c=None):
 
 def tiny_setup(beta: float, draft_steps: int) -> types.SimpleNamespace:
     """The closed-form Setup with a nonlinear policy and reference (float64) and a smooth reward."""
-    s = closed_form_setup(beta, algo="draft", algo_args={"draft_steps": draft_steps})
-    s.config = dataclasses.replace(s.config, minibatch_size=7 * T)
-    s.policy = s.synced_policy = TinyEps(0).double()
-    s.reference = TinyEps(1).double().requires_grad_(False)
-    s.reward = smooth_reward
-    return s
+    run = closed_form_setup(beta, algo="draft", algo_args={"draft_steps": draft_steps})
+    run.config = dataclasses.replace(run.config, minibatch_size=7 * T)
+    run.policy = run.synced_policy = TinyEps(0).double()
+    run.reference = TinyEps(1).double().requires_grad_(False)
+    run.reward = smooth_reward
+    return run
 
 
-def objective(s, xs: torch.Tensor, noises: torch.Tensor, start: int) -> torch.Tensor:
+def objective(run, xs: torch.Tensor, noises: torch.Tensor, start: int) -> torch.Tensor:
     """J = mean over chains of r(x_0) - beta sum_k kl_k, written out independently of the module: states
     xs[k] (recorded) before step `start`, reparameterised with the fixed noises from it on."""
     x, kl = xs[start], 0.0
     for k, t in enumerate(range(T, 0, -1)):
         state = xs[k] if k < start else x
-        ours = s.diffusion.reverse_step(s.policy(state, t), state, t, noise=noises[k])
-        ref = s.diffusion.reverse_step(s.reference(state, t), state, t, x_prev=ours.x_prev)
+        ours = run.diffusion.reverse_step(run.policy(state, t), state, t, noise=noises[k])
+        ref = run.diffusion.reverse_step(run.reference(state, t), state, t, x_prev=ours.x_prev)
         kl = kl + ((ours.mean - ref.mean) ** 2).sum(1) / (2 * ours.sigma**2)
         if k >= start:
             x = ours.x_prev
-    return (s.reward(x) - s.config.kl_coef * kl).mean()
+    return (run.reward(x) - run.config.kl_coef * kl).mean()
 
 
 @pytest.mark.parametrize("draft_steps", [0, 1, 4])
@@ -61,29 +61,31 @@ def test_gradient_equals_finite_differences_of_the_objective(draft_steps):
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        s = tiny_setup(beta=0.3, draft_steps=draft_steps)
+        run = tiny_setup(beta=0.3, draft_steps=draft_steps)
         chains = 12
         with torch.no_grad():
-            traj = s.diffusion.sample(s.policy, (chains, D), generator=torch.Generator().manual_seed(3), record=True)
+            traj = run.diffusion.sample(
+                run.policy, (chains, D), generator=torch.Generator().manual_seed(3), record=True
+            )
         g = torch.Generator().manual_seed(3)  # the same draws as sample: x_T, then one noise per step
         noises = torch.stack([torch.randn(chains, D, generator=g) for _ in range(T + 1)])[1:]
-        algo = DRaFT(s)
+        algo = DRaFT(run)
         algo.optimizer = NoStep()
-        stats = algo.update(batch_of(s, traj, s.reward(traj.xs[-1])), torch.Generator())
-        grads = [-p.grad for p in s.policy.parameters()]  # the loss is -J
+        stats = algo.update(batch_of(run, traj, run.reward(traj.xs[-1])), torch.Generator())
+        grads = [-p.grad for p in run.policy.parameters()]  # the loss is -J
         start = T - (draft_steps or T)
         with torch.no_grad():
-            assert stats["loss/policy"] == pytest.approx(-objective(s, traj.xs, noises, start).item(), rel=1e-10)
-            params = list(s.policy.parameters())
+            assert stats["loss/policy"] == pytest.approx(-objective(run, traj.xs, noises, start).item(), rel=1e-10)
+            params = list(run.policy.parameters())
             directions = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(3)]
             for v in directions:
                 h = 1e-5
                 for p, d in zip(params, v, strict=True):
                     p += h * d
-                up = objective(s, traj.xs, noises, start)
+                up = objective(run, traj.xs, noises, start)
                 for p, d in zip(params, v, strict=True):
                     p -= 2 * h * d
-                down = objective(s, traj.xs, noises, start)
+                down = objective(run, traj.xs, noises, start)
                 for p, d in zip(params, v, strict=True):
                     p += h * d
                 finite_difference = (up - down) / (2 * h)
@@ -101,15 +103,17 @@ def test_the_gradient_does_not_depend_on_how_the_batch_is_split():
     try:
         grads, plans, budgets = [], [], [1e6]  # MiB: all chains at once
         while budgets:
-            s = tiny_setup(beta=0.3, draft_steps=0)
-            s.config = dataclasses.replace(s.config, memory_mib=budgets.pop(0))
+            run = tiny_setup(beta=0.3, draft_steps=0)
+            run.config = dataclasses.replace(run.config, memory_mib=budgets.pop(0))
             with torch.no_grad():
-                traj = s.diffusion.sample(s.policy, (12, D), generator=torch.Generator().manual_seed(3), record=True)
-            algo = DRaFT(s)
+                traj = run.diffusion.sample(
+                    run.policy, (12, D), generator=torch.Generator().manual_seed(3), record=True
+                )
+            algo = DRaFT(run)
             algo.optimizer = NoStep()
-            stats = algo.update(batch_of(s, traj, s.reward(traj.xs[-1])), torch.Generator())
+            stats = algo.update(batch_of(run, traj, run.reward(traj.xs[-1])), torch.Generator())
             plans.append((stats["draft/replays"], stats["draft/checkpointed"]))
-            grads.append(torch.cat([p.grad.flatten() for p in s.policy.parameters()]))
+            grads.append(torch.cat([p.grad.flatten() for p in run.policy.parameters()]))
             if len(grads) == 1:  # then a budget that holds one chain of T steps but not two, and one that holds none
                 chain = T * algo.step_bytes / memory.MIB
                 budgets = [1.5 * chain, 0.5 * chain]
@@ -123,28 +127,28 @@ def test_the_gradient_does_not_depend_on_how_the_batch_is_split():
 def test_last_step_only_sends_the_reward_gradient_to_t_equals_1():
     # linear-Gaussian chain, r = A . x_0, beta = 0, K = 1: x_0 = mu_theta(x_1, 1) + sigma z, so d r / d theta_t
     # is b_1 A at t = 1 and 0 elsewhere, b_1 the eps coefficient of the last step's mean
-    s = closed_form_setup(0.0, algo="draft", algo_args={"draft_steps": 1})
-    s.reward = lambda x0, c=None: x0 @ A
+    run = closed_form_setup(0.0, algo="draft", algo_args={"draft_steps": 1})
+    run.reward = lambda x0, c=None: x0 @ A
     with torch.no_grad():
-        s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
-        traj = s.diffusion.sample(s.policy, (16, D), generator=torch.Generator().manual_seed(1), record=True)
-    algo = DRaFT(s)
+        run.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
+        traj = run.diffusion.sample(run.policy, (16, D), generator=torch.Generator().manual_seed(1), record=True)
+    algo = DRaFT(run)
     algo.optimizer = NoStep()
-    algo.update(batch_of(s, traj, traj.xs[-1] @ A), torch.Generator())
-    b1 = s.diffusion.np["mean_coef_eps"][1]
+    algo.update(batch_of(run, traj, traj.xs[-1] @ A), torch.Generator())
+    b1 = run.diffusion.np["mean_coef_eps"][1]
     expected = torch.zeros(T + 1, D)
     expected[1] = -b1 * A
-    torch.testing.assert_close(s.policy.theta.grad, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(run.policy.theta.grad, expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("draft_steps", [0, 5])
 def test_replay_reproduces_the_sampled_chain_and_its_path_kl(draft_steps):
-    s = closed_form_setup(0.5, algo="draft", algo_args={"draft_steps": draft_steps})
+    run = closed_form_setup(0.5, algo="draft", algo_args={"draft_steps": draft_steps})
     with torch.no_grad():
-        s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
-        traj = s.diffusion.sample(s.policy, (32, D), generator=torch.Generator().manual_seed(1), record=True)
-    batch = batch_of(s, traj, traj.xs[-1] @ A)
-    x0, kl = DRaFT(s).replay(batch, torch.arange(32), checkpointed=False)
+        run.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
+        traj = run.diffusion.sample(run.policy, (32, D), generator=torch.Generator().manual_seed(1), record=True)
+    batch = batch_of(run, traj, traj.xs[-1] @ A)
+    x0, kl = DRaFT(run).replay(batch, torch.arange(32), checkpointed=False)
     torch.testing.assert_close(x0.detach(), batch.x0, rtol=0, atol=1e-5)
     torch.testing.assert_close(kl.detach(), batch.kl.sum(0), rtol=1e-5, atol=1e-6)
     assert batch.kl.sum().item() > 1  # the policy is far from the reference: a KL to compare
@@ -153,8 +157,8 @@ def test_replay_reproduces_the_sampled_chain_and_its_path_kl(draft_steps):
 def test_replay_reproduces_x0_of_the_pretrained_network(pretrained_moons, tmp_path):
     from tests.test_ddpo import make_setup
 
-    s = make_setup(pretrained_moons, tmp_path, algo="draft", algo_args={"draft_steps": 0})
-    algo = DRaFT(s)
+    run = make_setup(pretrained_moons, tmp_path, algo="draft", algo_args={"draft_steps": 0})
+    algo = DRaFT(run)
     pairs, x0, _ = algo.sample(torch.Generator().manual_seed(0))
     batch = types.SimpleNamespace(pairs=pairs, K=20)
     replayed, kl = algo.replay(batch, torch.arange(32), checkpointed=True)
@@ -166,16 +170,16 @@ def test_gradient_ascent_converges_to_the_kl_regularised_optimum():
     # the linear-Gaussian chain: with K = all the pathwise gradient of E[A . x_0] - beta KL is exact, and
     # here even noise-free, so AdamW reaches theta*
     beta = 0.5
-    s = closed_form_setup(beta, algo="draft", algo_args={"draft_steps": 0}, lr=0.05)
-    s.reward = lambda x0, c=None: x0 @ A
-    algo = DRaFT(s)
+    run = closed_form_setup(beta, algo="draft", algo_args={"draft_steps": 0}, lr=0.05)
+    run.reward = lambda x0, c=None: x0 @ A
+    algo = DRaFT(run)
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
         with torch.no_grad():
-            traj = s.diffusion.sample(s.policy, (8, D), generator=g, record=True)
-        algo.update(batch_of(s, traj, traj.xs[-1] @ A), g)
-    optimum = optimal_theta(s.diffusion, beta)[1:]
-    error = (s.policy.theta.detach()[1:] - optimum).abs().max().item()
+            traj = run.diffusion.sample(run.policy, (8, D), generator=g, record=True)
+        algo.update(batch_of(run, traj, traj.xs[-1] @ A), g)
+    optimum = optimal_theta(run.diffusion, beta)[1:]
+    error = (run.policy.theta.detach()[1:] - optimum).abs().max().item()
     assert error < 1e-3 * optimum.abs().max().item(), (error, optimum.abs().max().item())
 
 

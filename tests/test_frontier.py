@@ -19,7 +19,7 @@ def finetuned(pretrained_moons, tmp_path_factory):
     """A few ddpo-is epochs of the fixture towards (1.5, 1.5), without the final evaluation."""
     out = tmp_path_factory.mktemp("mix") / "ft"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "finish_run", lambda s: {})
+        mp.setattr(loop, "finish_run", lambda run: {})
         assert (
             main(
                 [

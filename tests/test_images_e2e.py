@@ -225,8 +225,8 @@ def test_a_class_reward_on_a_conditional_model_warns_and_the_null_label_lets_it_
     from rl_diffusion.finetune import config_for
     from rl_diffusion.run import setup
 
-    def finetune(run: Path, out: Path, *flags: str) -> tuple[int, str]:
-        args = ["finetune", "--run", str(run), "--out", str(out), "--reward", "digit_classifier"]
+    def finetune(pretrained: Path, out: Path, *flags: str) -> tuple[int, str]:
+        args = ["finetune", "--run", str(pretrained), "--out", str(out), "--reward", "digit_classifier"]
         args += ["--reward-arg", f"digit={DIGIT}", "--chains", "32", "--epochs", "1", "--no-final-eval", "--quiet"]
         return main([*args, *flags]), capsys.readouterr().err
 
@@ -236,8 +236,8 @@ def test_a_class_reward_on_a_conditional_model_warns_and_the_null_label_lets_it_
     assert status == 0 and "the labels explain" not in err
     # the chains carry no label, so the network runs on its null label
     flags = {"run": str(digits_run), "reward": "digit_classifier", "null_label": True}
-    s = setup(config_for(flags), tmp_path / "chains")
-    assert algorithm("ddpo-is")(s).sample_chains(4, "--chains", torch.Generator())[2] is None
+    run = setup(config_for(flags), tmp_path / "chains")
+    assert algorithm("ddpo-is")(run).sample_chains(4, "--chains", torch.Generator())[2] is None
     status, err = finetune(unconditional_run, tmp_path / "refused", "--null-label")
     assert status == 2 and err.startswith("error: --null-label needs a class-conditional model")
 

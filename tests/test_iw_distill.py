@@ -45,12 +45,12 @@ def test_path_weights_of_the_exact_optimum_are_uniform():
     weights exp(r / beta) P_pre / P_theta of its own chains are all Z: effective sample size N. beta != 1, so a
     tilt by r * beta instead of r / beta would not be uniform."""
     beta = 0.5
-    s = closed_form_setup(beta)
+    run = closed_form_setup(beta)
     with torch.no_grad():
-        s.policy.theta.copy_(optimal_theta(s.diffusion, beta))
-        traj = s.diffusion.sample(s.policy, (4096, D), generator=torch.Generator().manual_seed(0), record=True)
+        run.policy.theta.copy_(optimal_theta(run.diffusion, beta))
+        traj = run.diffusion.sample(run.policy, (4096, D), generator=torch.Generator().manual_seed(0), record=True)
     pairs = Pairs.from_trajectory(traj)
-    kl, log_ratio = reference_scores(s.diffusion, s.config, s.policy, s.reference, pairs, len(traj.timesteps))
+    kl, log_ratio = reference_scores(run.diffusion, run.config, run.policy, run.reference, pairs, len(traj.timesteps))
     rewards = traj.xs[-1] @ A
     log_w = rewards.double() / beta + log_ratio.sum(0).double()
     assert log_w.std() < 0.01 and (rewards.double() * beta + log_ratio.sum(0).double()).std() > 0.5  # float32 steps
@@ -78,18 +78,18 @@ def test_the_stage_model_is_the_moving_average_of_the_steps_weights():
     from rl_diffusion.algos.iw_distill import ImportanceWeightedDistillation
 
     for decay, moved in ((0.5, 2.125), (0.0, 3.0)):
-        s = closed_form_setup(1.0, algo="iw-distill", algo_args={"distill_steps": 3, "distill_ema": decay})
-        s.config = dataclasses.replace(s.config, minibatch_size=8)
+        run = closed_form_setup(1.0, algo="iw-distill", algo_args={"distill_steps": 3, "distill_ema": decay})
+        run.config = dataclasses.replace(run.config, minibatch_size=8)
         with torch.no_grad():
-            traj = s.diffusion.sample(s.policy, (16, D), generator=torch.Generator().manual_seed(0), record=True)
-        batch = batch_of(s, traj, traj.xs[-1] @ A)
+            traj = run.diffusion.sample(run.policy, (16, D), generator=torch.Generator().manual_seed(0), record=True)
+        batch = batch_of(run, traj, traj.xs[-1] @ A)
         batch.log_ratio = torch.zeros_like(batch.kl)
-        algo = ImportanceWeightedDistillation(s)
-        start = s.policy.theta.detach().clone()
+        algo = ImportanceWeightedDistillation(run)
+        start = run.policy.theta.detach().clone()
 
-        algo.optimizer = PlusOne(s.policy.theta)
+        algo.optimizer = PlusOne(run.policy.theta)
         algo.update(batch, torch.Generator().manual_seed(1))
-        torch.testing.assert_close(s.policy.theta.detach(), start + moved)
+        torch.testing.assert_close(run.policy.theta.detach(), start + moved)
 
 
 def test_iw_distill_has_its_own_defaults_under_the_flags():

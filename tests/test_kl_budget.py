@@ -21,7 +21,7 @@ def test_adapted_kl_coef_follows_the_clipped_proportional_rule():
 
 def path_kl_per_epoch(pretrained, out, monkeypatch, **overrides) -> tuple[list[float], list[float]]:
     """Mean path KL and beta of each epoch of a ddpo-is run pulled towards (3, 3), far off the moons."""
-    monkeypatch.setattr(loop, "finish_run", lambda s: {})  # the final evaluation is not what is tested
+    monkeypatch.setattr(loop, "finish_run", lambda run: {})  # the final evaluation is not what is tested
     cfg = FinetuneConfig(
         run=str(pretrained),
         reward="target_point",
@@ -35,9 +35,9 @@ def path_kl_per_epoch(pretrained, out, monkeypatch, **overrides) -> tuple[list[f
         checkpoint_every=100,
         **overrides,
     )
-    s = setup(cfg, out, overwrite=True)
-    loop.train(s, progress=False)
-    return [h["kl/to_pretrained"] for h in s.history], [h["kl/beta"] for h in s.history]
+    run = setup(cfg, out, overwrite=True)
+    loop.train(run, progress=False)
+    return [h["kl/to_pretrained"] for h in run.history], [h["kl/beta"] for h in run.history]
 
 
 def test_kl_target_holds_the_path_kl_where_a_fixed_beta_does_not(pretrained_moons, tmp_path, monkeypatch):
@@ -55,7 +55,7 @@ def test_kl_target_holds_the_path_kl_where_a_fixed_beta_does_not(pretrained_moon
 
 
 def test_kl_target_run_resumed_mid_run_is_bit_identical(pretrained_moons, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "finish_run", lambda s: {})
+    monkeypatch.setattr(loop, "finish_run", lambda run: {})
     args = [
         "--run",
         str(pretrained_moons),

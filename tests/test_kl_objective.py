@@ -93,10 +93,12 @@ def closed_form_setup(beta: float, **config) -> types.SimpleNamespace:
     )
 
 
-def batch_of(s, traj, rewards: torch.Tensor, c: torch.Tensor | None = None) -> Batch:
+def batch_of(run, traj, rewards: torch.Tensor, c: torch.Tensor | None = None) -> Batch:
     """The loop's Batch of sampled chains on one rank: their pairs and path KLs."""
     pairs, K = Pairs.from_trajectory(traj), len(traj.timesteps)
-    return Batch(pairs, traj.xs[-1], c, rewards, path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, K), K)
+    return Batch(
+        pairs, traj.xs[-1], c, rewards, path_kls(run.diffusion, run.config, run.policy, run.reference, pairs, K), K
+    )
 
 
 class NoStep:
@@ -109,60 +111,60 @@ class NoStep:
         pass
 
 
-def expected_update(s, group_size: int, chains: int, repeats: int, seed: int) -> torch.Tensor:
+def expected_update(run, group_size: int, chains: int, repeats: int, seed: int) -> torch.Tensor:
     """The mean over `repeats` batches of the DDPO-SF gradient on theta (common random numbers by seed)."""
     total = torch.zeros(T + 1, D)
     c = torch.arange(chains) // group_size
     generator = torch.Generator().manual_seed(seed)
-    algo = ddpo.ScoreFunction(s)
+    algo = ddpo.ScoreFunction(run)
     algo.optimizer = NoStep()
     for _ in range(repeats):
         with torch.no_grad():
-            traj = s.diffusion.sample(
-                s.policy,
+            traj = run.diffusion.sample(
+                run.policy,
                 (chains, D),
                 c=c,
                 generator=generator,
                 record=True,
-                log_prob_reduction=s.config.log_prob_reduction,
-                **s.config.sampling,
+                log_prob_reduction=run.config.log_prob_reduction,
+                **run.config.sampling,
             )
-        s.policy.theta.grad = None
-        algo.update(batch_of(s, traj, traj.xs[-1] @ A, c), generator)
-        total += s.policy.theta.grad
+        run.policy.theta.grad = None
+        algo.update(batch_of(run, traj, traj.xs[-1] @ A, c), generator)
+        total += run.policy.theta.grad
     return total / repeats
 
 
-def fixed_point(s, optimum: torch.Tensor, group_size: int, chains: int = 2048, repeats: int = 6) -> float:
+def fixed_point(run, optimum: torch.Tensor, group_size: int, chains: int = 2048, repeats: int = 6) -> float:
     """lambda at which the expected update along theta* vanishes, from the updates at lambda = 1 and 0.5."""
     h = {}
     for lam in (1.0, 0.5):
         with torch.no_grad():
-            s.policy.theta.copy_(lam * optimum)
-        h[lam] = (expected_update(s, group_size, chains, repeats, seed=0) * optimum).sum().item()
+            run.policy.theta.copy_(lam * optimum)
+        h[lam] = (expected_update(run, group_size, chains, repeats, seed=0) * optimum).sum().item()
     return 1.0 - h[1.0] * 0.5 / (h[1.0] - h[0.5])
 
 
 @pytest.mark.parametrize("group_size", [2, 4, 256])
 def test_expected_update_vanishes_at_the_closed_form_optimum(group_size):
     beta = 0.5
-    s = closed_form_setup(beta, adv_clip=1e9)
-    lam = fixed_point(s, optimal_theta(s.diffusion, beta), group_size)
+    run = closed_form_setup(beta, adv_clip=1e9)
+    lam = fixed_point(run, optimal_theta(run.diffusion, beta), group_size)
     assert lam == pytest.approx(1.0, abs=0.08)
 
 
 def test_ddim_with_skipped_steps_aims_at_the_optimum_too():
     beta = 0.5
-    s = closed_form_setup(beta, adv_clip=1e9, sampler="ddim", sampling_steps=4, eta=1.0)
-    optimum = optimal_theta(s.diffusion, beta, s.config.sampling)
-    assert fixed_point(s, optimum, group_size=256) == pytest.approx(1.0, abs=0.08)
+    run = closed_form_setup(beta, adv_clip=1e9, sampler="ddim", sampling_steps=4, eta=1.0)
+    optimum = optimal_theta(run.diffusion, beta, run.config.sampling)
+    assert fixed_point(run, optimum, group_size=256) == pytest.approx(1.0, abs=0.08)
 
 
 def test_mean_log_prob_reduction_keeps_the_optimum_of_beta():
     # the log-prob averaged over D dimensions, the KL summed, would aim at the optimum for beta * D
     beta = 0.5
-    s = closed_form_setup(beta, adv_clip=1e9, log_prob_reduction="mean")
-    assert fixed_point(s, optimal_theta(s.diffusion, beta), group_size=256) == pytest.approx(1.0, abs=0.08)
+    run = closed_form_setup(beta, adv_clip=1e9, log_prob_reduction="mean")
+    assert fixed_point(run, optimal_theta(run.diffusion, beta), group_size=256) == pytest.approx(1.0, abs=0.08)
 
 
 def test_equal_returns_in_a_group_give_exactly_zero_advantages():
@@ -203,15 +205,15 @@ def test_small_groups_take_the_batch_scale_and_no_scale_collapses():
 
 
 def test_returns_charge_each_step_the_kl_of_the_steps_after_it():
-    s = closed_form_setup(beta=0.5, adv_clip=1e9)
+    run = closed_form_setup(beta=0.5, adv_clip=1e9)
     with torch.no_grad():
-        s.policy.theta.copy_(optimal_theta(s.diffusion, 0.5))
-        traj = s.diffusion.sample(s.policy, (64, D), generator=torch.Generator().manual_seed(0), record=True)
-    batch = batch_of(s, traj, traj.xs[-1] @ A)
-    (adv, _), kl, rewards = ddpo.batch_advantages(s, batch, 0.5), batch.kl, batch.rewards
+        run.policy.theta.copy_(optimal_theta(run.diffusion, 0.5))
+        traj = run.diffusion.sample(run.policy, (64, D), generator=torch.Generator().manual_seed(0), record=True)
+    batch = batch_of(run, traj, traj.xs[-1] @ A)
+    (adv, _), kl, rewards = ddpo.batch_advantages(run, batch, 0.5), batch.kl, batch.rewards
     # kl_k = ||b_t theta_t||^2 / (2 sigma_t^2) for the constant shift, at every state
-    d, t = s.diffusion.np, np.arange(T, 0, -1)
-    theta = s.policy.theta.detach().double().numpy()
+    d, t = run.diffusion.np, np.arange(T, 0, -1)
+    theta = run.policy.theta.detach().double().numpy()
     expected_kl = (d["mean_coef_eps"][t, None] * theta[t]) ** 2 / (2 * d["reverse_sigma"][t, None] ** 2)
     np.testing.assert_allclose(kl[:, 0].numpy(), expected_kl.sum(1), rtol=1e-4)
     # the advantage of step k is that of r - beta * sum_{j > k} kl_j; kl does not vary over chains here
@@ -222,16 +224,16 @@ def test_returns_charge_each_step_the_kl_of_the_steps_after_it():
 
 
 def test_direct_kl_term_is_the_gradient_of_beta_kl_over_the_scale():
-    s = closed_form_setup(beta=0.7, adv_clip=1e9)
+    run = closed_form_setup(beta=0.7, adv_clip=1e9)
     with torch.no_grad():
-        s.policy.theta.fill_(0.3)
-        traj = s.diffusion.sample(s.policy, (8, D), generator=torch.Generator().manual_seed(0), record=True)
+        run.policy.theta.fill_(0.3)
+        traj = run.diffusion.sample(run.policy, (8, D), generator=torch.Generator().manual_seed(0), record=True)
     pairs = Pairs.from_trajectory(traj)
     rows = torch.arange(len(pairs))
-    ours = policy_step(s.diffusion, s.config, s.policy, pairs, rows)
+    ours = policy_step(run.diffusion, run.config, run.policy, pairs, rows)
     scale = torch.full((len(pairs),), 2.0)
-    ddpo.kl_penalty(s, 0.7, ours.mean, pairs, rows, scale).sum().backward()
+    ddpo.kl_penalty(run, 0.7, ours.mean, pairs, rows, scale).sum().backward()
     # d/dtheta_t of beta ||b_t theta_t||^2 / (2 sigma_t^2) / scale, summed over the 8 chains
-    d, t = s.diffusion.np, np.arange(1, T + 1)
+    d, t = run.diffusion.np, np.arange(1, T + 1)
     expected = 8 * 0.7 * d["mean_coef_eps"][t] ** 2 * 0.3 / d["reverse_sigma"][t] ** 2 / 2.0
-    np.testing.assert_allclose(s.policy.theta.grad[1:, 0].numpy(), expected, rtol=1e-4)
+    np.testing.assert_allclose(run.policy.theta.grad[1:, 0].numpy(), expected, rtol=1e-4)

@@ -34,17 +34,17 @@ def test_accumulated_gradients_do_not_depend_on_the_memory_budget(algo):
 
     grads, calls = [], []
     for memory_mib in (1e6, 1e-12):
-        s = closed_form_setup(0.5, memory_mib=memory_mib)
+        run = closed_form_setup(0.5, memory_mib=memory_mib)
         forwards = []
-        s.policy.register_forward_hook(lambda *_, calls=forwards: calls.append(1))
+        run.policy.register_forward_hook(lambda *_, calls=forwards: calls.append(1))
         with torch.no_grad():
-            s.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
-            traj = s.diffusion.sample(s.policy, (16, D), generator=torch.Generator().manual_seed(1), record=True)
-        update = algorithm(algo)(s)
+            run.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
+            traj = run.diffusion.sample(run.policy, (16, D), generator=torch.Generator().manual_seed(1), record=True)
+        update = algorithm(algo)(run)
         update.optimizer = NoStep()
-        update.update(batch_of(s, traj, traj.xs[-1] @ A), torch.Generator().manual_seed(2))
+        update.update(batch_of(run, traj, traj.xs[-1] @ A), torch.Generator().manual_seed(2))
         assert update.pair_bytes > 0  # measured with a graph, even when rtb's first call is under no_grad
-        grads.append(s.policy.theta.grad.clone())
+        grads.append(run.policy.theta.grad.clone())
         calls.append(len(forwards))
     assert calls[1] > calls[0]  # the small budget did split the pairs
     assert grads[0].abs().max() > 0

@@ -32,18 +32,18 @@ def sampled(pretrained, tmp_path, precision: str):
         minibatch_size=100,
         precision=precision,
     )
-    s = setup(cfg, tmp_path / precision, overwrite=True)
-    pairs, x0, _ = Algorithm(s).sample(torch.Generator().manual_seed(0))
-    return s, pairs, x0
+    run = setup(cfg, tmp_path / precision, overwrite=True)
+    pairs, x0, _ = Algorithm(run).sample(torch.Generator().manual_seed(0))
+    return run, pairs, x0
 
 
 def test_bf16_ratio_is_one_and_log_probs_are_float32_before_the_first_update(pretrained_moons, tmp_path):
-    s, pairs, x0 = sampled(pretrained_moons, tmp_path, "bf16")
+    run, pairs, x0 = sampled(pretrained_moons, tmp_path, "bf16")
     _, _, x0_fp32 = sampled(pretrained_moons, tmp_path, "fp32")
     assert 1e-4 < (x0 - x0_fp32).abs().max() < 0.1  # the network did run in bf16 (measured: 0.016)
     idx = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))[:100]
     with torch.no_grad():
-        new = policy_step(s.diffusion, s.config, s.policy, pairs, idx)
+        new = policy_step(run.diffusion, run.config, run.policy, pairs, idx)
     assert new.log_prob.dtype == pairs.log_prob_old.dtype == torch.float32
     ratio = torch.exp(new.log_prob - pairs.log_prob_old[idx])
     print(f"bf16: max |ratio - 1| {(ratio - 1).abs().max().item():.3g}")
@@ -54,7 +54,7 @@ def test_bf16_ratio_is_one_and_log_probs_are_float32_before_the_first_update(pre
     exact = -squared / (2 * sigma**2) - 2 * (sigma.log() + 0.5 * math.log(2 * math.pi))
     rows = pairs.t == pairs.t[idx[0]]  # one timestep: one sigma
     torch.testing.assert_close(pairs.log_prob_old[rows].double(), exact[rows], rtol=1e-6, atol=1e-5)
-    assert path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, 20).abs().max().item() == 0.0
+    assert path_kls(run.diffusion, run.config, run.policy, run.reference, pairs, 20).abs().max().item() == 0.0
 
 
 def test_bf16_pretraining_keeps_float32_weights_and_a_close_loss(tmp_path):

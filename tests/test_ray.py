@@ -67,7 +67,7 @@ def test_frontier_through_ray_writes_the_runs_and_numbers_of_a_local_run(pretrai
     local = tmp_path / "local"
     flags = ["--run", str(pretrained_moons), "--out", str(local), "--kl-coef", "0.3", "--quiet"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "finish_run", lambda s: {})
+        mp.setattr(loop, "finish_run", lambda run: {})
         assert main(["finetune", *flags, *TINY_FINETUNE]) == 0
     history = CheckpointManager(local).load_latest()["train_state"]["history"]
     curve = summary["runs"]["0.3"]["curve"]

@@ -34,33 +34,33 @@ class ConstantMean(torch.nn.Module):
 def rtb_setup(beta: float, settings: dict, **config):
     """tests.test_kl_objective's closed-form Setup (DDPM, T = 10, D = 2) with these rtb settings and
     FinetuneConfig fields."""
-    s = closed_form_setup(beta)
-    s.config = dataclasses.replace(s.config, algo="rtb", algo_args=settings, **config)
-    s.data_shape = (D,)
-    return s
+    run = closed_form_setup(beta)
+    run.config = dataclasses.replace(run.config, algo="rtb", algo_args=settings, **config)
+    run.data_shape = (D,)
+    return run
 
 
 def tilted_setup(explore_scale: float, **config):
     """A reference whose every step has a constant mean (x_1's is M), and the policy that tilts its last
     step by sigma_1^2 A / beta: p_theta(tau) = p_ref(tau) exp(A . x_0 / beta) / Z exactly, with
     log Z = A . M / beta + sigma_1^2 |A|^2 / (2 beta^2) (the earlier steps cancel in the ratio)."""
-    s = rtb_setup(BETA, {"replay_size": 0, "explore_scale": explore_scale}, **config)
+    run = rtb_setup(BETA, {"replay_size": 0, "explore_scale": explore_scale}, **config)
     means = torch.zeros(T + 1, D)
     means[1] = M
-    sigma2 = s.diffusion.np["reverse_sigma"][1] ** 2
-    s.reference = ConstantMean(s.diffusion, means).requires_grad_(False)
+    sigma2 = run.diffusion.np["reverse_sigma"][1] ** 2
+    run.reference = ConstantMean(run.diffusion, means).requires_grad_(False)
     tilted = means.clone()
     tilted[1] += sigma2 * A / BETA
-    s.policy = s.synced_policy = ConstantMean(s.diffusion, tilted)
+    run.policy = run.synced_policy = ConstantMean(run.diffusion, tilted)
     log_z = (A @ M).item() / BETA + sigma2 * (A @ A).item() / (2 * BETA**2)
-    return s, log_z
+    return run, log_z
 
 
 def deltas(algo, batch) -> torch.Tensor:
     pairs, rewards, _ = algo.training_chains(batch, torch.Generator())
     N = len(rewards)
-    log_ratio = algo.chain_log_probs(algo.s.policy, pairs, N) - algo.chain_log_probs(algo.s.reference, pairs, N)
-    return relative_tb_delta(algo.log_z.detach(), log_ratio, rewards, algo.s.config.kl_coef)
+    log_ratio = algo.chain_log_probs(algo.run.policy, pairs, N) - algo.chain_log_probs(algo.run.reference, pairs, N)
+    return relative_tb_delta(algo.log_z.detach(), log_ratio, rewards, algo.run.config.kl_coef)
 
 
 def test_the_residual_is_log_z_plus_the_path_log_ratio_minus_r_over_beta_by_hand():
@@ -71,16 +71,16 @@ def test_the_residual_is_log_z_plus_the_path_log_ratio_minus_r_over_beta_by_hand
 
 @pytest.mark.parametrize("explore_scale", [1.0, 3.0])
 def test_the_exact_tilted_policy_and_log_z_balance_every_chain(explore_scale):
-    s, log_z = tilted_setup(explore_scale, chains=64, minibatch_size=100)
-    algo = RelativeTrajectoryBalance(s)
+    run, log_z = tilted_setup(explore_scale, chains=64, minibatch_size=100)
+    algo = RelativeTrajectoryBalance(run)
     with torch.no_grad():
         algo.log_z.fill_(log_z)
     pairs, x0, c = algo.sample(torch.Generator().manual_seed(0))
-    batch = Batch(pairs, x0, c, x0 @ A, None, s.steps_per_chain)
+    batch = Batch(pairs, x0, c, x0 @ A, None, run.steps_per_chain)
     delta = deltas(algo, batch)
     assert delta.abs().max().item() < 2e-4, delta
     spread = x0.std(0).mean().item()
-    expected_spread = explore_scale * s.diffusion.np["reverse_sigma"][1]
+    expected_spread = explore_scale * run.diffusion.np["reverse_sigma"][1]
     assert spread == pytest.approx(expected_spread, rel=0.25)  # the chains were drawn at sigma * S
     with torch.no_grad():
         algo.log_z.fill_(log_z + 0.7)  # a wrong log Z: delta is its error on every chain, the loss its square
@@ -89,59 +89,59 @@ def test_the_exact_tilted_policy_and_log_z_balance_every_chain(explore_scale):
     assert delta.square().mean().item() == pytest.approx(0.49, abs=3e-4)
 
 
-def sampled_batch(s, chains: int, seed: int) -> Batch:
+def sampled_batch(run, chains: int, seed: int) -> Batch:
     with torch.no_grad():
-        traj = s.diffusion.sample(
-            s.policy, (chains, D), generator=torch.Generator().manual_seed(seed), record=True, **s.config.sampling
+        traj = run.diffusion.sample(
+            run.policy, (chains, D), generator=torch.Generator().manual_seed(seed), record=True, **run.config.sampling
         )
-    return batch_of(s, traj, traj.xs[-1] @ A)
+    return batch_of(run, traj, traj.xs[-1] @ A)
 
 
 def test_surrogate_gradient_is_the_gradient_of_the_mean_squared_delta():
-    s = rtb_setup(0.7, {"replay_size": 8, "replay_fraction": 0.5}, minibatch_size=7)
+    run = rtb_setup(0.7, {"replay_size": 8, "replay_fraction": 0.5}, minibatch_size=7)
     with torch.no_grad():
-        s.policy.theta.copy_(0.3 * torch.randn(T + 1, D, generator=torch.Generator().manual_seed(1)))
-    algo = RelativeTrajectoryBalance(s)
+        run.policy.theta.copy_(0.3 * torch.randn(T + 1, D, generator=torch.Generator().manual_seed(1)))
+    algo = RelativeTrajectoryBalance(run)
     algo.optimizer, algo.log_z_ready = NoStep(), True
     with torch.no_grad():
         algo.log_z.fill_(0.4)
-    algo.training_chains(sampled_batch(s, 8, seed=2), torch.Generator())  # fills the buffer with 8 chains
-    buffer, batch = dict(algo.buffer), sampled_batch(s, 6, seed=3)
+    algo.training_chains(sampled_batch(run, 8, seed=2), torch.Generator())  # fills the buffer with 8 chains
+    buffer, batch = dict(algo.buffer), sampled_batch(run, 6, seed=3)
     # autograd of mean delta^2 over the same chains: the 6 fresh ones and the 6 drawn from the buffer
     pairs, rewards, replayed = algo.training_chains(batch, torch.Generator().manual_seed(4))
     assert replayed == 6 and len(rewards) == 12
-    log_pi = policy_step(s.diffusion, s.config, s.policy, pairs, torch.arange(len(pairs))).log_prob
-    log_ref = policy_step(s.diffusion, s.config, s.reference, pairs, torch.arange(len(pairs))).log_prob
+    log_pi = policy_step(run.diffusion, run.config, run.policy, pairs, torch.arange(len(pairs))).log_prob
+    log_ref = policy_step(run.diffusion, run.config, run.reference, pairs, torch.arange(len(pairs))).log_prob
     delta = algo.log_z + (log_pi - log_ref).reshape(T, 12).sum(0) - rewards / 0.7
     loss = delta.square().mean()
-    theta_grad, log_z_grad = torch.autograd.grad(loss, [s.policy.theta, algo.log_z])
+    theta_grad, log_z_grad = torch.autograd.grad(loss, [run.policy.theta, algo.log_z])
     algo.buffer = buffer
     stats = algo.update(batch, torch.Generator().manual_seed(4))
     assert stats["loss/policy"] == pytest.approx(loss.item(), rel=1e-5)
     assert stats["rtb/replayed"] == 6
-    torch.testing.assert_close(s.policy.theta.grad, theta_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(run.policy.theta.grad, theta_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(algo.log_z.grad, log_z_grad, rtol=1e-5, atol=1e-6)
     assert theta_grad.abs().max() > 0.1  # a gradient worth comparing
 
 
 def test_training_from_theta_zero_moves_towards_the_closed_form_optimum():
-    s = rtb_setup(BETA, {"log_z_lr": 0.05, "replay_size": 256, "explore_scale": 1.5}, lr=0.05, chains=128)
-    optimum = optimal_theta(s.diffusion, BETA)[1:]
-    algo = RelativeTrajectoryBalance(s)
+    run = rtb_setup(BETA, {"log_z_lr": 0.05, "replay_size": 256, "explore_scale": 1.5}, lr=0.05, chains=128)
+    optimum = optimal_theta(run.diffusion, BETA)[1:]
+    algo = RelativeTrajectoryBalance(run)
     generator = torch.Generator().manual_seed(0)
 
     def distance() -> float:
-        return ((s.policy.theta[1:] - optimum).norm() / optimum.norm()).item()
+        return ((run.policy.theta[1:] - optimum).norm() / optimum.norm()).item()
 
     assert distance() == pytest.approx(1.0)
     for _ in range(60):
         pairs, x0, c = algo.sample(generator)
-        algo.update(Batch(pairs, x0, c, x0 @ A, None, s.steps_per_chain), generator)
+        algo.update(Batch(pairs, x0, c, x0 @ A, None, run.steps_per_chain), generator)
     assert distance() < 0.25  # measured: 0.038 after 60 epochs
     # log Z -> log E_pre exp(A . x_0 / beta) = v |A|^2 / (2 beta^2), v the variance of the pretrained chain's x_0
     # (0.19 on this 10-step chain, not S^2): measured 0.376 against 0.385
     with torch.no_grad():
-        x0 = s.diffusion.sample(s.reference, (20000, D), generator=torch.Generator().manual_seed(1)).xs[-1]
+        x0 = run.diffusion.sample(run.reference, (20000, D), generator=torch.Generator().manual_seed(1)).xs[-1]
     assert algo.log_z.item() == pytest.approx((x0 @ A).var().item() / (2 * BETA**2), abs=0.05)
 
 
@@ -177,12 +177,12 @@ def test_initial_log_z_is_the_log_mean_exp_of_the_weights():
 def test_the_first_update_starts_log_z_at_log_e_pre_exp_r_over_beta():
     """On the pretrained chain, log Z = log E_pre exp(A . x_0 / beta) = v |A|^2 / (2 beta^2) (v the variance of
     its x_0): the first batch's estimate lands there, where the mean of r / beta (0 here) would not."""
-    s = rtb_setup(BETA, {}, chains=4096, minibatch_size=1 << 16)
-    algo = RelativeTrajectoryBalance(s)
+    run = rtb_setup(BETA, {}, chains=4096, minibatch_size=1 << 16)
+    algo = RelativeTrajectoryBalance(run)
     algo.optimizer = NoStep()
     generator = torch.Generator().manual_seed(0)
     pairs, x0, c = algo.sample(generator)
-    algo.update(Batch(pairs, x0, c, x0 @ A, None, s.steps_per_chain), generator)
+    algo.update(Batch(pairs, x0, c, x0 @ A, None, run.steps_per_chain), generator)
     v = (x0 @ A).var().item()
     assert algo.log_z.item() == pytest.approx(v / (2 * BETA**2), abs=0.03)  # 0.385 on this chain
 

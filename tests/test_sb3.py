@@ -90,8 +90,8 @@ def test_sb3_check_env_passes_on_the_env_of_a_pretrained_run(pretrained, action_
 
 @pytest.mark.parametrize("sampler, sampling_steps", [("ddpm", 0), ("ddim", 5)])
 def test_policy_log_prob_is_the_reverse_step_log_prob_at_every_t(pretrained, tmp_path, sampler, sampling_steps):
-    s = make_setup(pretrained, tmp_path, sampler=sampler, sampling_steps=sampling_steps, eta=0.7)
-    model = make_ppo(s)
+    run = make_setup(pretrained, tmp_path, sampler=sampler, sampling_steps=sampling_steps, eta=0.7)
+    model = make_ppo(run)
     policy, env = model.policy, model.env.env
     assert env.timesteps[-1] == 1 and len(env.timesteps) == (5 if sampler == "ddim" else 20)
     per_t = 6
@@ -100,16 +100,16 @@ def test_policy_log_prob_is_the_reverse_step_log_prob_at_every_t(pretrained, tmp
     g = torch.Generator().manual_seed(0)
     x, actions = 2 * torch.randn(len(t), 2, generator=g), 2 * torch.randn(len(t), 2, generator=g)
     with torch.no_grad():
-        expected = s.diffusion.reverse_step(
-            s.policy(x, t), x, t, t_prev=t_prev, sampler=sampler, eta=0.7, x_prev=actions
+        expected = run.diffusion.reverse_step(
+            run.policy(x, t), x, t, t_prev=t_prev, sampler=sampler, eta=0.7, x_prev=actions
         )
         # t as SB3 may hand it over: float [N, 1] (some buffers) or int64 [N, 1] (fresh from the env)
         for t_obs in (t.float()[:, None], t[:, None]):
             _, log_prob, entropy = policy.evaluate_actions({"x": x, "t": t_obs}, actions)
             torch.testing.assert_close(log_prob, expected.log_prob)
         sampled, _, sampled_log_prob = policy({"x": x, "t": t[:, None]})
-        rescored = s.diffusion.reverse_step(
-            s.policy(x, t), x, t, t_prev=t_prev, sampler=sampler, eta=0.7, x_prev=sampled
+        rescored = run.diffusion.reverse_step(
+            run.policy(x, t), x, t, t_prev=t_prev, sampler=sampler, eta=0.7, x_prev=sampled
         )
     torch.testing.assert_close(sampled_log_prob, rescored.log_prob)
     # fixed-sigma Gaussian entropy, against torch.distributions
@@ -147,9 +147,9 @@ def test_a_conditional_policy_reads_the_label_from_env_or_buffer_observations():
 
 
 def test_the_actor_is_the_pretrained_network_unchanged_with_no_learned_std(pretrained, tmp_path):
-    s = make_setup(pretrained, tmp_path, lr=3e-4)
-    policy = make_ppo(s).policy
-    assert policy.eps_model is s.policy
+    run = make_setup(pretrained, tmp_path, lr=3e-4)
+    policy = make_ppo(run).policy
+    assert policy.eps_model is run.policy
     for name, weight in load_run(pretrained).model.state_dict().items():
         assert torch.equal(policy.eps_model.state_dict()[name], weight), name  # no orthogonal re-init
     names = [name for name, _ in policy.named_parameters()]
@@ -160,9 +160,9 @@ def test_the_actor_is_the_pretrained_network_unchanged_with_no_learned_std(pretr
 
 
 def test_ppo_ratio_is_exactly_one_before_the_first_update(pretrained, tmp_path):
-    s = make_setup(pretrained, tmp_path, chains=32, minibatch_size=128)
-    model = make_ppo(s)
-    _, callback = model._setup_learn(model.n_steps * s.config.chains)  # seeds and resets the env as learn() does
+    run = make_setup(pretrained, tmp_path, chains=32, minibatch_size=128)
+    model = make_ppo(run)
+    _, callback = model._setup_learn(model.n_steps * run.config.chains)  # seeds and resets the env as learn() does
     assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     model.policy.set_training_mode(True)
     with torch.no_grad():
@@ -196,8 +196,8 @@ def bounded_env(monkeypatch, action_bound: float) -> list[torch.Tensor]:
 
 def test_the_rollout_buffer_holds_the_executed_actions_and_their_log_probs(pretrained, tmp_path, monkeypatch):
     executed = bounded_env(monkeypatch, action_bound=0.5)  # x_T ~ N(0, I): most chains start outside the box
-    s = make_setup(pretrained, tmp_path, chains=16, sampler="ddim", sampling_steps=5, eta=0.8)
-    model = make_ppo(s)
+    run = make_setup(pretrained, tmp_path, chains=16, sampler="ddim", sampling_steps=5, eta=0.8)
+    model = make_ppo(run)
     _, callback = model._setup_learn(model.n_steps * 16)
     assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     buffer = model.rollout_buffer
@@ -210,8 +210,8 @@ def test_the_rollout_buffer_holds_the_executed_actions_and_their_log_probs(pretr
         torch.as_tensor(buffer.observations["t"]).flatten().long(),
     )
     with torch.no_grad():
-        expected = s.diffusion.reverse_step(
-            s.policy(x, t),
+        expected = run.diffusion.reverse_step(
+            run.policy(x, t),
             x,
             t,
             t_prev=model.policy.prev_timestep[t],
@@ -223,13 +223,13 @@ def test_the_rollout_buffer_holds_the_executed_actions_and_their_log_probs(pretr
 
 
 def test_clipped_fraction_counts_the_coordinates_the_policy_clamped(pretrained, tmp_path, monkeypatch):
-    monkeypatch.setattr("rl_diffusion.algos.sb3.finish_run", lambda s: s.writer.close() or {})
+    monkeypatch.setattr("rl_diffusion.algos.sb3.finish_run", lambda run: run.writer.close() or {})
     executed = bounded_env(monkeypatch, action_bound=0.5)
-    s = make_setup(pretrained, tmp_path / "run", chains=16, sampler="ddim", sampling_steps=5)
-    train(s, progress=False)
+    run = make_setup(pretrained, tmp_path / "run", chains=16, sampler="ddim", sampling_steps=5)
+    train(run, progress=False)
     on_bound = (torch.stack(executed).abs() == 0.5).float().mean().item()
     assert on_bound > 0.25  # measured: 0.58
-    assert s.history[0]["env/clipped_fraction"] == pytest.approx(on_bound, rel=1e-6)
+    assert run.history[0]["env/clipped_fraction"] == pytest.approx(on_bound, rel=1e-6)
 
 
 class DropoutEps(torch.nn.Module):
@@ -312,25 +312,25 @@ def test_adapter_steps_all_chains_in_one_call_and_ends_every_chain_at_x0():
 def ppo_run(pretrained, tmp_path_factory) -> tuple[Path, Setup, dict]:
     """Six epochs of SB3 PPO towards TARGET with 64 chains (about 4 s on one thread)."""
     out = tmp_path_factory.mktemp("ppo") / "run"
-    s = make_setup(pretrained, out, chains=64, epochs=6, lr=3e-4, minibatch_size=256, checkpoint_every=2)
-    return out, s, train(s, progress=False)
+    run = make_setup(pretrained, out, chains=64, epochs=6, lr=3e-4, minibatch_size=256, checkpoint_every=2)
+    return out, run, train(run, progress=False)
 
 
 def test_ppo_moves_samples_towards_the_target(ppo_run):
-    _, s, metrics = ppo_run
-    rewards = [h["reward/mean"] for h in s.history]
+    _, run, metrics = ppo_run
+    rewards = [h["reward/mean"] for h in run.history]
     assert len(rewards) == 6
     # measured (seed 0): -2.41 at epoch 1, -1.23 at epoch 6; seeds 1 and 2 gain 1.13 and 1.17
     assert rewards[-1] - rewards[0] > 0.8
     # measured on 5000 fresh samples (seed 0): -0.99 after, -2.48 before
     assert metrics["reward_mean"] - metrics["reward_mean_pretrained"] > 1.0
     assert metrics["kl_to_pretrained"] > 0
-    assert all(h["env/clipped_fraction"] == 0.0 for h in s.history)
-    assert "loss/policy" not in s.history[0] and "ppo/approx_kl" in s.history[1]  # losses of the previous update
+    assert all(h["env/clipped_fraction"] == 0.0 for h in run.history)
+    assert "loss/policy" not in run.history[0] and "ppo/approx_kl" in run.history[1]  # losses of the previous update
 
 
 def test_ppo_run_directory_logs_checkpoints_and_evaluates(ppo_run, capsys):
-    out, s, _ = ppo_run
+    out, run, _ = ppo_run
     events = EventAccumulator(str(out))
     events.Reload()
     tags = events.Tags()
@@ -345,7 +345,7 @@ def test_ppo_run_directory_logs_checkpoints_and_evaluates(ppo_run, capsys):
         "perf/steps_per_sec",
     } <= set(tags["scalars"])
     assert "samples" in tags["images"]
-    assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx([h["reward/mean"] for h in s.history])
+    assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx([h["reward/mean"] for h in run.history])
     # no SB3 files of its own next to the shared ones
     assert {p.name for p in out.iterdir() if not p.name.startswith("events.out.tfevents")} == {
         "checkpoints",
@@ -359,7 +359,7 @@ def test_ppo_run_directory_logs_checkpoints_and_evaluates(ppo_run, capsys):
         "step_00000006.pt",
     ]
     final = load_run(out).model.state_dict()
-    assert all(torch.equal(final[name], w) for name, w in s.policy.state_dict().items())
+    assert all(torch.equal(final[name], w) for name, w in run.policy.state_dict().items())
     capsys.readouterr()
     assert main(["evaluate", "--run", str(out), "--num-samples", "500"]) == 0
     assert '"algo": "sb3-ppo"' in capsys.readouterr().out
@@ -372,7 +372,7 @@ def test_refused_options_are_user_errors(pretrained, tmp_path):
 
 def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, monkeypatch):
     monkeypatch.setattr(
-        "rl_diffusion.algos.sb3.finish_run", lambda s: s.writer.close() or {}
+        "rl_diffusion.algos.sb3.finish_run", lambda run: run.writer.close() or {}
     )  # metrics and figures: 3 s, not tested here
     config = dict(chains=16, epochs=3, lr=1e-3, minibatch_size=64, checkpoint_every=1)
     straight = make_setup(pretrained, tmp_path / "straight", **config)
@@ -407,13 +407,13 @@ def test_kl_coef_lowers_each_step_reward_by_the_log_ratio_to_the_pretrained_step
     from rl_diffusion.algos.sb3 import EpochCallback
 
     beta = 0.5
-    s = make_setup(pretrained, tmp_path, chains=8, sampler="ddim", sampling_steps=5, kl_coef=beta)
+    run = make_setup(pretrained, tmp_path, chains=8, sampler="ddim", sampling_steps=5, kl_coef=beta)
     with torch.no_grad():  # a policy away from the pretrained one, so that the penalty is not 0
-        for p in s.policy.parameters():
+        for p in run.policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    model = make_ppo(s)
+    model = make_ppo(run)
     stop = type("NoSignal", (), {"received": None})()
-    _, callback = model._setup_learn(model.n_steps * 8, callback=EpochCallback(s, 0, 0, stop, tqdm(disable=True)))
+    _, callback = model._setup_learn(model.n_steps * 8, callback=EpochCallback(run, 0, 0, stop, tqdm(disable=True)))
     assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     buffer = model.rollout_buffer
     x, t = (
@@ -428,8 +428,8 @@ def test_kl_coef_lowers_each_step_reward_by_the_log_ratio_to_the_pretrained_step
     )
     with torch.no_grad():
         log_ratio = (
-            s.diffusion.reverse_step(s.policy(x, t), x, t, **step).log_prob
-            - s.diffusion.reverse_step(s.reference(x, t), x, t, **step).log_prob
+            run.diffusion.reverse_step(run.policy(x, t), x, t, **step).log_prob
+            - run.diffusion.reverse_step(run.reference(x, t), x, t, **step).log_prob
         ).reshape(5, 8)
     task = torch.zeros(5, 8)
     task[-1] = model.env.rewards
@@ -438,16 +438,16 @@ def test_kl_coef_lowers_each_step_reward_by_the_log_ratio_to_the_pretrained_step
     assert log_ratio.abs().mean() > 0.05  # the check has teeth: the penalty is not negligible
     # gamma = lambda = 1: every step's return is the sum of its rewards from there on
     torch.testing.assert_close(torch.as_tensor(buffer.returns), rewards.flip(0).cumsum(0).flip(0), rtol=0, atol=1e-5)
-    s.writer.close()
+    run.writer.close()
 
 
 def test_sb3_ppo_with_kl_coef_runs_and_its_evaluation_reports_the_path_kl(pretrained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("rl_diffusion.algos.sb3.finish_run", lambda s: s.writer.close() or {})
+    monkeypatch.setattr("rl_diffusion.algos.sb3.finish_run", lambda run: run.writer.close() or {})
     monkeypatch.setattr("rl_diffusion.evaluation.TILTED_POOL", 2000)  # the default 2 x 50,000 pool samples take 5 s
     out = tmp_path / "kl"
-    s = make_setup(pretrained, out, chains=32, epochs=3, lr=3e-4, minibatch_size=256, kl_coef=0.3)
-    train(s, progress=False)
-    assert all(h["kl/to_pretrained"] > 0 for h in s.history[1:])
+    run = make_setup(pretrained, out, chains=32, epochs=3, lr=3e-4, minibatch_size=256, kl_coef=0.3)
+    train(run, progress=False)
+    assert all(h["kl/to_pretrained"] > 0 for h in run.history[1:])
     capsys.readouterr()
     assert main(["evaluate", "--run", str(out), "--num-samples", "500"]) == 0
     metrics = json.loads(capsys.readouterr().out)

@@ -38,5 +38,5 @@ def algorithm(name: str):
 
 
 def trainer(name: str) -> Callable:
-    """train(s, resume, progress) -> metrics of any --algo: the shared epoch loop, or SB3's own loop for sb3-*."""
+    """train(run, resume, progress) -> metrics of any --algo: the shared epoch loop, or SB3's own loop for sb3-*."""
     return importlib.import_module(TRAINERS[name]).train

@@ -23,11 +23,11 @@ from rl_diffusion.errors import UserError
 from rl_diffusion.path_kl import Pairs, policy_step
 
 
-def lean_adjoint(s, pairs: Pairs, K: int, a_final: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def lean_adjoint(run, pairs: Pairs, K: int, a_final: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The reference's mean mu_ref(x_k, t_k), sigma_k and the lean adjoint a_{k+1} at every pair (rows k * B + b
     of `pairs`), from a_K = a_final [B, ...]: a_k = J_ref(x_k)^T a_{k+1}, one batched VJP per step through the
     reference's `reverse_step` (so the x_0 clipping is that of the chain)."""
-    cfg, B = s.config, len(pairs) // K
+    cfg, B = run.config, len(pairs) // K
     mean_ref, adjoint = torch.empty_like(pairs.x_t), torch.empty_like(pairs.x_t)
     sigma = torch.empty(len(pairs), device=pairs.x_t.device)
     a = a_final
@@ -37,8 +37,8 @@ def lean_adjoint(s, pairs: Pairs, K: int, a_final: Tensor) -> tuple[Tensor, Tens
         with torch.enable_grad():
             x = pairs.x_t[rows].detach().requires_grad_(True)
             t = pairs.t[rows]
-            eps = s.reference(x, t, None if pairs.c is None else pairs.c[rows])
-            step = s.diffusion.reverse_step(
+            eps = run.reference(x, t, None if pairs.c is None else pairs.c[rows])
+            step = run.diffusion.reverse_step(
                 eps, x, t, t_prev=pairs.t_prev[rows], sampler=cfg.sampler, eta=cfg.eta, x_prev=pairs.x_prev[rows]
             )
             if k > 0:  # a_0 (at x_T) trains nothing
@@ -70,33 +70,33 @@ class AdjointMatching(Algorithm):
             )
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s, cfg = self.s, self.s.config
+        run, cfg = self.run, self.run.config
         K, B, pairs = batch.K, batch.B, batch.pairs
         B_rank = len(pairs) // K
         last = slice((K - 1) * B_rank, K * B_rank)  # this rank's x_K: the last step's actions
-        rewards, grad = s.reward.gradient(pairs.x_prev[last], None if pairs.c is None else pairs.c[last])
+        rewards, grad = run.reward.gradient(pairs.x_prev[last], None if pairs.c is None else pairs.c[last])
         # a gradient that is non-finite where the reward was not: that chain is left out of the loss
         finite = torch.isfinite(rewards).repeat(K)
         with torch.no_grad():
             a_final = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0) / self.kl_coef
-            mean_ref, sigma, adjoint = lean_adjoint(s, pairs, K, a_final)
+            mean_ref, sigma, adjoint = lean_adjoint(run, pairs, K, a_final)
             target_norm = (sigma.reshape(-1, *[1] * (adjoint.dim() - 1)) * adjoint).flatten(1).norm(dim=1)
-            target_norm = s.ranks.sum(torch.stack([(target_norm * finite).sum(), finite.sum().float()]))
-        sums, count = torch.zeros((), device=s.device), 0
+            target_norm = run.ranks.sum(torch.stack([(target_norm * finite).sum(), finite.sum().float()]))
+        sums, count = torch.zeros((), device=run.device), 0
         for _ in range(cfg.inner_epochs):
-            perm = torch.randperm(K * B, generator=generator, device=s.device)
+            perm = torch.randperm(K * B, generator=generator, device=run.device)
             for idx in perm.split(cfg.minibatch_size):
                 _, own = self.own_rows(idx, B)
-                ours = policy_step(s.diffusion, cfg, s.synced_policy, pairs, own)
+                ours = policy_step(run.diffusion, cfg, run.synced_policy, pairs, own)
                 terms = matching_terms(ours.mean, mean_ref[own], sigma[own], adjoint[own])
                 terms = torch.where(finite[own], terms, torch.zeros_like(terms))
                 self.optimizer.zero_grad(set_to_none=True)
                 # DDP's mean over ranks: the minibatch mean
-                (terms.sum() * s.ranks.world_size / len(idx)).backward()
+                (terms.sum() * run.ranks.world_size / len(idx)).backward()
                 self.step()
                 sums += terms.detach().sum()
                 count += len(idx)
         return {
-            "loss/policy": s.ranks.sum(sums).item() / count,
+            "loss/policy": run.ranks.sum(sums).item() / count,
             "adjoint/target_norm": (target_norm[0] / target_norm[1].clamp(min=1)).item(),
         }

@@ -39,14 +39,14 @@ from rl_diffusion.checkpoint import (
 from rl_diffusion.run import Setup, log_epoch, save_checkpoint
 
 
-def make_agent(s: Setup) -> BaseAlgorithm:
-    """The SB3 algorithm of `s.config.algo` with its default MultiInputPolicy on `s.config.chains` chains."""
-    cfg = s.config
-    env = DenoisingVecEnvAdapter(make_env(cfg, s.pretrained, cfg.chains, s.device))
+def make_agent(run: Setup) -> BaseAlgorithm:
+    """The SB3 algorithm of `run.config.algo` with its default MultiInputPolicy on `run.config.chains` chains."""
+    cfg = run.config
+    env = DenoisingVecEnvAdapter(make_env(cfg, run.pretrained, cfg.chains, run.device))
     episode = env.env.steps_per_episode
-    kwargs: dict = dict(learning_rate=cfg.lr, gamma=1.0, seed=cfg.seed, device=s.device)
+    kwargs: dict = dict(learning_rate=cfg.lr, gamma=1.0, seed=cfg.seed, device=run.device)
     if issubclass(AGENTS[cfg.algo], OffPolicyAlgorithm):
-        kwargs.update(gradient_steps=cfg.inner_epochs, buffer_size=s.epochs * episode * cfg.chains)
+        kwargs.update(gradient_steps=cfg.inner_epochs, buffer_size=run.epochs * episode * cfg.chains)
     else:
         kwargs.update(n_steps=episode, gae_lambda=1.0, max_grad_norm=cfg.grad_clip)
         if cfg.algo == "sb3-ppo-mlp":
@@ -74,9 +74,9 @@ class AgentCallback(BaseCallback):
     False and `train` saves the last boundary.
     """
 
-    def __init__(self, s: Setup, start: int, reward_queries: int, stop: StopSignal, bar: tqdm):
+    def __init__(self, run: Setup, start: int, reward_queries: int, stop: StopSignal, bar: tqdm):
         super().__init__()
-        self.s, self.stop, self.bar = s, stop, bar
+        self.run, self.stop, self.bar = run, stop, bar
         self.epoch = self.saved = start  # epochs finished / checkpointed
         self.reward_queries = reward_queries
         self.pending = False  # an episode ended and its boundary is not reached yet
@@ -89,7 +89,7 @@ class AgentCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         if self.locals["dones"].all():
-            adapter, s = self.model.env, self.s
+            adapter, run = self.model.env, self.run
             clipped = int(adapter.env.clipped_actions)
             scalars = {
                 "kl/to_pretrained": adapter.kl.mean().item(),
@@ -105,18 +105,18 @@ class AgentCallback(BaseCallback):
             self.clipped_before = clipped
             self.reward_queries += len(adapter.rewards)
             now = time.perf_counter()
-            log_epoch(s, self.epoch, self.reward_queries, adapter.x0, adapter.rewards, scalars, now - self.started)
+            log_epoch(run, self.epoch, self.reward_queries, adapter.x0, adapter.rewards, scalars, now - self.started)
             self.started = now
             self.epoch += 1
             self.pending = True
             self.bar.update(1)
-            self.bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}")
+            self.bar.set_postfix(reward=f"{run.history[-1]['reward/mean']:.3f}")
         return self.stop.received is None
 
     def _at_boundary(self) -> None:
         self.pending = False
-        self.boundary = train_state(self.model, self.reward_queries, len(self.s.history))
-        if self.epoch % self.s.config.checkpoint_every == 0 or self.epoch == self.s.epochs:
+        self.boundary = train_state(self.model, self.reward_queries, len(self.run.history))
+        if self.epoch % self.run.config.checkpoint_every == 0 or self.epoch == self.run.epochs:
             self.checkpoint()
 
     def checkpoint(self) -> None:
@@ -124,10 +124,10 @@ class AgentCallback(BaseCallback):
         epoch = self.boundary.get("epochs_logged", 0)
         if epoch > self.saved:
             del (
-                self.s.history[epoch:],
-                self.s.frames[epoch:],
+                self.run.history[epoch:],
+                self.run.frames[epoch:],
             )  # epochs logged after the boundary are run again on resume
-            save_checkpoint(self.s, epoch - 1, self.boundary)
+            save_checkpoint(self.run, epoch - 1, self.boundary)
             self.saved = epoch
 
     def _on_rollout_start(self) -> None:
@@ -161,10 +161,10 @@ def train_state(model: BaseAlgorithm, reward_queries: int, epochs_logged: int) -
     }
 
 
-def load_train_state(s: Setup, model: BaseAlgorithm, state: dict) -> BaseAlgorithm:
+def load_train_state(run: Setup, model: BaseAlgorithm, state: dict) -> BaseAlgorithm:
     """The model of a checkpoint on `model`'s env, with its replay buffer, RNGs and next x_T put back."""
     env = model.env
-    model = load_agent(s.config.algo, state["agent"], env, s.device)
+    model = load_agent(run.config.algo, state["agent"], env, run.device)
     if state["replay_buffer"] is not None:
         model.replay_buffer = state["replay_buffer"]
         model.replay_buffer.pos, model.replay_buffer.full = state["replay_fill"]
@@ -176,11 +176,11 @@ def load_train_state(s: Setup, model: BaseAlgorithm, state: dict) -> BaseAlgorit
     return model
 
 
-def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
-    """Train the agent for s.epochs episodes of all chains; returns the final metrics.
+def train(run: Setup, resume: bool = False, progress: bool = True) -> dict:
+    """Train the agent for run.epochs episodes of all chains; returns the final metrics.
 
     resume=True continues from the newest checkpoint as if the run had never stopped (on CPU).
     """
-    model = make_agent(s)
-    steps_per_epoch = model.env.env.steps_per_episode * s.config.chains
-    return learn(s, model, functools.partial(load_train_state, s), AgentCallback, steps_per_epoch, resume, progress)
+    model = make_agent(run)
+    steps_per_epoch = model.env.env.steps_per_episode * run.config.chains
+    return learn(run, model, functools.partial(load_train_state, run), AgentCallback, steps_per_epoch, resume, progress)

@@ -48,25 +48,25 @@ class AdvantageWeightedMatching(Algorithm):
 
     needs_log_prob = False  # trains on x_0 only: any sampler, deterministic DDIM included
 
-    def __init__(self, s):
-        super().__init__(s)
-        self.old = copy.deepcopy(s.policy).requires_grad_(False)  # eps_old: the policy before this epoch's update
+    def __init__(self, run):
+        super().__init__(run)
+        self.old = copy.deepcopy(run.policy).requires_grad_(False)  # eps_old: the policy before this epoch's update
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s, cfg = self.s, self.s.config
-        self.old.load_state_dict(s.policy.state_dict())
+        run, cfg = self.run, self.run.config
+        self.old.load_state_dict(run.policy.state_dict())
         returns = chain_returns(batch.rewards, batch.kl, self.kl_coef)
         adv = advantages(returns[None], batch.c, cfg.adv_clip)[0][0]  # [B]
         w = optimality(adv, cfg.adv_clip)
-        rows = s.ranks.shard(batch.B, "--chains")
+        rows = run.ranks.shard(batch.B, "--chains")
 
         def loss() -> Tensor:
-            x_t, t, target = s.diffusion.noised(batch.x0, generator, rows)  # target: eps, or a flow's velocity
+            x_t, t, target = run.diffusion.noised(batch.x0, generator, rows)  # target: eps, or a flow's velocity
             c = None if batch.c is None else batch.c[rows]
             with torch.no_grad():
                 eps_old = self.old(x_t, t, c)
-            per_sample = nft_loss(s.synced_policy(x_t, t, c), eps_old, target, w[rows])
-            return per_sample.sum() * s.ranks.world_size / batch.B  # DDP's mean over ranks: the batch mean
+            per_sample = nft_loss(run.synced_policy(x_t, t, c), eps_old, target, w[rows])
+            return per_sample.sum() * run.ranks.world_size / batch.B  # DDP's mean over ranks: the batch mean
 
         return {
             "loss/policy": self.descend(loss, self.forward_process_steps(batch)),

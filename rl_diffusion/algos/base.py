@@ -65,16 +65,16 @@ class Algorithm:
     image_defaults: ClassVar[dict] = {}  # over `defaults` where the pretrained run holds images
     pair_bytes: float | None = None  # what one (chain, step) pair's policy step keeps for backward (measured once)
 
-    def __init__(self, s: Setup):
-        self.s = s
-        self.settings = self.Settings(**s.config.algo_args)  # before parameters(), which may read them
-        self.kl_coef = s.config.kl_coef  # beta of the updates: --kl-coef, adapted by the loop under --kl-target
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=s.config.lr, weight_decay=0.0)
+    def __init__(self, run: Setup):
+        self.run = run
+        self.settings = self.Settings(**run.config.algo_args)  # before parameters(), which may read them
+        self.kl_coef = run.config.kl_coef  # beta of the updates: --kl-coef, adapted by the loop under --kl-target
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=run.config.lr, weight_decay=0.0)
 
     def parameters(self) -> Iterable:
         """What the optimizer trains: the policy's trainable parameters (or parameter groups); under --lora-rank
         the adapters only."""
-        return [p for p in self.s.policy.parameters() if p.requires_grad]
+        return [p for p in self.run.policy.parameters() if p.requires_grad]
 
     @classmethod
     def validate(cls, config: FinetuneConfig) -> None:
@@ -88,27 +88,27 @@ class Algorithm:
         """This rank's share of the epoch's --chains chains: its pairs, x_0 [B_rank, ...] and labels [B_rank] or
         None. On-policy: the current policy's chains (labels uniform for a class-conditional model); noise_scale > 1
         widens every step's noise (GaussianDiffusion.sample)."""
-        return self.sample_chains(self.s.config.chains, "--chains", generator, noise_scale)
+        return self.sample_chains(self.run.config.chains, "--chains", generator, noise_scale)
 
     def sample_chains(
         self, chains: int, flag: str, generator: torch.Generator, noise_scale: float = 1.0
     ) -> tuple[Pairs, Tensor, Tensor | None]:
         """This rank's share of `chains` chains of the current policy (the number `flag` sets), as `sample`
         returns them."""
-        s, cfg = self.s, self.s.config
-        shard = s.ranks.shard(chains, flag)
-        num_classes = getattr(s.policy, "num_classes", 0)
+        run, cfg = self.run, self.run.config
+        shard = run.ranks.shard(chains, flag)
+        num_classes = getattr(run.policy, "num_classes", 0)
         c = None
         if num_classes and not cfg.null_label:
-            c = torch.randint(0, num_classes, (chains,), generator=generator, device=s.device)[shard]
+            c = torch.randint(0, num_classes, (chains,), generator=generator, device=run.device)[shard]
         # no_grad, not inference_mode: these tensors are inputs to the update's autograd graph.
         with torch.no_grad():
-            traj = s.diffusion.sample(
-                s.policy,
-                (chains, *s.data_shape),
+            traj = run.diffusion.sample(
+                run.policy,
+                (chains, *run.data_shape),
                 c=c,
                 generator=generator,
-                device=s.device,
+                device=run.device,
                 record=True,
                 log_prob_reduction=cfg.log_prob_reduction,
                 shard=shard,
@@ -129,20 +129,20 @@ class Algorithm:
 
     def step(self) -> Tensor:
         """Clip the policy's gradient norm to --grad-clip and step; returns the norm before clipping."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.s.policy.parameters(), self.s.config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.run.policy.parameters(), self.run.config.grad_clip)
         self.optimizer.step()
         return grad_norm
 
     def forward_process_steps(self, batch: Batch) -> int:
         """Gradient steps per epoch of the algorithms that train on x_0 through the forward process (rwr, awm):
         --inner-epochs passes of K B / --minibatch-size steps, as many as ddpo-is takes over the batch's pairs."""
-        cfg = self.s.config
+        cfg = self.run.config
         return cfg.inner_epochs * max(1, batch.K * batch.B // cfg.minibatch_size)
 
     def descend(self, loss: Callable[[], Tensor], steps: int, after_step: Callable[[], None] | None = None) -> float:
         """`steps` optimizer steps on loss(), each on a fresh draw (then after_step(), if given); returns the mean
         loss over them. Each rank's loss is scaled so that the mean over ranks is the whole batch's."""
-        losses = torch.zeros(steps, device=self.s.device)
+        losses = torch.zeros(steps, device=self.run.device)
         for step in range(steps):
             value = loss()
             self.optimizer.zero_grad(set_to_none=True)
@@ -151,22 +151,22 @@ class Algorithm:
             if after_step is not None:
                 after_step()
             losses[step] = value.detach()
-        return self.s.ranks.sum(losses).mean().item() / self.s.ranks.world_size
+        return self.run.ranks.sum(losses).mean().item() / self.run.ranks.world_size
 
     def pair_groups(self, rows: Tensor, pairs: Pairs) -> tuple[Tensor, ...]:
         """`rows` of `pairs` in the fewest groups whose policy steps fit --memory-mib, for updates that accumulate
         one gradient over all of them (their sum does not depend on the split). The same count on every rank:
         `rows` index the whole batch. Measured on the unwrapped policy: a forward without a backward upsets DDP."""
-        s = self.s
+        run = self.run
         if self.pair_bytes is None:
-            probe = lambda n: policy_step(s.diffusion, s.config, s.policy, pairs, rows[:1].repeat(n)).log_prob  # noqa: E731
+            probe = lambda n: policy_step(run.diffusion, run.config, run.policy, pairs, rows[:1].repeat(n)).log_prob  # noqa: E731
             self.pair_bytes = memory.bytes_per_unit(probe)
-        return memory.split(rows, self.pair_bytes, s.config.memory_mib)
+        return memory.split(rows, self.pair_bytes, run.config.memory_mib)
 
     def own_rows(self, rows: Tensor, B: int) -> tuple[Tensor, Tensor]:
         """Of pair rows k * B + b of the whole batch, those of this rank's chains: (their rows, the same
         pairs' rows in this rank's Pairs). On one rank both are `rows`."""
-        shard = self.s.ranks.shard(B, "--chains")
+        shard = self.run.ranks.shard(B, "--chains")
         k, b = rows // B, rows % B
         mine = (b >= shard.start) & (b < shard.stop)
         return rows[mine], k[mine] * (shard.stop - shard.start) + b[mine] - shard.start

@@ -17,12 +17,12 @@ from rl_diffusion.run import setup
 
 def epoch_ceiling(cfg: FinetuneConfig, out: Path, epochs: int) -> dict:
     """Achieved FLOP/s of the epoch's collect + update against the replay of its own products."""
-    s = setup(cfg, out)
-    algo = algorithm(cfg.algo)(s)
-    generator = torch.Generator(device=s.device).manual_seed(cfg.seed)
+    run = setup(cfg, out)
+    algo = algorithm(cfg.algo)(run)
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
 
     def epoch(k: int) -> None:
-        batch, _ = loop.collect(s, algo, generator, k)
+        batch, _ = loop.collect(run, algo, generator, k)
         algo.update(batch, generator)
 
     epoch(0)  # warm-up
@@ -32,7 +32,7 @@ def epoch_ceiling(cfg: FinetuneConfig, out: Path, epochs: int) -> dict:
     seconds = (time.perf_counter() - started) / epochs
     _, matmuls = record_matmuls(lambda: epoch(epochs + 1))
     products = replay_seconds(matmuls)
-    s.writer.close()
+    run.writer.close()
     return {
         "epoch_seconds": seconds,
         **attainment(matmuls, seconds, products),

@@ -60,18 +60,18 @@ def advantages(returns: Tensor, groups: Tensor | None, adv_clip: float) -> tuple
     return (centred / scale).clamp(-adv_clip, adv_clip).float(), scale.float()
 
 
-def batch_advantages(s, batch: Batch, beta: float) -> tuple[Tensor, Tensor]:
+def batch_advantages(run, batch: Batch, beta: float) -> tuple[Tensor, Tensor]:
     """Advantages [K, B] of the whole batch from G_k = r - beta sum_{j>k} kl_j, and the scale of each chain [B]."""
     kl_after = batch.kl.flip(0).cumsum(0).flip(0) - batch.kl  # sum_{j > k} kl_j
-    return advantages(batch.rewards[None, :] - beta * kl_after, batch.c, s.config.adv_clip)
+    return advantages(batch.rewards[None, :] - beta * kl_after, batch.c, run.config.adv_clip)
 
 
-def kl_penalty(s, beta: float, mean: Tensor, pairs, own: Tensor, scale: Tensor) -> Tensor:
+def kl_penalty(run, beta: float, mean: Tensor, pairs, own: Tensor, scale: Tensor) -> Tensor:
     """The direct KL term of the loss per pair: beta kl_k / scale, with kl_k reduced over data dimensions
     the way the log-prob is (summed, or averaged for --log-prob-reduction mean), so that the two parts
     of the gradient stay in the ratio of grad J."""
-    kl = step_kl(s.diffusion, s.config, s.reference, mean, pairs, own)
-    if s.config.log_prob_reduction == "mean":
+    kl = step_kl(run.diffusion, run.config, run.reference, mean, pairs, own)
+    if run.config.log_prob_reduction == "mean":
         kl = kl / mean[0].numel()
     return beta * kl / scale
 
@@ -80,22 +80,22 @@ class ScoreFunction(Algorithm):
     """DDPO-SF: REINFORCE, -A * log pi, gradients accumulated over all pairs, one optimizer step."""
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s, cfg = self.s, self.s.config
-        adv, scale = batch_advantages(s, batch, self.kl_coef)
+        run, cfg = self.run, self.run.config
+        adv, scale = batch_advantages(run, batch, self.kl_coef)
         K, B = adv.shape
         self.optimizer.zero_grad(set_to_none=True)
-        total, adv, scale_pairs = torch.zeros((), device=s.device), adv.flatten(), scale.repeat(K)
-        for idx in self.pair_groups(torch.arange(K * B, device=s.device), batch.pairs):
+        total, adv, scale_pairs = torch.zeros((), device=run.device), adv.flatten(), scale.repeat(K)
+        for idx in self.pair_groups(torch.arange(K * B, device=run.device), batch.pairs):
             rows, own = self.own_rows(idx, B)
-            ours = policy_step(s.diffusion, cfg, s.synced_policy, batch.pairs, own)
+            ours = policy_step(run.diffusion, cfg, run.synced_policy, batch.pairs, own)
             terms = -adv[rows] * ours.log_prob
             if self.kl_coef > 0:
-                terms = terms + kl_penalty(s, self.kl_coef, ours.mean, batch.pairs, own, scale_pairs[rows])
+                terms = terms + kl_penalty(run, self.kl_coef, ours.mean, batch.pairs, own, scale_pairs[rows])
             # DDP's mean over ranks: the sum over all pairs / (K B)
-            (terms.sum() * s.ranks.world_size / (K * B)).backward()
+            (terms.sum() * run.ranks.world_size / (K * B)).backward()
             total += terms.detach().sum()
         grad_norm = self.step()
-        return {"loss/policy": s.ranks.sum(total).item() / (K * B), "train/grad_norm": grad_norm.item()}
+        return {"loss/policy": run.ranks.sum(total).item() / (K * B), "train/grad_norm": grad_norm.item()}
 
 
 def ppo_terms(adv: Tensor, log_prob: Tensor, log_prob_old: Tensor, clip_range: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,32 +115,34 @@ class ImportanceSampling(Algorithm):
     """DDPO-IS: PPO-clip over inner epochs of shuffled minibatches of (trajectory, timestep) pairs."""
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s, cfg = self.s, self.s.config
-        adv, scale = batch_advantages(s, batch, self.kl_coef)
+        run, cfg = self.run, self.run.config
+        adv, scale = batch_advantages(run, batch, self.kl_coef)
         K, B = adv.shape
         adv, scale_pairs = adv.flatten(), scale.repeat(K)
-        sums, count = torch.zeros(3, device=s.device), 0  # loss, approx_kl, clipped: summed over the epoch's pairs
+        sums, count = torch.zeros(3, device=run.device), 0  # loss, approx_kl, clipped: summed over the epoch's pairs
         for _ in range(cfg.inner_epochs):
-            rows = torch.arange(K * B, device=s.device)
+            rows = torch.arange(K * B, device=run.device)
             if cfg.timestep_fraction < 1:
                 # each chain trains on a random subset of its timesteps
                 keep = max(1, round(cfg.timestep_fraction * K))
-                chosen = torch.rand(K, B, generator=generator, device=s.device).argsort(0)[:keep]
-                rows = (chosen * B + torch.arange(B, device=s.device)).flatten()
-            for idx in rows[torch.randperm(len(rows), generator=generator, device=s.device)].split(cfg.minibatch_size):
+                chosen = torch.rand(K, B, generator=generator, device=run.device).argsort(0)[:keep]
+                rows = (chosen * B + torch.arange(B, device=run.device)).flatten()
+            for idx in rows[torch.randperm(len(rows), generator=generator, device=run.device)].split(
+                cfg.minibatch_size
+            ):
                 self.optimizer.zero_grad(set_to_none=True)
                 for group in self.pair_groups(idx, batch.pairs):  # one gradient step, accumulated within --memory-mib
                     mine, own = self.own_rows(group, B)
-                    ours = policy_step(s.diffusion, cfg, s.synced_policy, batch.pairs, own)
+                    ours = policy_step(run.diffusion, cfg, run.synced_policy, batch.pairs, own)
                     terms, approx_kl, clipped = ppo_terms(
                         adv[mine], ours.log_prob, batch.pairs.log_prob_old[own], cfg.clip_range
                     )
                     if self.kl_coef > 0:
-                        terms = terms + kl_penalty(s, self.kl_coef, ours.mean, batch.pairs, own, scale_pairs[mine])
+                        terms = terms + kl_penalty(run, self.kl_coef, ours.mean, batch.pairs, own, scale_pairs[mine])
                     # DDP's mean over ranks: the minibatch mean
-                    (terms.sum() * s.ranks.world_size / len(idx)).backward()
+                    (terms.sum() * run.ranks.world_size / len(idx)).backward()
                     sums += torch.stack([terms.detach().sum(), approx_kl.sum(), clipped.sum()])
                 self.step()
                 count += len(idx)
-        loss, approx_kl, clipfrac = (s.ranks.sum(sums) / count).tolist()
+        loss, approx_kl, clipfrac = (run.ranks.sum(sums) / count).tolist()
         return {"loss/policy": loss, "ppo/approx_kl": approx_kl, "ppo/clipfrac": clipfrac}

@@ -64,24 +64,24 @@ class DRaFT(Algorithm):
 
     def chain_step(self, policy, x: Tensor, t: Tensor, t_prev: Tensor, noise: Tensor, c: Tensor | None):
         """One reparameterised step from x: (x_{k+1} = mu_theta(x) + sigma z, kl_k [B])."""
-        s, cfg = self.s, self.s.config
+        run, cfg = self.run, self.run.config
         kwargs = dict(t_prev=t_prev, sampler=cfg.sampler, eta=cfg.eta, noise=noise)
-        ours = s.diffusion.reverse_step(policy(x, t, c), x, t, **kwargs)
-        ref = s.diffusion.reverse_step(s.reference(x, t, c), x, t, **kwargs)  # frozen; depends on theta via x
+        ours = run.diffusion.reverse_step(policy(x, t, c), x, t, **kwargs)
+        ref = run.diffusion.reverse_step(run.reference(x, t, c), x, t, **kwargs)  # frozen; depends on theta via x
         kl = ((ours.mean - ref.mean) ** 2).flatten(1).sum(1) / (2 * ours.sigma**2)
         return ours.x_prev, kl
 
     def plan(self, batch: Batch) -> tuple[tuple[Tensor, ...], bool]:
         """This rank's chains in the fewest groups whose replay fits --memory-mib, and whether each step is
         checkpointed (only where one chain alone does not fit)."""
-        s, cfg, pairs, N = self.s, self.s.config, batch.pairs, batch.K
+        run, cfg, pairs, N = self.run, self.run.config, batch.pairs, batch.K
         if self.step_bytes is None:  # the unwrapped policy: a forward with no backward would upset DDP
 
             def one_step(n: int):
-                rows = torch.zeros(n, dtype=torch.long, device=s.device)
+                rows = torch.zeros(n, dtype=torch.long, device=run.device)
                 c = None if pairs.c is None else pairs.c[rows]
                 x = pairs.x_t[rows]
-                return self.chain_step(s.policy, x, pairs.t[rows], pairs.t_prev[rows], torch.zeros_like(x), c)
+                return self.chain_step(run.policy, x, pairs.t[rows], pairs.t_prev[rows], torch.zeros_like(x), c)
 
             self.step_bytes = memory.bytes_per_unit(one_step)
         chain_bytes, checkpointed = N * self.step_bytes, False
@@ -89,21 +89,21 @@ class DRaFT(Algorithm):
             # kept per checkpointed step: its input state and noise; plus one step's graph while it is recomputed
             state_bytes = pairs.x_t[0].numel() * pairs.x_t.element_size()
             chain_bytes, checkpointed = N * 2 * state_bytes + self.step_bytes, True
-            if s.ranks.is_main and not self.announced:
+            if run.ranks.is_main and not self.announced:
                 print(
                     f"note: draft replays each step under gradient checkpointing: one chain of {N} steps keeps "
                     f"{N * self.step_bytes / memory.MIB:.0f} MiB for backward, over --memory-mib {cfg.memory_mib:g}",
                     file=sys.stderr,
                 )
             self.announced = True
-        largest_shard = math.ceil(batch.B / s.ranks.world_size)  # the same number of groups on every rank
+        largest_shard = math.ceil(batch.B / run.ranks.world_size)  # the same number of groups on every rank
         count = memory.groups(largest_shard, chain_bytes, cfg.memory_mib)
-        return torch.arange(len(pairs) // N, device=s.device).tensor_split(count), checkpointed
+        return torch.arange(len(pairs) // N, device=run.device).tensor_split(count), checkpointed
 
     def replay(self, batch: Batch, chains: Tensor, checkpointed: bool) -> tuple[Tensor, Tensor]:
         """Replay this rank's chains `chains` (indices into its own B_rank) with gradients:
         (x_0 [n, ...], sum_k kl_k [n])."""
-        s, cfg, pairs, N = self.s, self.s.config, batch.pairs, batch.K
+        run, cfg, pairs, N = self.run, self.run.config, batch.pairs, batch.K
         B = len(pairs) // N
         start = window_start(N, self.settings.draft_steps)
         x, kl_sum = pairs.x_t[start * B + chains], 0.0
@@ -112,12 +112,12 @@ class DRaFT(Algorithm):
             t, t_prev, c = pairs.t[rows], pairs.t_prev[rows], None if pairs.c is None else pairs.c[rows]
             with torch.no_grad():  # z_k = (x_{k+1} - mean_old_k) / sigma_k; sigma needs no network call
                 zeros = torch.zeros_like(pairs.x_t[rows])
-                step = s.diffusion.reverse_step(
+                step = run.diffusion.reverse_step(
                     zeros, zeros, t, t_prev=t_prev, sampler=cfg.sampler, eta=cfg.eta, x_prev=zeros
                 )
                 noise = (pairs.x_prev[rows] - pairs.mean_old[rows]) / step.sigma.reshape(-1, *[1] * (x.dim() - 1))
             state = x if k >= start else pairs.x_t[rows]  # before the window: the recorded, detached state
-            inputs = (s.synced_policy, state, t, t_prev, noise, c)
+            inputs = (run.synced_policy, state, t, t_prev, noise, c)
             if checkpointed:
                 x_next, kl = checkpoint(self.chain_step, *inputs, use_reentrant=False)
             else:
@@ -128,21 +128,21 @@ class DRaFT(Algorithm):
         return x, kl_sum
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s, cfg = self.s, self.s.config
+        run, cfg = self.run, self.run.config
         groups, checkpointed = self.plan(batch)
-        sums = torch.zeros(3, device=s.device)  # loss, reward, kl: summed over chains and inner epochs
+        sums = torch.zeros(3, device=run.device)  # loss, reward, kl: summed over chains and inner epochs
         for _ in range(cfg.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             for chains in groups:
                 x0, kl = self.replay(batch, chains, checkpointed)
                 c = None if batch.pairs.c is None else batch.pairs.c[chains]
-                reward = s.reward(x0, c)
+                reward = run.reward(x0, c)
                 loss = -(reward - self.kl_coef * kl)
                 # DDP's mean over ranks: the sum over the whole batch's chains / B
-                (loss.sum() * s.ranks.world_size / batch.B).backward()
+                (loss.sum() * run.ranks.world_size / batch.B).backward()
                 sums += torch.stack([loss.detach().sum(), reward.detach().sum(), kl.detach().sum()])
             grad_norm = self.step()
-        loss, reward, kl = (s.ranks.sum(sums) / (batch.B * cfg.inner_epochs)).tolist()
+        loss, reward, kl = (run.ranks.sum(sums) / (batch.B * cfg.inner_epochs)).tolist()
         return {
             "loss/policy": loss,
             "draft/reward": reward,

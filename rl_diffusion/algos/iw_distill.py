@@ -100,8 +100,8 @@ class ImportanceWeightedDistillation(Algorithm):
             "the epoch fits an intermediate tilt exp(r / beta_e), beta_e > beta",
         )
 
-    def __init__(self, s):
-        super().__init__(s)
+    def __init__(self, run):
+        super().__init__(run)
         self.lam = 0.0  # lambda of the last stage fitted: 0 before the first (the pretrained model)
         self.warned = False
 
@@ -128,29 +128,29 @@ class ImportanceWeightedDistillation(Algorithm):
         return self.sample_chains(self.settings.pool_size, "--pool-size", generator, noise_scale)
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s, cfg, settings = self.s, self.s.config, self.settings
+        run, cfg, settings = self.run, self.run.config, self.settings
         log_ratio = batch.log_ratio.sum(0).double()  # [B] log P_pre(tau) / Q(tau)
         self.lam = tempered_lambda(batch.rewards, log_ratio, batch.c, self.lam, 1 / self.kl_coef, settings.ess_target)
         weights = self_normalised(self.lam * batch.rewards.double() + log_ratio, batch.c)
         ess = effective_sample_size(weights) / batch.B
-        if ess < ESS_FLOOR and not self.warned and s.ranks.is_main:
+        if ess < ESS_FLOOR and not self.warned and run.ranks.is_main:
             self.warned = True
             print(
                 f"warning: iw-distill's weights keep {ess:.2%} of the pool of {batch.B:,} (effective sample size "
                 f"below {ESS_FLOOR:.0%}): the fit follows a few chains; raise --pool-size or --ess-target",
                 file=sys.stderr,
             )
-        rows = s.ranks.shard(cfg.minibatch_size, "--minibatch-size")
+        rows = run.ranks.shard(cfg.minibatch_size, "--minibatch-size")
 
         def denoising_loss() -> Tensor:  # E_{t, eps} ||eps_theta(x_t, t) - eps||^2 / D on a resampled minibatch
             pick = torch.multinomial(weights.float(), cfg.minibatch_size, replacement=True, generator=generator)
             c = None if batch.c is None else batch.c[pick]
-            return s.diffusion.training_loss(s.synced_policy, batch.x0[pick], c, generator=generator, shard=rows)
+            return run.diffusion.training_loss(run.synced_policy, batch.x0[pick], c, generator=generator, shard=rows)
 
         # The stage's model is the exponential moving average of the steps' iterates (Polyak averaging), as in
         # pretraining: the last iterate's minibatch noise moves mode masses by more than the pool's own error
         # (9-mode posterior, seed 0: mode-mass L1 0.060 with the last iterate, 0.041 with the average).
-        params = [p for p in s.policy.parameters() if p.requires_grad]
+        params = [p for p in run.policy.parameters() if p.requires_grad]
         average = [p.detach().clone() for p in params]
 
         def after_step() -> None:

@@ -54,42 +54,43 @@ def adapted_kl_coef(kl_coef: float, kl: float, kl_target: float, kl_gain: float)
     return kl_coef * (1 + kl_gain * error)
 
 
-def collect(s: Setup, algo: Algorithm, generator: torch.Generator, epoch: int) -> tuple[Batch, int]:
+def collect(run: Setup, algo: Algorithm, generator: torch.Generator, epoch: int) -> tuple[Batch, int]:
     """The epoch's chains (algo.sample), scored once, with the path KL and path log-ratio of each: the whole
     batch on every rank; and the number of samples scored (reward queries).
 
     Under --skip-nonfinite-rewards (one rank) chains with a non-finite reward are dropped entirely.
     """
-    cfg = s.config
+    cfg = run.config
     pairs, x0, c = algo.sample(generator)  # this rank's chains
-    rewards = score_rewards(s, x0, c, epoch)
-    x0, rewards, c = (None if v is None else s.ranks.gather(v) for v in (x0, rewards, c))
+    rewards = score_rewards(run, x0, c, epoch)
+    x0, rewards, c = (None if v is None else run.ranks.gather(v) for v in (x0, rewards, c))
     finite = torch.isfinite(rewards)
-    K = s.steps_per_chain
+    K = run.steps_per_chain
     if not finite.all():
         pairs = pairs.select(finite.repeat(K))
     kl = log_ratio = None
     if pairs.log_prob_old is not None:  # a stochastic chain: its path KL and path density are defined
-        scores = reference_scores(s.diffusion, cfg, s.policy, s.reference, pairs, K)
-        kl, log_ratio = (s.ranks.gather(v, dim=1) for v in scores)
+        scores = reference_scores(run.diffusion, cfg, run.policy, run.reference, pairs, K)
+        kl, log_ratio = (run.ranks.gather(v, dim=1) for v in scores)
     c = None if c is None else c[finite]
     return Batch(pairs, x0[finite], c, rewards[finite], kl, K, log_ratio), len(rewards)
 
 
-def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune s.policy for s.epochs epochs with the algorithm s.config.algo names; returns the final metrics."""
-    cfg = s.config
-    algo = algorithm(cfg.algo)(s)
-    generator = torch.Generator(device=s.device).manual_seed(cfg.seed)
+def train(run: Setup, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune run.policy for run.epochs epochs with the algorithm run.config.algo names; returns the final
+    metrics."""
+    cfg = run.config
+    algo = algorithm(cfg.algo)(run)
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
     start, reward_queries = 0, 0
     if resume:
-        state = restore_checkpoint(s)
+        state = restore_checkpoint(run)
         algo.load_state_dict(state)
         set_rng_state(state["rng"], generator)
         start, reward_queries = state["epoch"], state["reward_queries"]
         algo.kl_coef = state.get("kl_coef", cfg.kl_coef)
     else:
-        write_hyperparameters(s)
+        write_hyperparameters(run)
 
     def train_state() -> dict:
         return {
@@ -99,14 +100,14 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             "kl_coef": algo.kl_coef,
         }
 
-    show = progress and s.ranks.is_main
-    bar = tqdm(total=s.epochs, initial=start, desc=f"{cfg.algo} {s.reward.name}", disable=not show)
+    show = progress and run.ranks.is_main
+    bar = tqdm(total=run.epochs, initial=start, desc=f"{cfg.algo} {run.reward.name}", disable=not show)
     with StopSignal() as stop, bar:
-        for epoch in range(start, s.epochs):
+        for epoch in range(start, run.epochs):
             started = time.perf_counter()
-            batch, scored = collect(s, algo, generator, epoch)
+            batch, scored = collect(run, algo, generator, epoch)
             reward_queries += scored
-            if epoch == 0 and batch.c is not None and s.ranks.is_main:
+            if epoch == 0 and batch.c is not None and run.ranks.is_main:
                 warning = labels_fight_warning(batch.rewards, batch.c)
                 if warning:
                     print(f"warning: {warning}", file=sys.stderr)
@@ -114,7 +115,7 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
             if not math.isfinite(stats["loss/policy"]):
                 raise UserError(
                     f"the {cfg.algo} loss became {stats['loss/policy']} at epoch {epoch + 1}; "
-                    f"the last good checkpoint is kept in {s.out} (try a lower --lr)"
+                    f"the last good checkpoint is kept in {run.out} (try a lower --lr)"
                 )
             stats["reward/nonfinite"] = float(scored - batch.B)
             if batch.kl is not None:
@@ -123,69 +124,73 @@ def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
                 stats["kl/beta"] = algo.kl_coef
             if cfg.kl_target > 0:
                 algo.kl_coef = adapted_kl_coef(algo.kl_coef, stats["kl/to_pretrained"], cfg.kl_target, cfg.kl_gain)
-            log_epoch(s, epoch, reward_queries, batch.x0, batch.rewards, stats, time.perf_counter() - started, batch.c)
+            log_epoch(
+                run, epoch, reward_queries, batch.x0, batch.rewards, stats, time.perf_counter() - started, batch.c
+            )
             bar.update(1)
-            bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}", kl=f"{stats.get('kl/to_pretrained', 0):.3f}")
-            stopping = s.ranks.any(stop.received is not None)
-            new_best, early_stop_reason = early_stop(s)
-            last = epoch + 1 == s.epochs
+            bar.set_postfix(
+                reward=f"{run.history[-1]['reward/mean']:.3f}", kl=f"{stats.get('kl/to_pretrained', 0):.3f}"
+            )
+            stopping = run.ranks.any(stop.received is not None)
+            new_best, early_stop_reason = early_stop(run)
+            last = epoch + 1 == run.epochs
             if (epoch + 1) % cfg.checkpoint_every == 0 or last or stopping or new_best or early_stop_reason:
-                save_checkpoint(s, epoch, train_state())
+                save_checkpoint(run, epoch, train_state())
             if early_stop_reason and not stopping:
-                if s.ranks.is_main:
+                if run.ranks.is_main:
                     print(early_stop_reason, file=sys.stderr)
                 break
             if stopping:
-                s.writer.close()
+                run.writer.close()
                 raise UserError(
                     f"stopped by signal {stop.received} after epoch {epoch + 1}; "
-                    f"checkpoint saved, continue with --resume {s.out}"
+                    f"checkpoint saved, continue with --resume {run.out}"
                 )
-    return finish_run(s)
+    return finish_run(run)
 
 
-def final_evaluation(s: Setup) -> dict:
+def final_evaluation(run: Setup) -> dict:
     """The finished run against the pretrained model and the exact target (`evaluate_finetuned`), or, under
     --no-final-eval, the last epoch's training summary."""
-    if not s.config.final_eval:
-        last = s.history[-1] if s.history else {}
+    if not run.config.final_eval:
+        last = run.history[-1] if run.history else {}
         return {"final_evaluation": "skipped (--no-final-eval)", "reward_mean": last.get("reward/mean")}
-    num_samples = evaluation_samples(s.config.eval_samples, s.data_shape)
-    return evaluate_finetuned(s.out, num_samples=num_samples, device=str(s.device))
+    num_samples = evaluation_samples(run.config.eval_samples, run.data_shape)
+    return evaluate_finetuned(run.out, num_samples=num_samples, device=str(run.device))
 
 
-def finish_run(s: Setup) -> dict:
+def finish_run(run: Setup) -> dict:
     """Metrics file and figures of a finished run: samples before/after, reward curve, a GIF across epochs.
     Rank 0 only; the others get {}."""
-    warnings = hacking_warnings(s.history, s.eval_data)
+    warnings = hacking_warnings(run.history, run.eval_data)
     for warning in warnings:
-        s.writer.add_text("warnings", warning)
-    s.writer.close()
-    if not s.ranks.is_main:
+        run.writer.add_text("warnings", warning)
+    run.writer.close()
+    if not run.ranks.is_main:
         return {}
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    metrics = final_evaluation(s)
+    metrics = final_evaluation(run)
     # every sample scored in training (pools and exploratory chains included), so runs compare at equal cost
-    metrics["reward_queries"] = s.history[-1]["reward_queries"] if s.history else 0
-    if s.config.early_stop_on:
-        metrics["best_epoch"] = best_epoch(s)
+    metrics["reward_queries"] = run.history[-1]["reward_queries"] if run.history else 0
+    if run.config.early_stop_on:
+        metrics["best_epoch"] = best_epoch(run)
     if warnings:
         metrics["warnings"] = warnings
-    atomic_write_text(s.out / "metrics.json", json.dumps(metrics, indent=2))
-    if s.frames:
-        lim = figures.limits(s.eval_data)
-        figures.save_gif(s.frames, s.out / "figures" / "samples_over_epochs.gif", lim=lim)
-        if s.frames[0][1].ndim == 4:
-            figures.save_image_grid(s.frames[0][1], s.out / "figures" / "samples_before.png")
-            figures.save_image_grid(s.frames[-1][1], s.out / "figures" / "samples_after.png")
+    atomic_write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
+    if run.frames:
+        lim = figures.limits(run.eval_data)
+        figures.save_gif(run.frames, run.out / "figures" / "samples_over_epochs.gif", lim=lim)
+        if run.frames[0][1].ndim == 4:
+            figures.save_image_grid(run.frames[0][1], run.out / "figures" / "samples_before.png")
+            figures.save_image_grid(run.frames[-1][1], run.out / "figures" / "samples_after.png")
         figures.plot_finetune_summary(
-            before=s.frames[0][1],
-            after=s.frames[-1][1],
-            data=s.eval_data,
-            epochs=[h["epoch"] for h in s.history],
-            mean_rewards=[h["reward/mean"] for h in s.history],
-            path=s.out / "figures" / "finetune.png",
-            title=f"{s.config.algo} on {s.reward.name}",
+            before=run.frames[0][1],
+            after=run.frames[-1][1],
+            data=run.eval_data,
+            epochs=[h["epoch"] for h in run.history],
+            mean_rewards=[h["reward/mean"] for h in run.history],
+            path=run.out / "figures" / "finetune.png",
+            title=f"{run.config.algo} on {run.reward.name}",
         )
     return metrics

@@ -64,12 +64,12 @@ class RelativeTrajectoryBalance(Algorithm):
         replay_fraction: float = arg(0.5, "rtb: fraction of each update's chains drawn from the replay buffer")
         log_z_lr: float = arg(0.1, "rtb: learning rate of log Z")
 
-    def __init__(self, s):
-        self.log_z = torch.nn.Parameter(torch.zeros((), device=s.device))
+    def __init__(self, run):
+        self.log_z = torch.nn.Parameter(torch.zeros((), device=run.device))
         self.log_z_ready = False  # set to the first batch's estimate on the first update
         self.epoch = 0  # epochs trained: the exploration schedule's clock
         self.buffer: dict | None = None  # replay: xs [K + 1, R, ...], c [R] or None, rewards [R]
-        super().__init__(s)
+        super().__init__(run)
 
     def parameters(self):
         return [{"params": super().parameters()}, {"params": [self.log_z], "lr": self.settings.log_z_lr}]
@@ -108,33 +108,33 @@ class RelativeTrajectoryBalance(Algorithm):
 
     def mine(self, rows: Tensor, N: int) -> Tensor:
         """Of pair rows k * N + b, those of this rank's chains (b mod world_size = rank)."""
-        return rows[(rows % N) % self.s.ranks.world_size == self.s.ranks.rank]
+        return rows[(rows % N) % self.run.ranks.world_size == self.run.ranks.rank]
 
     def chain_log_probs(self, model: torch.nn.Module, pairs: Pairs, N: int) -> Tensor:
         """sum_k log pi(x_{k+1} | x_k) of each of the N chains [N] under `model`, no grad, in the update's groups;
         each rank scores its chains' pairs and the sum over ranks fills in the rest."""
-        s = self.s
-        log_probs = torch.zeros(len(pairs), device=s.device)
+        run = self.run
+        log_probs = torch.zeros(len(pairs), device=run.device)
         with torch.no_grad():
-            for idx in self.pair_groups(torch.arange(len(pairs), device=s.device), pairs):
+            for idx in self.pair_groups(torch.arange(len(pairs), device=run.device), pairs):
                 own = self.mine(idx, N)
-                log_probs[own] = policy_step(s.diffusion, s.config, model, pairs, own).log_prob
-        return s.ranks.sum(log_probs).reshape(-1, N).sum(0)
+                log_probs[own] = policy_step(run.diffusion, run.config, model, pairs, own).log_prob
+        return run.ranks.sum(log_probs).reshape(-1, N).sum(0)
 
     def training_chains(self, batch: Batch, generator: torch.Generator) -> tuple[Pairs, Tensor, int]:
         """The update's chains, the epoch's fresh ones then those replayed, as whole-batch pairs; their
         rewards; the number replayed. The fresh chains then enter the buffer (first in, first out)."""
-        s, settings, K = self.s, self.settings, batch.K
+        run, settings, K = self.run, self.settings, batch.K
         x_t = batch.pairs.x_t.reshape(K, -1, *batch.pairs.x_t.shape[1:])
         fresh = torch.cat([x_t, batch.pairs.x_prev.reshape(x_t.shape)[-1:]])  # [K + 1, B_rank, ...]
-        fresh = s.ranks.gather(fresh, dim=1)
+        fresh = run.ranks.gather(fresh, dim=1)
         t, t_prev = batch.pairs.t.reshape(K, -1)[:, 0], batch.pairs.t_prev.reshape(K, -1)[:, 0]
         xs, c, rewards = fresh, batch.c, batch.rewards
         replayed = 0
         if self.buffer is not None and settings.replay_fraction > 0:
             stored = len(self.buffer["rewards"])
             replayed = min(stored, round(settings.replay_fraction * batch.B / (1 - settings.replay_fraction)))
-            pick = torch.randperm(stored, generator=generator, device=s.device)[:replayed]
+            pick = torch.randperm(stored, generator=generator, device=run.device)[:replayed]
             xs = torch.cat([xs, self.buffer["xs"][:, pick]], 1)
             rewards = torch.cat([rewards, self.buffer["rewards"][pick]])
             c = None if c is None else torch.cat([c, self.buffer["c"][pick]])
@@ -153,14 +153,14 @@ class RelativeTrajectoryBalance(Algorithm):
         return Pairs.from_trajectory(chains), rewards, replayed
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s, cfg = self.s, self.s.config
+        run, cfg = self.run, self.run.config
         beta = self.kl_coef
         pairs, rewards, replayed = self.training_chains(batch, generator)
         N = len(rewards)
-        log_ref = self.chain_log_probs(s.reference, pairs, N)
+        log_ref = self.chain_log_probs(run.reference, pairs, N)
         losses, delta_abs = [], []
         for _ in range(cfg.inner_epochs):
-            log_ratio = self.chain_log_probs(s.policy, pairs, N) - log_ref
+            log_ratio = self.chain_log_probs(run.policy, pairs, N) - log_ref
             if not self.log_z_ready:
                 with torch.no_grad():
                     self.log_z.copy_(initial_log_z(log_ratio, rewards, beta))
@@ -169,10 +169,10 @@ class RelativeTrajectoryBalance(Algorithm):
             self.optimizer.zero_grad(set_to_none=True)
             # Surrogate with delta detached: its gradient is that of sum_b delta_b^2 (docs/design.md, section 8).
             # DDP's mean over ranks of world_size / N times each rank's pairs: the surrogate / N, the grad of L.
-            for idx in self.pair_groups(torch.arange(len(pairs), device=s.device), pairs):
+            for idx in self.pair_groups(torch.arange(len(pairs), device=run.device), pairs):
                 own = self.mine(idx, N)
-                log_prob = policy_step(s.diffusion, cfg, s.synced_policy, pairs, own).log_prob
-                ((2 * delta[own % N] * log_prob).sum() * s.ranks.world_size / N).backward()
+                log_prob = policy_step(run.diffusion, cfg, run.synced_policy, pairs, own).log_prob
+                ((2 * delta[own % N] * log_prob).sum() * run.ranks.world_size / N).backward()
             (2 * delta.mean() * self.log_z).backward()  # log Z is outside DDP: every rank takes the whole term
             self.step()
             losses.append(delta.square().mean())

@@ -44,13 +44,13 @@ class RewardWeightedRegression(Algorithm):
             )
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        s = self.s
+        run = self.run
         weights = rwr_weights(batch.rewards, self.settings.rwr_temperature)
-        shard = s.ranks.shard(batch.B, "--chains")
+        shard = run.ranks.shard(batch.B, "--chains")
 
         def weighted_denoising_loss() -> Tensor:  # sum_b w_b E_{t, eps} ||eps_theta(x_t, t) - eps||^2 / D
-            return s.diffusion.training_loss(
-                s.synced_policy, batch.x0, batch.c, generator=generator, weights=weights, shard=shard
+            return run.diffusion.training_loss(
+                run.synced_policy, batch.x0, batch.c, generator=generator, weights=weights, shard=shard
             )
 
         loss = self.descend(weighted_denoising_loss, self.forward_process_steps(batch))

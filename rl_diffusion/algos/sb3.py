@@ -275,15 +275,15 @@ class DenoisingVecEnvAdapter(VecEnv):
         return [False] * self._count(indices)
 
 
-def make_ppo(s: Setup) -> PPO:
-    """SB3 PPO on `s`: policy = s.policy (trained in place), env = `s.config.chains` chains in one batch.
+def make_ppo(run: Setup) -> PPO:
+    """SB3 PPO on `run`: policy = run.policy (trained in place), env = `run.config.chains` chains in one batch.
 
     n_steps is the number of steps of one chain, so a rollout is exactly one chain per env. The
     minibatch is `minibatch_size` (state, action) pairs, clamped to the rollout's n_steps * chains;
     when it does not divide the rollout, the last minibatch of each pass is smaller.
     SB3's logger stays in memory (no files: the shared writer logs).
     """
-    cfg = s.config
+    cfg = run.config
     env = DenoisingVectorEnv(
         reward=cfg.reward,
         reward_kwargs=cfg.reward_args,
@@ -292,12 +292,12 @@ def make_ppo(s: Setup) -> PPO:
         eta=cfg.eta,
         num_envs=cfg.chains,
         action_mode="sample",
-        device=s.device,
-        diffusion=s.diffusion,
-        data_shape=s.data_shape,
-        num_classes=int(s.pretrained.checkpoint["model_config"].get("num_classes") or 0),
+        device=run.device,
+        diffusion=run.diffusion,
+        data_shape=run.data_shape,
+        num_classes=int(run.pretrained.checkpoint["model_config"].get("num_classes") or 0),
     )
-    n_steps = s.steps_per_chain
+    n_steps = run.steps_per_chain
     batch_size = min(cfg.minibatch_size, n_steps * cfg.chains)
     if batch_size < 2:  # PPO's per-minibatch advantage normalisation needs two
         raise UserError(
@@ -322,10 +322,10 @@ def make_ppo(s: Setup) -> PPO:
             max_grad_norm=cfg.grad_clip,
             tensorboard_log=None,
             seed=cfg.seed,
-            device=s.device,
+            device=run.device,
             policy_kwargs=dict(
-                eps_model=s.policy,
-                diffusion=s.diffusion,
+                eps_model=run.policy,
+                diffusion=run.diffusion,
                 timesteps=env.timesteps,
                 sampler=cfg.sampler,
                 eta=cfg.eta,
@@ -353,7 +353,7 @@ def rollout_pairs(buffer: DictRolloutBuffer, prev_timestep: Tensor, data_shape: 
     )
 
 
-def log_ratios_to_pretrained(s: Setup, pairs: Pairs) -> Tensor:
+def log_ratios_to_pretrained(run: Setup, pairs: Pairs) -> Tensor:
     """L_k = log pi_theta(a_k | x_k) - log p_pre(a_k | x_k) of every pair [N], in nats summed over data dimensions.
 
     Computed from the two means of the shared reverse step (one sigma):
@@ -361,9 +361,9 @@ def log_ratios_to_pretrained(s: Setup, pairs: Pairs) -> Tensor:
     """
     with torch.no_grad():
         ratios = []
-        for idx in torch.arange(len(pairs), device=pairs.t.device).split(s.config.minibatch_size):
-            ours = policy_step(s.diffusion, s.config, s.policy, pairs, idx)
-            ref = policy_step(s.diffusion, s.config, s.reference, pairs, idx)
+        for idx in torch.arange(len(pairs), device=pairs.t.device).split(run.config.minibatch_size):
+            ours = policy_step(run.diffusion, run.config, run.policy, pairs, idx)
+            ref = policy_step(run.diffusion, run.config, run.reference, pairs, idx)
             action = pairs.x_prev[idx]
             squared = ((action - ref.mean) ** 2 - (action - ours.mean) ** 2).flatten(1).sum(1)
             ratios.append(squared / (2 * ref.sigma**2))
@@ -388,9 +388,9 @@ class EpochCallback(BaseCallback):
     finished epoch.
     """
 
-    def __init__(self, s: Setup, start: int, reward_queries: int, stop: StopSignal, bar: tqdm):
+    def __init__(self, run: Setup, start: int, reward_queries: int, stop: StopSignal, bar: tqdm):
         super().__init__()
-        self.s, self.stop, self.bar = s, stop, bar
+        self.run, self.stop, self.bar = run, stop, bar
         self.epoch = self.saved = start  # epochs finished / checkpointed
         self.reward_queries = reward_queries
         self.in_rollout = False
@@ -422,19 +422,19 @@ class EpochCallback(BaseCallback):
         if loss is not None and not math.isfinite(loss):
             raise UserError(
                 f"the sb3-ppo loss became {loss} after epoch {self.epoch}; "
-                f"the last good checkpoint is kept in {self.s.out} (try a lower --lr)"
+                f"the last good checkpoint is kept in {self.run.out} (try a lower --lr)"
             )
         self.boundary = self.train_state()
 
     def checkpoint(self) -> None:
         """Save the last epoch boundary, unless it is saved already (or no epoch has finished)."""
         if self.epoch > self.saved:
-            save_checkpoint(self.s, self.epoch - 1, self.boundary)
+            save_checkpoint(self.run, self.epoch - 1, self.boundary)
             self.saved = self.epoch
 
     def _on_rollout_start(self) -> None:
         self._at_epoch_boundary()
-        if self.epoch % self.s.config.checkpoint_every == 0:
+        if self.epoch % self.run.config.checkpoint_every == 0:
             self.checkpoint()
         self.in_rollout = True
         self.clipped = 0
@@ -445,15 +445,15 @@ class EpochCallback(BaseCallback):
         return self.stop.received is None
 
     def _on_rollout_end(self) -> None:
-        s, model = self.s, self.model
+        run, model = self.run, self.model
         rewards = self.adapter.rewards
         self.reward_queries += len(rewards)
         buffer = model.rollout_buffer
-        pairs = rollout_pairs(buffer, model.policy.prev_timestep, s.data_shape)
-        kl = path_kls(s.diffusion, s.config, s.policy, s.reference, pairs, model.n_steps).sum(0)
-        if s.config.kl_coef > 0:  # SB3 computed the returns before this callback: recompute them with the penalty
+        pairs = rollout_pairs(buffer, model.policy.prev_timestep, run.data_shape)
+        kl = path_kls(run.diffusion, run.config, run.policy, run.reference, pairs, model.n_steps).sum(0)
+        if run.config.kl_coef > 0:  # SB3 computed the returns before this callback: recompute them with the penalty
             buffer.rewards -= (
-                s.config.kl_coef * log_ratios_to_pretrained(s, pairs).reshape(buffer.rewards.shape).cpu().numpy()
+                run.config.kl_coef * log_ratios_to_pretrained(run, pairs).reshape(buffer.rewards.shape).cpu().numpy()
             )
             buffer.compute_returns_and_advantage(last_values=self.locals["values"], dones=self.locals["dones"])
         scalars = {
@@ -467,11 +467,11 @@ class EpochCallback(BaseCallback):
             },
         }
         now = time.perf_counter()
-        log_epoch(s, self.epoch, self.reward_queries, self.adapter.x0, rewards, scalars, now - self.started)
+        log_epoch(run, self.epoch, self.reward_queries, self.adapter.x0, rewards, scalars, now - self.started)
         self.started, self.in_rollout = now, False
         self.epoch += 1
         self.bar.update(1)
-        self.bar.set_postfix(reward=f"{s.history[-1]['reward/mean']:.3f}", kl=f"{scalars['kl/to_pretrained']:.3f}")
+        self.bar.set_postfix(reward=f"{run.history[-1]['reward/mean']:.3f}", kl=f"{scalars['kl/to_pretrained']:.3f}")
 
     def _on_training_end(self) -> None:
         if not self.in_rollout:  # learning ran to its end: the current state is a boundary
@@ -497,21 +497,21 @@ def load_train_state(model: PPO, state: dict) -> PPO:
     return model
 
 
-def train(s: Setup, resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune s.policy with SB3's PPO for s.epochs epochs; returns the final metrics.
+def train(run: Setup, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune run.policy with SB3's PPO for run.epochs epochs; returns the final metrics.
 
-    resume=True continues from the newest checkpoint: policy weights (restore_checkpoint(s)), critic,
+    resume=True continues from the newest checkpoint: policy weights (restore_checkpoint(run)), critic,
     optimizer state, python/numpy/torch RNGs, the env's generator and the x_T batch the next
     rollout starts from, history and frames, the reward-query count. That is all the state SB3's
     PPO carries between epochs, so on CPU a resumed run matches an uninterrupted one. Not
     restored: SB3's own counters (num_timesteps, n_updates), which nothing here reads.
     """
-    model = make_ppo(s)
-    return learn(s, model, load_train_state, EpochCallback, model.n_steps * s.config.chains, resume, progress)
+    model = make_ppo(run)
+    return learn(run, model, load_train_state, EpochCallback, model.n_steps * run.config.chains, resume, progress)
 
 
 def learn(
-    s: Setup,
+    run: Setup,
     model: BaseAlgorithm,
     load: Callable[[BaseAlgorithm, dict], BaseAlgorithm],
     callback_type: type,
@@ -524,32 +524,35 @@ def learn(
     callback that logs and checkpoints each epoch, and end the run."""
     start, reward_queries = 0, 0
     if resume:
-        state = restore_checkpoint(s)
+        state = restore_checkpoint(run)
         model = load(model, state)
         start, reward_queries = state["epoch"], state["reward_queries"]
     else:
-        write_hyperparameters(s)
-    bar = tqdm(total=s.epochs, initial=start, desc=f"{s.config.algo} {s.reward.name}", disable=not progress)
+        write_hyperparameters(run)
+    bar = tqdm(total=run.epochs, initial=start, desc=f"{run.config.algo} {run.reward.name}", disable=not progress)
     with StopSignal() as stop, bar:
-        callback = callback_type(s, start, reward_queries, stop, bar)
+        callback = callback_type(run, start, reward_queries, stop, bar)
         # reset_num_timesteps=False keeps the restored x_T instead of resetting the env
         model.learn(
-            (s.epochs - start) * steps_per_epoch, callback=callback, reset_num_timesteps=not resume, progress_bar=False
+            (run.epochs - start) * steps_per_epoch,
+            callback=callback,
+            reset_num_timesteps=not resume,
+            progress_bar=False,
         )
         callback.checkpoint()
-    return end_of_training(s, stop, callback.saved)
+    return end_of_training(run, stop, callback.saved)
 
 
-def end_of_training(s: Setup, stop: StopSignal, saved: int) -> dict:
+def end_of_training(run: Setup, stop: StopSignal, saved: int) -> dict:
     """The final metrics or, after SIGINT/SIGTERM, the UserError that says how many epochs the
     checkpoint holds (`saved`) and how to continue."""
     if not stop.received:
-        return finish_run(s)
-    s.writer.close()
+        return finish_run(run)
+    run.writer.close()
     if saved == 0:
         raise UserError(
-            f"stopped by signal {stop.received} before the first epoch finished; nothing was saved in {s.out}"
+            f"stopped by signal {stop.received} before the first epoch finished; nothing was saved in {run.out}"
         )
     raise UserError(
-        f"stopped by signal {stop.received} after epoch {saved}; checkpoint saved, continue with --resume {s.out}"
+        f"stopped by signal {stop.received} after epoch {saved}; checkpoint saved, continue with --resume {run.out}"
     )
