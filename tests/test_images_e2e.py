@@ -247,7 +247,7 @@ def test_an_algorithms_image_defaults_apply_on_image_runs_under_the_flags(uncond
 
     image = config_for({"run": str(unconditional_run), "algo": "iw-distill"})
     settings = image.settings
-    assert (image.epochs, settings.pool_size, settings.ess_target, image.sampling_steps) == (1, 8192, 0.05, 20)
+    assert (image.epochs, settings.pool_size, settings.ess_target, image.sampler) == (1, 4096, 0.05, "ddpm")
     assert config_for({"run": str(unconditional_run), "algo": "iw-distill", "pool_size": 64}).settings.pool_size == 64
     points = config_for({"run": str(pretrained_moons), "algo": "iw-distill"})
     assert (points.epochs, points.settings.pool_size, points.settings.ess_target) == (3, 10_000, 0.25)

@@ -74,11 +74,19 @@ class ImportanceWeightedDistillation(Algorithm):
     loss on resampled minibatches."""
 
     defaults = {"epochs": 3, "kl_coef": 1.0, "lr": 5e-4, "minibatch_size": 512}
-    # Images: one stage at the full tilt. A later stage's weights carry the path ratio P_pre / P_theta over every
-    # pixel of every step, which degenerates (digit 3: 0.15% of a 4,096-chain pool kept at the second epoch);
-    # the first stage's are exp(r / beta) alone. A U-Net call costs about 100 MLP calls on a CPU: a smaller pool,
-    # fewer and smaller steps.
-    image_defaults = {"epochs": 1, "ess_target": 0.05, "pool_size": 8192, "distill_steps": 1000, "minibatch_size": 128}
+    # Images: one stage at the full tilt, on the full DDPM chain. A later stage's weights carry the path ratio over
+    # every pixel of every step, which degenerates (digit 3: 0.15% of a 4,096-chain pool kept at the second
+    # epoch); the first stage's are exp(r / beta) alone. On 20 DDIM steps the fitted digits lost variety within
+    # their class (0.69 of the real 3s', against 0.84 on the DDPM chain: docs/benchmarks.md).
+    image_defaults = {
+        "sampler": "ddpm",
+        "sampling_steps": 0,
+        "epochs": 1,
+        "ess_target": 0.05,
+        "pool_size": 4096,
+        "distill_steps": 1000,
+        "minibatch_size": 128,
+    }
 
     @dataclass(frozen=True)
     class Settings:
@@ -86,7 +94,7 @@ class ImportanceWeightedDistillation(Algorithm):
             10_000,
             "iw-distill: chains drawn and scored per epoch (reward queries), weighted towards the tilt; its defaults "
             "differ: --epochs 3 --kl-coef 1 --lr 5e-4 --minibatch-size 512 (samples per gradient step); on images "
-            "--epochs 1 --ess-target 0.05 --pool-size 8192 --distill-steps 1000 --minibatch-size 128",
+            "--sampler ddpm --epochs 1 --ess-target 0.05 --pool-size 4096 --distill-steps 1000 --minibatch-size 128",
         )
         distill_steps: int = arg(4000, "iw-distill: gradient steps of the denoising loss per epoch, on resampled pools")
         distill_ema: float = arg(
