@@ -251,3 +251,4 @@ def test_an_algorithms_image_defaults_apply_on_image_runs_under_the_flags(uncond
     assert config_for({"run": str(unconditional_run), "algo": "iw-distill", "pool_size": 64}).settings.pool_size == 64
     points = config_for({"run": str(pretrained_moons), "algo": "iw-distill"})
     assert (points.epochs, points.settings.pool_size, points.settings.ess_target) == (3, 10_000, 0.25)
+    assert (settings.distill_ema, points.settings.distill_ema) == (0.995, 0.999)

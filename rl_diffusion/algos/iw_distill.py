@@ -85,6 +85,7 @@ class ImportanceWeightedDistillation(Algorithm):
         "ess_target": 0.05,
         "pool_size": 4096,
         "distill_steps": 1000,
+        "distill_ema": 0.995,  # 0.999 ** 1,000 would leave 37% of the starting weights in the average
         "minibatch_size": 128,
     }
 
@@ -94,11 +95,12 @@ class ImportanceWeightedDistillation(Algorithm):
             10_000,
             "iw-distill: chains drawn and scored per epoch (reward queries), weighted towards the tilt; its defaults "
             "differ: --epochs 3 --kl-coef 1 --lr 5e-4 --minibatch-size 512 (samples per gradient step); on images "
-            "--sampler ddpm --epochs 1 --ess-target 0.05 --pool-size 4096 --distill-steps 1000 --minibatch-size 128",
+            "--sampler ddpm --epochs 1 --ess-target 0.05 --pool-size 4096 --distill-steps 1000 --distill-ema 0.995 "
+            "--minibatch-size 128",
         )
         distill_steps: int = arg(4000, "iw-distill: gradient steps of the denoising loss per epoch, on resampled pools")
         distill_ema: float = arg(
-            0.995,
+            0.999,
             "iw-distill: decay per step of the moving average of the weights that becomes each stage's model "
             "(0 = the last step's weights)",
         )
