@@ -240,3 +240,21 @@ def test_ddpo_is_on_the_sde_of_a_flow_run_raises_the_reward(flow_moons, tmp_path
         assert main(["finetune", "--out", str(tmp_path / name), *args, *flags]) == 2
         assert capsys.readouterr().err.strip().startswith(f"error: {message}")
         assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("algo", ["ddpo-sf", "rwr", "awm", "adjoint", "rtb", "draft", "iw-distill"])
+def test_every_native_algorithm_runs_on_a_flow_run_unchanged(algo, flow_moons, tmp_path):
+    """The other native algorithms take a flow run as they take a DDPM's: its sde by default, an exact path KL to
+    the pretrained flow, rewards and losses finite, nothing to change on the user's side."""
+    out = tmp_path / algo
+    args = ["finetune", "--run", str(flow_moons), "--out", str(out), "--algo", algo, "--reward", "target_point"]
+    args += ["--reward-arg", "point=[1,1]", "--chains", "32", "--epochs", "2", "--no-final-eval", "--quiet"]
+    small = {"iw-distill": ["--pool-size", "64", "--distill-steps", "5", "--minibatch-size", "32"]}
+    assert main([*args, *small.get(algo, [])]) == 0
+    config = json.loads((out / "config.json").read_text())
+    history = CheckpointManager(out).load_latest()["train_state"]["history"]
+    assert (config["sampler"], config["eta"], len(history)) == ("sde", 1.0, 2)
+    for epoch in history:
+        assert math.isfinite(epoch["loss/policy"]) and math.isfinite(epoch["reward/mean"])
+        assert 0 <= epoch["kl/to_pretrained"] < 50
+    assert history[0]["kl/to_pretrained"] == pytest.approx(0.0, abs=1e-4)  # the first chains are the pretrained flow's
