@@ -19,6 +19,7 @@ from rl_diffusion.errors import UserError
 from rl_diffusion.flow import FlowMatching
 from rl_diffusion.metrics import gaussian_fit, sample_quality
 from rl_diffusion.processes import is_memoryless
+from tests.conftest import TINY_PRETRAIN
 
 M, S = torch.tensor([0.7, -1.2]), 0.5  # the data: N(M, S^2 I) in 2D
 
@@ -156,28 +157,10 @@ def test_a_sampler_of_the_other_process_is_refused(process, sampler, eta, messag
         process.reverse_step(x, x, 5, sampler=sampler, eta=eta)
 
 
-TINY_FLOW = [
-    "--model-type",
-    "flow",
-    "--dataset",
-    "moons",
-    "--steps",
-    "600",
-    "--num-timesteps",
-    "20",
-    "--hidden-size",
-    "64",
-    "--batch-size",
-    "256",
-    "--input-embedding",
-    "identity",
-    "--eval-every",
-    "200",
-    "--eval-samples",
-    "300",
-    "--checkpoint-every",
-    "200",
-    "--quiet",
+TINY_FLOW = [  # the tests' tiny moons run (tests/conftest.py) as a flow, shorter, checkpointed every 200 steps
+    *TINY_PRETRAIN,
+    *("--model-type", "flow", "--steps", "600", "--batch-size", "256"),
+    *("--eval-every", "200", "--eval-samples", "300", "--checkpoint-every", "200"),
 ]
 
 
