@@ -109,6 +109,7 @@ def finetune_agent(pretrained, out, *flags) -> int:
         (["--algo", "sb3-td3", "--action-mode", "noise", "--kl-coef", "0.1"], "residual has and noise does not"),
         (["--algo", "ddpo-is", "--action-mode", "noise"], "--action-mode applies to sb3-sac"),
         (["--algo", "sb3-a2c", "--timestep-fraction", "0.5"], "does not support --timestep-fraction"),
+        (["--algo", "sb3-ppo", "--null-label"], "does not support --null-label"),
     ],
 )
 def test_bad_agent_combinations_end_in_one_error_line(pretrained_moons, tmp_path, capsys, flags, message):
