@@ -140,7 +140,8 @@ def within_class_diversity(x: Points, labels: Tensor, reference: Points, referen
     averaged with weights the labels' shares of x. 1 when every class is as varied as the reference's, towards 0
     as a class collapses onto a few shapes; nan when no label qualifies. A class reward that turns every sample
     into one digit lowers `diversity` by design, but should not lower this."""
-    x, reference = _as_points(x), _as_points(reference).to(_as_points(x).device)
+    x = _as_points(x)
+    reference = _as_points(reference).to(x.device)
     labels, reference_labels = labels.to(x.device), reference_labels.to(x.device)
     ratios, counts = [], []
     for label in labels.unique():
