@@ -92,6 +92,37 @@ def test_the_stage_model_is_the_moving_average_of_the_steps_weights():
         torch.testing.assert_close(run.policy.theta.detach(), start + moved)
 
 
+def test_the_minibatches_are_drawn_in_proportion_to_the_weights():
+    # the update fits the weighted loss by resampling: rewards (0, ..., 0, 50, 0) at beta 1 put the weight
+    # 1 - 15 e^-50 on chain 14, so every row of every minibatch is its x_0; with equal rewards the 16 chains
+    # share each minibatch of 4,000 rows about equally (1/16 each, +- 4 binomial standard deviations)
+    from rl_diffusion.algos.iw_distill import ImportanceWeightedDistillation
+
+    for rewards in (torch.zeros(16).index_fill_(0, torch.tensor([14]), 50.0), torch.zeros(16)):
+        run = closed_form_setup(1.0, algo="iw-distill", algo_args={"distill_steps": 2, "ess_target": 1e-6})
+        run.config = dataclasses.replace(run.config, minibatch_size=4000)
+        with torch.no_grad():
+            traj = run.diffusion.sample(run.policy, (16, D), generator=torch.Generator().manual_seed(0), record=True)
+        batch = batch_of(run, traj, rewards)
+        batch.log_ratio = torch.zeros_like(batch.kl)
+        fitted, loss = [], run.diffusion.training_loss
+
+        def recording_loss(model, x0, *args, fitted=fitted, loss=loss, **kwargs):
+            fitted.append(x0)
+            return loss(model, x0, *args, **kwargs)
+
+        run.diffusion.training_loss = recording_loss
+        ImportanceWeightedDistillation(run).update(batch, torch.Generator().manual_seed(1))
+        rows = torch.cat(fitted)
+        counts = (rows[:, None, :] == batch.x0[None]).all(-1).sum(0).double()  # [16] rows equal to each chain's x_0
+        assert counts.sum() == len(rows) == 8000
+        if rewards.max() > 0:
+            assert counts[14] == 8000
+        else:
+            share = counts / len(rows)
+            assert (share - 1 / 16).abs().max() < 4 * math.sqrt((1 / 16) * (15 / 16) / len(rows))
+
+
 def test_iw_distill_has_its_own_defaults_under_the_flags():
     config = config_for({"algo": "iw-distill", "run": "missing"})
     assert (config.epochs, config.kl_coef, config.lr, config.minibatch_size) == (3, 1.0, 5e-4, 512)
