@@ -219,7 +219,7 @@ def test_labels_fight_warning_against_the_between_label_share_of_the_variance():
 
 
 def test_a_class_reward_on_a_conditional_model_warns_and_the_null_label_lets_it_tilt(
-    digits_run: Path, unconditional_run: Path, tmp_path: Path, capsys
+    digits_run: Path, pretrained_moons: Path, tmp_path: Path, capsys
 ) -> None:
     from rl_diffusion.algos import algorithm
     from rl_diffusion.finetune import config_for
@@ -238,17 +238,17 @@ def test_a_class_reward_on_a_conditional_model_warns_and_the_null_label_lets_it_
     flags = {"run": str(digits_run), "reward": "digit_classifier", "null_label": True}
     run = setup(config_for(flags), tmp_path / "chains")
     assert algorithm("ddpo-is")(run).sample_chains(4, "--chains", torch.Generator())[2] is None
-    status, err = finetune(unconditional_run, tmp_path / "refused", "--null-label")
+    status, err = finetune(pretrained_moons, tmp_path / "refused", "--null-label")  # no labels to drop
     assert status == 2 and err.startswith("error: --null-label needs a class-conditional model")
 
 
-def test_an_algorithms_image_defaults_apply_on_image_runs_under_the_flags(unconditional_run, pretrained_moons):
+def test_an_algorithms_image_defaults_apply_on_image_runs_under_the_flags(digits_run, pretrained_moons):
     from rl_diffusion.finetune import config_for
 
-    image = config_for({"run": str(unconditional_run), "algo": "iw-distill"})
+    image = config_for({"run": str(digits_run), "algo": "iw-distill"})
     settings = image.settings
     assert (image.epochs, settings.pool_size, settings.ess_target, image.sampler) == (1, 4096, 0.05, "ddpm")
-    assert config_for({"run": str(unconditional_run), "algo": "iw-distill", "pool_size": 64}).settings.pool_size == 64
+    assert config_for({"run": str(digits_run), "algo": "iw-distill", "pool_size": 64}).settings.pool_size == 64
     points = config_for({"run": str(pretrained_moons), "algo": "iw-distill"})
     assert (points.epochs, points.settings.pool_size, points.settings.ess_target) == (3, 10_000, 0.25)
     assert (settings.distill_ema, points.settings.distill_ema) == (0.995, 0.999)
