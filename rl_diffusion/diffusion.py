@@ -91,6 +91,33 @@ class DenoisingProcess:
             return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         return t.to(device=x.device, dtype=torch.long)
 
+    def step_times(
+        self, x_t: Tensor, t: Tensor | int, t_prev: Tensor | int | None, sampler: str, eta: float
+    ) -> tuple[Tensor, Tensor]:
+        """A reverse step's (t, t_prev) as long tensors [B] (t_prev defaults to t - 1), its sampler checked."""
+        self.check_sampler(sampler, eta)
+        t = self._timestep_tensor(t, x_t)
+        return t, t - 1 if t_prev is None else self._timestep_tensor(t_prev, x_t)
+
+    def gaussian_step(
+        self,
+        mean: Tensor,
+        sigma: Tensor,
+        sampler: str,
+        eta: float,
+        x_prev: Tensor | None,
+        noise: Tensor | None,
+        log_prob_reduction: str,
+    ) -> ReverseStep:
+        """The step N(mean, sigma^2 I) that every process's `reverse_step` ends in: x_prev drawn as mean + sigma
+        noise unless given, and its log-density unless the sampler is deterministic."""
+        if x_prev is None:
+            x_prev = mean + sigma * (torch.randn(mean.shape, device=mean.device) if noise is None else noise)
+        log_prob = None
+        if not self.is_deterministic(sampler, eta):
+            log_prob = gaussian_log_prob(x_prev, mean, sigma, log_prob_reduction)
+        return ReverseStep(x_prev=x_prev, mean=mean, sigma=sigma.reshape(-1), log_prob=log_prob)
+
     def training_loss(
         self,
         model: nn.Module,
@@ -312,9 +339,7 @@ class GaussianDiffusion(DenoisingProcess):
             log_prob_reduction: "sum" over data dimensions (the exact log-density, default) or
                 "mean" (per dimension, as large-image systems use; clip ranges shrink accordingly).
         """
-        self.check_sampler(sampler, eta)
-        t = self._timestep_tensor(t, x_t)
-        t_prev = t - 1 if t_prev is None else self._timestep_tensor(t_prev, x_t)
+        t, t_prev = self.step_times(x_t, t, t_prev, sampler, eta)
         # One mean in two forms: a x_t + b eps, and c_x0 x_0 + c_x x_t with x_0 the prediction. The
         # first is better conditioned (1 / sqrt(abar_t) amplifies rounding in x_0 near t = T); the
         # second is used where x_0 was clipped.
@@ -346,12 +371,7 @@ class GaussianDiffusion(DenoisingProcess):
             x0 = self.predict_x0(x_t, t, eps)
             clipped = self.clip_x0(x0)
             mean = torch.where(clipped != x0, c_x0 * clipped + c_x * x_t, mean)
-        if x_prev is None:
-            x_prev = mean + sigma * (torch.randn(x_t.shape, device=x_t.device) if noise is None else noise)
-        log_prob = None
-        if not self.is_deterministic(sampler, eta):
-            log_prob = gaussian_log_prob(x_prev, mean, sigma, log_prob_reduction)
-        return ReverseStep(x_prev=x_prev, mean=mean, sigma=sigma.reshape(-1), log_prob=log_prob)
+        return self.gaussian_step(mean, sigma, sampler, eta, x_prev, noise, log_prob_reduction)
 
     @staticmethod
     def check_eta(sampler: str, eta: float) -> None:

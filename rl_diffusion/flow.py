@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from rl_diffusion.diffusion import DenoisingProcess, ReverseStep, gaussian_log_prob
+from rl_diffusion.diffusion import DenoisingProcess, ReverseStep
 from rl_diffusion.errors import UserError
 
 
@@ -97,18 +97,11 @@ class FlowMatching(DenoisingProcess):
                 eta = 0 is the ODE. Flow-GRPO's noise level a is eta sqrt(2). Ignored by "euler".
             x_prev, noise, log_prob_reduction: as in GaussianDiffusion.reverse_step.
         """
-        self.check_sampler(sampler, eta)
-        k = self._timestep_tensor(t, x_t)
-        k_prev = k - 1 if t_prev is None else self._timestep_tensor(t_prev, x_t)
+        k, k_prev = self.step_times(x_t, t, t_prev, sampler, eta)
         v = self.clipped_velocity(velocity, x_t, k)
         a, b, sigma = self.step_coefficients(k, k_prev, x_t, sampler, eta)
         mean = a * x_t + b * v
-        if x_prev is None:
-            x_prev = mean + sigma * (torch.randn(x_t.shape, device=x_t.device) if noise is None else noise)
-        log_prob = None
-        if not self.is_deterministic(sampler, eta):
-            log_prob = gaussian_log_prob(x_prev, mean, sigma, log_prob_reduction)
-        return ReverseStep(x_prev=x_prev, mean=mean, sigma=sigma.reshape(-1), log_prob=log_prob)
+        return self.gaussian_step(mean, sigma, sampler, eta, x_prev, noise, log_prob_reduction)
 
     def step_coefficients(
         self, k: Tensor, k_prev: Tensor, like: Tensor, sampler: str, eta: float
