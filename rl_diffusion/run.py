@@ -72,6 +72,7 @@ class Setup:
     )  # held-out rewards by label: logged, never trained on
     modes: Modes | None = None  # a mixture data set's modes, for diversity/modes_held
     label_classifier: nn.Module | None = None  # grey images: the digit CNN, for diversity/label_entropy
+    eval_data_labels: Tensor | None = None  # its labels of eval_data, read once, for diversity/within_class
     component_means: dict[str, float] = dataclasses.field(
         default_factory=dict
     )  # a weighted sum of rewards: each component's mean over the last scored batch, by label
@@ -148,6 +149,7 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         state = resumed["train_state"]
         purge_step = state["epoch"] + 1 if config.x_axis == "epoch" else state["reward_queries"] + 1
     eval_data = reference_draws(data_of_checkpoint(pretrained.checkpoint["data"]), 2000, EVAL_DATA_SEED)[0]
+    classifier = label_classifier(data_shape, device)
     return Setup(
         config=config,
         out=out,
@@ -167,7 +169,8 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         ranks=ranks,
         synced_policy=ranks.wrap(policy),
         eval_rewards=eval_rewards,
-        label_classifier=label_classifier(data_shape, device),
+        label_classifier=classifier,
+        eval_data_labels=None if classifier is None or not len(eval_data) else read_labels(classifier, eval_data),
         modes=dataset_modes(pretrained.checkpoint["data"]["dataset"]),
         base_fingerprint=base_fingerprint,
     )
@@ -264,8 +267,18 @@ def label_classifier(data_shape: tuple[int, ...], device: torch.device) -> nn.Mo
     return load_digit_classifier().to(device)
 
 
+def read_labels(classifier: nn.Module, images: Tensor | np.ndarray) -> Tensor:
+    """The labels a classifier reads in images [B, C, H, W]."""
+    with torch.no_grad():
+        return classifier(torch.as_tensor(images).float()).argmax(dim=1)
+
+
 def monitor_scalars(
-    x0: Tensor, data: np.ndarray, modes: Modes | None, classifier: nn.Module | None = None
+    x0: Tensor,
+    data: np.ndarray,
+    modes: Modes | None,
+    classifier: nn.Module | None = None,
+    data_labels: Tensor | None = None,
 ) -> dict[str, float]:
     """The per-epoch monitors of reward hacking (docs/design.md, section 9) for samples x0 [B, ...]:
 
@@ -277,8 +290,9 @@ def monitor_scalars(
       diversity/outside_mass (the fraction within the mode radius of none);
     - with a `classifier` (grey images: the digit CNN, `label_classifier`): diversity/label_entropy, the
       entropy (nats) of its predicted labels over the batch: log 10 = 2.30 for all digits in equal shares,
-      0 for one digit; and diversity/within_class (metrics.within_class_diversity against `data`): the
-      variety each digit keeps, 1 for that of the data's digits, which a class reward should not lower.
+      0 for one digit; and, given the classifier's `data_labels` of `data`, diversity/within_class
+      (metrics.within_class_diversity): the variety each digit keeps, 1 for that of the data's digits, which a
+      class reward should not lower.
     """
     flat = x0.detach().flatten(1).double()
     reference = torch.tensor(data, dtype=torch.float64, device=flat.device).flatten(1)  # a copy: data may be read-only
@@ -287,12 +301,11 @@ def monitor_scalars(
     else:  # a network imported without its data (rl_diffusion/diffusers_io.py): nothing to be near
         nearest = flat.new_full((len(flat),), torch.nan)
     values = {"realism/nearest_data": nearest.mean().item(), "diversity/pairwise": diversity(flat)}
-    if classifier is not None and len(reference):
-        with torch.no_grad():
-            labels = classifier(x0.detach().float()).argmax(dim=1)
-            data_labels = classifier(reference.view(-1, *x0.shape[1:]).float()).argmax(dim=1)
+    if classifier is not None:
+        labels = read_labels(classifier, x0.detach())
         values["diversity/label_entropy"] = entropy(torch.bincount(labels, minlength=10) / len(labels))
-        values["diversity/within_class"] = within_class_diversity(flat, labels, reference, data_labels)
+        if data_labels is not None:
+            values["diversity/within_class"] = within_class_diversity(flat, labels, reference, data_labels)
     if x0.dim() != 2:
         return values
     values["diversity/vendi"] = vendi_score(x0)
@@ -428,7 +441,7 @@ def log_epoch(
         **({"reward/missing": float(run.reward.missing)} if served(run.reward) else {}),
         # a weighted sum: each component's unweighted mean over the scored batch (dropped chains included)
         **{f"reward/component/{label}/mean": mean for label, mean in run.component_means.items()},
-        **monitor_scalars(x0, run.eval_data, run.modes, run.label_classifier),
+        **monitor_scalars(x0, run.eval_data, run.modes, run.label_classifier, run.eval_data_labels),
         **scalars,
     }
     for tag, value in values.items():

@@ -12,7 +12,7 @@ from pretrain.images import load_digits_images
 from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.cli import main
 from rl_diffusion.metrics import VENDI_BANDWIDTH, vendi_score, within_class_diversity
-from rl_diffusion.run import hacking_warnings, label_classifier, monitor_scalars
+from rl_diffusion.run import hacking_warnings, label_classifier, monitor_scalars, read_labels
 from rl_diffusion.targets import dataset_modes
 
 
@@ -102,8 +102,9 @@ def test_a_collapse_inside_one_class_warns():
     threes = torch.as_tensor(images[labels == 3])[torch.randperm(99, generator=torch.Generator().manual_seed(1))]
     noise = 0.05 * torch.randn(99, *threes.shape[1:], generator=torch.Generator().manual_seed(0))
     few_shapes = threes[:2].repeat(50, 1, 1, 1)[:99] + noise
-    first = monitor_scalars(shuffled[:200], images, None, classifier)
-    varied, collapsed = (monitor_scalars(x, images, None, classifier) for x in (threes, few_shapes))
+    data_labels = read_labels(classifier, images)
+    first = monitor_scalars(shuffled[:200], images, None, classifier, data_labels)
+    varied, collapsed = (monitor_scalars(x, images, None, classifier, data_labels) for x in (threes, few_shapes))
     assert first["diversity/within_class"] == pytest.approx(1.0, abs=0.05)  # real digits against real digits
     assert varied["diversity/within_class"] == pytest.approx(1.0, abs=0.05)
     assert collapsed["diversity/within_class"] < 0.75
