@@ -94,6 +94,14 @@ class PretrainConfig:
     )
     checkpoint_every: int = arg(1000, "steps between checkpoints")
     keep_checkpoints: int = arg(3, "checkpoints kept (plus the best)")
+    final_eval: bool = arg(
+        True,
+        "evaluate the finished model and draw its figures; with --no-final-eval metrics.json says it was skipped "
+        "(`rl-diffusion evaluate --run OUT` scores the run later)",
+    )
+    final_samples: int = arg(
+        5000, "samples of the final evaluation (full chain), against as many data points (images: at most half the set)"
+    )
     device: str = arg("cpu", "cpu | cuda | cuda:N")
     precision: str = arg(
         "fp32",
@@ -148,6 +156,7 @@ class PretrainConfig:
             "eval_every",
             "eval_samples",
             "checkpoint_every",
+            "final_samples",
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -259,7 +268,7 @@ PHASES = (
     "logging",  # progress bar and TensorBoard scalars every 25 steps
     "in_training_evaluation",  # sampling, sliced W2, samples picture every eval_every steps
     "checkpoints",
-    "final_evaluation",  # 5,000 samples of the full chain, sliced W2, MMD and energy with floors
+    "final_evaluation",  # --final-samples of the full chain, sliced W2, MMD and energy with floors
     "figures",  # PNGs and GIFs
 )
 
@@ -535,8 +544,11 @@ def finish_pretraining(
     clock: PhaseClock,
 ) -> None:
     """Final metrics and figures of a pretraining run."""
+    if not config.final_eval:
+        atomic_write_text(out / "metrics.json", json.dumps({"final_evaluation": "skipped (--no-final-eval)"}, indent=2))
+        return
     with clock.phase("final_evaluation"):
-        reference, again = reference_draws(data, 5000, EVAL_DATA_SEED)
+        reference, again = reference_draws(data, config.final_samples, EVAL_DATA_SEED)
         chains = None
         if data.is_image:
             samples = draw_samples(diffusion, model, len(reference), seed=config.seed + 1, device=device)
@@ -549,7 +561,7 @@ def finish_pretraining(
                 traj = diffusion.sample(model, shape, c=c, generator=generator, device=device, record=True)
             chains = traj.xs.cpu().numpy()
             samples = chains[-1]  # what draw_samples(seed=config.seed + 1) returns: the same draws
-        metrics = quality_metrics(samples, reference, again)
+        metrics = {"num_samples": len(samples), **quality_metrics(samples, reference, again)}
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     with clock.phase("figures"):
         draw_figures(out / "figures", diffusion, model, config.dataset, samples, reference, device, config.seed, chains)

@@ -58,7 +58,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         return
     metrics = json.loads((out / "metrics.json").read_text())
     print(json.dumps(metrics, indent=2))
-    print(f"run written to {out}; figures in {out / 'figures'}; watch it with: tensorboard --logdir {out.parent}")
+    figures = f"figures in {out / 'figures'}" if config.final_eval else "no figures (--no-final-eval)"
+    print(f"run written to {out}; {figures}; watch it with: tensorboard --logdir {out.parent}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ pretraining, so `sample` and `evaluate` accept it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +89,10 @@ class FinetuneConfig:
     )
     memory_mib: float = arg(
         2048.0,
-        "MiB that the tensors kept for backward may take (ddpo-sf, ddpo-is, rtb, draft): the batch is split into the "
-        "fewest groups that fit, measured on the run's network; splitting changes the gradient only by rounding",
+        "MiB the process may hold in an update (ddpo-sf, ddpo-is, rtb, draft; resident set on a CPU, allocated on a "
+        "GPU): the batch is split into the fewest groups whose tensors kept for backward, measured on the run's "
+        "network, fit beside what the process held at its first update; splitting changes the gradient only by "
+        "rounding",
     )
     timestep_fraction: float = arg(1.0, "fraction of each chain's timesteps trained on per epoch (ddpo-is)")
     kl_coef: float = arg(
@@ -110,7 +113,7 @@ class FinetuneConfig:
     log_prob_reduction: str = arg(
         "sum", "sum (exact log-density) | mean (per dimension; shrink --clip-range; the KL term is averaged alike)"
     )
-    grad_clip: float = arg(1.0, "clip the gradient's global norm to this")
+    grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0 = no clipping)")
     sampler: str = arg(
         "ddpm", "ddpm | ddim: the reverse chain the policy acts in; a flow run's: sde (its default) | euler (the ODE)"
     )
@@ -168,7 +171,9 @@ class FinetuneConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.eval_samples < 0:
             raise UserError(f"--eval-samples must be >= 0 (0 = the default for the data), got {self.eval_samples}")
-        for name in ("lr", "clip_range", "adv_clip", "grad_clip", "memory_mib"):
+        if self.grad_clip < 0:
+            raise UserError(f"--grad-clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
+        for name in ("lr", "clip_range", "adv_clip", "memory_mib"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 < self.timestep_fraction <= 1:
@@ -304,6 +309,11 @@ class FinetuneConfig:
             raise UserError(
                 "--kl-coef needs a closed-form KL per step, which --action-mode residual has and noise does not"
             )
+
+    @property
+    def max_grad_norm(self) -> float:
+        """--grad-clip as torch's clip_grad_norm_ (and stable-baselines3) take it: 0 is no clipping, an infinite norm."""
+        return self.grad_clip or math.inf
 
     @property
     def settings(self):

@@ -3,18 +3,32 @@ own network, and the fewest groups of units that fit the run's budget (--memory-
 
 A unit is what the algorithm's gradient is a sum over: a chain replayed with gradients (DRaFT), a (chain,
 step) pair (DDPO-SF, RTB). Splitting a sum into groups and accumulating their gradients changes nothing but
-rounding, so the budget sets memory and speed, never the update.
+rounding, so the budget sets memory and speed, never the update. The budget is the process's: what the
+process held at its first update (torch, the networks, the batch) is taken from it once per run.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 MIB = 2**20
+
+
+def in_use_mib(device: torch.device) -> float:
+    """What the process holds now, in MiB: allocated tensors on a GPU; the resident set on a CPU (Linux; 0 where
+    /proc is missing, and the budget then bounds the update's tensors alone)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / MIB
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+    except OSError:
+        return 0.0
 
 
 def saved_bytes(forward: Callable[[], object]) -> int:

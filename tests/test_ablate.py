@@ -17,6 +17,8 @@ TINY = [
     "30",
     "--eval-samples",
     "200",
+    "--final-samples",
+    "500",
 ]
 
 

@@ -77,6 +77,7 @@ def test_pretraining_on_two_ranks_matches_one_rank(tmp_path, model_type):
         "200",
         "--checkpoint-every",
         "10",
+        "--no-final-eval",  # weights are compared; 2 ranks' final metrics and figures: the ddpo-is test below
         "--quiet",
     ]
     two = torchrun("-m", "rl_diffusion.cli", "pretrain", "--out", str(tmp_path / "two"), *flags)

@@ -110,7 +110,7 @@ def test_the_gradient_does_not_depend_on_how_the_batch_is_split():
                     run.policy, (12, D), generator=torch.Generator().manual_seed(3), record=True
                 )
             algo = DRaFT(run)
-            algo.optimizer = NoStep()
+            algo.optimizer, algo.in_use_mib = NoStep(), 0.0  # the budget is the chains' alone
             stats = algo.update(batch_of(run, traj, run.reward(traj.xs[-1])), torch.Generator())
             plans.append((stats["draft/replays"], stats["draft/checkpointed"]))
             grads.append(torch.cat([p.grad.flatten() for p in run.policy.parameters()]))
@@ -120,6 +120,27 @@ def test_the_gradient_does_not_depend_on_how_the_batch_is_split():
         assert plans[:2] == [(1.0, 0.0), (12.0, 0.0)] and plans[2][1] == 1.0, plans
         for other in grads[1:]:
             torch.testing.assert_close(other, grads[0], rtol=1e-12, atol=1e-14)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_the_plan_counts_what_a_whole_replay_keeps_for_backward():
+    # each replayed step keeps the policy's activations and, its state depending on theta, the reference's: the
+    # estimate per chain and step, times the steps and chains, is what the replay of every chain keeps
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        run = tiny_setup(beta=0.3, draft_steps=0)
+        with torch.no_grad():
+            traj = run.diffusion.sample(run.policy, (12, D), generator=torch.Generator().manual_seed(3), record=True)
+        batch = batch_of(run, traj, run.reward(traj.xs[-1]))
+        algo = DRaFT(run)
+        algo.in_use_mib = 0.0
+        (chains,), checkpointed = algo.plan(batch)
+        assert len(chains) == 12 and not checkpointed
+        kept = memory.saved_bytes(lambda: algo.replay(batch, chains, checkpointed=False))
+        # at most: the first step's state is the recorded one, so its reference keeps nothing
+        assert kept <= T * 12 * algo.step_bytes <= 1.1 * kept
     finally:
         torch.set_default_dtype(default)
 

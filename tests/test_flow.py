@@ -160,7 +160,7 @@ def test_a_sampler_of_the_other_process_is_refused(process, sampler, eta, messag
 TINY_FLOW = [  # the tests' tiny moons run (tests/conftest.py) as a flow, shorter, checkpointed every 200 steps
     *TINY_PRETRAIN,
     *("--model-type", "flow", "--steps", "600", "--batch-size", "256"),
-    *("--eval-every", "200", "--eval-samples", "300", "--checkpoint-every", "200"),
+    *("--eval-every", "200", "--eval-samples", "300", "--checkpoint-every", "200", "--final-samples", "1000"),
 ]
 
 
@@ -188,8 +188,9 @@ def test_flow_pretraining_through_the_cli_resumes_bit_identical_and_samples(flow
     run = load_run(full)
     assert isinstance(run.diffusion, FlowMatching) and run.diffusion.x0_range is not None
     metrics = json.loads((full / "metrics.json").read_text())  # Euler over all 20 steps
-    data, again = sample_2d("moons", 5000, 12345), sample_2d("moons", 5000, 12346)
-    baseline = sample_quality(gaussian_fit(data, 5000, seed=0), data, again)
+    n = metrics["num_samples"]
+    data, again = sample_2d("moons", n, 12345), sample_2d("moons", n, 12346)
+    baseline = sample_quality(gaussian_fit(data, n, seed=0), data, again)
     for name in ("sw2", "mmd"):
         assert metrics[name] < 0.75 * baseline[name], (name, metrics[name], baseline[name])
 

@@ -25,6 +25,25 @@ def test_groups_are_the_fewest_that_fit():
     assert [len(g) for g in groups] == [86, 85, 85] and torch.equal(torch.cat(groups), torch.arange(256))
 
 
+def test_the_budget_is_what_the_process_did_not_hold_at_its_first_update():
+    # --memory-mib 3000 with 1000 MiB held: 2000 MiB for the update's tensors; the measure is taken once, kept in
+    # the algorithm's state, and a resumed run takes it from there instead of measuring its own process again
+    from rl_diffusion.algos import algorithm
+    from tests.test_kl_objective import closed_form_setup
+
+    run = closed_form_setup(0.5, memory_mib=3000.0)
+    first = algorithm("ddpo-is")(run)
+    held = memory.in_use_mib(torch.device("cpu"))
+    assert 50 < held < 20_000  # a process with torch loaded holds tens of MiB at least
+    first.in_use_mib = 1000.0
+    assert first.memory_budget() == 2000.0
+    resumed = algorithm("ddpo-is")(run)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.memory_budget() == 2000.0
+    fresh = algorithm("ddpo-is")(run)
+    assert fresh.memory_budget() == pytest.approx(3000.0 - held, abs=200) and fresh.in_use_mib is not None
+
+
 @pytest.mark.parametrize("algo", ["ddpo-sf", "rtb", "ddpo-is"])
 def test_accumulated_gradients_do_not_depend_on_the_memory_budget(algo):
     # the updates that sum one gradient over many pairs split them by --memory-mib: one group, or one pair per

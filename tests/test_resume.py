@@ -17,7 +17,8 @@ from rl_diffusion.cli import main
 from rl_diffusion.config import saved_config
 from rl_diffusion.finetune import FinetuneConfig, algorithm_settings
 
-TINY = [
+TINY = [  # without the final evaluation and figures: these tests compare weights and histories
+    "--no-final-eval",
     "--dataset",
     "moons",
     "--num-timesteps",

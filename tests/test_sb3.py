@@ -61,6 +61,7 @@ def pretrained(tmp_path_factory) -> Path:
                 "300",
                 "--eval-samples",
                 "500",
+                "--no-final-eval",
                 "--quiet",
             ]
         )

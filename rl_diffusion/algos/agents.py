@@ -48,7 +48,7 @@ def make_agent(run: Setup) -> BaseAlgorithm:
     if issubclass(AGENTS[cfg.algo], OffPolicyAlgorithm):
         kwargs.update(gradient_steps=cfg.inner_epochs, buffer_size=run.epochs * episode * cfg.chains)
     else:
-        kwargs.update(n_steps=episode, gae_lambda=1.0, max_grad_norm=cfg.grad_clip)
+        kwargs.update(n_steps=episode, gae_lambda=1.0, max_grad_norm=cfg.max_grad_norm)
         if cfg.algo == "sb3-ppo-mlp":
             kwargs.update(
                 batch_size=min(cfg.minibatch_size, episode * cfg.chains),

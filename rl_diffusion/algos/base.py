@@ -64,6 +64,7 @@ class Algorithm:
     defaults: ClassVar[dict] = {}  # config fields whose default differs for this algorithm (finetune.config_for)
     image_defaults: ClassVar[dict] = {}  # over `defaults` where the pretrained run holds images
     pair_bytes: float | None = None  # what one (chain, step) pair's policy step keeps for backward (measured once)
+    in_use_mib: float | None = None  # what the process held at the run's first update (measured once, checkpointed)
 
     def __init__(self, run: Setup):
         self.run = run
@@ -122,14 +123,15 @@ class Algorithm:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "in_use_mib": self.in_use_mib}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        self.in_use_mib = state.get("in_use_mib")
 
     def step(self) -> Tensor:
         """Clip the policy's gradient norm to --grad-clip and step; returns the norm before clipping."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.run.policy.parameters(), self.run.config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.run.policy.parameters(), self.run.config.max_grad_norm)
         self.optimizer.step()
         return grad_norm
 
@@ -161,7 +163,16 @@ class Algorithm:
         if self.pair_bytes is None:
             probe = lambda n: policy_step(run.diffusion, run.config, run.policy, pairs, rows[:1].repeat(n)).log_prob  # noqa: E731
             self.pair_bytes = memory.bytes_per_unit(probe)
-        return memory.split(rows, self.pair_bytes, run.config.memory_mib)
+        return memory.split(rows, self.pair_bytes, self.memory_budget())
+
+    def memory_budget(self) -> float:
+        """MiB the update's tensors kept for backward may take: --memory-mib less what the process held at the
+        run's first update (the most of any rank, so every rank makes the same groups). Measured once and kept in
+        the checkpoint, so a resumed run splits its batches, and rounds, as the uninterrupted run did."""
+        if self.in_use_mib is None:
+            local = torch.tensor([memory.in_use_mib(self.run.device)], device=self.run.device)
+            self.in_use_mib = self.run.ranks.gather(local).max().item()
+        return max(self.run.config.memory_mib - self.in_use_mib, 0.0)
 
     def own_rows(self, rows: Tensor, B: int) -> tuple[Tensor, Tensor]:
         """Of pair rows k * B + b of the whole batch, those of this rank's chains: (their rows, the same

@@ -80,24 +80,27 @@ class DRaFT(Algorithm):
             def one_step(n: int):
                 rows = torch.zeros(n, dtype=torch.long, device=run.device)
                 c = None if pairs.c is None else pairs.c[rows]
-                x = pairs.x_t[rows]
+                # a replayed state depends on theta: the reference's forward keeps its activations too
+                x = pairs.x_t[rows].clone().requires_grad_()
                 return self.chain_step(run.policy, x, pairs.t[rows], pairs.t_prev[rows], torch.zeros_like(x), c)
 
             self.step_bytes = memory.bytes_per_unit(one_step)
+        budget = self.memory_budget()
         chain_bytes, checkpointed = N * self.step_bytes, False
-        if chain_bytes > cfg.memory_mib * memory.MIB:
+        if chain_bytes > budget * memory.MIB:
             # kept per checkpointed step: its input state and noise; plus one step's graph while it is recomputed
             state_bytes = pairs.x_t[0].numel() * pairs.x_t.element_size()
             chain_bytes, checkpointed = N * 2 * state_bytes + self.step_bytes, True
             if run.ranks.is_main and not self.announced:
                 print(
                     f"note: draft replays each step under gradient checkpointing: one chain of {N} steps keeps "
-                    f"{N * self.step_bytes / memory.MIB:.0f} MiB for backward, over --memory-mib {cfg.memory_mib:g}",
+                    f"{N * self.step_bytes / memory.MIB:.0f} MiB for backward, over the {budget:.0f} MiB of "
+                    f"--memory-mib {cfg.memory_mib:g} that the process does not already hold",
                     file=sys.stderr,
                 )
             self.announced = True
         largest_shard = math.ceil(batch.B / run.ranks.world_size)  # the same number of groups on every rank
-        count = memory.groups(largest_shard, chain_bytes, cfg.memory_mib)
+        count = memory.groups(largest_shard, chain_bytes, budget)
         return torch.arange(len(pairs) // N, device=run.device).tensor_split(count), checkpointed
 
     def replay(self, batch: Batch, chains: Tensor, checkpointed: bool) -> tuple[Tensor, Tensor]:

@@ -319,7 +319,7 @@ def make_ppo(run: Setup) -> PPO:
             clip_range=cfg.clip_range,
             normalize_advantage=True,
             ent_coef=0.0,
-            max_grad_norm=cfg.grad_clip,
+            max_grad_norm=cfg.max_grad_norm,
             tensorboard_log=None,
             seed=cfg.seed,
             device=run.device,
