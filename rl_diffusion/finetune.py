@@ -312,7 +312,7 @@ class FinetuneConfig:
 
     @property
     def max_grad_norm(self) -> float:
-        """--grad-clip as torch's clip_grad_norm_ (and stable-baselines3) take it: 0 is no clipping, an infinite norm."""
+        """--grad-clip as clip_grad_norm_ (and stable-baselines3) take it: 0 is no clipping, an infinite norm."""
         return self.grad_clip or math.inf
 
     @property
