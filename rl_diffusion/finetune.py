@@ -89,10 +89,10 @@ class FinetuneConfig:
     )
     memory_mib: float = arg(
         2048.0,
-        "MiB the process may hold in an update (ddpo-sf, ddpo-is, rtb, draft; resident set on a CPU, allocated on a "
-        "GPU): the batch is split into the fewest groups whose tensors kept for backward, measured on the run's "
-        "network, fit beside what the process held at its first update; splitting changes the gradient only by "
-        "rounding",
+        "MiB the process may hold in an update (ddpo-sf, ddpo-is, rtb, adjoint, draft; resident set on a CPU, "
+        "allocated on a GPU): the batch is split into the fewest groups whose tensors kept for backward, measured "
+        "on the run's network, fit beside what the process held at its first update; splitting changes the "
+        "gradient only by rounding",
     )
     timestep_fraction: float = arg(1.0, "fraction of each chain's timesteps trained on per epoch (ddpo-is)")
     kl_coef: float = arg(

@@ -44,16 +44,19 @@ def test_the_budget_is_what_the_process_did_not_hold_at_its_first_update():
     assert fresh.memory_budget() == pytest.approx(3000.0 - held, abs=200) and fresh.in_use_mib is not None
 
 
-@pytest.mark.parametrize("algo", ["ddpo-sf", "rtb", "ddpo-is"])
+@pytest.mark.parametrize("algo", ["ddpo-sf", "rtb", "ddpo-is", "adjoint"])
 def test_accumulated_gradients_do_not_depend_on_the_memory_budget(algo):
     # the updates that sum one gradient over many pairs split them by --memory-mib: one group, or one pair per
-    # group (ddpo-is: the pairs of each PPO minibatch, here one minibatch of them all)
+    # group (ddpo-is and adjoint: the pairs of each minibatch, here one minibatch of them all)
     from rl_diffusion.algos import algorithm
+    from tests.test_adjoint import LinearReward
     from tests.test_kl_objective import A, D, NoStep, batch_of, closed_form_setup
 
     grads, calls = [], []
     for memory_mib in (1e6, 1e-12):
         run = closed_form_setup(0.5, memory_mib=memory_mib)
+        if algo == "adjoint":
+            run.reward = LinearReward()  # r = A . x_0 with its gradient
         forwards = []
         run.policy.register_forward_hook(lambda *_, calls=forwards: calls.append(1))
         with torch.no_grad():

@@ -86,15 +86,16 @@ class AdjointMatching(Algorithm):
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(K * B, generator=generator, device=run.device)
             for idx in perm.split(cfg.minibatch_size):
-                _, own = self.own_rows(idx, B)
-                ours = policy_step(run.diffusion, cfg, run.synced_policy, pairs, own)
-                terms = matching_terms(ours.mean, mean_ref[own], sigma[own], adjoint[own])
-                terms = torch.where(finite[own], terms, torch.zeros_like(terms))
                 self.optimizer.zero_grad(set_to_none=True)
-                # DDP's mean over ranks: the minibatch mean
-                (terms.sum() * run.ranks.world_size / len(idx)).backward()
+                for group in self.pair_groups(idx, pairs):  # one gradient, accumulated in groups that fit
+                    _, own = self.own_rows(group, B)
+                    ours = policy_step(run.diffusion, cfg, run.synced_policy, pairs, own)
+                    terms = matching_terms(ours.mean, mean_ref[own], sigma[own], adjoint[own])
+                    terms = torch.where(finite[own], terms, torch.zeros_like(terms))
+                    # DDP's mean over ranks: the minibatch mean
+                    (terms.sum() * run.ranks.world_size / len(idx)).backward()
+                    sums += terms.detach().sum()
                 self.step()
-                sums += terms.detach().sum()
                 count += len(idx)
         return {
             "loss/policy": run.ranks.sum(sums).item() / count,
