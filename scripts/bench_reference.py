@@ -1,0 +1,256 @@
+"""This project's algorithms beside the reference relative-trajectory-balance code, on its own 9-mode posterior.
+
+    python scripts/bench_reference.py --reference PATH/TO/diffusion-finetuning [--reference-python PYTHON]
+        [--algos rtb iw-distill] [--seeds 3] [--queries 340000] [--samples 2000] [--out docs/benchmarks/reference.json]
+
+The reference is the authors' code (GitHub GFNOrg/diffusion-finetuning, folder rtb_diffusion), in a checkout the
+user made; nothing of it is in this repository. It runs in its own process (its folder as the working directory,
+`--reference-python`, which must import torch and einops) under a driver written here that calls its model, its
+optimiser and its loss as its `finetune_posterior.py --method rtb` does (its pretrained prior and optimiser state,
+batch --reference-batch, exploration std 0.5 for 500 iterations then decayed to 0 at 4,500) and saves samples of
+its policy every --every reward queries.
+
+Ours: the default `pretrain` of gmm25, then `finetune --reward gmm_posterior --kl-coef 1` per algorithm with the
+flags of RECIPES, checkpointed as often; each checkpoint's policy draws --samples samples with the run's own chain.
+
+Both sides' samples are scored by the same function against exact posterior samples (in this project's
+coordinates, the reference's divided by 5): mode-mass L1 over the 25 grid modes with its floor (two exact draws),
+mass outside every mode, MMD^2 with its floor. Wall seconds are training seconds (sampling, reward, update), not
+the evaluation's. Writes the JSON (every curve, seeds apart) and docs/figures/reference.png: L1 against reward
+queries and against seconds, mean over seeds with a band of one standard deviation. Runs are kept under --runs and
+reused when complete.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.remove(os.path.dirname(os.path.abspath(__file__)))  # else scripts/pretrain.py shadows the pretrain package
+
+import numpy as np  # noqa: E402
+
+from rl_diffusion.metrics import mmd_rbf, mode_mass_l1, mode_masses  # noqa: E402
+from rl_diffusion.targets import exact_target  # noqa: E402
+
+REFERENCE_SCALE = 5.0  # its grid is {-10, ..., 10}; gmm25's is {-2, ..., 2}
+TARGET_SEED = 2024
+RECIPES = {  # flags over the CLI's defaults
+    # the reference's recipe in this project's terms: 100 chains a step, lr 1e-3, log Z lr 0.1, no clipping,
+    # exploration sigma x 2.45 (its std 0.5 over the policy's 0.224) held 500 steps then decayed over 4,000
+    "rtb": [
+        *("--chains", "100", "--sampler", "ddim", "--sampling-steps", "100", "--lr", "1e-3", "--log-z-lr", "0.1"),
+        *("--grad-clip", "0", "--explore-scale", "2.45", "--explore-epochs", "500", "--explore-decay-epochs", "4000"),
+    ],
+    "iw-distill": [],
+    "ddpo-is": ["--sampler", "ddim", "--sampling-steps", "50"],
+}
+
+DRIVER = r"""
+import copy, json, sys, time
+import numpy as np, torch
+sys.path.insert(0, ".")
+from energies import Posterior2DGaussianMixture
+from models import GFN
+from utils import get_exploration_std, get_finetuning_loss, get_gfn_optimizer
+
+out, seed, batch, iterations, every, samples = sys.argv[1], *map(int, sys.argv[2:])
+torch.manual_seed(seed)
+np.random.seed(seed)
+torch.set_num_threads(1)
+energy = Posterior2DGaussianMixture(device="cpu")
+model = GFN(2, 64, 64, 64, 64, trajectory_length=100, clipping=True, lgv_clip=1e2, gfn_clip=1e4, langevin=False,
+            learned_variance=False, partial_energy=False, log_var_range=4.0, pb_scale_range=0.1, t_scale=5.0,
+            langevin_scaling_per_dimension=False, conditional_flow_model=False, learn_pb=False,
+            pis_architectures=True, lgv_layers=3, joint_layers=2, zero_init=True, device="cpu")
+optimizer = get_gfn_optimizer(model, 1e-3, 0.1, 1e-3, False, False, False, False)
+state = torch.load("pretrained/prior.pt", map_location="cpu")
+model.load_state_dict(state.get("model_state_dict", state))
+if "optimizer_state_dict" in state:
+    optimizer.load_state_dict(state["optimizer_state_dict"])
+prior = copy.deepcopy(model)
+prior.eval()
+model.train()
+seconds, curve = 0.0, []
+for i in range(iterations + 1):
+    if i % every == 0:
+        drawn = model.sample(samples, energy.log_reward).detach().numpy()
+        np.save(f"{out}/iter{i:06d}.npy", drawn)
+        curve.append({"iteration": i, "reward_queries": i * batch, "train_seconds": seconds})
+        json.dump(curve, open(f"{out}/curve.json", "w"))
+    started = time.perf_counter()
+    model.zero_grad()
+    exploration = get_exploration_std(i, True, 0.5, True)
+    init = torch.zeros(batch, 2)
+    loss, _ = get_finetuning_loss("rtb", init, prior, model, energy.log_reward, beta=1.0, exploration_std=exploration)
+    loss.backward()
+    optimizer.step()
+    seconds += time.perf_counter() - started
+"""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cli(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "rl_diffusion.cli", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"rl-diffusion {' '.join(args[:3])}: {proc.stderr.strip().splitlines()[-1]}")
+
+
+class Scorer:
+    """Samples [N, 2] in gmm25's coordinates against exact posterior samples, with the floors."""
+
+    def __init__(self, samples: int):
+        target = exact_target("gmm25", "gmm_posterior", {}, 1.0, 2 * samples, TARGET_SEED)
+        self.modes = target.modes
+        self.draw, again = np.split(target.samples, 2)
+        self.floor = self.score(again, floor=False)
+
+    def score(self, points: np.ndarray, floor: bool = True) -> dict:
+        masses, outside = mode_masses(points, self.modes.means, self.modes.radius)
+        held = masses[self.modes.masses >= 0.01] / self.modes.masses[self.modes.masses >= 0.01]
+        out = {
+            "mode_mass_l1": mode_mass_l1(masses, self.modes.masses),
+            "outside": outside,
+            "min_mode_share": float(held.min()),
+            "mmd": mmd_rbf(points, self.draw, statistic="v"),
+        }
+        return {**out, **({f"{k}_floor": self.floor[k] for k in ("mode_mass_l1", "mmd")} if floor else {})}
+
+
+def reference_curve(args, seed: int, scorer: Scorer) -> list[dict]:
+    out = args.runs / "reference" / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    iterations = args.queries // args.reference_batch
+    every = max(1, args.every // args.reference_batch)
+    if not (out / f"iter{iterations - iterations % every:06d}.npy").exists():
+        log(f"reference rtb, seed {seed}: {iterations} iterations of {args.reference_batch}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        command = [args.reference_python, "-c", DRIVER, str(out.resolve()), str(seed), str(args.reference_batch)]
+        command += [str(iterations), str(every), str(args.samples)]
+        proc = subprocess.run(command, cwd=args.reference / "rtb_diffusion", env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"the reference run failed: {proc.stderr.strip().splitlines()[-1]}")
+    curve = json.loads((out / "curve.json").read_text())
+    return [{**c, **scorer.score(np.load(out / f"iter{c['iteration']:06d}.npy") / REFERENCE_SCALE)} for c in curve]
+
+
+def our_curve(args, algo: str, seed: int, pretrained: Path, scorer: Scorer) -> list[dict]:
+    from rl_diffusion.checkpoint import CheckpointManager
+
+    run = args.runs / algo / f"seed{seed}"
+    chains = int(RECIPES[algo][RECIPES[algo].index("--chains") + 1]) if "--chains" in RECIPES[algo] else None
+    per_epoch = chains or (10_000 if algo == "iw-distill" else 256)
+    every = max(1, args.every // per_epoch)
+    if not (run / "metrics.json").exists():
+        log(f"{algo}, seed {seed}: {args.queries // per_epoch} epochs")
+        cli(
+            *("finetune", "--run", str(pretrained), "--out", str(run), "--overwrite", "--algo", algo, *RECIPES[algo]),
+            *("--reward", "gmm_posterior", "--kl-coef", "1", "--seed", str(seed), "--epochs"),
+            str(args.queries // per_epoch),
+            *("--checkpoint-every", str(every), "--keep-checkpoints", "1000", "--no-final-eval", "--quiet"),
+        )
+    config = json.loads((run / "config.json").read_text())
+    chain = ["--sampler", config["sampler"], "--sampling-steps", str(config["sampling_steps"]), "--eta"]
+    history = CheckpointManager(run).load_latest()["train_state"]["history"]
+    drawn = run.parent / f"{run.name}_samples" / "pretrained.npy"
+    if not drawn.exists():
+        drawn.parent.mkdir(parents=True, exist_ok=True)
+        cli("sample", "--run", str(pretrained), "--out", str(drawn), "--num-samples", str(args.samples), *chain, "1")
+    curve = [{"epoch": 0, "reward_queries": 0, "train_seconds": 0.0, **scorer.score(np.load(drawn))}]
+    for path in CheckpointManager(run).paths():
+        epoch = int(path.stem.split("_")[1])
+        at = run.parent / f"{run.name}_samples" / path.stem
+        drawn = at / "samples.npy"
+        if not drawn.exists():
+            (at / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (at / "config.json").write_text((run / "config.json").read_text())
+            (at / "checkpoints" / path.name).write_bytes(path.read_bytes())
+            cli("sample", "--run", str(at), "--out", str(drawn), "--num-samples", str(args.samples), *chain, "1")
+        seconds = sum(h["perf/epoch_seconds"] for h in history[:epoch])
+        queries = history[epoch - 1]["reward_queries"]
+        curve.append({"epoch": epoch, "reward_queries": queries, "train_seconds": seconds, **scorer.score(np.load(drawn))})
+    return curve
+
+
+def spread(curves: list[list[dict]], key: str) -> dict:
+    """Mean and standard deviation over seeds at each point the seeds share."""
+    n = min(len(c) for c in curves)
+    values = np.array([[c[i][key] for i in range(n)] for c in curves])
+    return {"mean": values.mean(0).tolist(), "std": values.std(0).tolist()}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for name, curves in results["curves"].items():
+        n = min(len(c) for c in curves)
+        l1 = spread(curves, "mode_mass_l1")
+        mean, std = np.array(l1["mean"]), np.array(l1["std"])
+        for ax, x_key in zip(axes, ("reward_queries", "train_seconds"), strict=True):
+            x = np.array(spread(curves, x_key)["mean"])
+            label = f"{name} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
+            ax.plot(x[:n], mean, label=label)
+            ax.fill_between(x[:n], mean - std, mean + std, alpha=0.2)
+    floor = results["floor"]["mode_mass_l1"]
+    for ax, xlabel in zip(axes, ("reward queries", "training seconds (2-core CPU)"), strict=True):
+        ax.axhline(floor, color="grey", linestyle=":", label=f"floor ({floor:.3f})")
+        ax.axhline(0.1, color="grey", linestyle="--", linewidth=0.8)
+        ax.set(xscale="symlog", yscale="log", xlabel=xlabel, ylabel="mode-mass L1 to the posterior")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("9-mode posterior at beta = 1: this project against the reference RTB code")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reference", type=Path, default=None, help="checkout of GFNOrg/diffusion-finetuning (optional)")
+    p.add_argument("--reference-python", default=sys.executable, help="interpreter for the reference (torch, einops)")
+    p.add_argument("--reference-batch", type=int, default=100, help="the reference's chains per step (its own: 500)")
+    p.add_argument("--algos", nargs="*", default=["rtb", "iw-distill"], choices=sorted(RECIPES))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--queries", type=int, default=340_000, help="reward queries per run")
+    p.add_argument("--every", type=int, default=25_000, help="reward queries between scored checkpoints")
+    p.add_argument("--samples", type=int, default=2000, help="samples scored per checkpoint")
+    p.add_argument("--runs", type=Path, default=Path("runs/bench_reference"))
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks/reference.json"))
+    p.add_argument("--figure", type=Path, default=Path("docs/figures/reference.png"))
+    args = p.parse_args()
+    if args.reference is not None and not (args.reference / "rtb_diffusion" / "finetune_posterior.py").exists():
+        print(f"error: {args.reference} is not a checkout of GFNOrg/diffusion-finetuning", file=sys.stderr)
+        return 2
+    scorer = Scorer(args.samples)
+    pretrained = args.runs / "pretrained_gmm25"
+    if not (pretrained / "metrics.json").exists():
+        cli("pretrain", "--dataset", "gmm25", "--out", str(pretrained), "--overwrite", "--quiet")
+    results = {"queries": args.queries, "samples": args.samples, "floor": scorer.floor, "curves": {}}
+    started = time.perf_counter()
+    for algo in args.algos:
+        name = f"{algo} (this project)"
+        results["curves"][name] = [our_curve(args, algo, seed, pretrained, scorer) for seed in range(args.seeds)]
+    if args.reference is not None:
+        name = f"reference rtb (batch {args.reference_batch})"
+        results["curves"][name] = [reference_curve(args, seed, scorer) for seed in range(args.seeds)]
+    for name, curves in results["curves"].items():
+        last = [c[-1] for c in curves]
+        l1 = ", ".join(f"{c['mode_mass_l1']:.3f}" for c in last)
+        log(f"{name}: L1 {l1} at {last[0]['reward_queries']:,} queries (floor {scorer.floor['mode_mass_l1']:.3f})")
+    results["wall_seconds"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    plot(results, args.figure)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
