@@ -174,7 +174,9 @@ def our_curve(args, algo: str, seed: int, pretrained: Path, scorer: Scorer) -> l
             cli("sample", "--run", str(at), "--out", str(drawn), "--num-samples", str(args.samples), *chain, "1")
         seconds = sum(h["perf/epoch_seconds"] for h in history[:epoch])
         queries = history[epoch - 1]["reward_queries"]
-        curve.append({"epoch": epoch, "reward_queries": queries, "train_seconds": seconds, **scorer.score(np.load(drawn))})
+        curve.append(
+            {"epoch": epoch, "reward_queries": queries, "train_seconds": seconds, **scorer.score(np.load(drawn))}
+        )
     return curve
 
 

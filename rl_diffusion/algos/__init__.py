@@ -18,6 +18,7 @@ from collections.abc import Callable
 NATIVE = {
     "ddpo-sf": "rl_diffusion.algos.ddpo:ScoreFunction",
     "ddpo-is": "rl_diffusion.algos.ddpo:ImportanceSampling",
+    "flow-grpo": "rl_diffusion.algos.grpo:FlowGRPO",
     "rwr": "rl_diffusion.algos.rwr:RewardWeightedRegression",
     "awm": "rl_diffusion.algos.awm:AdvantageWeightedMatching",
     "adjoint": "rl_diffusion.algos.adjoint:AdjointMatching",

@@ -92,15 +92,16 @@ class Algorithm:
         return self.sample_chains(self.run.config.chains, "--chains", generator, noise_scale)
 
     def sample_chains(
-        self, chains: int, flag: str, generator: torch.Generator, noise_scale: float = 1.0
+        self, chains: int, flag: str, generator: torch.Generator, noise_scale: float = 1.0, c: Tensor | None = None
     ) -> tuple[Pairs, Tensor, Tensor | None]:
         """This rank's share of `chains` chains of the current policy (the number `flag` sets), as `sample`
-        returns them."""
+        returns them; a class-conditional model's labels are `c` [chains] where given, else drawn uniformly."""
         run, cfg = self.run, self.run.config
         shard = run.ranks.shard(chains, flag)
         num_classes = getattr(run.policy, "num_classes", 0)
-        c = None
-        if num_classes and not cfg.null_label:
+        if c is not None:
+            c = c[shard]
+        elif num_classes and not cfg.null_label:
             c = torch.randint(0, num_classes, (chains,), generator=generator, device=run.device)[shard]
         # no_grad, not inference_mode: these tensors are inputs to the update's autograd graph.
         with torch.no_grad():
@@ -161,7 +162,8 @@ class Algorithm:
         `rows` index the whole batch. Measured on the unwrapped policy: a forward without a backward upsets DDP."""
         run = self.run
         if self.pair_bytes is None:
-            probe = lambda n: policy_step(run.diffusion, run.config, run.policy, pairs, rows[:1].repeat(n)).log_prob  # noqa: E731
+            first = torch.zeros(1, dtype=torch.long, device=run.device)  # a pair of this rank (rows index the batch)
+            probe = lambda n: policy_step(run.diffusion, run.config, run.policy, pairs, first.repeat(n)).log_prob  # noqa: E731
             self.pair_bytes = memory.bytes_per_unit(probe)
         return memory.split(rows, self.pair_bytes, self.memory_budget())
 

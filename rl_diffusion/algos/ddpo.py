@@ -114,19 +114,27 @@ def ppo_terms(adv: Tensor, log_prob: Tensor, log_prob_old: Tensor, clip_range: f
 class ImportanceSampling(Algorithm):
     """DDPO-IS: PPO-clip over inner epochs of shuffled minibatches of (trajectory, timestep) pairs."""
 
+    def advantages(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Advantages [K, B] and the scale [B] that divides each chain's direct KL term."""
+        return batch_advantages(self.run, batch, self.kl_coef)
+
+    def training_rows(self, K: int, B: int, generator: torch.Generator) -> Tensor:
+        """The pair rows k * B + b an inner epoch trains on: all, or (--timestep-fraction) a random subset of each
+        chain's timesteps."""
+        device, fraction = self.run.device, self.run.config.timestep_fraction
+        if fraction == 1:
+            return torch.arange(K * B, device=device)
+        chosen = torch.rand(K, B, generator=generator, device=device).argsort(0)[: max(1, round(fraction * K))]
+        return (chosen * B + torch.arange(B, device=device)).flatten()
+
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         run, cfg = self.run, self.run.config
-        adv, scale = batch_advantages(run, batch, self.kl_coef)
+        adv, scale = self.advantages(batch)
         K, B = adv.shape
         adv, scale_pairs = adv.flatten(), scale.repeat(K)
         sums, count = torch.zeros(3, device=run.device), 0  # loss, approx_kl, clipped: summed over the epoch's pairs
         for _ in range(cfg.inner_epochs):
-            rows = torch.arange(K * B, device=run.device)
-            if cfg.timestep_fraction < 1:
-                # each chain trains on a random subset of its timesteps
-                keep = max(1, round(cfg.timestep_fraction * K))
-                chosen = torch.rand(K, B, generator=generator, device=run.device).argsort(0)[:keep]
-                rows = (chosen * B + torch.arange(B, device=run.device)).flatten()
+            rows = self.training_rows(K, B, generator)
             for idx in rows[torch.randperm(len(rows), generator=generator, device=run.device)].split(
                 cfg.minibatch_size
             ):

@@ -1,0 +1,108 @@
+"""Flow-GRPO: PPO-clip on the SDE's steps with group-relative advantages and a per-step KL loss.
+
+Liu et al. (2025), "Flow-GRPO: training flow matching models via online RL". The chains come in groups of
+--group-size that share a condition (a class label; on an unconditional model, a block of chains). Per chain
+b of group g the advantage is A_b = (r_b - mean_g r) / std_g r, the same at every step, and the loss of step k
+is PPO's clipped surrogate of A_b plus beta kl_k, kl_k = ||mu_theta - mu_ref||^2 / (2 sigma_k^2) the step's KL
+to the reference (no KL in the advantage). --train-steps W trains on W consecutive steps of each chain: the
+first W (Flow-GRPO-Fast), or, with --window-shift S, a window that moves S steps later each epoch and starts
+over at the chain's start (MixGRPO's schedule). The chain itself stays stochastic at every step, so its path
+KL is exact: the ODE steps outside the window that MixGRPO and Flow-GRPO-Fast sample with are not used here.
+docs/design.md, section 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rl_diffusion.algos.base import Batch
+from rl_diffusion.algos.ddpo import ImportanceSampling
+from rl_diffusion.config import arg
+from rl_diffusion.errors import UserError
+
+STD_FLOOR = 1e-4  # a group of equal rewards gets advantages of 0, not 0 / 0
+
+
+def group_advantages(rewards: Tensor, group_size: int, adv_clip: float) -> Tensor:
+    """(r - group mean) / group std [B] over consecutive groups of group_size chains, clipped to +-adv_clip."""
+    groups = rewards.double().reshape(-1, group_size)
+    centred = groups - groups.mean(1, keepdim=True)
+    adv = centred / groups.std(1, correction=0, keepdim=True).clamp(min=STD_FLOOR)
+    return adv.flatten().clamp(-adv_clip, adv_clip).float()
+
+
+def window_start(epoch: int, steps: int, window: int, shift: int) -> int:
+    """The first trained step at `epoch` (0-based) of a chain of `steps` steps: 0 without a shift, else
+    epoch * shift, starting over once the window would pass the chain's end."""
+    return 0 if shift == 0 else (epoch * shift) % (steps - window + 1)
+
+
+class FlowGRPO(ImportanceSampling):
+    """Group-relative PPO-clip with a per-step KL loss over a window of steps."""
+
+    @dataclass(frozen=True)
+    class Settings:
+        group_size: int = arg(
+            16, "flow-grpo: chains per group, one condition each (a class label), standardised together"
+        )
+        train_steps: int = arg(0, "flow-grpo: consecutive steps of each chain trained on per epoch (0 = all)")
+        window_shift: int = arg(
+            0, "flow-grpo: steps the trained window moves per epoch (0 = the first --train-steps: Flow-GRPO-Fast)"
+        )
+
+    def __init__(self, run):
+        self.epoch = 0  # epochs trained: the window's clock
+        super().__init__(run)
+
+    @classmethod
+    def validate(cls, config) -> None:
+        settings = config.settings
+        if settings.group_size < 2 or config.chains % settings.group_size:
+            raise UserError(
+                f"--group-size must be at least 2 and divide --chains {config.chains}, got {settings.group_size}"
+            )
+        if settings.train_steps < 0 or settings.window_shift < 0:
+            raise UserError("--train-steps and --window-shift must be >= 0")
+        if settings.window_shift and not settings.train_steps:
+            raise UserError("--window-shift moves the window of --train-steps: give --train-steps too")
+
+    @classmethod
+    def validate_chain(cls, config, steps_per_chain: int) -> None:
+        if config.settings.train_steps > steps_per_chain:
+            raise UserError(
+                f"--train-steps {config.settings.train_steps} exceeds the {steps_per_chain} steps of the chain"
+            )
+
+    def sample(self, generator: torch.Generator, noise_scale: float = 1.0):
+        """The epoch's chains with the labels in groups: --chains / --group-size labels, each on a block of
+        --group-size consecutive chains."""
+        run, cfg, G = self.run, self.run.config, self.settings.group_size
+        num_classes = getattr(run.policy, "num_classes", 0)
+        if not num_classes or cfg.null_label:
+            return super().sample(generator, noise_scale)
+        labels = torch.randint(0, num_classes, (cfg.chains // G,), generator=generator, device=run.device)
+        return self.sample_chains(cfg.chains, "--chains", generator, noise_scale, c=labels.repeat_interleave(G))
+
+    def advantages(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        adv = group_advantages(batch.rewards, self.settings.group_size, self.run.config.adv_clip)
+        return adv.expand(batch.K, -1), torch.ones_like(adv)  # the KL term is not scaled
+
+    def training_rows(self, K: int, B: int, generator: torch.Generator) -> Tensor:
+        W = self.settings.train_steps or K
+        start = window_start(self.epoch, K, W, self.settings.window_shift)
+        return torch.arange(start * B, (start + W) * B, device=self.run.device)
+
+    def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        stats = super().update(batch, generator)
+        self.epoch += 1
+        return stats
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.epoch = state["epoch"]
