@@ -76,7 +76,7 @@ prior.eval()
 model.train()
 seconds, curve = 0.0, []
 for i in range(iterations + 1):
-    if i % every == 0:
+    if i % every == 0 or i == iterations:
         drawn = model.sample(samples, energy.log_reward).detach().numpy()
         np.save(f"{out}/iter{i:06d}.npy", drawn)
         curve.append({"iteration": i, "reward_queries": i * batch, "train_seconds": seconds})
@@ -128,7 +128,7 @@ def reference_curve(args, seed: int, scorer: Scorer) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     iterations = args.queries // args.reference_batch
     every = max(1, args.every // args.reference_batch)
-    if not (out / f"iter{iterations - iterations % every:06d}.npy").exists():
+    if not (out / f"iter{iterations:06d}.npy").exists():
         log(f"reference rtb, seed {seed}: {iterations} iterations of {args.reference_batch}")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         command = [args.reference_python, "-c", DRIVER, str(out.resolve()), str(seed), str(args.reference_batch)]
@@ -185,6 +185,37 @@ def spread(curves: list[list[dict]], key: str) -> dict:
     n = min(len(c) for c in curves)
     values = np.array([[c[i][key] for i in range(n)] for c in curves])
     return {"mean": values.mean(0).tolist(), "std": values.std(0).tolist()}
+
+
+def first_below(curve: list[dict], level: float) -> int | None:
+    """Reward queries of the first scored point at or below `level` of mode-mass L1, or None."""
+    return next((c["reward_queries"] for c in curve if c["mode_mass_l1"] <= level), None)
+
+
+def markdown(results: dict) -> str:
+    """One row per method: L1 at a few budgets (mean +- sd over seeds, the seeds' values), the last point's
+    mode shares, outside mass and MMD^2, and the queries each seed took to 0.1."""
+    marks = [q for q in (100_000, 200_000, results["queries"]) if q <= results["queries"]]
+    head = " | ".join(f"L1 at {q:,}" for q in marks)
+    lines = [
+        f"| method | seeds | {head} | smallest mode share | outside | MMD^2 | queries to 0.1 |",
+        "|---|---|" + "---|" * (len(marks) + 4),
+    ]
+    for name, curves in results["curves"].items():
+        cells = []
+        for q in marks:
+            values = [min(curve, key=lambda c, q=q: abs(c["reward_queries"] - q))["mode_mass_l1"] for curve in curves]
+            seeds = ", ".join(f"{v:.3f}" for v in values)
+            cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f} ({seeds})")
+        last = [curve[-1] for curve in curves]
+        share = ", ".join(f"{c['min_mode_share']:.2f}" for c in last)
+        outside = ", ".join(f"{100 * c['outside']:.1f}%" for c in last)
+        mmd = f"{np.mean([c['mmd'] for c in last]):.4f}"
+        reached = ", ".join(f"{r:,}" if (r := first_below(curve, 0.1)) is not None else "not" for curve in curves)
+        lines.append(f"| {name} | {len(curves)} | {' | '.join(cells)} | {share} | {outside} | {mmd} | {reached} |")
+    floor = results["floor"]
+    lines.append(f"| floor (two exact draws) | | {floor['mode_mass_l1']:.3f} | | | | {floor['mmd']:.4f} | |")
+    return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -248,6 +279,8 @@ def main() -> int:
         l1 = ", ".join(f"{c['mode_mass_l1']:.3f}" for c in last)
         log(f"{name}: L1 {l1} at {last[0]['reward_queries']:,} queries (floor {scorer.floor['mode_mass_l1']:.3f})")
     results["wall_seconds"] = time.perf_counter() - started
+    results["table"] = markdown(results)
+    print(results["table"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     plot(results, args.figure)
