@@ -252,6 +252,7 @@ def main() -> int:
     p.add_argument("--reference-batch", type=int, default=100, help="the reference's chains per step (its own: 500)")
     p.add_argument("--algos", nargs="*", default=["rtb", "iw-distill"], choices=sorted(RECIPES))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--reference-seeds", type=int, default=None, help="seeds of the reference (default: --seeds)")
     p.add_argument("--queries", type=int, default=340_000, help="reward queries per run")
     p.add_argument("--every", type=int, default=25_000, help="reward queries between scored checkpoints")
     p.add_argument("--samples", type=int, default=2000, help="samples scored per checkpoint")
@@ -273,7 +274,8 @@ def main() -> int:
         results["curves"][name] = [our_curve(args, algo, seed, pretrained, scorer) for seed in range(args.seeds)]
     if args.reference is not None:
         name = f"reference rtb (batch {args.reference_batch})"
-        results["curves"][name] = [reference_curve(args, seed, scorer) for seed in range(args.seeds)]
+        seeds = args.seeds if args.reference_seeds is None else args.reference_seeds
+        results["curves"][name] = [reference_curve(args, seed, scorer) for seed in range(seeds)]
     for name, curves in results["curves"].items():
         last = [c[-1] for c in curves]
         l1 = ", ".join(f"{c['mode_mass_l1']:.3f}" for c in last)
