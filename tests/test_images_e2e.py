@@ -252,3 +252,7 @@ def test_an_algorithms_image_defaults_apply_on_image_runs_under_the_flags(digits
     points = config_for({"run": str(pretrained_moons), "algo": "iw-distill"})
     assert (points.epochs, points.settings.pool_size, points.settings.ess_target) == (3, 10_000, 0.25)
     assert (settings.distill_ema, points.settings.distill_ema) == (0.995, 0.999)
+    # rwr has no KL term: the images' beta of 1 is not its default, which it would refuse
+    rwr = config_for({"run": str(digits_run), "algo": "rwr"})
+    assert rwr.kl_coef == 0.0 and config_for({"run": str(digits_run), "algo": "ddpo-is"}).kl_coef == 1.0
+    rwr.validate()

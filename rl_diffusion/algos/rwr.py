@@ -24,6 +24,7 @@ def rwr_weights(rewards: Tensor, temperature: float) -> Tensor:
 
 class RewardWeightedRegression(Algorithm):
     uses_kl = False
+    defaults = {"kl_coef": 0.0}  # over the images' beta of 1: it has no KL term, and refuses one
 
     @dataclass(frozen=True)
     class Settings:
