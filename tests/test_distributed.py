@@ -142,6 +142,7 @@ def test_ddpo_is_on_two_ranks_matches_one_rank_and_resumes_on_one(pretrained_moo
 NATIVE = {  # algorithm: its settings on top of the shared ones
     "ddpo-sf": {"kl_coef": 0.1},
     "rwr": {},
+    "nft": {"kl_coef": 0.1, "algo_args": {"nft_strength": 0.5, "old_decay_rate": 0.3}},
     "flow-grpo": {"kl_coef": 0.1, "algo_args": {"group_size": 8, "train_steps": 6, "window_shift": 4}},
     "awm": {"kl_coef": 0.1},
     "adjoint": {"kl_coef": 1.0},

@@ -226,7 +226,7 @@ def test_ddpo_is_on_the_sde_of_a_flow_run_raises_the_reward(flow_moons, tmp_path
         assert not (tmp_path / name).exists()
 
 
-@pytest.mark.parametrize("algo", ["ddpo-sf", "flow-grpo", "rwr", "awm", "adjoint", "rtb", "draft", "iw-distill"])
+@pytest.mark.parametrize("algo", ["ddpo-sf", "flow-grpo", "rwr", "awm", "nft", "adjoint", "rtb", "draft", "iw-distill"])
 def test_every_native_algorithm_runs_on_a_flow_run_unchanged(algo, flow_moons, tmp_path):
     """The other native algorithms take a flow run as they take a DDPM's: its sde by default, an exact path KL to
     the pretrained flow, rewards and losses finite, nothing to change on the user's side."""

@@ -147,6 +147,7 @@ def test_ddpo_is_resumed_from_a_mid_run_checkpoint_is_bit_identical(pretrained_m
     "algo, extra",
     [
         ("awm", ["--kl-coef", "0.1"]),
+        ("nft", ["--kl-coef", "0.1", "--nft-strength", "0.5", "--old-decay-rate", "0.3"]),  # the old policy averaged
         # the window of trained steps moves each epoch: the resumed epochs continue where it was
         ("flow-grpo", ["--kl-coef", "0.1", "--group-size", "4", "--train-steps", "5", "--window-shift", "3"]),
         ("adjoint", ["--kl-coef", "1"]),

@@ -21,6 +21,7 @@ NATIVE = {
     "flow-grpo": "rl_diffusion.algos.grpo:FlowGRPO",
     "rwr": "rl_diffusion.algos.rwr:RewardWeightedRegression",
     "awm": "rl_diffusion.algos.awm:AdvantageWeightedMatching",
+    "nft": "rl_diffusion.algos.nft:DiffusionNFT",
     "adjoint": "rl_diffusion.algos.adjoint:AdjointMatching",
     "rtb": "rl_diffusion.algos.rtb:RelativeTrajectoryBalance",
     "draft": "rl_diffusion.algos.draft:DRaFT",

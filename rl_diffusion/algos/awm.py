@@ -52,9 +52,19 @@ class AdvantageWeightedMatching(Algorithm):
         super().__init__(run)
         self.old = copy.deepcopy(run.policy).requires_grad_(False)  # eps_old: the policy before this epoch's update
 
+    def refresh_old(self) -> None:
+        """eps_old <- the policy, before each epoch's update."""
+        self.old.load_state_dict(self.run.policy.state_dict())
+
+    def matching_loss(
+        self, pred: Tensor, pred_old: Tensor, target: Tensor, x_t: Tensor, t: Tensor, x0: Tensor, w: Tensor
+    ):
+        """The per-sample loss of the network's prediction against the forward process's target."""
+        return nft_loss(pred, pred_old, target, w)
+
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         run, cfg = self.run, self.run.config
-        self.old.load_state_dict(run.policy.state_dict())
+        self.refresh_old()
         returns = chain_returns(batch.rewards, batch.kl, self.kl_coef)
         adv = advantages(returns[None], batch.c, cfg.adv_clip)[0][0]  # [B]
         w = optimality(adv, cfg.adv_clip)
@@ -65,7 +75,9 @@ class AdvantageWeightedMatching(Algorithm):
             c = None if batch.c is None else batch.c[rows]
             with torch.no_grad():
                 eps_old = self.old(x_t, t, c)
-            per_sample = nft_loss(run.synced_policy(x_t, t, c), eps_old, target, w[rows])
+            per_sample = self.matching_loss(
+                run.synced_policy(x_t, t, c), eps_old, target, x_t, t, batch.x0[rows], w[rows]
+            )
             return per_sample.sum() * run.ranks.world_size / batch.B  # DDP's mean over ranks: the batch mean
 
         return {
