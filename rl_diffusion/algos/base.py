@@ -70,6 +70,7 @@ class Algorithm:
         self.run = run
         self.settings = self.Settings(**run.config.algo_args)  # before parameters(), which may read them
         self.kl_coef = run.config.kl_coef  # beta of the updates: --kl-coef, adapted by the loop under --kl-target
+        self.epoch = 0  # epochs trained, the clock of an algorithm's schedules: the loop advances it after update()
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=run.config.lr, weight_decay=0.0)
 
     def parameters(self) -> Iterable:
@@ -124,11 +125,12 @@ class Algorithm:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "in_use_mib": self.in_use_mib}
+        return {"optimizer": self.optimizer.state_dict(), "in_use_mib": self.in_use_mib, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.in_use_mib = state.get("in_use_mib")
+        self.epoch = state.get("epoch", 0)
 
     def step(self) -> Tensor:
         """Clip the policy's gradient norm to --grad-clip and step; returns the norm before clipping."""

@@ -53,10 +53,6 @@ class FlowGRPO(ImportanceSampling):
             0, "flow-grpo: steps the trained window moves per epoch (0 = the first --train-steps: Flow-GRPO-Fast)"
         )
 
-    def __init__(self, run):
-        self.epoch = 0  # epochs trained: the window's clock
-        super().__init__(run)
-
     @classmethod
     def validate(cls, config) -> None:
         settings = config.settings
@@ -94,15 +90,3 @@ class FlowGRPO(ImportanceSampling):
         W = self.settings.train_steps or K
         start = window_start(self.epoch, K, W, self.settings.window_shift)
         return torch.arange(start * B, (start + W) * B, device=self.run.device)
-
-    def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
-        stats = super().update(batch, generator)
-        self.epoch += 1
-        return stats
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.epoch = state["epoch"]

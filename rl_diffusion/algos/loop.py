@@ -112,6 +112,7 @@ def train(run: Setup, resume: bool = False, progress: bool = True) -> dict:
                 if warning:
                     print(f"warning: {warning}", file=sys.stderr)
             stats = algo.update(batch, generator)
+            algo.epoch += 1
             if not math.isfinite(stats["loss/policy"]):
                 raise UserError(
                     f"the {cfg.algo} loss became {stats['loss/policy']} at epoch {epoch + 1}; "

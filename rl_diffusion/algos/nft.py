@@ -53,10 +53,6 @@ class DiffusionNFT(AdvantageWeightedMatching):
         )
         old_decay_max: float = arg(0.5, "nft: the most the old policy's moving-average decay grows to, in [0, 1)")
 
-    def __init__(self, run):
-        self.epoch = 0  # epochs trained: the decay's clock
-        super().__init__(run)
-
     @classmethod
     def validate(cls, config) -> None:
         settings = config.settings
@@ -70,7 +66,6 @@ class DiffusionNFT(AdvantageWeightedMatching):
         with torch.no_grad():
             for old, new in zip(self.old.parameters(), self.run.policy.parameters(), strict=True):
                 old.mul_(d).add_(new.detach(), alpha=1 - d)
-        self.epoch += 1
 
     def matching_loss(
         self, pred: Tensor, pred_old: Tensor, target: Tensor, x_t: Tensor, t: Tensor, x0: Tensor, w: Tensor
@@ -81,9 +76,8 @@ class DiffusionNFT(AdvantageWeightedMatching):
         return terms / self.settings.nft_strength
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "nft": {"old": self.old.state_dict(), "epoch": self.epoch}}
+        return {**super().state_dict(), "nft_old": self.old.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.old.load_state_dict(state["nft"]["old"])
-        self.epoch = state["nft"]["epoch"]
+        self.old.load_state_dict(state["nft_old"])

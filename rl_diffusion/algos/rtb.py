@@ -67,7 +67,6 @@ class RelativeTrajectoryBalance(Algorithm):
     def __init__(self, run):
         self.log_z = torch.nn.Parameter(torch.zeros((), device=run.device))
         self.log_z_ready = False  # set to the first batch's estimate on the first update
-        self.epoch = 0  # epochs trained: the exploration schedule's clock
         self.buffer: dict | None = None  # replay: xs [K + 1, R, ...], c [R] or None, rewards [R]
         super().__init__(run)
 
@@ -177,10 +176,8 @@ class RelativeTrajectoryBalance(Algorithm):
             self.step()
             losses.append(delta.square().mean())
             delta_abs.append(delta.abs().mean())
-        scale = self.exploration()
-        self.epoch += 1
         return {
-            "rtb/explore_scale": scale,
+            "rtb/explore_scale": self.exploration(),
             "loss/policy": torch.stack(losses).mean().item(),
             "rtb/log_z": self.log_z.item(),
             "rtb/delta_abs": torch.stack(delta_abs).mean().item(),
@@ -189,7 +186,6 @@ class RelativeTrajectoryBalance(Algorithm):
 
     def state_dict(self) -> dict:
         rtb = {"log_z": self.log_z.detach().clone(), "log_z_ready": self.log_z_ready, "buffer": self.buffer}
-        rtb["epoch"] = self.epoch
         return {**super().state_dict(), "rtb": rtb}
 
     def load_state_dict(self, state: dict) -> None:
@@ -197,4 +193,4 @@ class RelativeTrajectoryBalance(Algorithm):
         with torch.no_grad():
             self.log_z.copy_(state["rtb"]["log_z"])
         self.log_z_ready, self.buffer = state["rtb"]["log_z_ready"], state["rtb"]["buffer"]
-        self.epoch = state["rtb"].get("epoch", 0)
+        self.epoch = state["rtb"].get("epoch", self.epoch)  # where checkpoints kept it before the base did
