@@ -238,7 +238,7 @@ def plot(results: dict, path: Path) -> None:
     for ax, xlabel in zip(axes, ("reward queries", "training seconds (2-core CPU)"), strict=True):
         ax.axhline(floor, color="grey", linestyle=":", label=f"floor ({floor:.3f})")
         ax.axhline(0.1, color="grey", linestyle="--", linewidth=0.8)
-        ax.set(xscale="symlog", yscale="log", xlabel=xlabel, ylabel="mode-mass L1 to the posterior")
+        ax.set(xlim=(0, None), yscale="log", xlabel=xlabel, ylabel="mode-mass L1 to the posterior")
     axes[0].legend(fontsize=8)
     fig.suptitle("9-mode posterior at beta = 1: this project against the reference RTB code")
     path.parent.mkdir(parents=True, exist_ok=True)
