@@ -67,10 +67,7 @@ def test_the_loss_is_the_clipped_surrogate_plus_beta_times_each_steps_kl():
 
 def test_a_class_conditional_models_labels_come_in_blocks_of_the_group_size():
     run = closed_form_setup(0.0, algo="flow-grpo", chains=12, algo_args={"group_size": 4})
-    run.policy.num_classes = 10
-    algo = FlowGRPO(run)
-    seen = {}
-    algo.sample_chains = lambda chains, flag, generator, noise_scale=1.0, c=None: seen.update(c=c)
-    algo.sample(torch.Generator().manual_seed(0))
-    c = seen["c"].tolist()
+    run.policy.num_classes, run.data_shape = 10, (D,)  # the linear model ignores its label
+    _, _, c = FlowGRPO(run).sample(torch.Generator().manual_seed(0))
+    c = c.tolist()
     assert len(c) == 12 and all(len(set(c[i : i + 4])) == 1 for i in (0, 4, 8)) and len(set(c)) > 1

@@ -65,6 +65,7 @@ class Algorithm:
     image_defaults: ClassVar[dict] = {}  # over `defaults` where the pretrained run holds images
     pair_bytes: float | None = None  # what one (chain, step) pair's policy step keeps for backward (measured once)
     in_use_mib: float | None = None  # what the process held at the run's first update (measured once, checkpointed)
+    label_block: int = 1  # consecutive chains that share one drawn class label
 
     def __init__(self, run: Setup):
         self.run = run
@@ -93,17 +94,18 @@ class Algorithm:
         return self.sample_chains(self.run.config.chains, "--chains", generator, noise_scale)
 
     def sample_chains(
-        self, chains: int, flag: str, generator: torch.Generator, noise_scale: float = 1.0, c: Tensor | None = None
+        self, chains: int, flag: str, generator: torch.Generator, noise_scale: float = 1.0
     ) -> tuple[Pairs, Tensor, Tensor | None]:
         """This rank's share of `chains` chains of the current policy (the number `flag` sets), as `sample`
-        returns them; a class-conditional model's labels are `c` [chains] where given, else drawn uniformly."""
-        run, cfg = self.run, self.run.config
+        returns them. A class-conditional model's labels are drawn uniformly, one per block of `label_block`
+        consecutive chains."""
+        run, cfg, block = self.run, self.run.config, self.label_block
         shard = run.ranks.shard(chains, flag)
         num_classes = getattr(run.policy, "num_classes", 0)
-        if c is not None:
-            c = c[shard]
-        elif num_classes and not cfg.null_label:
-            c = torch.randint(0, num_classes, (chains,), generator=generator, device=run.device)[shard]
+        c = None
+        if num_classes and not cfg.null_label:
+            c = torch.randint(0, num_classes, (chains // block,), generator=generator, device=run.device)
+            c = c.repeat_interleave(block)[shard]
         # no_grad, not inference_mode: these tensors are inputs to the update's autograd graph.
         with torch.no_grad():
             traj = run.diffusion.sample(

@@ -72,15 +72,10 @@ class FlowGRPO(ImportanceSampling):
                 f"--train-steps {config.settings.train_steps} exceeds the {steps_per_chain} steps of the chain"
             )
 
-    def sample(self, generator: torch.Generator, noise_scale: float = 1.0):
-        """The epoch's chains with the labels in groups: --chains / --group-size labels, each on a block of
-        --group-size consecutive chains."""
-        run, cfg, G = self.run, self.run.config, self.settings.group_size
-        num_classes = getattr(run.policy, "num_classes", 0)
-        if not num_classes or cfg.null_label:
-            return super().sample(generator, noise_scale)
-        labels = torch.randint(0, num_classes, (cfg.chains // G,), generator=generator, device=run.device)
-        return self.sample_chains(cfg.chains, "--chains", generator, noise_scale, c=labels.repeat_interleave(G))
+    @property
+    def label_block(self) -> int:
+        """A group's chains share their condition: one class label per --group-size consecutive chains."""
+        return self.settings.group_size
 
     def advantages(self, batch: Batch) -> tuple[Tensor, Tensor]:
         adv = group_advantages(batch.rewards, self.settings.group_size, self.run.config.adv_clip)
