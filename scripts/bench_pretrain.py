@@ -1,14 +1,16 @@
-"""Pretraining benchmark: where the default dino run's time goes, old defaults against new, and the ceiling.
+"""Pretraining benchmark: where the default dino run's time goes, old defaults against new, flow matching
+against the DDPM, and the ceiling.
 
     python scripts/bench_pretrain.py [--seeds 3] [--out docs/benchmarks/pretrain.json] [--skip-levers] [--device cuda]
 
 1. Side by side: `rl-diffusion pretrain --dataset dino` as a user runs it (a fresh process, torch's own thread
-   count), on today's defaults and on the defaults before issue 17 (given as flags, OLD_DEFAULTS), seed by
-   seed alternating so that both see the same machine state. Per run: the wall time from launch to exit,
+   count), on today's defaults, on the defaults before issue 17 (given as flags, OLD_DEFAULTS) and on
+   today's defaults with `--model-type flow` (rectified flow, Euler ODE over the same T steps), seed by seed
+   alternating so that all three see the same machine state. Per run: the wall time from launch to exit,
    split by phase: start-up (launch to pretrain()'s first line: interpreter and imports), then the run's own
    timing.json (timers in the code path: setup, optimizer steps, logging, in-training evaluations,
    checkpoints, final evaluation, figures and GIFs), then exit (pretrain()'s return to process exit). And
-   the final model's quality: the run's own final-evaluation draw (5,000 samples of the full DDPM chain,
+   the final model's quality: the run's own final-evaluation draw (5,000 samples of the full chain,
    seed + 1, drawn again here from its checkpoint) against 5,000 data points: sliced W2 (500 projections)
    and MMD^2 (V-statistic, so that the floor is positive), each over its floor, an independent draw of the
    data against the same points.
@@ -261,7 +263,9 @@ def dataset_workloads(dataset: str, repeats: int, tmp: Path) -> dict:
     return {f"{dataset}: {case}": workload(f"{dataset}: {case}", *args) for case, args in cases.items()}
 
 
-def markdown_side_by_side(old: dict, new: dict) -> str:
+def markdown_side_by_side(runs: dict[str, dict]) -> str:
+    """Wall time and quality (mean, min-max over seeds) of each named configuration, then its phases."""
+
     def cell(s: dict, key: str, spec: str) -> str:
         return f"{format(s[key]['mean'], spec)} ({format(s[key]['min'], spec)}-{format(s[key]['max'], spec)})"
 
@@ -271,12 +275,15 @@ def markdown_side_by_side(old: dict, new: dict) -> str:
         *(
             f"| {name} | {cell(s, 'wall_seconds', '.1f')} | {cell(s, 'sw2_over_floor', '.2f')} "
             f"| {cell(s, 'mmd_over_floor', '.2f')} |"
-            for name, s in (("old", old), ("new", new))
+            for name, s in runs.items()
         ),
         "",
-        "| phase | old s | new s |",
-        "|---|---|---|",
-        *(f"| {p} | {old['phases_mean_seconds'][p]:.2f} | {new['phases_mean_seconds'][p]:.2f} |" for p in ALL_PHASES),
+        "| phase | " + " | ".join(f"{name} s" for name in runs) + " |",
+        "|---|" + "---|" * len(runs),
+        *(
+            f"| {p} | " + " | ".join(f"{s['phases_mean_seconds'][p]:.2f}" for s in runs.values()) + " |"
+            for p in ALL_PHASES
+        ),
     ]
     return "\n".join(lines)
 
@@ -327,15 +334,19 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        old, new = [], []
+        old, new, flow = [], [], []
         for seed in range(args.seeds):
             old.append(cli_run(tmp, "old", {**OLD_DEFAULTS, "device": args.device}, seed, quality))
             new.append(cli_run(tmp, "new", {"device": args.device}, seed, quality))
+            flow.append(cli_run(tmp, "flow", {"model_type": "flow", "device": args.device}, seed, quality))
         result["old_defaults"], result["new_defaults"] = summarize(old), summarize(new)
-        result["new_over_old_wall"] = (
-            result["new_defaults"]["wall_seconds"]["mean"] / (result["old_defaults"]["wall_seconds"]["mean"])
+        result["flow_new_defaults"] = summarize(flow)
+        wall = {name: result[name]["wall_seconds"]["mean"] for name in ("old_defaults", "new_defaults")}
+        result["new_over_old_wall"] = wall["new_defaults"] / wall["old_defaults"]
+        result["flow_over_ddpm_wall"] = result["flow_new_defaults"]["wall_seconds"]["mean"] / wall["new_defaults"]
+        result["markdown_side_by_side"] = markdown_side_by_side(
+            {"old": result["old_defaults"], "new": result["new_defaults"], "flow": result["flow_new_defaults"]}
         )
-        result["markdown_side_by_side"] = markdown_side_by_side(result["old_defaults"], result["new_defaults"])
         if not args.skip_levers:
             result["levers"] = levers(tmp, quality, list(range(args.lever_seeds)))
         if not args.skip_ceiling:
