@@ -123,6 +123,11 @@ def read_run_config(run_dir: Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step (a fine-tune's epoch, a pretraining's optimizer step) of a checkpoint file step_<N>.pt."""
+    return int(_NAME.search(path.name).group(1))
+
+
 class CheckpointManager:
     """Writes run_dir/checkpoints/step_<N>.pt atomically, keeps the last `keep` plus the best."""
 
@@ -161,7 +166,7 @@ class CheckpointManager:
             atomic_write_text(self.index_path, json.dumps(index))
         best = index.get("best_step")
         for old in self.paths()[: -self.keep]:
-            if best is None or int(_NAME.search(old.name).group(1)) != best:
+            if best is None or checkpoint_step(old) != best:
                 old.unlink()
         return path
 
@@ -194,11 +199,14 @@ class LoadedRun:
     config: dict
 
 
-def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Load the sampling weights of the newest checkpoint of a pretrain or finetune run (a LoRA fine-tune's
-    adapters merged into its base: an ordinary network)."""
+def load_run(run_dir: Path, device: str | torch.device = "cpu", checkpoint: Path | None = None) -> LoadedRun:
+    """Load the sampling weights of the newest checkpoint of a pretrain or finetune run, or of the file
+    `checkpoint` of it (a LoRA fine-tune's adapters merged into its base: an ordinary network)."""
     config = read_run_config(run_dir)
-    ckpt = CheckpointManager(run_dir).load_latest(map_location=device)
+    if checkpoint is None:
+        ckpt = CheckpointManager(run_dir).load_latest(map_location=device)
+    else:
+        ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
     if "lora" in ckpt:
         model = merged_adapters(ckpt["lora"], ckpt["model"], source=str(run_dir)).to(device)
     else:

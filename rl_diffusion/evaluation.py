@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,14 @@ import torch
 
 from pretrain.data import EVAL_DATA_SEED, data_of_checkpoint, reference_draws
 from rewards import Reward, build_reward, finite_mean
-from rl_diffusion.checkpoint import LoadedRun, atomic_save_npy, load_run, read_run_config
+from rl_diffusion.checkpoint import (
+    CheckpointManager,
+    LoadedRun,
+    atomic_save_npy,
+    checkpoint_step,
+    load_run,
+    read_run_config,
+)
 from rl_diffusion.config import saved_config
 from rl_diffusion.distributed import resolve_device
 from rl_diffusion.errors import UserError
@@ -62,6 +70,17 @@ def _point_stats(points: np.ndarray, modes: Modes | None, far_radius: float) -> 
 def _far_radius(reference: np.ndarray) -> float:
     """FAR_RADIUS_FACTOR x the largest norm of the data's reference draw [N, 2], in data units."""
     return FAR_RADIUS_FACTOR * float(np.linalg.norm(reference, axis=1).max())
+
+
+def checkpoint_samples(
+    run_dir: Path, num_samples: int, seed: int, device: torch.device, **sampling
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(step, samples) for every checkpoint a run keeps, oldest first: num_samples draws of each checkpoint's
+    network, all from the same seed, with `sampling` (the process's default sampler if empty). How a run got to
+    where it ended: the benchmarks score these against a target."""
+    for path in CheckpointManager(run_dir).paths():
+        loaded = load_run(run_dir, device, checkpoint=path)
+        yield checkpoint_step(path), draw_samples(loaded.diffusion, loaded.model, num_samples, seed, device, **sampling)
 
 
 def evaluate_run(

@@ -141,7 +141,11 @@ def reference_curve(args, seed: int, scorer: Scorer) -> list[dict]:
 
 
 def our_curve(args, algo: str, seed: int, pretrained: Path, scorer: Scorer) -> list[dict]:
-    from rl_diffusion.checkpoint import CheckpointManager
+    import torch
+
+    from rl_diffusion.checkpoint import CheckpointManager, load_run
+    from rl_diffusion.evaluation import checkpoint_samples
+    from rl_diffusion.sampling import draw_samples
 
     run = args.runs / algo / f"seed{seed}"
     chains = int(RECIPES[algo][RECIPES[algo].index("--chains") + 1]) if "--chains" in RECIPES[algo] else None
@@ -155,28 +159,16 @@ def our_curve(args, algo: str, seed: int, pretrained: Path, scorer: Scorer) -> l
             str(args.queries // per_epoch),
             *("--checkpoint-every", str(every), "--keep-checkpoints", "1000", "--no-final-eval", "--quiet"),
         )
-    config = json.loads((run / "config.json").read_text())
-    chain = ["--sampler", config["sampler"], "--sampling-steps", str(config["sampling_steps"]), "--eta"]
+    config, cpu = json.loads((run / "config.json").read_text()), torch.device("cpu")
+    chain = {"sampler": config["sampler"], "sampling_steps": config["sampling_steps"], "eta": 1.0}
     history = CheckpointManager(run).load_latest()["train_state"]["history"]
-    drawn = run.parent / f"{run.name}_samples" / "pretrained.npy"
-    if not drawn.exists():
-        drawn.parent.mkdir(parents=True, exist_ok=True)
-        cli("sample", "--run", str(pretrained), "--out", str(drawn), "--num-samples", str(args.samples), *chain, "1")
-    curve = [{"epoch": 0, "reward_queries": 0, "train_seconds": 0.0, **scorer.score(np.load(drawn))}]
-    for path in CheckpointManager(run).paths():
-        epoch = int(path.stem.split("_")[1])
-        at = run.parent / f"{run.name}_samples" / path.stem
-        drawn = at / "samples.npy"
-        if not drawn.exists():
-            (at / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (at / "config.json").write_text((run / "config.json").read_text())
-            (at / "checkpoints" / path.name).write_bytes(path.read_bytes())
-            cli("sample", "--run", str(at), "--out", str(drawn), "--num-samples", str(args.samples), *chain, "1")
+    prior = load_run(pretrained, cpu)
+    drawn = draw_samples(prior.diffusion, prior.model, args.samples, 0, cpu, **chain)
+    curve = [{"epoch": 0, "reward_queries": 0, "train_seconds": 0.0, **scorer.score(drawn)}]
+    for epoch, drawn in checkpoint_samples(run, args.samples, 0, cpu, **chain):
         seconds = sum(h["perf/epoch_seconds"] for h in history[:epoch])
         queries = history[epoch - 1]["reward_queries"]
-        curve.append(
-            {"epoch": epoch, "reward_queries": queries, "train_seconds": seconds, **scorer.score(np.load(drawn))}
-        )
+        curve.append({"epoch": epoch, "reward_queries": queries, "train_seconds": seconds, **scorer.score(drawn)})
     return curve
 
 

@@ -81,6 +81,7 @@ class AdjointMatching(Algorithm):
             a_final = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0) / self.kl_coef
             mean_ref, sigma, adjoint = lean_adjoint(run, pairs, K, a_final)
             target_norm = (sigma.reshape(-1, *[1] * (adjoint.dim() - 1)) * adjoint).flatten(1).norm(dim=1)
+            target_kl = 0.5 * target_norm.square().reshape(K, B_rank).sum(0)  # nats per chain the targets ask for
             target_norm = run.ranks.sum(torch.stack([(target_norm * finite).sum(), finite.sum().float()]))
         sums, count = torch.zeros((), device=run.device), 0
         for _ in range(cfg.inner_epochs):
@@ -100,4 +101,6 @@ class AdjointMatching(Algorithm):
         return {
             "loss/policy": run.ranks.sum(sums).item() / count,
             "adjoint/target_norm": (target_norm[0] / target_norm[1].clamp(min=1)).item(),
+            "adjoint/target_kl_median": target_kl[torch.isfinite(rewards)].median().item(),
+            "adjoint/tilt_kl_bound": ((rewards.max() - rewards.mean()) / self.kl_coef).item(),
         }
