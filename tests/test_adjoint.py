@@ -3,6 +3,7 @@ optimal control are known in closed form, and a short run of the real CLI."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +157,27 @@ def test_non_differentiable_reward_and_memory_are_refused(pretrained_moons, tmp_
     base = ["finetune", "--run", str(pretrained_moons), "--out", str(tmp_path / "x"), "--algo", "adjoint"]
     assert main([*base, "--kl-coef", "1", "--sampler", "ddim", "--eta", "0.5"]) == 2
     assert "memoryless" in capsys.readouterr().err
+
+
+def test_targets_that_ask_more_than_any_tilt_holds_are_refused(pretrained_moons, tmp_path, capsys):
+    """At a small beta the first targets ask for more KL per chain than (max r - mean r) / beta, the most any
+    tilt of the reward holds: one error line naming the gradient, nothing trained; --no-check-targets runs it,
+    and its logged numbers are the ones the check compared."""
+    args = ["finetune", "--run", str(pretrained_moons), "--algo", "adjoint", "--reward", "target_point"]
+    args += ["--reward-arg", "point=[1.5, 1.5]", "--chains", "32", "--epochs", "1", "--no-final-eval", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "refused"), "--kl-coef", "0.003"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --algo adjoint"), err
+    assert "nats per chain" in err[0] and "gradient" in err[0] and "--no-check-targets" in err[0]
+    assert not list((tmp_path / "refused" / "checkpoints").glob("step_*.pt"))
+
+    def logged(out: Path, *flags: str) -> dict:
+        assert main([*args, "--out", str(out), *flags]) == 0
+        return torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["train_state"][
+            "history"
+        ][0]
+
+    steep = logged(tmp_path / "unchecked", "--kl-coef", "0.003", "--no-check-targets")
+    assert steep["adjoint/target_kl_median"] > steep["adjoint/tilt_kl_bound"] > 0
+    mild = logged(tmp_path / "checked", "--kl-coef", "0.3")
+    assert 0 < mild["adjoint/target_kl_median"] < mild["adjoint/tilt_kl_bound"]

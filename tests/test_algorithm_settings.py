@@ -24,7 +24,8 @@ def test_every_setting_is_a_flag_of_its_name_default_and_help():
     for algo, settings in algorithm_settings().items():
         for f in dataclasses.fields(settings):
             action = actions[f.name]
-            assert action.option_strings == ["--" + f.name.replace("_", "-")]
+            flag = f.name.replace("_", "-")
+            assert action.option_strings == ["--" + flag, *(["--no-" + flag] if f.type in (bool, "bool") else [])]
             assert action.help == f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
             assert f.metadata["help"].startswith(f"{algo}: ") and f.name not in config_fields
 

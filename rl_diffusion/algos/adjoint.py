@@ -15,10 +15,13 @@ exact there, and the adjoint's scale: docs/design.md, section 8.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.config import arg
 from rl_diffusion.errors import UserError
 from rl_diffusion.path_kl import Pairs, policy_step
 
@@ -62,6 +65,14 @@ class AdjointMatching(Algorithm):
     uses_kl = True
     defaults = {"kl_coef": 1.0}  # its target is r / beta: the CLI's beta = 0 has none
 
+    @dataclass(frozen=True)
+    class Settings:
+        check_targets: bool = arg(
+            True,
+            "adjoint: stop with an error at the first epoch when its targets ask for more KL per chain (nats, "
+            "median) than any tilt of the reward can hold ((max r - mean r) / beta over that batch)",
+        )
+
     @classmethod
     def validate(cls, config) -> None:
         if config.kl_coef <= 0:
@@ -83,6 +94,11 @@ class AdjointMatching(Algorithm):
             target_norm = (sigma.reshape(-1, *[1] * (adjoint.dim() - 1)) * adjoint).flatten(1).norm(dim=1)
             target_kl = 0.5 * target_norm.square().reshape(K, B_rank).sum(0)  # nats per chain the targets ask for
             target_norm = run.ranks.sum(torch.stack([(target_norm * finite).sum(), finite.sum().float()]))
+        kl_median = run.ranks.gather(target_kl[torch.isfinite(rewards)]).median().item()
+        kept = run.ranks.gather(rewards[torch.isfinite(rewards)])
+        kl_bound = ((kept.max() - kept.mean()) / self.kl_coef).item()
+        if self.epoch == 0 and self.settings.check_targets:
+            self.check_targets(kl_median, kl_bound, run.ranks.gather(grad_norm(grad)).median().item())
         sums, count = torch.zeros((), device=run.device), 0
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(K * B, generator=generator, device=run.device)
@@ -101,6 +117,26 @@ class AdjointMatching(Algorithm):
         return {
             "loss/policy": run.ranks.sum(sums).item() / count,
             "adjoint/target_norm": (target_norm[0] / target_norm[1].clamp(min=1)).item(),
-            "adjoint/target_kl_median": target_kl[torch.isfinite(rewards)].median().item(),
-            "adjoint/tilt_kl_bound": ((rewards.max() - rewards.mean()) / self.kl_coef).item(),
+            "adjoint/target_kl_median": kl_median,
+            "adjoint/tilt_kl_bound": kl_bound,
         }
+
+    def check_targets(self, kl_median: float, kl_bound: float, gradient: float) -> None:
+        """Refuse targets that ask for more than any tilt holds. The optimum's KL is E*[r] / beta - log Z, at
+        most (sup r - E_pre r) / beta (Jensen: log Z >= E_pre r / beta); on the first epoch's chains the targets
+        sigma_k a_{k+1} ask for sum_k ||sigma_k a_{k+1}||^2 / 2 nats per chain. On a reward that steep the
+        regression follows the gradient of E[r | x_k], not of log E[exp(r / beta) | x_k], and overshoots
+        (docs/design.md, section 8: on gmm25's posterior the median asks 137 nats against a bound of 37)."""
+        if kl_median > kl_bound:
+            raise UserError(
+                f"--algo adjoint: its first targets ask for {kl_median:.3g} nats per chain (median), more than "
+                f"any tilt of this reward at beta = {self.kl_coef:g} can hold ({kl_bound:.3g} nats: max r - mean r "
+                f"over the batch, over beta); the reward's gradient is {gradient:.3g} at the median, too steep "
+                "for adjoint matching's regression to be trusted. Raise --kl-coef, use --algo rtb, ddpo-is or "
+                "iw-distill, or pass --no-check-targets to run it anyway"
+            )
+
+
+def grad_norm(grad: Tensor) -> Tensor:
+    """The norm of each sample's reward gradient [B]; non-finite ones count as 0 (they train nothing)."""
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).flatten(1).norm(dim=1)
