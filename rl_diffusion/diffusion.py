@@ -63,6 +63,7 @@ class DenoisingProcess:
     model_type: str  # `config` records it when it is not "ddpm": a checkpoint without one is a DDPM's
     SAMPLERS: tuple[str, ...]  # the first is the default
     DETERMINISTIC: dict  # the keyword arguments of the deterministic sampler (in-training evaluations)
+    POLICY_SAMPLER: str  # the stochastic sampler a policy's chains run by default: every step has a density
 
     def __init__(self, num_timesteps: int, x0_range: tuple | list | None):
         self.num_timesteps = num_timesteps
@@ -235,6 +236,7 @@ class GaussianDiffusion(DenoisingProcess):
     model_type = "ddpm"
     SAMPLERS = ("ddpm", "ddim")
     DETERMINISTIC = {"sampler": "ddim", "eta": 0.0}
+    POLICY_SAMPLER = "ddpm"
 
     def __init__(
         self,

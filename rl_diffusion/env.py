@@ -78,18 +78,18 @@ def _process(
         ) from None
 
 
-def _mode_sampler(action_mode: str, sampler: str | None, eta: float | None) -> tuple[str, float]:
-    """The reverse chain of a mode: DDPM (eta 1) by default, DDIM with eta = 0 for noise (no other choice there)."""
-    if action_mode not in ACTION_MODES:
-        raise UserError(f"unknown action_mode '{action_mode}'; choose one of {', '.join(ACTION_MODES)}")
+def _mode_sampler(action_mode: str, sampler: str | None, eta: float | None, process) -> tuple[str, float]:
+    """The reverse chain of a mode: the process's policy sampler (a DDPM's ddpm, a flow's sde) with eta 1 by
+    default; its deterministic sampler (DDIM with eta = 0, a flow's Euler ODE) for noise, the only choice there."""
     if action_mode == "noise":
-        if sampler not in (None, "ddim") or eta not in (None, 0.0):
+        deterministic = process.DETERMINISTIC["sampler"]
+        if sampler not in (None, deterministic) or eta not in (None, 0.0):
             raise UserError(
-                f"the noise action mode runs DDIM with eta = 0 (x_0 a function of x_T); "
-                f"got sampler={sampler!r}, eta={eta}"
+                f"the noise action mode runs the deterministic {deterministic} sampler (eta = 0: x_0 a function of "
+                f"x_T); got sampler={sampler!r}, eta={eta}"
             )
-        return "ddim", 0.0
-    sampler, eta = sampler or "ddpm", 1.0 if eta is None else eta
+        return deterministic, 0.0
+    sampler, eta = sampler or process.POLICY_SAMPLER, 1.0 if eta is None else eta
     check_sampler(sampler, eta)
     if action_mode == "residual" and is_deterministic(sampler, eta):
         raise UserError(
@@ -122,10 +122,11 @@ class DenoisingVectorEnv(VectorEnv):
             Leave None to pass `diffusion`, `data_shape` (and `eps_model`) instead.
         reward: a reward name, 'package.module:factory' path or entry point (see `rewards`).
         reward_kwargs: keyword arguments of the reward factory.
-        sampler: "ddpm" (all T steps) or "ddim" (`sampling_steps` spaced steps); None: "ddpm", and
-            "ddim" in noise mode (the only choice there).
-        sampling_steps: K for "ddim"; None means all T.
-        eta: DDIM stochasticity; None: 1, and 0 in noise mode (the only choice there). In sample
+        sampler: "ddpm" (all T steps) or "ddim" (`sampling_steps` spaced steps) for a DDPM, "sde" or "euler"
+            for a flow; None: "ddpm" (a flow: "sde"), and the deterministic "ddim" (a flow: "euler") in noise
+            mode (the only choice there).
+        sampling_steps: K for "ddim", "sde" or "euler"; None means all T.
+        eta: DDIM stochasticity (the sde's noise level); None: 1, and 0 in noise mode (the only choice there). In sample
             mode the transition ignores it (the action is the agent's); it is kept so the policy
             acting there knows which reverse step it takes.
         num_envs: N, the number of chains.
@@ -170,7 +171,8 @@ class DenoisingVectorEnv(VectorEnv):
     ):
         if render_mode is not None:
             raise UserError(f"the denoising env has no render modes, got render_mode={render_mode!r}")
-        self.sampler, self.eta = _mode_sampler(action_mode, sampler, eta)
+        if action_mode not in ACTION_MODES:
+            raise UserError(f"unknown action_mode '{action_mode}'; choose one of {', '.join(ACTION_MODES)}")
         if num_envs < 1:
             raise UserError(f"num_envs must be at least 1, got {num_envs}")
         action_bound = ACTION_BOUNDS[action_mode] if action_bound is None else float(action_bound)
@@ -188,6 +190,7 @@ class DenoisingVectorEnv(VectorEnv):
         self.diffusion, self.data_shape, self.num_classes, self.eps_model = _process(
             run, diffusion, data_shape, num_classes, eps_model, action_mode != "sample", self.device
         )
+        self.sampler, self.eta = _mode_sampler(action_mode, sampler, eta, self.diffusion)
         self.timesteps = self.diffusion.timesteps(self.sampler, sampling_steps)  # K decreasing t's, T first
         self.prev_timesteps = self.timesteps[1:] + [0]  # where step k lands
         self.reward = build_reward(reward, reward_kwargs)

@@ -20,6 +20,7 @@ from rl_diffusion.checkpoint import CheckpointManager
 from rl_diffusion.config import arg, config_from_dict
 from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS
 from rl_diffusion.errors import UserError, nearest
+from rl_diffusion.flow import FlowMatching
 from rl_diffusion.precision import check_precision
 from rl_diffusion.processes import check_sampler, is_deterministic, is_memoryless
 
@@ -360,7 +361,7 @@ IMAGE_DEFAULTS = {"sampler": "ddim", "sampling_steps": 20, "eta": 1.0, "kl_coef"
 
 
 # A flow run's chain: the sde (docs/design.md, section 10), with the default --eta 1 its memoryless schedule.
-FLOW_DEFAULTS = {"sampler": "sde"}
+FLOW_DEFAULTS = {"sampler": FlowMatching.POLICY_SAMPLER}
 
 
 def algorithm_settings() -> dict[str, type]:

@@ -34,6 +34,7 @@ class FlowMatching(DenoisingProcess):
     model_type = "flow"
     SAMPLERS = ("euler", "sde")
     DETERMINISTIC = {"sampler": "euler"}
+    POLICY_SAMPLER = "sde"
 
     def __init__(self, num_timesteps: int = 100, x0_range: tuple | list | None = None):
         if num_timesteps < 2:

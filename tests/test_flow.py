@@ -242,3 +242,39 @@ def test_every_native_algorithm_runs_on_a_flow_run_unchanged(algo, flow_moons, t
         assert math.isfinite(epoch["loss/policy"]) and math.isfinite(epoch["reward/mean"])
         assert 0 <= epoch["kl/to_pretrained"] < 50
     assert history[0]["kl/to_pretrained"] == pytest.approx(0.0, abs=1e-4)  # the first chains are the pretrained flow's
+
+
+@pytest.mark.filterwarnings("ignore:.*symmetric and normalized.*", "ignore:.*infinity.*")
+def test_the_env_and_stable_baselines3_take_a_flow_run(flow_moons, tmp_path):
+    """The env runs a flow run's sde by default (its Euler ODE in noise mode) and passes the checkers in every
+    action mode; SB3's diffusion policy scores its actions by the sde's reverse step, and sb3-ppo trains on it."""
+    from stable_baselines3.common.env_checker import check_env
+
+    from rl_diffusion.algos.sb3 import make_ppo
+    from rl_diffusion.env import ACTION_MODES, DenoisingEnv
+    from tests.test_sb3 import make_setup
+
+    for mode in ACTION_MODES:
+        env = DenoisingEnv(run=flow_moons, reward_kwargs={"point": [1.0, 1.0]}, action_mode=mode)
+        assert (env.chains.sampler, env.chains.eta) == (("euler", 0.0) if mode == "noise" else ("sde", 1.0))
+        check_env(env)
+    with pytest.raises(UserError, match="deterministic euler sampler"):
+        DenoisingEnv(run=flow_moons, action_mode="noise", sampler="sde")
+
+    run = make_setup(flow_moons, tmp_path / "ppo", sampler="sde", sampling_steps=5, eta=1.0, chains=8, epochs=1)
+    policy, env = make_ppo(run).policy, make_ppo(run).env.env
+    t = torch.tensor(env.timesteps).repeat_interleave(4)
+    t_prev = torch.tensor(env.prev_timesteps).repeat_interleave(4)
+    g = torch.Generator().manual_seed(0)
+    x, actions = torch.randn(len(t), 2, generator=g), torch.randn(len(t), 2, generator=g)
+    with torch.no_grad():
+        expected = run.diffusion.reverse_step(run.policy(x, t), x, t, t_prev=t_prev, sampler="sde", x_prev=actions)
+        _, log_prob, _ = policy.evaluate_actions({"x": x, "t": t[:, None]}, actions)
+    assert isinstance(run.diffusion, FlowMatching) and torch.isfinite(expected.log_prob).all()
+    torch.testing.assert_close(log_prob, expected.log_prob)
+
+    out = tmp_path / "cli"
+    args = ["finetune", "--run", str(flow_moons), "--out", str(out), "--algo", "sb3-ppo", "--reward", "target_point"]
+    assert main([*args, "--reward-arg", "point=[1,1]", "--chains", "16", "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["sampler"] == "sde"
+    assert math.isfinite(json.loads((out / "metrics.json").read_text())["kl_to_pretrained"])
