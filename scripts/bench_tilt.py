@@ -19,7 +19,8 @@ the flow):
     mode-mass L1 to the exact target is read; the reward queries each seed took to reach --race-level.
 Writes docs/benchmarks/tilt.json (every run, the mean and spread over seeds) and one figure per
 target, docs/figures/tilt_<target>.png (seed 0's samples at beta = 1 over the exact target, a row per model
-type). Resumable: a run whose metrics.json exists is read, not redone.
+type), and for a raced target docs/figures/race_<target>.png (mode-mass L1 against reward queries).
+Resumable: a run whose metrics.json exists is read, not redone.
 
 rwr has no KL weight: each epoch fits p_old exp(r / T), so after E epochs it aims at about
 p_pre exp(E r / T). It runs with T = E beta, the temperature whose compounded tilt is the
@@ -218,6 +219,10 @@ def race_summary(curves: list[list[dict]], level: float) -> dict:
         "mean_queries_of_those_reaching": float(np.mean(hit)) if hit else None,
         "l1_at_equal_queries": {"mean": float(np.mean(at_budget)), "std": float(np.std(at_budget))},
         "l1_at_end": {"mean": float(np.mean(final)), "std": float(np.std(final)), "values": final},
+        "mean_curve": {
+            "reward_queries": [c["reward_queries"] for c in curves[0]],
+            "mode_mass_l1": np.mean([[c["mode_mass_l1"] for c in curve] for curve in curves], 0).tolist(),
+        },
         "curves": curves,
     }
 
@@ -352,6 +357,17 @@ def main() -> int:
         figures.plot_grid(
             rows, figure, title="samples (blue) over the exact tilted target (grey), equal reward queries"
         )
+        if race:  # mode-mass L1 against reward queries, the mean over seeds of each model type and algorithm
+            curves = {k: (r["mean_curve"]["reward_queries"], r["mean_curve"]["mode_mass_l1"]) for k, r in race.items()}
+            floor = next(iter(race.values()))["floor"]
+            figures.plot_curves(
+                curves,
+                Path(args.figures) / f"race_{name}.png",
+                "reward queries",
+                f"mode-mass L1 to the exact target (floor {floor:.3f})",
+                title=f"{name}, beta = 1: the race to {args.race_level} (mean of {args.seeds} seeds)",
+                log_y=True,
+            )
     if Path(args.out).exists():  # targets run earlier (another --only) are kept
         results["targets"] = {**json.loads(Path(args.out).read_text())["targets"], **results["targets"]}
     results["markdown"] = "\n\n".join(markdown(name, r) for name, r in results["targets"].items())
