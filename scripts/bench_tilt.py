@@ -341,6 +341,7 @@ def main() -> int:
                 )
             },
             "pretrained": {k: pre.get(f"{k}_pretrained") for k in ("target_sw2", "target_mmd", "target_mode_mass_l1")},
+            "settings": results["settings"],  # kept with the target: other targets may come from earlier runs
             "runs": table,
             **({"race": race} if race else {}),
         }
