@@ -161,7 +161,7 @@ class DenoisingProcess:
         c: Tensor | None = None,
         sampler: str | None = None,
         sampling_steps: int | None = None,
-        eta: float = 1.0,
+        eta: float | list[float] = 1.0,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         record: bool = False,
@@ -183,10 +183,17 @@ class DenoisingProcess:
 
         `noise_scale` S > 1 draws x_{t-1} = mean + S sigma z, an exploratory chain (off-policy
         training); its log-probs stay those of the real step (sigma).
+
+        `eta` may be one value per step (MixGRPO's chains: stochastic steps in a window, deterministic ones
+        elsewhere); a deterministic step of a chain that has stochastic ones records a log-prob of 0.
         """
         sampler = sampler or self.SAMPLERS[0]
         steps = self.timesteps(sampler, sampling_steps)
         prevs = steps[1:] + [0]
+        etas = list(eta) if isinstance(eta, list | tuple) else [eta] * len(steps)
+        if len(etas) != len(steps):
+            raise ValueError(f"{len(etas)} etas for a chain of {len(steps)} steps")
+        scored = not all(self.is_deterministic(sampler, e) for e in etas)
 
         def standard_normal() -> Tensor:
             z = torch.randn(shape, device=device, generator=generator)
@@ -194,7 +201,7 @@ class DenoisingProcess:
 
         x = standard_normal()
         xs, means, log_probs = [x], [], []
-        for t, t_prev in zip(steps, prevs, strict=True):
+        for t, t_prev, step_eta in zip(steps, prevs, etas, strict=True):
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
             out = self.reverse_step(
                 model(x, t_batch, c),
@@ -202,7 +209,7 @@ class DenoisingProcess:
                 t_batch,
                 t_prev=t_prev,
                 sampler=sampler,
-                eta=eta,
+                eta=step_eta,
                 noise=noise_scale * standard_normal(),
                 log_prob_reduction=log_prob_reduction,
             )
@@ -210,12 +217,12 @@ class DenoisingProcess:
             if record:
                 xs.append(x)
                 means.append(out.mean)
-                log_probs.append(out.log_prob)
+                log_probs.append(out.log_prob if out.log_prob is not None else torch.zeros(len(x), device=device))
         return Trajectory(
             xs=torch.stack(xs) if record else x.unsqueeze(0),
             timesteps=torch.tensor(steps, device=device),
             prev_timesteps=torch.tensor(prevs, device=device),
-            log_probs=torch.stack(log_probs) if record and log_probs[0] is not None else None,
+            log_probs=torch.stack(log_probs) if record and scored else None,
             means=torch.stack(means) if record else None,
             c=c,
         )

@@ -30,6 +30,8 @@ class Pairs:
     log_prob_old: Tensor | None  # [N] log pi_old(x_prev | x_t), recorded while sampling (None: deterministic chain)
     mean_old: Tensor | None = None  # [N, ...] the mean of pi_old, recorded while sampling (None: not recorded)
     c: Tensor | None = None  # [N] class labels of the chains, or None
+    # [N] bool: the pairs whose step was stochastic, where a chain mixes in deterministic steps (MixGRPO); None: all
+    stochastic: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.t)
@@ -97,7 +99,9 @@ def reference_scores(
     deterministic chain (DDIM, eta = 0), which has no density; its KL is still that of the means.
 
     The policy's means and log-probs are those recorded while sampling when the pairs have them (then only the
-    reference is called), else the policy is called (sb3-ppo's rollout buffer keeps no means).
+    reference is called), else the policy is called (sb3-ppo's rollout buffer keeps no means). A chain that mixes
+    in deterministic steps (`pairs.stochastic`) has no density there: those steps count 0, so the KL and the
+    log-ratio are those of its stochastic steps given the states they start from.
     """
 
     def scores(idx: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -108,7 +112,11 @@ def reference_scores(
             mean, log_prob = step.mean, step.log_prob
         else:
             mean, log_prob = pairs.mean_old[idx], pairs.log_prob_old[idx]
-        return kl_to(mean, ref), None if ref.log_prob is None else ref.log_prob - log_prob
+        kl, log_ratio = kl_to(mean, ref), None if ref.log_prob is None else ref.log_prob - log_prob
+        if pairs.stochastic is not None:
+            kl = torch.where(pairs.stochastic[idx], kl, 0.0)
+            log_ratio = None if log_ratio is None else torch.where(pairs.stochastic[idx], log_ratio, 0.0)
+        return kl, log_ratio
 
     with torch.no_grad():
         kl, log_ratio = zip(

@@ -143,7 +143,11 @@ NATIVE = {  # algorithm: its settings on top of the shared ones
     "ddpo-sf": {"kl_coef": 0.1},
     "rwr": {},
     "nft": {"kl_coef": 0.1, "algo_args": {"nft_strength": 0.5, "old_decay_rate": 0.3}},
-    "flow-grpo": {"kl_coef": 0.1, "algo_args": {"group_size": 8, "train_steps": 6, "window_shift": 4}},
+    "flow-grpo": {
+        "kl_coef": 0.1,
+        "sampler": "ddim",
+        "algo_args": {"group_size": 8, "train_steps": 6, "window_shift": 4, "ode_outside_window": True},
+    },
     "awm": {"kl_coef": 0.1},
     "adjoint": {"kl_coef": 1.0},
     "rtb": {"kl_coef": 1.0, "algo_args": {"replay_size": 64}},

@@ -4,6 +4,8 @@ labels in groups."""
 import torch
 
 from rl_diffusion.algos.grpo import FlowGRPO, group_advantages, window_start
+from rl_diffusion.cli import main
+from rl_diffusion.path_kl import policy_step, reference_scores
 from tests.test_kl_objective import A, D, NoStep, batch_of, closed_form_setup
 
 
@@ -71,3 +73,38 @@ def test_a_class_conditional_models_labels_come_in_blocks_of_the_group_size():
     _, _, c = FlowGRPO(run).sample(torch.Generator().manual_seed(0))
     c = c.tolist()
     assert len(c) == 12 and all(len(set(c[i : i + 4])) == 1 for i in (0, 4, 8)) and len(set(c)) > 1
+
+
+def test_ode_outside_the_window_steps_deterministically_and_the_path_kl_counts_the_window():
+    """MixGRPO's chains: --eta in the window of trained steps (scored by the one reverse step), eta = 0 elsewhere
+    (x_prev is the mean, no density); the path KL counts the window's steps only."""
+    settings = {"group_size": 4, "train_steps": 3, "window_shift": 2, "ode_outside_window": True}
+    run = closed_form_setup(0.1, algo="flow-grpo", chains=8, sampler="ddim", sampling_steps=10, algo_args=settings)
+    run.data_shape = (D,)
+    with torch.no_grad():  # a policy away from the reference, so that every step's KL is positive
+        run.policy.theta.normal_(generator=torch.Generator().manual_seed(0))
+    algo = FlowGRPO(run)
+    algo.epoch = 3  # the window starts at 3 * 2 = 6 of the 8 possible starts: steps 6, 7, 8
+    assert algo.step_etas() == [0.0] * 6 + [1.0] * 3 + [0.0]
+    pairs, _, _ = algo.sample(torch.Generator().manual_seed(1))
+    K, B = 10, 8
+    window = torch.tensor([k in (6, 7, 8) for k in range(K)])
+    assert pairs.stochastic.reshape(K, B).equal(window[:, None].expand(K, B))
+    moved = (pairs.x_prev - pairs.mean_old).norm(dim=1).reshape(K, B)
+    assert (moved[~window] == 0).all() and (moved[window] > 0).all()
+    assert (pairs.log_prob_old.reshape(K, B)[~window] == 0).all()
+    rows = algo.training_rows(K, B, torch.Generator())
+    assert rows.tolist() == list(range(6 * B, 9 * B))
+    with torch.no_grad():
+        step = policy_step(run.diffusion, run.config, run.policy, pairs, rows)
+    torch.testing.assert_close(step.log_prob, pairs.log_prob_old[rows])
+    kl, log_ratio = reference_scores(run.diffusion, run.config, run.policy, run.reference, pairs, K)
+    assert (kl[~window] == 0).all() and (kl[window] > 0).all() and (log_ratio[~window] == 0).all()
+
+
+def test_ode_outside_the_window_needs_a_window_and_a_sampler_with_a_deterministic_eta_0(pretrained_moons, tmp_path):
+    args = ["finetune", "--run", str(pretrained_moons), "--out", str(tmp_path / "x"), "--algo", "flow-grpo"]
+    args += ["--reward", "target_point", "--ode-outside-window"]
+    assert main([*args, "--sampler", "ddim"]) == 2
+    assert main([*args, "--train-steps", "4"]) == 2  # the default ddpm sampler has no deterministic eta
+    assert not (tmp_path / "x").exists()

@@ -148,8 +148,13 @@ def test_ddpo_is_resumed_from_a_mid_run_checkpoint_is_bit_identical(pretrained_m
     [
         ("awm", ["--kl-coef", "0.1"]),
         ("nft", ["--kl-coef", "0.1", "--nft-strength", "0.5", "--old-decay-rate", "0.3"]),  # the old policy averaged
-        # the window of trained steps moves each epoch: the resumed epochs continue where it was
-        ("flow-grpo", ["--kl-coef", "0.1", "--group-size", "4", "--train-steps", "5", "--window-shift", "3"]),
+        # the window of trained steps moves each epoch: the resumed epochs continue where it was, and so do the
+        # deterministic steps outside it
+        (
+            "flow-grpo",
+            ["--kl-coef", "0.1", "--group-size", "4", "--train-steps", "5", "--window-shift", "3"]
+            + ["--sampler", "ddim", "--ode-outside-window"],
+        ),
         ("adjoint", ["--kl-coef", "1"]),
         ("rtb", ["--kl-coef", "1", "--replay-size", "32"]),
         ("draft", ["--kl-coef", "0.1", "--draft-steps", "5"]),

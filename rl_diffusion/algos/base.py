@@ -106,6 +106,9 @@ class Algorithm:
         if num_classes and not cfg.null_label:
             c = torch.randint(0, num_classes, (chains // block,), generator=generator, device=run.device)
             c = c.repeat_interleave(block)[shard]
+        sampling, etas = cfg.sampling, self.step_etas()
+        if etas is not None:
+            sampling = {**sampling, "eta": etas}
         # no_grad, not inference_mode: these tensors are inputs to the update's autograd graph.
         with torch.no_grad():
             traj = run.diffusion.sample(
@@ -118,9 +121,18 @@ class Algorithm:
                 log_prob_reduction=cfg.log_prob_reduction,
                 shard=shard,
                 noise_scale=noise_scale,
-                **cfg.sampling,
+                **sampling,
             )
-        return Pairs.from_trajectory(traj), traj.xs[-1], c
+        pairs = Pairs.from_trajectory(traj)
+        if etas is not None:
+            stochastic = [not run.diffusion.is_deterministic(cfg.sampler, eta) for eta in etas]
+            pairs.stochastic = torch.tensor(stochastic, device=run.device).repeat_interleave(traj.xs.shape[1])
+        return pairs, traj.xs[-1], c
+
+    def step_etas(self) -> list[float] | None:
+        """The eta of each step of this epoch's chains, where they differ from step to step (None: --eta at every
+        step)."""
+        return None
 
     def update(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         """Train on the batch; returns TensorBoard scalars, at least "loss/policy"."""

@@ -6,9 +6,9 @@ b of group g the advantage is A_b = (r_b - mean_g r) / std_g r, the same at ever
 is PPO's clipped surrogate of A_b plus beta kl_k, kl_k = ||mu_theta - mu_ref||^2 / (2 sigma_k^2) the step's KL
 to the reference (no KL in the advantage). --train-steps W trains on W consecutive steps of each chain: the
 first W (Flow-GRPO-Fast), or, with --window-shift S, a window that moves S steps later each epoch and starts
-over at the chain's start (MixGRPO's schedule). The chain itself stays stochastic at every step, so its path
-KL is exact: the ODE steps outside the window that MixGRPO and Flow-GRPO-Fast sample with are not used here.
-docs/design.md, section 8.
+over at the chain's start (MixGRPO's schedule). By default the chain stays stochastic at every step, so its path
+KL is exact; --ode-outside-window samples the steps outside the window deterministically (eta = 0: the flow's
+ODE, or DDIM), as MixGRPO does, and the path KL then counts the window's steps only. docs/design.md, section 8.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from rl_diffusion.algos.base import Batch
 from rl_diffusion.algos.ddpo import ImportanceSampling
 from rl_diffusion.config import arg
 from rl_diffusion.errors import UserError
+from rl_diffusion.processes import is_deterministic
 
 STD_FLOOR = 1e-4  # a group of equal rewards gets advantages of 0, not 0 / 0
 
@@ -52,6 +53,11 @@ class FlowGRPO(ImportanceSampling):
         window_shift: int = arg(
             0, "flow-grpo: steps the trained window moves per epoch (0 = the first --train-steps: Flow-GRPO-Fast)"
         )
+        ode_outside_window: bool = arg(
+            False,
+            "flow-grpo: sample the steps outside the trained window with eta = 0 (the flow's ODE, or DDIM), as "
+            "MixGRPO does; the path KL then counts the window's steps only",
+        )
 
     @classmethod
     def validate(cls, config) -> None:
@@ -64,6 +70,13 @@ class FlowGRPO(ImportanceSampling):
             raise UserError("--train-steps and --window-shift must be >= 0")
         if settings.window_shift and not settings.train_steps:
             raise UserError("--window-shift moves the window of --train-steps: give --train-steps too")
+        if settings.ode_outside_window and not settings.train_steps:
+            raise UserError("--ode-outside-window samples the steps outside the window of --train-steps: give it too")
+        if settings.ode_outside_window and not is_deterministic(config.sampler, 0.0):
+            raise UserError(
+                f"--ode-outside-window needs a sampler that is deterministic at eta = 0 (sde, ddim), got "
+                f"--sampler {config.sampler}"
+            )
 
     @classmethod
     def validate_chain(cls, config, steps_per_chain: int) -> None:
@@ -81,7 +94,20 @@ class FlowGRPO(ImportanceSampling):
         adv = group_advantages(batch.rewards, self.settings.group_size, self.run.config.adv_clip)
         return adv.expand(batch.K, -1), torch.ones_like(adv)  # the KL term is not scaled
 
-    def training_rows(self, K: int, B: int, generator: torch.Generator) -> Tensor:
+    def window(self, K: int) -> range:
+        """The steps trained this epoch, of a chain of K."""
         W = self.settings.train_steps or K
         start = window_start(self.epoch, K, W, self.settings.window_shift)
-        return torch.arange(start * B, (start + W) * B, device=self.run.device)
+        return range(start, start + W)
+
+    def training_rows(self, K: int, B: int, generator: torch.Generator) -> Tensor:
+        steps = self.window(K)
+        return torch.arange(steps.start * B, steps.stop * B, device=self.run.device)
+
+    def step_etas(self) -> list[float] | None:
+        """With --ode-outside-window: --eta in the window, 0 elsewhere."""
+        if not self.settings.ode_outside_window:
+            return None
+        K, eta = self.run.steps_per_chain, self.run.config.eta
+        steps = self.window(K)
+        return [eta if k in steps else 0.0 for k in range(K)]
