@@ -22,6 +22,7 @@ def epoch_ceiling(cfg: FinetuneConfig, out: Path, epochs: int) -> dict:
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
 
     def epoch(k: int) -> None:
+        algo.epoch = k  # the clock of exploration schedules and moving windows, as the loop keeps it
         batch, _ = loop.collect(run, algo, generator, k)
         algo.update(batch, generator)
 
