@@ -66,6 +66,14 @@ def label_shares(labels: torch.Tensor, weights: torch.Tensor | None = None) -> n
     return (shares / shares.sum()).numpy()
 
 
+def setting_value(text: str):
+    """A --set value: JSON (numbers, lists, true), else the text itself (sampler=ddpm)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="an unconditional pretrained run on grey digit images")
@@ -90,7 +98,10 @@ def main() -> int:
     classifier = load_digit_classifier().to(device)
     asked = [int(d) for d in args.digits.split(",")]
     prefix = "posterior" if args.digits == "0,2,4,6,8" else "digit" + "".join(map(str, asked))  # figures' names
-    settings = {k.replace("-", "_"): json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if bad := [item for item in args.set if "=" not in item]:
+        print(f"error: --set takes FLAG=VALUE, got {bad[0]!r}", file=sys.stderr)
+        return 2
+    settings = {k.replace("-", "_"): setting_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     spec = {"reward": "digit_classifier", "reward_args": {"digit": asked}}
     reward = build_reward(spec["reward"], spec["reward_args"])
 
