@@ -7,7 +7,7 @@ An unconditional digits prior p_pre, the reward r(x) = log p(asked | x) of the d
 (`digit_classifier digit=[0,2,4,6,8]` for --digits 0,2,4,6,8, the even digits) and beta = 1: the
 KL-regularised optimum p_pre(x) p(asked | x) / Z is the prior restricted to the asked digits, in the
 prior's own proportions and with its own variety. Each entry ALGO@BETA of --runs fine-tunes the prior
-at that beta on the algorithm's image defaults (finetune.IMAGE_DEFAULTS: 20 DDIM steps with eta = 1,
+at that beta on the algorithm's image defaults (finetune.IMAGE_DEFAULTS: 50 DDIM steps with eta = 1,
 128 chains, 30 epochs, under the algorithm's own), then draws --num-samples samples on the run's own
 chain and reports, beside the prior's:
 

@@ -200,7 +200,8 @@ def test_finetuning_with_the_digit_classifier_raises_that_digits_share(
     # took the share from 0.12 to 0.40 (beta = 0 went further, by fooling the classifier)
     assert after > before + 0.2
     config = json.loads((out / "config.json").read_text())
-    assert (config["sampler"], config["sampling_steps"], config["kl_coef"]) == ("ddim", 20, 1.0)
+    # 50 DDIM steps, or all T where T is shorter (the tiny prior's T is 20)
+    assert (config["sampler"], config["sampling_steps"], config["kl_coef"]) == ("ddim", 0, 1.0)
     assert metrics["reward_mean"] > metrics["reward_mean_pretrained"] + 1.0
     for name in ("samples_before.png", "samples_after.png"):
         with Image.open(out / "figures" / name) as grid:
