@@ -48,6 +48,8 @@ class Trajectory:
     log_probs: Tensor | None  # [K, B]: log pi(xs[k + 1] | xs[k], timesteps[k])
     means: Tensor | None = None  # [K, B, ...]: the policy's mean mu(xs[k], timesteps[k]) at step k
     c: Tensor | None = None  # [B] class labels the chains were conditioned on
+    # [K] bool: the stochastic steps, where a chain mixes in deterministic ones (one eta per step); None: not mixed
+    stochastic: Tensor | None = None
 
 
 class DenoisingProcess:
@@ -193,7 +195,8 @@ class DenoisingProcess:
         etas = list(eta) if isinstance(eta, list | tuple) else [eta] * len(steps)
         if len(etas) != len(steps):
             raise ValueError(f"{len(etas)} etas for a chain of {len(steps)} steps")
-        scored = not all(self.is_deterministic(sampler, e) for e in etas)
+        stochastic = [not self.is_deterministic(sampler, e) for e in etas]
+        scored = any(stochastic)
 
         def standard_normal() -> Tensor:
             z = torch.randn(shape, device=device, generator=generator)
@@ -225,6 +228,7 @@ class DenoisingProcess:
             log_probs=torch.stack(log_probs) if record and scored else None,
             means=torch.stack(means) if record else None,
             c=c,
+            stochastic=torch.tensor(stochastic, device=device) if scored and not all(stochastic) else None,
         )
 
 

@@ -47,6 +47,7 @@ class Pairs:
             log_prob_old=None if traj.log_probs is None else traj.log_probs.flatten(),
             mean_old=None if traj.means is None else traj.means.flatten(0, 1),
             c=None if traj.c is None else traj.c.repeat(len(traj.timesteps)),
+            stochastic=None if traj.stochastic is None else traj.stochastic.repeat_interleave(B),
         )
 
     def select(self, keep: Tensor) -> Pairs:

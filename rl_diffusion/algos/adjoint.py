@@ -87,18 +87,20 @@ class AdjointMatching(Algorithm):
         last = slice((K - 1) * B_rank, K * B_rank)  # this rank's x_K: the last step's actions
         rewards, grad = run.reward.gradient(pairs.x_prev[last], None if pairs.c is None else pairs.c[last])
         # a gradient that is non-finite where the reward was not: that chain is left out of the loss
-        finite = torch.isfinite(rewards).repeat(K)
+        finite_chains = torch.isfinite(rewards)
+        finite = finite_chains.repeat(K)
         with torch.no_grad():
             a_final = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0) / self.kl_coef
             mean_ref, sigma, adjoint = lean_adjoint(run, pairs, K, a_final)
             target_norm = (sigma.reshape(-1, *[1] * (adjoint.dim() - 1)) * adjoint).flatten(1).norm(dim=1)
             target_kl = 0.5 * target_norm.square().reshape(K, B_rank).sum(0)  # nats per chain the targets ask for
             target_norm = run.ranks.sum(torch.stack([(target_norm * finite).sum(), finite.sum().float()]))
-        kl_median = run.ranks.gather(target_kl[torch.isfinite(rewards)]).median().item()
-        kept = run.ranks.gather(rewards[torch.isfinite(rewards)])
+        kl_median = run.ranks.gather(target_kl[finite_chains]).median().item()
+        kept = run.ranks.gather(rewards[finite_chains])
         kl_bound = ((kept.max() - kept.mean()) / self.kl_coef).item()
         if self.epoch == 0 and self.settings.check_targets:
-            self.check_targets(kl_median, kl_bound, run.ranks.gather(grad_norm(grad)).median().item())
+            gradient = run.ranks.gather(a_final.flatten(1).norm(dim=1) * self.kl_coef).median().item()
+            self.check_targets(kl_median, kl_bound, gradient)
         sums, count = torch.zeros((), device=run.device), 0
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(K * B, generator=generator, device=run.device)
@@ -135,8 +137,3 @@ class AdjointMatching(Algorithm):
                 "for adjoint matching's regression to be trusted. Raise --kl-coef, use --algo rtb, ddpo-is or "
                 "iw-distill, or pass --no-check-targets to run it anyway"
             )
-
-
-def grad_norm(grad: Tensor) -> Tensor:
-    """The norm of each sample's reward gradient [B]; non-finite ones count as 0 (they train nothing)."""
-    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).flatten(1).norm(dim=1)

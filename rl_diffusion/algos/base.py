@@ -123,11 +123,7 @@ class Algorithm:
                 noise_scale=noise_scale,
                 **sampling,
             )
-        pairs = Pairs.from_trajectory(traj)
-        if etas is not None:
-            stochastic = [not run.diffusion.is_deterministic(cfg.sampler, eta) for eta in etas]
-            pairs.stochastic = torch.tensor(stochastic, device=run.device).repeat_interleave(traj.xs.shape[1])
-        return pairs, traj.xs[-1], c
+        return Pairs.from_trajectory(traj), traj.xs[-1], c
 
     def step_etas(self) -> list[float] | None:
         """The eta of each step of this epoch's chains, where they differ from step to step (None: --eta at every
