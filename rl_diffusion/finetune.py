@@ -22,7 +22,7 @@ from rl_diffusion.diffusion import LOG_PROB_REDUCTIONS
 from rl_diffusion.errors import UserError, nearest
 from rl_diffusion.flow import FlowMatching
 from rl_diffusion.precision import check_precision
-from rl_diffusion.processes import check_sampler, is_deterministic, is_memoryless
+from rl_diffusion.processes import check_sampler, deterministic_sampler, is_deterministic, is_memoryless
 
 AGENT_ACTION_MODES = ("residual", "noise")
 
@@ -69,7 +69,7 @@ class FinetuneConfig:
     action_mode: str = arg(
         "residual",
         "sb3-sac, sb3-td3, sb3-a2c, sb3-ppo-mlp: residual (shift each pretrained step's mean, in units "
-        "of its sigma) | noise (choose x_T of deterministic DDIM over --sampling-steps)",
+        "of its sigma) | noise (choose x_T of the deterministic sampler, DDIM or a flow's ODE, over --sampling-steps)",
     )
     chains: int = arg(256, "denoising chains sampled per epoch (the batch; SB3: parallel envs)")
     epochs: int = arg(30, "sampling rounds")
@@ -199,7 +199,7 @@ class FinetuneConfig:
         elif self.eta <= 0:
             raise UserError(
                 "--eta must be > 0: a deterministic chain has no log-prob to train "
-                "(noise mode runs DDIM with eta 0 by itself)"
+                "(noise mode runs the deterministic sampler by itself)"
             )
         elif is_deterministic(self.sampler, self.eta):
             raise UserError(f"--sampler {self.sampler} is deterministic: no log-prob to train; use --sampler sde")
@@ -344,10 +344,15 @@ class FinetuneConfig:
     def sampling(self) -> dict:
         """Keyword arguments of GaussianDiffusion.sample/reverse_step for the chain the run samples with.
 
-        Noise mode runs DDIM with eta = 0 over --sampling-steps, whatever --sampler and --eta say.
+        Noise mode runs the deterministic sampler of --sampler's process (DDIM with eta = 0; a flow's Euler ODE)
+        over --sampling-steps, whatever --eta says.
         """
         if self.algo in AGENT_ALGOS and self.action_mode == "noise":
-            return {"sampler": "ddim", "sampling_steps": self.sampling_steps or None, "eta": 0.0}
+            return {
+                "sampler": deterministic_sampler(self.sampler),
+                "sampling_steps": self.sampling_steps or None,
+                "eta": 0.0,
+            }
         return {"sampler": self.sampler, "sampling_steps": self.sampling_steps or None, "eta": self.eta}
 
 

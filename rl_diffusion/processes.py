@@ -43,6 +43,12 @@ def is_memoryless(sampler: str, eta: float) -> bool:
     return _process_of(sampler).is_memoryless(sampler, eta)
 
 
+def deterministic_sampler(sampler: str) -> str:
+    """The deterministic sampler of the process `sampler` belongs to: DDIM (at eta = 0) for a DDPM's, Euler (the
+    ODE) for a flow's."""
+    return _process_of(sampler).DETERMINISTIC["sampler"]
+
+
 def is_deterministic(sampler: str, eta: float) -> bool:
     """Whether every step's sigma is 0: no log-prob to train, and no path KL."""
     return _process_of(sampler).is_deterministic(sampler, eta)

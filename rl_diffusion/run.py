@@ -25,7 +25,7 @@ from pretrain.data import EVAL_DATA_SEED, data_of_checkpoint, reference_draws
 from rewards import Reward, RewardError, build_reward, fingerprint_changes, finite_mean
 from rewards.remote import served
 from rl_diffusion import distributed, figures, lora
-from rl_diffusion.algos import AGENT_ALGOS, NATIVE, algorithm
+from rl_diffusion.algos import NATIVE, algorithm
 from rl_diffusion.checkpoint import CheckpointManager, LoadedRun, load_run, prepare_run_dir, read_run_config
 from rl_diffusion.config import to_markdown_table
 from rl_diffusion.diffusion import DenoisingProcess
@@ -118,11 +118,6 @@ def setup(config: FinetuneConfig, out: Path, overwrite: bool = False, resume: bo
         raise UserError(f"--run {config.run} is a {pretrained.checkpoint['kind']} run; fine-tune from a pretrain run")
     if config.null_label and not pretrained.checkpoint["model_config"].get("num_classes"):
         raise UserError(f"--null-label needs a class-conditional model; --run {config.run} has no labels")
-    if config.algo in AGENT_ALGOS and config.action_mode == "noise" and pretrained.diffusion.model_type == "flow":
-        raise UserError(
-            f"--action-mode noise steers deterministic DDIM, a DDPM sampler; --run {config.run} is a flow run: "
-            "use --action-mode residual"
-        )
     out = Path(out)
     data_shape = tuple(pretrained.checkpoint["data"]["shape"])
     reward, eval_rewards = checked_rewards(config, out, resume, pretrained, data_shape, device)

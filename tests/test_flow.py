@@ -16,6 +16,7 @@ from rl_diffusion.checkpoint import CheckpointManager, load_run
 from rl_diffusion.cli import main
 from rl_diffusion.diffusion import GaussianDiffusion, gaussian_log_prob
 from rl_diffusion.errors import UserError
+from rl_diffusion.finetune import config_for
 from rl_diffusion.flow import FlowMatching
 from rl_diffusion.metrics import gaussian_fit, sample_quality
 from rl_diffusion.processes import is_memoryless
@@ -206,8 +207,7 @@ def test_flow_pretraining_through_the_cli_resumes_bit_identical_and_samples(flow
 
 def test_ddpo_is_on_the_sde_of_a_flow_run_raises_the_reward(flow_moons, tmp_path, capsys):
     """finetune on a flow run takes its memoryless sde by default and climbs the reward as on a DDPM; the ODE,
-    which has no log-prob, a DDPM sampler and the agents' noise mode (DDIM) are refused before anything is
-    written."""
+    which has no log-prob, and a DDPM sampler are refused before anything is written."""
     args = ["--run", str(flow_moons), "--reward", "target_point", "--reward-arg", "point=[1,1]", "--quiet"]
     out = tmp_path / "ddpo"
     assert main(["finetune", "--out", str(out), *args, "--chains", "64", "--epochs", "8", "--eval-samples", "500"]) == 0
@@ -219,7 +219,6 @@ def test_ddpo_is_on_the_sde_of_a_flow_run_raises_the_reward(flow_moons, tmp_path
     for name, flags, message in (
         ("euler", ["--sampler", "euler"], "--sampler euler is deterministic: --algo ddpo-is scores actions on a"),
         ("ddpm", ["--sampler", "ddpm"], "unknown sampler 'ddpm' for a flow run; choose one of euler, sde"),
-        ("noise", ["--algo", "sb3-sac", "--action-mode", "noise"], "--action-mode noise steers deterministic DDIM"),
     ):
         assert main(["finetune", "--out", str(tmp_path / name), *args, *flags]) == 2
         assert capsys.readouterr().err.strip().startswith(f"error: {message}")
@@ -247,7 +246,8 @@ def test_every_native_algorithm_runs_on_a_flow_run_unchanged(algo, flow_moons, t
 @pytest.mark.filterwarnings("ignore:.*symmetric and normalized.*", "ignore:.*infinity.*")
 def test_the_env_and_stable_baselines3_take_a_flow_run(flow_moons, tmp_path):
     """The env runs a flow run's sde by default (its Euler ODE in noise mode) and passes the checkers in every
-    action mode; SB3's diffusion policy scores its actions by the sde's reverse step, and sb3-ppo trains on it."""
+    action mode; SB3's diffusion policy scores its actions by the sde's reverse step, sb3-ppo trains on it, and
+    an agent steers the ODE's x_T in noise mode."""
     from stable_baselines3.common.env_checker import check_env
 
     from rl_diffusion.algos.sb3 import make_ppo
@@ -278,3 +278,11 @@ def test_the_env_and_stable_baselines3_take_a_flow_run(flow_moons, tmp_path):
     assert main([*args, "--reward-arg", "point=[1,1]", "--chains", "16", "--epochs", "2", "--quiet"]) == 0
     assert json.loads((out / "config.json").read_text())["sampler"] == "sde"
     assert math.isfinite(json.loads((out / "metrics.json").read_text())["kl_to_pretrained"])
+
+    noise = ["--algo", "sb3-ppo-mlp", "--action-mode", "noise"]
+    config = config_for({"run": str(flow_moons), "algo": "sb3-ppo-mlp", "action_mode": "noise"})
+    assert config.sampling == {"sampler": "euler", "sampling_steps": None, "eta": 0.0}  # DDIM on a DDPM run
+    out = tmp_path / "noise"
+    args = ["finetune", "--run", str(flow_moons), "--out", str(out), *noise, "--reward", "target_point", "--quiet"]
+    assert main([*args, "--reward-arg", "point=[1,1]", "--chains", "8", "--sampling-steps", "5", "--epochs", "2"]) == 0
+    assert math.isfinite(json.loads((out / "metrics.json").read_text())["reward_mean"])
