@@ -77,6 +77,11 @@ class FinetuneConfig:
         0, "budget in denoising steps (chains x steps per chain x epochs); overrides --epochs when > 0"
     )
     lr: float = arg(1e-3, "AdamW learning rate of the policy")
+    lr_decay: float = arg(
+        0.0,
+        "native: the last fraction of the run's epochs over which every learning rate falls linearly towards 0 "
+        "(0 = constant)",
+    )
     clip_range: float = arg(0.2, "PPO clip on the ratio pi/pi_old (log-prob units: see --log-prob-reduction)")
     adv_clip: float = arg(5.0, "clip standardised advantages to [-adv_clip, adv_clip]")
     inner_epochs: int = arg(
@@ -179,6 +184,8 @@ class FinetuneConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 < self.timestep_fraction <= 1:
             raise UserError(f"--timestep-fraction must be in (0, 1], got {self.timestep_fraction}")
+        if not 0 <= self.lr_decay <= 1:
+            raise UserError(f"--lr-decay must be in [0, 1] (0 = a constant learning rate), got {self.lr_decay}")
         if self.kl_coef < 0:
             raise UserError(f"--kl-coef must be >= 0, got {self.kl_coef}")
         if self.kl_target:
@@ -293,6 +300,7 @@ class FinetuneConfig:
             "--skip-nonfinite-rewards": self.skip_nonfinite_rewards,
             "--on-reward-failure skip": self.on_reward_failure == "skip",
             "--null-label": self.null_label,
+            "--lr-decay": self.lr_decay > 0,
             # sb3-ppo's policy is the diffusion model, whose log-probs the flag reduces; the agents' are SB3's own
             "--log-prob-reduction": self.algo in AGENT_ALGOS and self.log_prob_reduction != "sum",
         }

@@ -2,13 +2,16 @@
 
     python scripts/bench_reference.py --reference PATH/TO/diffusion-finetuning [--reference-python PYTHON]
         [--algos rtb iw-distill] [--seeds 3] [--queries 340000] [--samples 2000] [--out docs/benchmarks/reference.json]
+    python scripts/bench_reference.py --algos rtb --keep-curves docs/benchmarks/reference.json   # earlier curves kept
 
 The reference is the authors' code (GitHub GFNOrg/diffusion-finetuning, folder rtb_diffusion), in a checkout the
 user made; nothing of it is in this repository. It runs in its own process (its folder as the working directory,
 `--reference-python`, which must import torch and einops) under a driver written here that calls its model, its
 optimiser and its loss as its `finetune_posterior.py --method rtb` does (its pretrained prior and optimiser state,
 batch --reference-batch, exploration std 0.5 for 500 iterations then decayed to 0 at 4,500) and saves samples of
-its policy every --every reward queries.
+its policy every --every reward queries. It takes 12 to 19 minutes a seed on 2 cores; `--keep-curves` keeps the
+curves of an earlier JSON of this script that this run does not make (the reference's, earlier settings' under
+the names they were given there), scored with the same --queries, --every and --samples.
 
 Ours: the default `pretrain` of gmm25, then `finetune --reward gmm_posterior --kl-coef 1` per algorithm with the
 flags of RECIPES, checkpointed as often; each checkpoint's policy draws --samples samples with the run's own chain.
@@ -39,12 +42,10 @@ from rl_diffusion.targets import exact_target  # noqa: E402
 REFERENCE_SCALE = 5.0  # its grid is {-10, ..., 10}; gmm25's is {-2, ..., 2}
 TARGET_SEED = 2024
 RECIPES = {  # flags over the CLI's defaults
-    # the reference's recipe in this project's terms: 100 chains a step, lr 1e-3, log Z lr 0.1, no clipping,
-    # exploration sigma x 2.45 (its std 0.5 over the policy's 0.224) held 500 steps then decayed over 4,000
-    "rtb": [
-        *("--chains", "100", "--sampler", "ddim", "--sampling-steps", "100", "--lr", "1e-3", "--log-z-lr", "0.1"),
-        *("--grad-clip", "0", "--explore-scale", "2.45", "--explore-epochs", "500", "--explore-decay-epochs", "4000"),
-    ],
+    # the reference's batch (100 chains a step) and a chain of its length (100 DDIM steps); rtb's own defaults are
+    # the rest of its recipe (lr 1e-3, log Z lr 0.1, no clipping, exploration sigma x 2.45 held 500 steps then
+    # decayed over 4,000) with the Huber balance; measured with the learning rate falling over the last 40%
+    "rtb": ["--chains", "100", "--sampler", "ddim", "--sampling-steps", "100", "--lr-decay", "0.4"],
     "iw-distill": [],
     "ddpo-is": ["--sampler", "ddim", "--sampling-steps", "50"],
 }
@@ -172,6 +173,19 @@ def our_curve(args, algo: str, seed: int, pretrained: Path, scorer: Scorer) -> l
     return curve
 
 
+def earlier_curves(path: Path, queries: int, samples: int, every: int) -> dict[str, list[list[dict]]]:
+    """Every curve of an earlier JSON of this script, by name, if it was scored as this run scores (ValueError if
+    not; a JSON that does not record --every was written at the default)."""
+    try:
+        earlier = json.loads(path.read_text())
+        curves = earlier["curves"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--keep-curves {path}: no curves in it ({e})") from None
+    if (earlier.get("queries"), earlier.get("samples"), earlier.get("every", 25_000)) != (queries, samples, every):
+        raise ValueError(f"--keep-curves {path} was scored at other --queries, --samples or --every")
+    return curves
+
+
 def spread(curves: list[list[dict]], key: str) -> dict:
     """Mean and standard deviation over seeds at each point the seeds share."""
     n = min(len(c) for c in curves)
@@ -242,6 +256,7 @@ def main() -> int:
     p.add_argument("--reference", type=Path, default=None, help="checkout of GFNOrg/diffusion-finetuning (optional)")
     p.add_argument("--reference-python", default=sys.executable, help="interpreter for the reference (torch, einops)")
     p.add_argument("--reference-batch", type=int, default=100, help="the reference's chains per step (its own: 500)")
+    p.add_argument("--keep-curves", type=Path, default=None, help="an earlier JSON whose other curves are kept")
     p.add_argument("--algos", nargs="*", default=["rtb", "iw-distill"], choices=sorted(RECIPES))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--reference-seeds", type=int, default=None, help="seeds of the reference (default: --seeds)")
@@ -255,19 +270,28 @@ def main() -> int:
     if args.reference is not None and not (args.reference / "rtb_diffusion" / "finetune_posterior.py").exists():
         print(f"error: {args.reference} is not a checkout of GFNOrg/diffusion-finetuning", file=sys.stderr)
         return 2
+    kept = {}
+    if args.keep_curves is not None:
+        try:
+            kept = earlier_curves(args.keep_curves, args.queries, args.samples, args.every)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     scorer = Scorer(args.samples)
     pretrained = args.runs / "pretrained_gmm25"
     if not (pretrained / "metrics.json").exists():
         cli("pretrain", "--dataset", "gmm25", "--out", str(pretrained), "--overwrite", "--quiet")
-    results = {"queries": args.queries, "samples": args.samples, "floor": scorer.floor, "curves": {}}
+    results = {"queries": args.queries, "samples": args.samples, "every": args.every, "floor": scorer.floor}
+    results["curves"] = {}
     started = time.perf_counter()
     for algo in args.algos:
         name = f"{algo} (this project)"
         results["curves"][name] = [our_curve(args, algo, seed, pretrained, scorer) for seed in range(args.seeds)]
     if args.reference is not None:
-        name = f"reference rtb (batch {args.reference_batch})"
         seeds = args.seeds if args.reference_seeds is None else args.reference_seeds
+        name = f"reference rtb (batch {args.reference_batch})"
         results["curves"][name] = [reference_curve(args, seed, scorer) for seed in range(seeds)]
+    results["curves"] = {**{k: v for k, v in kept.items() if k not in results["curves"]}, **results["curves"]}
     for name, curves in results["curves"].items():
         last = [c[-1] for c in curves]
         l1 = ", ".join(f"{c['mode_mass_l1']:.3f}" for c in last)

@@ -64,7 +64,10 @@ ALGO_FLAGS: dict[str, list[str]] = {
     "rwr": [],
     "awm": [],
     "adjoint": ["--no-check-targets"],  # the race measures what it does where it would refuse (gmm25)
-    "rtb": ["--lr", "3e-3", "--log-z-lr", "0.3", "--explore-scale", "1.5", "--replay-size", "1024"],
+    "rtb": [
+        *("--lr", "3e-3", "--log-z-lr", "0.3", "--explore-scale", "1.5", "--replay-size", "1024"),
+        *("--delta-clip", "0", "--grad-clip", "1", "--lr-decay", "0"),  # as measured, before rtb's new defaults
+    ],
     "draft": [],
     "flow-grpo": [],
     "nft": [],

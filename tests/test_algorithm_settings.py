@@ -51,7 +51,7 @@ def test_a_config_json_holding_every_algorithms_settings_loads_with_its_own():
 @pytest.mark.parametrize(
     "algo, algo_args, message",
     [
-        ("rtb", {"draft_steps": 1}, "--algo rtb has no setting draft_steps; its own: explore_decay_epochs"),
+        ("rtb", {"draft_steps": 1}, "--algo rtb has no setting draft_steps; its own: delta_clip, explore_decay_epochs"),
         ("sb3-ppo", {"replay_size": 1}, "--algo sb3-ppo has no setting replay_size; its own: none"),
     ],
 )

@@ -19,7 +19,7 @@ from rl_diffusion.algos.base import Batch
 from rl_diffusion.diffusion import GaussianDiffusion
 from rl_diffusion.distributed import Ranks
 from rl_diffusion.finetune import FinetuneConfig
-from rl_diffusion.path_kl import Pairs, path_kls, policy_step
+from rl_diffusion.path_kl import Pairs, policy_step, reference_scores
 
 T, D, M, S = 10, 2, 0.0, 0.5
 A = torch.tensor([0.0, 1.0])
@@ -94,11 +94,10 @@ def closed_form_setup(beta: float, **config) -> types.SimpleNamespace:
 
 
 def batch_of(run, traj, rewards: torch.Tensor, c: torch.Tensor | None = None) -> Batch:
-    """The loop's Batch of sampled chains on one rank: their pairs and path KLs."""
+    """The loop's Batch of sampled chains on one rank: their pairs, path KLs and path log-ratios."""
     pairs, K = Pairs.from_trajectory(traj), len(traj.timesteps)
-    return Batch(
-        pairs, traj.xs[-1], c, rewards, path_kls(run.diffusion, run.config, run.policy, run.reference, pairs, K), K
-    )
+    kl, log_ratio = reference_scores(run.diffusion, run.config, run.policy, run.reference, pairs, K)
+    return Batch(pairs, traj.xs[-1], c, rewards, kl, K, log_ratio)
 
 
 class NoStep:

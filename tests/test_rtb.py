@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from rl_diffusion.algos.base import Batch
+from rl_diffusion.algos.base import Batch, lr_factor
 from rl_diffusion.algos.rtb import RelativeTrajectoryBalance, explore_scale, initial_log_z, relative_tb_delta
 from rl_diffusion.cli import main
-from rl_diffusion.path_kl import policy_step
+from rl_diffusion.path_kl import policy_step, reference_scores
 from tests.test_kl_objective import A, D, NoStep, T, batch_of, closed_form_setup, optimal_theta
 
 BETA = 0.5
@@ -56,6 +56,12 @@ def tilted_setup(explore_scale: float, **config):
     return run, log_z
 
 
+def loop_batch(run, pairs, x0, c) -> Batch:
+    """The loop's Batch of the chains `sample` drew, rewarded A . x_0: with their path KLs and log-ratios."""
+    kl, log_ratio = reference_scores(run.diffusion, run.config, run.policy, run.reference, pairs, run.steps_per_chain)
+    return Batch(pairs, x0, c, x0 @ A, kl, run.steps_per_chain, log_ratio)
+
+
 def deltas(algo, batch) -> torch.Tensor:
     pairs, rewards, _ = algo.training_chains(batch, torch.Generator())
     N = len(rewards)
@@ -76,7 +82,7 @@ def test_the_exact_tilted_policy_and_log_z_balance_every_chain(explore_scale):
     with torch.no_grad():
         algo.log_z.fill_(log_z)
     pairs, x0, c = algo.sample(torch.Generator().manual_seed(0))
-    batch = Batch(pairs, x0, c, x0 @ A, None, run.steps_per_chain)
+    batch = loop_batch(run, pairs, x0, c)
     delta = deltas(algo, batch)
     assert delta.abs().max().item() < 2e-4, delta
     spread = x0.std(0).mean().item()
@@ -97,8 +103,19 @@ def sampled_batch(run, chains: int, seed: int) -> Batch:
     return batch_of(run, traj, traj.xs[-1] @ A)
 
 
-def test_surrogate_gradient_is_the_gradient_of_the_mean_squared_delta():
-    run = rtb_setup(0.7, {"replay_size": 8, "replay_fraction": 0.5}, minibatch_size=7)
+def huber(delta: torch.Tensor, clip: float) -> torch.Tensor:
+    """delta^2 within [-clip, clip], then on in a straight line (2 clip |delta| - clip^2); clip 0: delta^2."""
+    if clip == 0:
+        return delta.square()
+    return torch.where(delta.abs() <= clip, delta.square(), 2 * clip * delta.abs() - clip**2)
+
+
+@pytest.mark.parametrize("replay, clip", [(True, 0.0), (False, 0.0), (False, 1.5)])
+def test_surrogate_gradient_is_the_gradient_of_the_mean_squared_delta(replay, clip):
+    # with replay the update rescores every chain; without, its log-ratio is the loop's (batch.log_ratio);
+    # --delta-clip makes the loss Huber's
+    settings = {"replay_size": 8 if replay else 0, "replay_fraction": 0.5, "delta_clip": clip}
+    run = rtb_setup(0.7, settings, minibatch_size=7)
     with torch.no_grad():
         run.policy.theta.copy_(0.3 * torch.randn(T + 1, D, generator=torch.Generator().manual_seed(1)))
     algo = RelativeTrajectoryBalance(run)
@@ -106,19 +123,22 @@ def test_surrogate_gradient_is_the_gradient_of_the_mean_squared_delta():
     with torch.no_grad():
         algo.log_z.fill_(0.4)
     algo.training_chains(sampled_batch(run, 8, seed=2), torch.Generator())  # fills the buffer with 8 chains
-    buffer, batch = dict(algo.buffer), sampled_batch(run, 6, seed=3)
-    # autograd of mean delta^2 over the same chains: the 6 fresh ones and the 6 drawn from the buffer
+    buffer, batch = algo.buffer, sampled_batch(run, 6, seed=3)
+    # autograd of mean delta^2 over the same chains: the 6 fresh ones and, with replay, 6 drawn from the buffer
     pairs, rewards, replayed = algo.training_chains(batch, torch.Generator().manual_seed(4))
-    assert replayed == 6 and len(rewards) == 12
+    N = len(rewards)
+    assert (replayed, N) == ((6, 12) if replay else (0, 6))
     log_pi = policy_step(run.diffusion, run.config, run.policy, pairs, torch.arange(len(pairs))).log_prob
     log_ref = policy_step(run.diffusion, run.config, run.reference, pairs, torch.arange(len(pairs))).log_prob
-    delta = algo.log_z + (log_pi - log_ref).reshape(T, 12).sum(0) - rewards / 0.7
-    loss = delta.square().mean()
+    delta = algo.log_z + (log_pi - log_ref).reshape(T, N).sum(0) - rewards / 0.7
+    if clip:
+        assert (delta.abs() > clip).any() and (delta.abs() < clip).any(), delta  # both sides of the threshold
+    loss = huber(delta, clip).mean()
     theta_grad, log_z_grad = torch.autograd.grad(loss, [run.policy.theta, algo.log_z])
-    algo.buffer = buffer
+    algo.buffer = None if buffer is None else dict(buffer)
     stats = algo.update(batch, torch.Generator().manual_seed(4))
-    assert stats["loss/policy"] == pytest.approx(loss.item(), rel=1e-5)
-    assert stats["rtb/replayed"] == 6
+    assert stats["loss/policy"] == pytest.approx(delta.square().mean().item(), rel=1e-5)  # logged: mean delta^2
+    assert stats["rtb/replayed"] == replayed
     torch.testing.assert_close(run.policy.theta.grad, theta_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(algo.log_z.grad, log_z_grad, rtol=1e-5, atol=1e-6)
     assert theta_grad.abs().max() > 0.1  # a gradient worth comparing
@@ -136,7 +156,7 @@ def test_training_from_theta_zero_moves_towards_the_closed_form_optimum():
     assert distance() == pytest.approx(1.0)
     for _ in range(60):
         pairs, x0, c = algo.sample(generator)
-        algo.update(Batch(pairs, x0, c, x0 @ A, None, run.steps_per_chain), generator)
+        algo.update(loop_batch(run, pairs, x0, c), generator)
     assert distance() < 0.25  # measured: 0.038 after 60 epochs
     # log Z -> log E_pre exp(A . x_0 / beta) = v |A|^2 / (2 beta^2), v the variance of the pretrained chain's x_0
     # (0.19 on this 10-step chain, not S^2): measured 0.376 against 0.385
@@ -154,6 +174,9 @@ def test_short_run_raises_mean_reward(pretrained_moons, tmp_path):
     flags = ["--reward", "target_point", "--reward-arg", "point=[1.5, 1.5]", "--chains", "64", "--epochs", "8"]
     flags += ["--kl-coef", "0.1", "--lr", "3e-3", "--minibatch-size", "1024", "--explore-scale", "1.5"]
     flags += ["--replay-size", "64", "--explore-epochs", "2", "--explore-decay-epochs", "4"]
+    # the squared balance: at beta = 0.1 nearly every chain's |delta| is above the default Huber threshold (10 nats),
+    # where each pulls as one at 10, and 8 epochs do not raise the reward by 0.3 (measured: -2.39 from -2.34)
+    flags += ["--delta-clip", "0", "--lr-decay", "0.4"]
     assert main(finetune(pretrained_moons, out, *flags)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     history = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["train_state"][
@@ -163,6 +186,14 @@ def test_short_run_raises_mean_reward(pretrained_moons, tmp_path):
     assert len(history) == 8 and history[-1]["reward/mean"] > history[0]["reward/mean"]
     assert history[-1]["rtb/replayed"] == 64 and history[0]["rtb/replayed"] == 0
     assert [h["rtb/explore_scale"] for h in history] == pytest.approx([1.5, 1.5, 1.5, 1.375, 1.25, 1.125, 1, 1])
+    # --lr-decay 0.4: constant for 5 epochs, then (8 - epoch) / 3.2 of 3e-3
+    assert [h["train/lr"] for h in history] == pytest.approx([3e-3] * 5 + [3e-3 * f for f in (0.9375, 0.625, 0.3125)])
+
+
+def test_the_learning_rate_falls_over_the_last_fraction_of_the_run():
+    assert [lr_factor(e, 10, 0.4) for e in range(10)] == pytest.approx([1] * 6 + [1, 0.75, 0.5, 0.25])
+    assert [lr_factor(e, 10, 0.0) for e in range(10)] == [1.0] * 10  # 0: constant
+    assert [lr_factor(e, 4, 1.0) for e in range(4)] == pytest.approx([1, 0.75, 0.5, 0.25])  # the whole run
 
 
 def test_initial_log_z_is_the_log_mean_exp_of_the_weights():
@@ -177,12 +208,12 @@ def test_initial_log_z_is_the_log_mean_exp_of_the_weights():
 def test_the_first_update_starts_log_z_at_log_e_pre_exp_r_over_beta():
     """On the pretrained chain, log Z = log E_pre exp(A . x_0 / beta) = v |A|^2 / (2 beta^2) (v the variance of
     its x_0): the first batch's estimate lands there, where the mean of r / beta (0 here) would not."""
-    run = rtb_setup(BETA, {}, chains=4096, minibatch_size=1 << 16)
+    run = rtb_setup(BETA, {"explore_scale": 1.0}, chains=4096, minibatch_size=1 << 16)  # on-policy chains
     algo = RelativeTrajectoryBalance(run)
     algo.optimizer = NoStep()
     generator = torch.Generator().manual_seed(0)
     pairs, x0, c = algo.sample(generator)
-    algo.update(Batch(pairs, x0, c, x0 @ A, None, run.steps_per_chain), generator)
+    algo.update(loop_batch(run, pairs, x0, c), generator)
     v = (x0 @ A).var().item()
     assert algo.log_z.item() == pytest.approx(v / (2 * BETA**2), abs=0.03)  # 0.385 on this chain
 
@@ -202,6 +233,7 @@ def test_the_exploration_schedule_holds_then_decays_to_on_policy():
         (["--kl-coef", "1", "--replay-fraction", "-0.1"], "--replay-fraction must be in [0, 1)"),
         (["--kl-coef", "1", "--replay-size", "-1"], "--replay-size must be >= 0"),
         (["--kl-coef", "1", "--explore-scale", "0.5"], "--explore-scale must be >= 1"),
+        (["--kl-coef", "1", "--delta-clip", "-1"], "--delta-clip must be >= 0"),
         (["--kl-coef", "1", "--log-prob-reduction", "mean"], "--log-prob-reduction sum"),
         (["--kl-coef", "1", "--sampler", "ddim", "--eta", "0.5"], "memoryless"),
     ],

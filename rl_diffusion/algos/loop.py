@@ -119,6 +119,7 @@ def train(run: Setup, resume: bool = False, progress: bool = True) -> dict:
                     f"the last good checkpoint is kept in {run.out} (try a lower --lr)"
                 )
             stats["reward/nonfinite"] = float(scored - batch.B)
+            stats["train/lr"] = algo.optimizer.param_groups[0]["lr"]  # the policy's, at this epoch's --lr-decay
             if batch.kl is not None:
                 kl_path = batch.kl.sum(0)
                 stats["kl/to_pretrained"], stats["kl/to_pretrained_max"] = kl_path.mean().item(), kl_path.max().item()
