@@ -367,7 +367,7 @@ class FinetuneConfig:
 # Defaults that differ for image runs (docs/design.md, section 9). A U-Net step costs ~100x an MLP step on
 # a CPU, so chains take 50 DDIM steps with eta = 1 (memoryless: the KL optimum stays reachable), or all T
 # where T is shorter: on DDPO's 20 the digit-3 fine-tune kept 0.72 of the real 3s' variety, on 50 it keeps
-# 0.81 (docs/benchmarks.md) for 2.3x the time;
+# 0.82 (docs/benchmarks.md) for 2.3x the time;
 # beta = 1 holds the policy to the data: for a log-probability reward log p(y | x) the optimum
 # p_pre(x) p(y | x) / Z is the pretrained model's own images of class y, where beta = 0 let every sample
 # become one pattern that fools the classifier; and DDPO's lr 3e-4, since at 1e-3 the first epochs jump
