@@ -172,14 +172,24 @@ def plot_process(frames: Sequence[tuple[int, Points]], path: str | Path, title: 
     _save(fig, path)
 
 
-def save_gif(frames: Sequence[tuple[str, Points]], path: str | Path, lim: Limits | None = None, fps: int = 10) -> None:
-    """Animated GIF (looping forever) of one scatter panel per (label, points).
+def save_gif(
+    frames: Sequence[tuple[str, Points]],
+    path: str | Path,
+    lim: Limits | None = None,
+    fps: int = 10,
+    max_frames: int = 100,
+) -> None:
+    """Animated GIF (looping forever) of one scatter panel per (label, points), at most `max_frames` of them:
+    beyond that, evenly spaced ones with the first and the last (a frame takes about 0.1 s to draw, and a run
+    of 3,400 epochs has as many).
 
     Limits are fixed for the whole animation: ``lim``, or the range of every frame.
     Pillow merges consecutive identical frames into one longer frame.
     """
     if not frames:
         raise ValueError("save_gif needs at least one frame")
+    if len(frames) > max_frames:
+        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
     lim = lim or limits(*(points for _, points in frames))
     fig, (ax,) = _row(1)
     images = []

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rl_diffusion import figures
 from rl_diffusion.figures import ScatterPanel, limits, plot_process, plot_samples_vs_data, save_gif, scatter_image
 
 
@@ -58,3 +59,18 @@ def test_save_gif_has_one_frame_per_entry(tmp_path: Path) -> None:
         assert gif.format == "GIF"
         assert gif.n_frames == 4
         assert gif.info["duration"] == 200 and gif.info["loop"] == 0
+
+
+def test_save_gif_draws_at_most_max_frames_evenly(tmp_path: Path, monkeypatch) -> None:
+    drawn = []
+    panel = figures._panel
+    monkeypatch.setattr(
+        figures,
+        "_panel",
+        lambda ax, points, data, lim, label: drawn.append(label) or panel(ax, points, data, lim, label),
+    )
+    path = tmp_path / "long.gif"
+    save_gif([(f"epoch {k}", _points(k, n=20)) for k in range(25)], path, max_frames=7)
+    assert drawn == [f"epoch {k}" for k in (0, 4, 8, 12, 16, 20, 24)]  # evenly spaced, the first and the last kept
+    with Image.open(path) as gif:
+        assert gif.n_frames == 7
