@@ -11,7 +11,8 @@ optimiser and its loss as its `finetune_posterior.py --method rtb` does (its pre
 batch --reference-batch, exploration std 0.5 for 500 iterations then decayed to 0 at 4,500) and saves samples of
 its policy every --every reward queries. It takes 12 to 19 minutes a seed on 2 cores; `--keep-curves` keeps the
 curves of an earlier JSON of this script that this run does not make (the reference's, earlier settings' under
-the names they were given there), scored with the same --queries, --every and --samples.
+the names they were given there), scored with the same --every and --samples (their --queries may differ: the
+table reads each curve where it reaches).
 
 Ours: the default `pretrain` of gmm25, then `finetune --reward gmm_posterior --kl-coef 1` per algorithm with the
 flags of RECIPES, checkpointed as often; each checkpoint's policy draws --samples samples with the run's own chain.
@@ -43,8 +44,9 @@ REFERENCE_SCALE = 5.0  # its grid is {-10, ..., 10}; gmm25's is {-2, ..., 2}
 TARGET_SEED = 2024
 RECIPES = {  # flags over the CLI's defaults
     # the reference's batch (100 chains a step) and a chain of its length (100 DDIM steps); rtb's own defaults are
-    # the rest of its recipe (lr 1e-3, log Z lr 0.1, no clipping, exploration sigma x 2.45 held 500 steps then
-    # decayed over 4,000) with the Huber balance; measured with the learning rate falling over the last 40%
+    # the rest (lr 1e-3, log Z lr 0.1, no clipping, exploration sigma x 2.45 held 250 epochs then decayed to
+    # on-policy over 750, Huber's balance at 3 nats; docs/design.md, section 8); measured with the learning rate
+    # falling over the last 40%
     "rtb": ["--chains", "100", "--sampler", "ddim", "--sampling-steps", "100", "--lr-decay", "0.4"],
     "iw-distill": [],
     "ddpo-is": ["--sampler", "ddim", "--sampling-steps", "50"],
@@ -173,16 +175,16 @@ def our_curve(args, algo: str, seed: int, pretrained: Path, scorer: Scorer) -> l
     return curve
 
 
-def earlier_curves(path: Path, queries: int, samples: int, every: int) -> dict[str, list[list[dict]]]:
-    """Every curve of an earlier JSON of this script, by name, if it was scored as this run scores (ValueError if
-    not; a JSON that does not record --every was written at the default)."""
+def earlier_curves(path: Path, samples: int, every: int) -> dict[str, list[list[dict]]]:
+    """Every curve of an earlier JSON of this script, by name, if it was scored as this run scores: the same
+    --samples and --every (ValueError if not; a JSON that does not record --every was written at the default)."""
     try:
         earlier = json.loads(path.read_text())
         curves = earlier["curves"]
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"--keep-curves {path}: no curves in it ({e})") from None
-    if (earlier.get("queries"), earlier.get("samples"), earlier.get("every", 25_000)) != (queries, samples, every):
-        raise ValueError(f"--keep-curves {path} was scored at other --queries, --samples or --every")
+    if (earlier.get("samples"), earlier.get("every", 25_000)) != (samples, every):
+        raise ValueError(f"--keep-curves {path} was scored at other --samples or --every")
     return curves
 
 
@@ -199,17 +201,22 @@ def first_below(curve: list[dict], level: float) -> int | None:
 
 
 def markdown(results: dict) -> str:
-    """One row per method: L1 at a few budgets (mean +- sd over seeds, the seeds' values), the last point's
-    mode shares, outside mass and MMD^2, and the queries each seed took to 0.1."""
-    marks = [q for q in (100_000, 200_000, results["queries"]) if q <= results["queries"]]
+    """One row per method: L1 at a few budgets up to the longest curve's (mean +- sd over seeds, the seeds'
+    values; blank where a method's curves stop short of it), the last point's queries, mode shares, outside mass
+    and MMD^2, and the queries each seed took to 0.1."""
+    longest = max(curve[-1]["reward_queries"] for curves in results["curves"].values() for curve in curves)
+    marks = [q for q in (100_000, 200_000) if q < longest] + [longest]
     head = " | ".join(f"L1 at {q:,}" for q in marks)
     lines = [
-        f"| method | seeds | {head} | smallest mode share | outside | MMD^2 | queries to 0.1 |",
-        "|---|---|" + "---|" * (len(marks) + 4),
+        f"| method | seeds | {head} | last point | smallest mode share | outside | MMD^2 | queries to 0.1 |",
+        "|---|---|" + "---|" * (len(marks) + 5),
     ]
     for name, curves in results["curves"].items():
         cells = []
         for q in marks:
+            if any(curve[-1]["reward_queries"] < q for curve in curves):
+                cells.append("")
+                continue
             values = [min(curve, key=lambda c, q=q: abs(c["reward_queries"] - q))["mode_mass_l1"] for curve in curves]
             seeds = ", ".join(f"{v:.3f}" for v in values)
             cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f} ({seeds})")
@@ -218,9 +225,18 @@ def markdown(results: dict) -> str:
         outside = ", ".join(f"{100 * c['outside']:.1f}%" for c in last)
         mmd = f"{np.mean([c['mmd'] for c in last]):.4f}"
         reached = ", ".join(f"{r:,}" if (r := first_below(curve, 0.1)) is not None else "not" for curve in curves)
+        cells.append(f"{last[0]['reward_queries']:,}")
         lines.append(f"| {name} | {len(curves)} | {' | '.join(cells)} | {share} | {outside} | {mmd} | {reached} |")
     floor = results["floor"]
-    lines.append(f"| floor (two exact draws) | | {floor['mode_mass_l1']:.3f} | | | | {floor['mmd']:.4f} | |")
+    cells = [
+        "floor (two exact draws)",
+        "",
+        f"{floor['mode_mass_l1']:.3f}",
+        *[""] * (len(marks) + 2),
+        f"{floor['mmd']:.4f}",
+        "",
+    ]
+    lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -273,7 +289,7 @@ def main() -> int:
     kept = {}
     if args.keep_curves is not None:
         try:
-            kept = earlier_curves(args.keep_curves, args.queries, args.samples, args.every)
+            kept = earlier_curves(args.keep_curves, args.samples, args.every)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -65,16 +65,16 @@ class RelativeTrajectoryBalance(Algorithm):
             2.45, "rtb: sigma multiplier of the exploratory sampler that draws the training chains (1 = on-policy)"
         )
         explore_epochs: int = arg(
-            500, "rtb: epochs at the full --explore-scale before it decays (0 = for the whole run)"
+            250, "rtb: epochs at the full --explore-scale before it decays (0 = for the whole run)"
         )
         explore_decay_epochs: int = arg(
-            4000, "rtb: epochs of linear decay of --explore-scale to 1 after --explore-epochs"
+            750, "rtb: epochs of linear decay of --explore-scale to 1 after --explore-epochs"
         )
         replay_size: int = arg(0, "rtb: chains kept in the replay buffer (0 = none)")
         replay_fraction: float = arg(0.5, "rtb: fraction of each update's chains drawn from the replay buffer")
         log_z_lr: float = arg(0.1, "rtb: learning rate of log Z")
         delta_clip: float = arg(
-            10.0,
+            3.0,
             "rtb: Huber threshold of the balance in nats: a chain with |delta| above it pulls as one at it "
             "(0 = the squared loss throughout)",
         )
