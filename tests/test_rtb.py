@@ -174,8 +174,9 @@ def test_short_run_raises_mean_reward(pretrained_moons, tmp_path):
     flags = ["--reward", "target_point", "--reward-arg", "point=[1.5, 1.5]", "--chains", "64", "--epochs", "8"]
     flags += ["--kl-coef", "0.1", "--lr", "3e-3", "--minibatch-size", "1024", "--explore-scale", "1.5"]
     flags += ["--replay-size", "64", "--explore-epochs", "2", "--explore-decay-epochs", "4"]
-    # the squared balance: at beta = 0.1 nearly every chain's |delta| is above the default Huber threshold (10 nats),
-    # where each pulls as one at 10, and 8 epochs do not raise the reward by 0.3 (measured: -2.39 from -2.34)
+    # the squared balance: at beta = 0.1 nearly every chain's |delta| is above a Huber threshold of 10 nats (the
+    # default is 3), where each pulls as one at it, and 8 epochs did not raise the reward (measured at 10: -2.39
+    # from -2.34)
     flags += ["--delta-clip", "0", "--lr-decay", "0.4"]
     assert main(finetune(pretrained_moons, out, *flags)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
