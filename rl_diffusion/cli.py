@@ -7,6 +7,7 @@ Every user mistake ends as one line `error: ...` on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -358,8 +359,10 @@ def add_finetune(sub) -> None:
         help="keyword argument of the held-out reward LABEL (repeatable; JSON values), e.g. left:point=[-2,0]",
     )
     add_config_args(p, FinetuneConfig, skip=("reward_args", "eval_rewards", "algo_args"))
+    added: set[str] = set()  # a setting two algorithms share (--explore-scale) is one flag
     for settings in algorithm_settings().values():
-        add_config_args(p, settings)
+        add_config_args(p, settings, skip=tuple(added))
+        added |= {f.name for f in dataclasses.fields(settings)}
     p.set_defaults(func=cmd_finetune)
 
 

@@ -83,7 +83,9 @@ class FinetuneConfig:
         "(0 = constant)",
     )
     clip_range: float = arg(0.2, "PPO clip on the ratio pi/pi_old (log-prob units: see --log-prob-reduction)")
-    adv_clip: float = arg(5.0, "clip standardised advantages to [-adv_clip, adv_clip]")
+    adv_clip: float = arg(
+        5.0, "clip standardised advantages to [-adv_clip, adv_clip] (ddpo-is --kl-return path: nats of soft return)"
+    )
     inner_epochs: int = arg(
         1,
         "passes over each sampled batch (ddpo-is, rwr, sb3-ppo, sb3-ppo-mlp, ...); "

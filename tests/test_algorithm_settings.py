@@ -27,16 +27,17 @@ def test_every_setting_is_a_flag_of_its_name_default_and_help():
             flag = f.name.replace("_", "-")
             assert action.option_strings == ["--" + flag, *(["--no-" + flag] if f.type in (bool, "bool") else [])]
             assert action.help == f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
-            assert f.metadata["help"].startswith(f"{algo}: ") and f.name not in config_fields
+            owners = f.metadata["help"].split(": ")[0].split(", ")  # "rtb, ddpo-is: ..." for a shared setting
+            assert algo in owners and f.name not in config_fields
 
 
 def test_the_config_holds_the_chosen_algorithms_settings_and_config_json_all_of_them():
     # --draft-steps is draft's: given with --algo rtb it sets nothing, as before the settings moved
     config = config_for({"run": "missing", "algo": "rtb", "replay_size": 64, "draft_steps": 3})
-    assert config.algo_args == {"replay_size": 64}
-    assert config.settings == algorithm_settings()["rtb"](replay_size=64)
+    assert config.algo_args == {"replay_size": 64, "explore_scale": 2.45}  # rtb's default of a shared setting
+    assert config.settings == algorithm_settings()["rtb"](replay_size=64, explore_scale=2.45)
     saved = config.to_dict()
-    assert {name: saved[name] for name in RTB_DEFAULTS} == {**RTB_DEFAULTS, "replay_size": 64}
+    assert {name: saved[name] for name in RTB_DEFAULTS} == {**RTB_DEFAULTS, "replay_size": 64, "explore_scale": 2.45}
     assert "draft_steps" not in saved and "algo_args" not in saved
     assert config_from_dict(FinetuneConfig, saved).to_dict() == saved
 

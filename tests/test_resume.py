@@ -157,6 +157,8 @@ def test_ddpo_is_resumed_from_a_mid_run_checkpoint_is_bit_identical(pretrained_m
         ),
         ("adjoint", ["--kl-coef", "1"]),
         ("rtb", ["--kl-coef", "1", "--replay-size", "32"]),
+        # the running log Z and the exploration schedule continue where they were
+        ("ddpo-is", ["--kl-coef", "1", "--kl-return", "path", "--explore-scale", "2", "--explore-epochs", "1"]),
         ("draft", ["--kl-coef", "0.1", "--draft-steps", "5"]),
         # tempering: the resumed epochs continue at an intermediate beta (iw/lambda) mid-way to 0.1
         ("iw-distill", ["--kl-coef", "0.1", "--pool-size", "64", "--distill-steps", "5", "--ess-target", "0.9"]),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rl_diffusion.algos.base import Batch, lr_factor
-from rl_diffusion.algos.rtb import RelativeTrajectoryBalance, explore_scale, initial_log_z, relative_tb_delta
+from rl_diffusion.algos.exploration import explore_scale
+from rl_diffusion.algos.rtb import RelativeTrajectoryBalance, initial_log_z, relative_tb_delta
 from rl_diffusion.cli import main
 from rl_diffusion.path_kl import policy_step, reference_scores
 from tests.test_kl_objective import A, D, NoStep, T, batch_of, closed_form_setup, optimal_theta

@@ -9,20 +9,32 @@ The update follows the gradient of J = E[r] - beta KL(path) times a positive num
 KL-regularised optimum for any batch or group size: why the baseline leaves the chain out and what the
 scale may depend on, docs/design.md, section 4.
 
+DDPO-IS with --kl-return path: every step of a chain takes the advantage clip(A - log Z, +-adv_clip) of its
+soft return A = r / beta - log p_old(tau) / p_pre(tau) and a running log Z, and the loss has no direct KL term.
+Its fixed point is the same and holds for chains from the exploratory sampler (--explore-scale) too: relative
+trajectory balance read as a policy gradient (Trust-PCL; docs/design.md, section 8).
+
 Data parallel: every rank computes the same advantages over the whole batch; minibatches are drawn
 over the whole batch's pairs and each rank computes the loss of its own pairs in them.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from rl_diffusion.algos.base import Algorithm, Batch
+from rl_diffusion.algos.exploration import ExplorationSettings, Exploring
+from rl_diffusion.config import arg
+from rl_diffusion.errors import UserError
 from rl_diffusion.path_kl import policy_step, step_kl
 
 MIN_GROUP_FOR_OWN_SCALE = 8  # chains a group needs to be scaled by its own spread (its others' spread: >= 7 values)
 SCALE_FLOOR = 0.1  # no group's scale falls below this fraction of the batch's spread
+KL_RETURNS = ("step", "path")  # --kl-return
 
 
 def advantages(returns: Tensor, groups: Tensor | None, adv_clip: float) -> tuple[Tensor, Tensor]:
@@ -111,12 +123,80 @@ def ppo_terms(adv: Tensor, log_prob: Tensor, log_prob_old: Tensor, clip_range: f
     return loss, approx_kl, clipped
 
 
-class ImportanceSampling(Algorithm):
+def path_advantages(soft_returns: Tensor, log_z: Tensor, labels: Tensor, clip: float, step: float) -> Tensor:
+    """Advantages [B] of the whole-chain soft returns A = r / beta - log p_old(tau) / p_pre(tau) [B] (nats):
+    A - log Z of the chain's label, clipped to [-clip, clip]. log Z [labels] is a running baseline, updated in place
+    after use: a label seen for the first time starts at the log-mean-exp of its chains' A (the importance estimate
+    of log E_pre exp(r / beta), rtb's start), then each batch moves it `step` nats times the mean clipped advantage
+    over clip towards the robust centre of its A (it stops where the clipped advantages balance)."""
+    fresh = torch.isnan(log_z)
+    for label in labels[fresh[labels]].unique():
+        mine = soft_returns[labels == label]
+        log_z[label] = torch.logsumexp(mine, 0) - math.log(len(mine))
+    adv = (soft_returns - log_z[labels]).clamp(-clip, clip)
+    counts = torch.zeros_like(log_z).index_add_(0, labels, torch.ones_like(adv))
+    sums = torch.zeros_like(log_z).index_add_(0, labels, adv)
+    log_z += step * torch.where(counts > 0, sums / counts.clamp(min=1), 0.0) / clip
+    return adv
+
+
+class ImportanceSampling(Exploring):
     """DDPO-IS: PPO-clip over inner epochs of shuffled minibatches of (trajectory, timestep) pairs."""
 
+    @dataclass(frozen=True)
+    class Settings(ExplorationSettings):
+        kl_return: str = arg(
+            "step",
+            "ddpo-is: how the path KL enters the return: step (each step's KL in the returns of the steps before it, "
+            "and as its own loss term; on-policy chains only) | path (r / beta - log p_old / p_pre of the whole "
+            "chain for every step, less a running log Z, clipped to --adv-clip nats; its fixed point holds for the "
+            "exploratory chains of --explore-scale)",
+        )
+        log_z_step: float = arg(0.1, "ddpo-is: --kl-return path: nats the log Z baseline moves per epoch at most")
+
+    def __init__(self, run):
+        super().__init__(run)
+        labels = getattr(run.policy, "num_classes", 0) if not run.config.null_label else 0
+        self.log_z = torch.full((labels or 1,), math.nan, dtype=torch.float64, device=run.device)  # --kl-return path
+
+    @classmethod
+    def validate(cls, config) -> None:
+        settings = config.settings
+        settings.validate()
+        if settings.kl_return not in KL_RETURNS:
+            raise UserError(f"unknown --kl-return '{settings.kl_return}'; choose {' or '.join(KL_RETURNS)}")
+        if settings.kl_return == "path" and config.kl_coef <= 0:
+            raise UserError(f"--kl-return path needs --kl-coef > 0: its returns are r / beta, got {config.kl_coef}")
+        if settings.kl_return == "path" and config.log_prob_reduction != "sum":
+            raise UserError("--kl-return path reads whole-chain log-densities: use --log-prob-reduction sum")
+        if settings.kl_return == "step" and settings.explore_scale > 1:
+            raise UserError(
+                "--explore-scale > 1 needs --kl-return path: the step return's gradient is the KL-regularised "
+                "objective's only on the policy's own chains"
+            )
+        if settings.log_z_step <= 0:
+            raise UserError(f"--log-z-step must be positive, got {settings.log_z_step}")
+
     def advantages(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Advantages [K, B] and the scale [B] that divides each chain's direct KL term."""
-        return batch_advantages(self.run, batch, self.kl_coef)
+        """Advantages [K, B] and the scale [B] that divides each chain's direct KL term (--kl-return step).
+
+        --kl-return path: every step of a chain takes the chain's soft return A = r / beta - log p_old / p_pre less
+        a running log Z (path_advantages). At p_theta = p_pre exp(r / beta) / Z every chain's A is log Z whatever
+        sampler drew it, so the advantages vanish there for exploratory chains too: with one gradient step per
+        epoch this is rtb's update with log Z tracked rather than learned (Trust-PCL; docs/design.md, section 8).
+        The batch's mean as the baseline keeps that fixed point but lost the posterior's corner modes within 20
+        epochs: the mean sits among the failed exploratory chains, so every chain that reached a mode pulled alike."""
+        if self.settings.kl_return == "step":
+            return batch_advantages(self.run, batch, self.kl_coef)
+        soft_returns = (batch.rewards / self.kl_coef + batch.log_ratio.sum(0)).double()  # log_ratio: log pre - log old
+        labels = torch.zeros_like(batch.rewards, dtype=torch.long) if batch.c is None else batch.c
+        clip, step = self.run.config.adv_clip, self.settings.log_z_step
+        adv = path_advantages(soft_returns, self.log_z, labels, clip, step).float()
+        return adv.expand(batch.K, -1), torch.ones_like(adv)
+
+    def direct_kl(self) -> bool:
+        """Whether each step's KL is a term of the loss: the other half of the step return's gradient."""
+        return self.kl_coef > 0 and self.settings.kl_return == "step"
 
     def training_rows(self, K: int, B: int, generator: torch.Generator) -> Tensor:
         """The pair rows k * B + b an inner epoch trains on: all, or (--timestep-fraction) a random subset of each
@@ -145,7 +225,7 @@ class ImportanceSampling(Algorithm):
                     terms, approx_kl, clipped = ppo_terms(
                         adv[mine], ours.log_prob, batch.pairs.log_prob_old[own], cfg.clip_range
                     )
-                    if self.kl_coef > 0:
+                    if self.direct_kl():
                         terms = terms + kl_penalty(run, self.kl_coef, ours.mean, batch.pairs, own, scale_pairs[mine])
                     # DDP's mean over ranks: the minibatch mean
                     (terms.sum() * run.ranks.world_size / len(idx)).backward()
@@ -153,4 +233,16 @@ class ImportanceSampling(Algorithm):
                 self.step()
                 count += len(idx)
         loss, approx_kl, clipfrac = (run.ranks.sum(sums) / count).tolist()
-        return {"loss/policy": loss, "ppo/approx_kl": approx_kl, "ppo/clipfrac": clipfrac}
+        stats = {"loss/policy": loss, "ppo/approx_kl": approx_kl, "ppo/clipfrac": clipfrac}
+        stats["ppo/explore_scale"] = self.exploration()
+        if not self.log_z.isnan().all():
+            stats["ppo/log_z"] = self.log_z.nanmean().item()
+        return stats
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "log_z": self.log_z.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "log_z" in state:  # checkpoints of ddpo-is from before --kl-return path hold none
+            self.log_z.copy_(state["log_z"])

@@ -94,6 +94,14 @@ class FlowGRPO(ImportanceSampling):
         adv = group_advantages(batch.rewards, self.settings.group_size, self.run.config.adv_clip)
         return adv.expand(batch.K, -1), torch.ones_like(adv)  # the KL term is not scaled
 
+    def exploration(self) -> float:
+        """On-policy: group-relative per-step advantages are the policy's gradient only on its own chains."""
+        return 1.0
+
+    def direct_kl(self) -> bool:
+        """The per-step KL loss of Flow-GRPO (its advantages hold no KL)."""
+        return self.kl_coef > 0
+
     def window(self, K: int) -> range:
         """The steps trained this epoch, of a chain of K."""
         W = self.settings.train_steps or K
