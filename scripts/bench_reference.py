@@ -49,7 +49,13 @@ RECIPES = {  # flags over the CLI's defaults
     # falling over the last 40%
     "rtb": ["--chains", "100", "--sampler", "ddim", "--sampling-steps", "100", "--lr-decay", "0.4"],
     "iw-distill": [],
-    "ddpo-is": ["--sampler", "ddim", "--sampling-steps", "50"],
+    # ddpo-is on rtb's chain, batch and step schedule (one gradient step per epoch, no clipping, the same exploration):
+    # the whole-chain soft return less a running log Z, clipped at rtb's Huber threshold (docs/design.md, section 8)
+    "ddpo-is": [
+        *("--chains", "100", "--sampler", "ddim", "--sampling-steps", "100", "--lr-decay", "0.4"),
+        *("--kl-return", "path", "--explore-scale", "2.45", "--adv-clip", "3", "--minibatch-size", "10000"),
+        *("--grad-clip", "0"),
+    ],
 }
 
 DRIVER = r"""
